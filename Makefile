@@ -1,0 +1,47 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up:
+# a venv with the pinned torch, then the compiled extension (CPU part, and the CUDA part when
+# nvcc is found; no GPU is needed to compile it).
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+TORCH_PIN   := torch==2.14.1 torchvision==0.29.1
+DEV_PINS    := pytest==9.2.0 pytest-xdist==3.8.0 hypothesis==6.170.15 expecttest==0.3.0 \
+               matplotlib==3.11.2 tqdm==4.70.1 mlxtend==0.25.0 ninja==1.13.2 packaging numpy
+# torch guesses CUDA_HOME wrongly (/usr/local) on our machines.
+CUDA_HOME   ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+export CUDA_HOME
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+SOURCES     := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+PYTEST_ARGS ?=
+
+.PHONY: venv build test demo bench clean
+.DEFAULT_GOAL := test
+
+$(VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet $(DEV_PINS)
+	touch $@
+
+venv: $(VENV)/.installed
+
+# In-place build: fused_losses/_C*.so next to the sources; ninja rebuilds only what changed.
+fused_losses/.built: $(VENV)/.installed $(SOURCES)
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $@
+
+build: fused_losses/.built
+
+test: build
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m fused_losses.demo
+
+bench: build
+	$(PY) -m benchmarks.bench --size small
+
+clean:
+	rm -rf build fused_losses/_C*.so fused_losses/.built

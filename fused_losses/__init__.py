@@ -1,0 +1,23 @@
+"""fused_losses: fused softmax/sigmoid focal, OHEM, GHM-C, IB and class-balanced losses.
+
+    import fused_losses as fl
+    loss = fl.focal(logits, target)            # softmax focal, drop-in for F.cross_entropy
+    loss = fl.sigmoid_focal(logits, labels, reduction="sum") / num_pos
+    print(fl.backends())                       # which backends run here, and why not
+
+Importing never fails because a backend is missing; see backends().
+"""
+from fused_losses import nn, reference
+from fused_losses._backends import BackendStatus
+from fused_losses._backends import status as _status
+from fused_losses.functional import class_weights, focal, ghmc, ib, ohem, sigmoid_focal
+
+__version__ = "0.1.0"
+__all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "backends", "nn", "reference",
+           "BackendStatus"]
+
+
+def backends() -> dict:
+    """{name: BackendStatus(available, reason)} for 'cuda', 'triton', 'cpu', 'reference', in the
+    order an automatic choice tries them."""
+    return _status()

@@ -1,0 +1,288 @@
+"""All input validation of the public API, in one place, run before any backend.
+
+Each ``*_args`` function checks the user's arguments and returns the normalised keyword
+arguments every backend receives (python floats/ints/strs, alpha/weight as tensors on the
+logits' device). Exceptions:
+  TypeError   wrong kind of object or dtype (non-floating logits, float target where class
+              indices are required, bool keep, ...)
+  ValueError  wrong shape, rank, device, length or value (including unknown reduction/backend)
+Every message starts with the name of the offending argument.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Any
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# ib has no ignore_index: a sentinel no valid class index can equal keeps its range check strict.
+_NO_IGNORE = -(2 ** 63)
+
+
+def _type_error(arg: str, msg: str):
+    raise TypeError(f"{arg}: {msg}")
+
+
+def _value_error(arg: str, msg: str):
+    raise ValueError(f"{arg}: {msg}")
+
+
+# --------------------------------------------------------------------------------------------
+# Scalars and options
+# --------------------------------------------------------------------------------------------
+def _real(arg: str, value, *, low=None, low_inclusive=True, high=None, high_inclusive=True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _type_error(arg, f"expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        _value_error(arg, "must not be NaN")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        _value_error(arg, f"must be {'>=' if low_inclusive else '>'} {low}, got {value}")
+    if high is not None and (value > high or (value == high and not high_inclusive)):
+        _value_error(arg, f"must be {'<=' if high_inclusive else '<'} {high}, got {value}")
+    return value
+
+
+def _int(arg: str, value, *, low=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _type_error(arg, f"expected an int, got {type(value).__name__}")
+    value = int(value)
+    if low is not None and value < low:
+        _value_error(arg, f"must be >= {low}, got {value}")
+    return value
+
+
+def _bool(arg: str, value) -> bool:
+    if not isinstance(value, bool):
+        _type_error(arg, f"expected a bool, got {type(value).__name__}")
+    return value
+
+
+def reduction_arg(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        _value_error("reduction", f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    return reduction
+
+
+def backend_arg(backend) -> str | None:
+    """The requested backend name (argument, else FUSED_LOSSES_BACKEND), or None for automatic."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get("FUSED_LOSSES_BACKEND") or None
+        source = "FUSED_LOSSES_BACKEND"
+    if backend is not None and backend not in BACKENDS:
+        _value_error(source, f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------
+def _logits(logits, min_dim: int, what: str) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        _type_error("logits", f"expected a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        _type_error("logits", f"expected a floating tensor (float16, bfloat16, float32, float64), got {logits.dtype}")
+    if logits.dim() < min_dim:
+        _value_error("logits", f"expected {what}, got shape {tuple(logits.shape)}")
+    return logits
+
+
+def _same_device(arg: str, tensor: torch.Tensor, logits: torch.Tensor):
+    if tensor.device != logits.device:
+        _value_error(arg, f"is on {tensor.device} but logits are on {logits.device}")
+
+
+def _index_target(target, logits: torch.Tensor, expected_shape, what: str) -> torch.Tensor:
+    if not isinstance(target, torch.Tensor):
+        _type_error("target", f"expected a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in _INDEX_DTYPES:
+        _type_error("target", f"expected class indices as int64 or int32, got {target.dtype}"
+                    + (" (float targets are not accepted by the softmax family)" if target.is_floating_point() else ""))
+    _same_device("target", target, logits)
+    if tuple(target.shape) != tuple(expected_shape):
+        _value_error("target", f"expected shape {tuple(expected_shape)} ({what}), got {tuple(target.shape)}")
+    return target
+
+
+def _check_range(target: torch.Tensor, ignore_index: int, high: int, validate) -> None:
+    """Valid entries of target must lie in [0, high] (ignore_index excluded first).
+    validate=None checks on CPU only (on CUDA it would cost a host sync)."""
+    if validate is None:
+        validate = target.device.type == "cpu"
+    if not validate or target.numel() == 0:
+        return
+    kept = target[target != ignore_index]
+    if kept.numel() == 0:
+        return
+    lo, hi = int(kept.min()), int(kept.max())
+    bad = lo if lo < 0 else hi
+    if lo < 0 or hi > high:
+        _value_error("target", f"value {bad} is out of range [0, {high}] (ignore_index={ignore_index})")
+
+
+def _class_vector(arg: str, value, c: int, logits: torch.Tensor) -> torch.Tensor:
+    """A length-C sequence/tensor of per-class factors -> tensor on the logits' device."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.dtype in _INDEX_DTYPES):
+            _type_error(arg, f"expected a real tensor, got {value.dtype}")
+        tensor = value.detach()
+    else:
+        try:
+            tensor = torch.as_tensor(value, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            _type_error(arg, f"expected None, a float or a length-C sequence, got {type(value).__name__}")
+    if tensor.dim() != 1 or tensor.numel() != c:
+        _value_error(arg, f"expected {c} values (one per class), got shape {tuple(tensor.shape)}")
+    return tensor.to(device=logits.device, dtype=dtype)
+
+
+def _alpha(alpha, c: int, logits: torch.Tensor):
+    if alpha is None:
+        return None
+    if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+        return _real("alpha", alpha)
+    return _class_vector("alpha", alpha, c, logits)
+
+
+def _softmax_inputs(logits, target, ignore_index, validate):
+    """Shared by the softmax family: (N, C, d...) logits and (N, d...) index target."""
+    _logits(logits, 2, "(N, C) or (N, C, d1, ...)")
+    c = logits.shape[1]
+    if c == 0:
+        _value_error("logits", "the class dimension (dim 1) is empty (C=0)")
+    ignore_index = _int("ignore_index", ignore_index)
+    _index_target(target, logits, (logits.shape[0], *logits.shape[2:]), "(N,) or (N, d1, ...) class indices")
+    _check_range(target, ignore_index, c - 1, validate)
+    return c, ignore_index
+
+
+def _sigmoid_inputs(logits, target, ignore_index, validate):
+    """Sigmoid family: float target of logits' shape, or integer labels of shape[:-1] with
+    label == C meaning background."""
+    _logits(logits, 1, "(..., C)")
+    c = logits.shape[-1]
+    if c == 0:
+        _value_error("logits", "the class dimension (last dim) is empty (C=0)")
+    ignore_index = _int("ignore_index", ignore_index)
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        _same_device("target", target, logits)
+        if target.shape != logits.shape:
+            _value_error("target", f"a float target must have the logits' shape {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+    else:
+        _index_target(target, logits, logits.shape[:-1], "integer labels of shape logits.shape[:-1], C = background")
+        _check_range(target, ignore_index, c, validate)
+    return c, ignore_index
+
+
+# --------------------------------------------------------------------------------------------
+# Per-loss argument sets
+# --------------------------------------------------------------------------------------------
+def focal_args(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits, validate) -> dict[str, Any]:
+    c, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
+    return dict(gamma=_real("gamma", gamma, low=0.0), alpha=_alpha(alpha, c, logits), ignore_index=ignore_index,
+                reduction=reduction_arg(reduction), from_logits=_bool("from_logits", from_logits))
+
+
+def sigmoid_focal_args(logits, target, *, alpha, gamma, ignore_index, reduction, validate) -> dict[str, Any]:
+    _, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate)
+    return dict(alpha=_real("alpha", alpha), gamma=_real("gamma", gamma, low=0.0), ignore_index=ignore_index,
+                reduction=reduction_arg(reduction))
+
+
+def ohem_args(logits, target, *, keep, thresh, min_kept, ignore_index, reduction, validate) -> dict[str, Any]:
+    _, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        _type_error("keep", f"expected a float in (0, 1] or an int >= 1, got {type(keep).__name__}")
+    if isinstance(keep, numbers.Integral):
+        keep = int(keep)
+        if keep <= 0:
+            _value_error("keep", f"an int keep must be >= 1, got {keep}")
+    else:
+        keep = float(keep)
+        if not 0.0 < keep <= 1.0:
+            _value_error("keep", f"a float keep must be in (0, 1], got {keep}")
+    if thresh is not None:
+        thresh = _real("thresh", thresh)
+    if min_kept is not None:
+        if thresh is None:
+            _value_error("min_kept", "only applies together with thresh")
+        min_kept = _int("min_kept", min_kept, low=0)
+    return dict(keep=keep, thresh=thresh, min_kept=min_kept, ignore_index=ignore_index,
+                reduction=reduction_arg(reduction))
+
+
+def ghmc_args(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction,
+              validate) -> dict[str, Any]:
+    use_sigmoid = _bool("use_sigmoid", use_sigmoid)
+    if use_sigmoid:
+        _, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate)
+    else:
+        _, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
+    bins = _int("bins", bins, low=1)
+    momentum = _real("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    if state is None:
+        if momentum > 0:
+            _value_error("state", f"momentum={momentum} > 0 needs a state tensor (the EMA of bin counts); "
+                         "use fused_losses.nn.GHMCLoss, which owns one")
+    else:
+        if not isinstance(state, torch.Tensor):
+            _type_error("state", f"expected a float32 tensor, got {type(state).__name__}")
+        if state.dtype != torch.float32 or tuple(state.shape) != (bins,):
+            _value_error("state", f"expected a float32 tensor of shape ({bins},), got {state.dtype} {tuple(state.shape)}")
+        _same_device("state", state, logits)
+    return dict(bins=bins, momentum=momentum, state=state, use_sigmoid=use_sigmoid, ignore_index=ignore_index,
+                reduction=reduction_arg(reduction))
+
+
+def ib_args(logits, target, features, *, alpha, epsilon, weight, gamma, detach_factor, reduction,
+            validate) -> dict[str, Any]:
+    _logits(logits, 2, "(N, C)")
+    if logits.dim() != 2:
+        _value_error("logits", f"ib takes (N, C) logits only, got shape {tuple(logits.shape)}")
+    n, c = logits.shape
+    if c == 0:
+        _value_error("logits", "the class dimension (dim 1) is empty (C=0)")
+    _index_target(target, logits, (n,), "(N,) class indices")
+    _check_range(target, _NO_IGNORE, c - 1, validate)
+    if not isinstance(features, torch.Tensor):
+        _type_error("features", f"expected a torch.Tensor, got {type(features).__name__}")
+    if not features.is_floating_point():
+        _type_error("features", f"expected a floating tensor, got {features.dtype}")
+    _same_device("features", features, logits)
+    if not (features.shape in ((n,), (n, 1)) or (features.dim() == 2 and features.shape[0] == n)):
+        _value_error("features", f"expected (N,), (N, 1) or (N, D) with N={n}, got {tuple(features.shape)}")
+    return dict(alpha=_real("alpha", alpha), epsilon=_real("epsilon", epsilon, low=0.0, low_inclusive=False),
+                weight=None if weight is None else _class_vector("weight", weight, c, logits),
+                gamma=_real("gamma", gamma, low=0.0), detach_factor=_bool("detach_factor", detach_factor),
+                reduction=reduction_arg(reduction))
+
+
+def class_weights_args(counts, scheme, beta) -> tuple[torch.Tensor, str, float]:
+    if scheme not in ("inverse", "effective"):
+        _value_error("scheme", f"unknown scheme {scheme!r}; expected 'inverse' or 'effective'")
+    beta = _real("beta", beta, low=0.0, low_inclusive=False, high=1.0, high_inclusive=False)
+    if isinstance(counts, torch.Tensor):
+        tensor = counts.detach()
+        if not (tensor.is_floating_point() or tensor.dtype in _INDEX_DTYPES or tensor.dtype in (torch.int16, torch.uint8)):
+            _type_error("counts", f"expected real counts, got {tensor.dtype}")
+    else:
+        try:
+            tensor = torch.as_tensor(counts, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            _type_error("counts", f"expected a sequence or tensor of per-class counts, got {type(counts).__name__}")
+    if tensor.dim() != 1 or tensor.numel() == 0:
+        _value_error("counts", f"expected a non-empty 1-D sequence of per-class counts, got shape {tuple(tensor.shape)}")
+    bad = (tensor <= 0) | torch.isnan(tensor.to(torch.float64))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        _value_error("counts", f"every class needs a count > 0; class {first} has {tensor[first].item()}")
+    return tensor, scheme, beta

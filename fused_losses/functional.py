@@ -1,0 +1,130 @@
+"""The public functional API (re-exported as fused_losses.focal, ...).
+
+Each function validates its arguments (fused_losses._validate, one place for every check),
+picks a backend (fused_losses._backends.select, one place for the choice) and calls it.
+See the README for the semantics table and ../shared/API.md for the contract.
+
+``validate``: out-of-range target values are a ValueError naming the value. None (default)
+checks on CPU tensors only; on CUDA the check costs a host sync, so it runs only with
+validate=True (without it an out-of-range target never reads out of bounds: a device-side
+assert, as in torch).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from fused_losses import _backends, _validate, reference
+
+Alpha = Union[None, float, Sequence[float], torch.Tensor]
+
+__all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights"]
+
+
+def _run(loss: str, backend, logits: torch.Tensor, *tensors, **kwargs) -> torch.Tensor:
+    chosen = _backends.select(loss, logits, _validate.backend_arg(backend))
+    return chosen.losses[loss](logits, *tensors, **kwargs)
+
+
+def focal(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alpha: Alpha = None,
+          ignore_index: int = -100, reduction: str = "mean", from_logits: bool = True,
+          backend: Optional[str] = None, validate: Optional[bool] = None) -> torch.Tensor:
+    """Softmax focal loss: loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}.
+
+    Args:
+        logits: (N, C) or channel-second (N, C, d1, ...) float tensor (probabilities when
+            from_logits=False).
+        target: (N,) or (N, d1, ...) int64/int32 class indices in [0, C) or ignore_index.
+        gamma: focusing parameter >= 0; gamma=0 with alpha=None is cross entropy.
+        alpha: None (1), a float (every class), or C per-class factors (alpha_t = alpha[t]).
+        ignore_index: target value that contributes no loss, no gradient and no count.
+        reduction: 'none' (shape of target) | 'mean' (over non-ignored samples; 0 if none) | 'sum'.
+        from_logits: False means logits already hold probabilities (no clamping).
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+    """
+    kwargs = _validate.focal_args(logits, target, gamma=gamma, alpha=alpha, ignore_index=ignore_index,
+                                  reduction=reduction, from_logits=from_logits, validate=validate)
+    return _run("focal", backend, logits, target, **kwargs)
+
+
+def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.25, gamma: float = 2.0,
+                  ignore_index: int = -100, reduction: str = "none", backend: Optional[str] = None,
+                  validate: Optional[bool] = None) -> torch.Tensor:
+    """Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss semantics), elementwise.
+
+    Args:
+        logits: (..., C) float tensor.
+        target: float tensor of logits' shape (soft targets allowed), or integer labels of shape
+            logits.shape[:-1]: label in [0, C) marks that class positive, label == C is background
+            (all negatives), label == ignore_index ignores the row (no one-hot is materialised).
+        alpha: weight of positives (negatives get 1 - alpha); alpha < 0 disables it.
+        gamma: focusing parameter >= 0.
+        reduction: 'none' (default, like torchvision) | 'mean' (over elements; with integer labels
+            over non-ignored rows x C) | 'sum'. Detection heads usually want
+            ``sigmoid_focal(..., reduction='sum') / num_pos``.
+    """
+    kwargs = _validate.sigmoid_focal_args(logits, target, alpha=alpha, gamma=gamma, ignore_index=ignore_index,
+                                          reduction=reduction, validate=validate)
+    return _run("sigmoid_focal", backend, logits, target, **kwargs)
+
+
+def ohem(logits: torch.Tensor, target: torch.Tensor, *, keep: Union[float, int] = 0.25,
+         thresh: Optional[float] = None, min_kept: Optional[int] = None, ignore_index: int = -100,
+         reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None) -> torch.Tensor:
+    """Online hard example mining over per-sample cross entropy (softmax family shapes).
+
+    keep: float in (0, 1] keeps k = max(1, floor(keep * n_valid)) hardest samples; int >= 1 keeps
+        min(keep, n_valid). k is computed on the device; ties go to the lower index.
+    thresh, min_kept: mmseg OHEMPixelSampler mode (keep is ignored): keep samples whose true-class
+        probability is below max(thresh, sorted_p[min(min_kept_total, n_valid - 1)]), where
+        min_kept counts per image (x N for (N, C, d...) inputs; as given for (N, C)).
+    Dropped samples get 0 loss ('none') and no gradient; 'mean' divides by the kept count.
+    """
+    kwargs = _validate.ohem_args(logits, target, keep=keep, thresh=thresh, min_kept=min_kept,
+                                 ignore_index=ignore_index, reduction=reduction, validate=validate)
+    return _run("ohem", backend, logits, target, **kwargs)
+
+
+def ghmc(logits: torch.Tensor, target: torch.Tensor, *, bins: int = 10, momentum: float = 0.0,
+         state: Optional[torch.Tensor] = None, use_sigmoid: bool = True, ignore_index: int = -100,
+         reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None) -> torch.Tensor:
+    """Gradient harmonized classification loss (GHM-C, Li et al. 2019).
+
+    use_sigmoid=True: sigmoid-family targets (float, or integer labels with C = background);
+    g = |sigmoid(x) - y| per element. use_sigmoid=False: softmax class indices, g = 1 - p_t per
+    sample. Bin = min(floor(g * bins), bins - 1) (g in float32). weight = n_valid / count(bin)
+    / n_nonempty_bins, no gradient; loss = weight * CE, 'mean' divides by n_valid.
+    state: float32 (bins,) EMA of bin counts, updated in place (first, then used) for bins
+    non-empty in this batch: state = momentum * state + (1 - momentum) * count. momentum > 0
+    needs a state; fused_losses.nn.GHMCLoss owns one.
+    """
+    kwargs = _validate.ghmc_args(logits, target, bins=bins, momentum=momentum, state=state, use_sigmoid=use_sigmoid,
+                                 ignore_index=ignore_index, reduction=reduction, validate=validate)
+    return _run("ghmc", backend, logits, target, **kwargs)
+
+
+def ib(logits: torch.Tensor, target: torch.Tensor, features: torch.Tensor, *, alpha: float = 1000.0,
+       epsilon: float = 1e-3, weight: Alpha = None, gamma: float = 0.0, detach_factor: bool = False,
+       reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None) -> torch.Tensor:
+    """Influence-balanced loss (Park et al., ICCV 2021; IB-focal with gamma > 0).
+
+    logits: (N, C); target: (N,) class indices (no ignore_index); features: (N,) or (N, 1)
+    feature norms used as given, or (N, D) raw features reduced to sum_d |f|.
+    factor_i = alpha / (2 (1 - p_t) f_i + epsilon); loss_i = factor_i * CE_w,i (gamma = 0) or
+    factor_i * (1 - exp(-CE_w,i))^gamma * CE_w,i, CE_w,i = weight[t_i] * CE_i. 'mean' divides by N
+    (also when weight is set, as the official code). Gradient flows through the factor into
+    logits and features unless detach_factor=True.
+    """
+    kwargs = _validate.ib_args(logits, target, features, alpha=alpha, epsilon=epsilon, weight=weight, gamma=gamma,
+                               detach_factor=detach_factor, reduction=reduction, validate=validate)
+    return _run("ib", backend, logits, target, features, **kwargs)
+
+
+def class_weights(counts, scheme: str = "inverse", beta: float = 0.9999) -> torch.Tensor:
+    """Per-class weights from per-class sample counts, float32 (C,), normalised to sum C.
+
+    'inverse': proportional to 1 / n_k. 'effective': (1 - beta) / (1 - beta^n_k), the effective
+    number of samples (Cui et al., CVPR 2019). A zero or negative count is a ValueError.
+    """
+    return reference.class_weights(*_validate.class_weights_args(counts, scheme, beta))

@@ -1,0 +1,349 @@
+"""Plain-PyTorch reference implementations of every loss in the API contract.
+
+Written for clarity and exactness, not speed: this is the ground truth of the tests and the
+baseline of the benchmarks. Each function takes *validated, normalised* arguments (see
+fused_losses._validate) and is differentiable by autograd.
+
+Precision: by default every computation runs in promote_types(logits.dtype, float32), so
+float64 inputs give a float64 ground truth. ``upcast=False`` keeps the logits dtype (fp16/bf16)
+for every op: that is the "eager PyTorch in low precision" accuracy baseline that fused kernels
+must beat.
+
+Output dtype: 'none' returns the logits dtype; 'mean' and 'sum' return the compute dtype.
+'mean' never divides by zero: with no counted sample it returns 0 (and zero gradient).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "focal_term"]
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces shared by the losses
+# --------------------------------------------------------------------------------------------
+def _compute_dtype(logits: torch.Tensor, upcast: bool) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32) if upcast else logits.dtype
+
+
+def _rows(logits: torch.Tensor, target: torch.Tensor):
+    """(N, C, d...) logits, (N, d...) target -> (M, C) rows and (M,) targets (channel last)."""
+    c = logits.shape[1]
+    return logits.movedim(1, -1).reshape(-1, c), target.reshape(-1)
+
+
+def _reduce(loss: torch.Tensor, reduction: str, count: torch.Tensor | int, out_dtype, shape):
+    """'none' -> loss in out_dtype with `shape`; 'sum'; 'mean' = sum / max(count, 1)."""
+    if reduction == "none":
+        return loss.to(out_dtype).reshape(shape)
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if isinstance(count, torch.Tensor):
+        count = count.clamp_min(1).to(total.dtype)
+    else:
+        count = max(count, 1)
+    return total / count
+
+
+class _FocalTerm(torch.autograd.Function):
+    """L(l) = (1 - e^l)^gamma * (-l) for l = log p_t <= 0, with an explicit gradient.
+
+    dL/dl = gamma * p_t * (1 - p_t)^gamma * r(l) - (1 - p_t)^gamma, where
+    r(l) = l / (1 - e^l) = l / -expm1(l) -> -1 as l -> 0. Autograd of the naive form computes
+    gamma * (1 - p_t)^(gamma - 1) * ..., which is inf * 0 = NaN at p_t = 1 when gamma < 1; this
+    form is finite everywhere and equals the limit (0 for gamma > 0, -1 for gamma = 0) at p_t = 1.
+    1 - p_t is always -expm1(l), exact for p_t near 1.
+    """
+
+    @staticmethod
+    def forward(ctx, logpt: torch.Tensor, gamma: float):
+        one_minus_pt = -torch.expm1(logpt)
+        ctx.save_for_backward(logpt)
+        ctx.gamma = gamma
+        return one_minus_pt.pow(gamma) * (-logpt)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (logpt,) = ctx.saved_tensors
+        gamma = ctx.gamma
+        one_minus_pt = -torch.expm1(logpt)
+        mod = one_minus_pt.pow(gamma)
+        if gamma == 0.0:
+            return -grad_out * torch.ones_like(logpt), None
+        r = torch.where(one_minus_pt > 0, logpt / one_minus_pt.clamp_min(torch.finfo(logpt.dtype).tiny),
+                        torch.full_like(logpt, -1.0))
+        d = gamma * torch.exp(logpt) * mod * r - mod
+        return grad_out * d, None
+
+
+def focal_term(logpt: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(1 - p_t)^gamma * (-log p_t), finite gradient at p_t = 1 for every gamma >= 0."""
+    return _FocalTerm.apply(logpt, float(gamma))
+
+
+class _PowSafe(torch.autograd.Function):
+    """q^gamma for q in [0, 1] whose derivative at q = 0 is taken as 0 (the limit of the
+    chained product in the sigmoid focal loss, where dq/dx -> 0 too) instead of inf."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, gamma: float):
+        ctx.save_for_backward(q)
+        ctx.gamma = gamma
+        return q.pow(gamma)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (q,) = ctx.saved_tensors
+        gamma = ctx.gamma
+        if gamma == 0.0:
+            return torch.zeros_like(q), None
+        qs = torch.where(q > 0, q, torch.ones_like(q))
+        d = torch.where(q > 0, gamma * qs.pow(gamma - 1.0), torch.zeros_like(q))
+        return grad_out * d, None
+
+
+def _alpha_t(alpha, target_rows: torch.Tensor, dtype, device):
+    """None -> None; float -> python float; tensor (C,) -> alpha[t] per row."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, torch.Tensor):
+        return alpha.to(device=device, dtype=dtype)[target_rows]
+    return float(alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax family
+# --------------------------------------------------------------------------------------------
+def _softmax_rows(logits, target, ignore_index, dtype, fill=0.0):
+    """Rows in compute dtype with ignored rows replaced by `fill` (so they get exactly zero
+    gradient and a NaN in an ignored row cannot leak), valid mask and a safe (in-range) target.
+    fill is 0 for logits and 1 for probabilities (from_logits=False: log(1) is finite)."""
+    x, t = _rows(logits, target)
+    t = t.long()
+    valid = t != ignore_index
+    t_safe = torch.where(valid, t, torch.zeros_like(t))
+    x = torch.where(valid[:, None], x.to(dtype), torch.full((), fill, dtype=dtype, device=x.device))
+    return x, t_safe, valid
+
+
+def _log_pt(x, t_safe, from_logits=True):
+    """log p_t per row. from_logits=False: x holds probabilities, no clamping."""
+    if from_logits:
+        return torch.log_softmax(x, dim=-1).gather(1, t_safe[:, None]).squeeze(1)
+    return torch.log(x.gather(1, t_safe[:, None]).squeeze(1))
+
+
+def focal(logits, target, *, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean",
+          from_logits=True, upcast=True):
+    """Softmax focal loss: loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}.
+
+    logits (N, C) or (N, C, d...); target (N,) or (N, d...) class indices. 'mean' divides by the
+    number of non-ignored samples.
+    """
+    dtype = _compute_dtype(logits, upcast)
+    x, t, valid = _softmax_rows(logits, target, ignore_index, dtype, 0.0 if from_logits else 1.0)
+    logpt = _log_pt(x, t, from_logits)
+    loss = focal_term(logpt, gamma)
+    a = _alpha_t(alpha, t, dtype, x.device)
+    if a is not None:
+        loss = loss * a
+    loss = torch.where(valid, loss, torch.zeros((), dtype=dtype, device=x.device))
+    return _reduce(loss, reduction, valid.sum(), logits.dtype, target.shape)
+
+
+def _per_sample_ce(logits, target, ignore_index, dtype):
+    """Per-row cross entropy (0 for ignored rows), probability p_t, valid mask."""
+    x, t, valid = _softmax_rows(logits, target, ignore_index, dtype)
+    logpt = _log_pt(x, t)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    return torch.where(valid, -logpt, zero), torch.exp(logpt), valid
+
+
+def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=-100,
+         reduction="mean", upcast=True):
+    """Online hard example mining over per-sample cross entropy.
+
+    keep (float in (0, 1]): k = max(1, floor(keep * n_valid)); keep (int >= 1): k = min(keep,
+    n_valid). The k samples with the largest CE are kept (ties: lower index first), computed on
+    the device by sort rank. thresh (mmseg OHEMPixelSampler): threshold = max(thresh,
+    sorted_p[min(min_kept_total, n_valid - 1)]); keep samples with p_t < threshold.
+    min_kept counts per image: x N for (N, C, d...) inputs, as given for (N, C).
+    Only kept samples contribute; 'mean' divides by the kept count.
+    """
+    dtype = _compute_dtype(logits, upcast)
+    ce, pt, valid = _per_sample_ce(logits, target, ignore_index, dtype)
+    n_valid = valid.sum()
+    with torch.no_grad():
+        if thresh is None:
+            if isinstance(keep, float):
+                k = torch.clamp_min(torch.floor(keep * n_valid.to(torch.float64)).long(), 1)
+            else:
+                k = torch.clamp_max(n_valid, int(keep))
+            # Ignored rows sort last; a stable descending sort keeps the lower index first.
+            key = torch.where(valid, ce.detach(), torch.full_like(ce, -math.inf))
+            order = torch.sort(key, descending=True, stable=True).indices
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel(), device=order.device)
+            kept = (rank < k) & valid
+        else:
+            per_image = logits.shape[0] if logits.dim() > 2 else 1
+            min_kept_total = int(min_kept or 0) * per_image
+            p_sorted = torch.sort(torch.where(valid, pt.detach(), torch.full_like(pt, math.inf))).values
+            idx = torch.clamp(torch.clamp_max(n_valid - 1, min_kept_total), min=0)
+            at_idx = p_sorted.gather(0, idx.reshape(1)).squeeze(0) if p_sorted.numel() else pt.new_zeros(())
+            min_threshold = torch.where(n_valid > 0, at_idx, torch.zeros_like(at_idx))
+            threshold = torch.clamp_min(min_threshold, float(thresh))
+            kept = (pt.detach() < threshold) & valid
+    loss = torch.where(kept, ce, torch.zeros((), dtype=dtype, device=ce.device))
+    return _reduce(loss, reduction, kept.sum(), logits.dtype, target.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Sigmoid family
+# --------------------------------------------------------------------------------------------
+def _sigmoid_targets(logits, target, ignore_index, dtype):
+    """Float target -> (target, valid=None). Integer labels of shape logits.shape[:-1]:
+    one-hot (label == C: all zeros, background) and a per-element valid mask."""
+    if target.is_floating_point():
+        return target.to(dtype), None
+    c = logits.shape[-1]
+    labels = target.long()
+    valid_rows = labels != ignore_index
+    classes = torch.arange(c, device=logits.device)
+    onehot = (labels[..., None] == classes).to(dtype)
+    valid = valid_rows[..., None].expand(logits.shape)
+    return onehot, valid
+
+
+def sigmoid_focal(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=-100, reduction="none",
+                  upcast=True):
+    """torchvision.ops.sigmoid_focal_loss, elementwise:
+    BCE-with-logits(x, t) * (1 - p_t)^gamma * alpha_t, p_t = p t + (1 - p)(1 - t),
+    alpha_t = alpha t + (1 - alpha)(1 - t); alpha < 0 disables alpha. Integer labels: see
+    _sigmoid_targets; ignored rows give 0 loss and 0 grad and are not counted in 'mean'.
+    """
+    dtype = _compute_dtype(logits, upcast)
+    y, valid = _sigmoid_targets(logits, target, ignore_index, dtype)
+    x = logits.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    if valid is not None:
+        x = torch.where(valid, x, zero)
+    p = torch.sigmoid(x)
+    q = torch.sigmoid(-x)  # 1 - p, exact for large x
+    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    one_minus_pt = p * (1 - y) + q * y
+    loss = ce * _PowSafe.apply(one_minus_pt, float(gamma))
+    if alpha >= 0:
+        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    if valid is not None:
+        loss = torch.where(valid, loss, zero)
+        count = valid.sum()
+    else:
+        count = loss.numel()
+    return _reduce(loss, reduction, count, logits.dtype, logits.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# GHM-C
+# --------------------------------------------------------------------------------------------
+def ghmc(logits, target, *, bins=10, momentum=0.0, state=None, use_sigmoid=True, ignore_index=-100,
+         reduction="mean", upcast=True):
+    """Gradient harmonized classification loss (Li et al., AAAI 2019).
+
+    g = |sigmoid(x) - y| per element (use_sigmoid) or 1 - p_t per sample (softmax), always in
+    float32; bin = min(floor(g * bins), bins - 1), NaN g in no bin. count per bin over valid
+    entries; with `state` (float32 (bins,), updated in place first): state[b] = m * state[b] +
+    (1 - m) * count[b] for non-empty bins and the bin's divisor is state[b], else count[b].
+    weight = n_valid / divisor[bin] / n_nonempty_bins (no gradient); loss = weight * CE,
+    'mean' = sum / n_valid.
+    """
+    dtype = _compute_dtype(logits, upcast)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    if use_sigmoid:
+        y, valid = _sigmoid_targets(logits, target, ignore_index, dtype)
+        x = logits.to(dtype)
+        if valid is not None:
+            x = torch.where(valid, x, zero)
+        ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+        with torch.no_grad():
+            g = (torch.sigmoid(x.detach().float()) - y.float()).abs()
+        out_shape = logits.shape
+        if valid is None:
+            valid = torch.ones_like(ce, dtype=torch.bool)
+    else:
+        ce, _, valid = _per_sample_ce(logits, target, ignore_index, dtype)
+        with torch.no_grad():
+            x, t, _ = _softmax_rows(logits.detach(), target, ignore_index, torch.float32)
+            g = -torch.expm1(_log_pt(x, t))
+        out_shape = target.shape
+    with torch.no_grad():
+        in_bin = valid & ~torch.isnan(g)
+        idx = torch.clamp_max(torch.floor(torch.where(in_bin, g, torch.zeros_like(g)) * bins), bins - 1).long()
+        counts = torch.zeros(bins, dtype=torch.float32, device=ce.device)
+        counts.scatter_add_(0, idx[in_bin].reshape(-1), torch.ones_like(g[in_bin]).reshape(-1))
+        nonempty = counts > 0
+        if state is not None:
+            state.copy_(torch.where(nonempty, momentum * state + (1 - momentum) * counts, state))
+            divisor = state
+        else:
+            divisor = counts
+        n_valid = valid.sum()
+        n_nonempty = nonempty.sum()
+        bin_weight = torch.where(nonempty, n_valid.float() / divisor.clamp_min(1e-12), torch.zeros_like(counts))
+        bin_weight = bin_weight / n_nonempty.clamp_min(1).float()
+        weight = torch.where(in_bin, bin_weight[idx], torch.zeros_like(g)).to(dtype)
+    loss = torch.where(valid, weight * ce, zero)
+    return _reduce(loss, reduction, n_valid, logits.dtype, out_shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Influence-balanced loss
+# --------------------------------------------------------------------------------------------
+def ib(logits, target, features, *, alpha=1000.0, epsilon=1e-3, weight=None, gamma=0.0,
+       detach_factor=False, reduction="mean", upcast=True):
+    """Influence-balanced loss (Park et al., ICCV 2021), as the official code computes it.
+
+    g_i = ||softmax_i - onehot_i||_1 = 2 (1 - p_t); f_i = features (N,)/(N, 1) as given, or
+    sum_d |features_id| for (N, D); factor_i = alpha / (g_i f_i + epsilon);
+    CE_w,i = weight[t_i] * CE_i; loss_i = factor_i * CE_w,i, and with gamma > 0 (IB-focal)
+    loss_i = factor_i * (1 - exp(-CE_w,i))^gamma * CE_w,i. 'mean' divides by N.
+    """
+    dtype = _compute_dtype(logits, upcast)
+    x = logits.to(dtype)
+    t = target.long()
+    logp = torch.log_softmax(x, dim=-1)
+    logpt = logp.gather(1, t[:, None]).squeeze(1)
+    f = features.to(dtype)
+    if f.dim() == 2 and f.shape[1] > 1:
+        f = f.abs().sum(dim=1)
+    f = f.reshape(-1)
+    g = 2.0 * (-torch.expm1(logpt))
+    factor = alpha / (g * f + epsilon)
+    if detach_factor:
+        factor = factor.detach()
+    ce_w = -logpt
+    if weight is not None:
+        ce_w = ce_w * weight.to(device=x.device, dtype=dtype)[t]
+    per_sample = focal_term(-ce_w, gamma) if gamma > 0 else ce_w
+    loss = factor * per_sample
+    return _reduce(loss, reduction, t.numel(), logits.dtype, target.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Class-balanced weights
+# --------------------------------------------------------------------------------------------
+def class_weights(counts: torch.Tensor, scheme: str = "inverse", beta: float = 0.9999) -> torch.Tensor:
+    """Per-class weights normalised to sum C (float32). counts: validated positive (C,) tensor.
+
+    'inverse': w_k = 1 / n_k; 'effective': w_k = (1 - beta) / (1 - beta^n_k) (Cui et al. 2019).
+    """
+    n = counts.to(torch.float64)
+    if scheme == "inverse":
+        w = 1.0 / n
+    else:
+        w = (1.0 - beta) / (-torch.expm1(n * math.log(beta)))
+    return (w * (n.numel() / w.sum())).to(torch.float32)

@@ -1,0 +1,109 @@
+"""Build fused_losses._C: the C++ CPU kernels always, the CUDA kernels when possible.
+
+Environment switches
+  FUSED_LOSSES_BUILD_CUDA=0|1   force the CUDA part off / on (default: on when torch is a
+                                CUDA build and nvcc is found under CUDA_HOME)
+  TORCH_CUDA_ARCH_LIST          GPU archs to compile (default below; CI uses "9.0")
+  MAX_JOBS                      parallel compile jobs (ninja)
+
+The ops are registered with TORCH_LIBRARY from static initialisers; the module has no
+pybind11 bindings (a dummy PyInit__C), so one abi3 build serves every Python >= 3.9.
+"""
+import glob
+import os
+
+# torch guesses CUDA_HOME from `which nvcc` and can land on /usr/local (link fails with
+# -lcudart). Prefer the standard toolkit location when the user did not say otherwise.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from packaging.version import Version  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _nvcc_version():
+    import re
+    import subprocess
+
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    out = subprocess.check_output([nvcc, "--version"], text=True)
+    return Version(re.search(r"release (\d+\.\d+)", out).group(1))
+
+
+def _want_cuda():
+    flag = os.environ.get("FUSED_LOSSES_BUILD_CUDA", "").strip()
+    have_nvcc = cpp_extension.CUDA_HOME is not None and os.path.exists(
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    possible = torch.version.cuda is not None and have_nvcc
+    if flag == "0":
+        return False
+    if flag == "1" and not possible:
+        raise RuntimeError(
+            "FUSED_LOSSES_BUILD_CUDA=1 but the CUDA part cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}")
+    return possible
+
+
+def _default_arch_list(nvcc):
+    # CUDA 13 dropped sm < 7.5. Users get the common datacenter and consumer archs plus PTX
+    # for the newest, so a newer GPU can JIT; CI and the lent H100 build only "9.0".
+    if nvcc >= Version("13.0"):
+        return "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+    if nvcc >= Version("12.8"):
+        return "7.0;7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+    return "7.0;7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def _pip_cuda_include_dirs():
+    """A toolkit without the math-library headers (cusparse.h, cublas_v2.h, which ATen's CUDA
+    headers include) can borrow them from the nvidia-* wheels torch was installed with."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found = []
+    for root in spec.submodule_search_locations:
+        found += sorted(glob.glob(os.path.join(root, "*", "include")))
+    return [d for d in found if os.path.exists(os.path.join(d, "cusparse.h"))][:1]
+
+
+def extensions():
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # No -std flag: torch's build helper picks the standard its headers need (C++17 for
+    # torch <= 2.9, C++20 for newer).
+    cxx = ["-O3", "-fopenmp"]
+    include_dirs = [os.path.join(HERE, "csrc")]
+    macros = []
+    with_cuda = _want_cuda()
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(_nvcc_version())
+        macros.append(("FUSED_LOSSES_WITH_CUDA", None))
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+        include_dirs += _pip_cuda_include_dirs()
+        return [cpp_extension.CUDAExtension(
+            "fused_losses._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+            define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"], py_limited_api=True)]
+    return [cpp_extension.CppExtension(
+        "fused_losses._C", cpu_sources, include_dirs=include_dirs,
+        define_macros=macros, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+        py_limited_api=True)]
+
+
+setup(
+    name="fused_losses",
+    version="0.1.0",
+    packages=find_packages(include=["fused_losses", "fused_losses.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    install_requires=["torch>=2.4", "packaging"],
+    python_requires=">=3.9",
+)
