@@ -31,7 +31,9 @@ class Backend:
     """What a backend offers.
 
     availability: () -> (bool, reason), cheap, cached by the backend if costly.
-    device_types: tensor device types it serves ('cpu', 'cuda').
+    device_types: tensor device types it serves when asked for explicitly ('cpu', 'cuda').
+    auto_device_types: device types an automatic choice may use it for (default: device_types);
+            e.g. Triton serves CPU tensors under TRITON_INTERPRET=1, but only on request.
     losses: loss name -> implementation called with the logits, target (and features for ib)
             and the normalised keyword arguments of fused_losses._validate.
     dtypes: logits dtypes it accepts.
@@ -42,6 +44,7 @@ class Backend:
     device_types: tuple[str, ...]
     losses: dict[str, Callable] = field(default_factory=dict)
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    auto_device_types: tuple[str, ...] | None = None
 
     def cannot_run(self, loss: str, logits: torch.Tensor) -> str | None:
         """None if this backend can run `loss` on these logits, else why not."""
@@ -91,6 +94,8 @@ def select(loss: str, logits: torch.Tensor, requested: str | None) -> Backend:
         return backend
     for name in ORDER:
         backend = get(name)
-        if backend.availability()[0] and backend.cannot_run(loss, logits) is None:
+        auto_types = backend.device_types if backend.auto_device_types is None else backend.auto_device_types
+        if (logits.device.type in auto_types and backend.availability()[0]
+                and backend.cannot_run(loss, logits) is None):
             return backend
     raise RuntimeError(f"no backend can run {loss} on {logits.device.type} {logits.dtype} logits")  # unreachable: reference runs all

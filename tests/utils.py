@@ -1,0 +1,109 @@
+"""Shared test helpers: one place for tolerances, the relative-error check and input makers.
+
+Exactness rule (README, "Accuracy"): compare against the float64 reference by
+    rel_error(out, ref) = ||out - ref|| / ||ref||      (NaN where the reference has NaN is a match)
+  float64 inputs:  <= TOL[float64]
+  float32 inputs:  <= TOL[float32] = 1e-5, for the loss and the gradient
+  fp16/bf16:       compute in fp32; the result must be at least as close to float64 as the eager
+                   reference run in the same low precision (reference(..., upcast=False)), or
+                   within the unit roundoff of the dtype (nobody can beat rounding the output).
+"""
+from __future__ import annotations
+
+import torch
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; positions where both are NaN (or equal infs) match."""
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    nan_out, nan_ref = torch.isnan(out), torch.isnan(ref)
+    assert torch.equal(nan_out, nan_ref), (
+        f"NaN pattern differs: {int(nan_out.sum())} NaN in output vs {int(nan_ref.sum())} in reference")
+    same_inf = torch.isinf(ref) & (out == ref)
+    mask = ~nan_ref & ~same_inf
+    diff = torch.linalg.vector_norm((out - ref)[mask])
+    scale = torch.linalg.vector_norm(ref[mask])
+    if scale == 0:
+        return float(diff)
+    return float(diff / scale)
+
+
+def _where(out, ref) -> str:
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    if out.numel() == 0:
+        return "empty"
+    d = (out - ref).abs().nan_to_num(0.0)
+    i = int(d.reshape(-1).argmax())
+    idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), out.shape)) if out.dim() else ()
+    return f"max |diff| {float(d.reshape(-1)[i]):.3e} at {idx}: got {float(out.reshape(-1)[i])!r}, ref {float(ref.reshape(-1)[i])!r}"
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> float:
+    err = rel_error(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}; {_where(out, ref)}"
+    return err
+
+
+def assert_matches_reference(out, ref64, dtype, what="", eager_lowp=None) -> float:
+    """The exactness rule above for a result computed from `dtype` inputs."""
+    if dtype in LOW_PRECISION:
+        assert eager_lowp is not None, "low-precision checks need the eager low-precision result"
+        bound = max(rel_error(eager_lowp, ref64), UNIT_ROUNDOFF[dtype])
+        return assert_rel_close(out, ref64, bound, f"{what} ({dtype}, bound = eager low-precision error)")
+    return assert_rel_close(out, ref64, TOL[dtype], f"{what} ({dtype})")
+
+
+def softmax_case(shape, dtype=torch.float32, device="cpu", *, ignore_frac=0.0, ignore_index=-100, scale=3.0,
+                 seed=0, target_dtype=torch.int64):
+    """logits of `shape` = (N, C, d...) ~ scale * randn and a matching class-index target with
+    about ignore_frac of the entries set to ignore_index."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    tshape = (shape[0], *shape[2:])
+    target = torch.randint(0, shape[1], tshape, generator=g)
+    if ignore_frac > 0:
+        target[torch.rand(tshape, generator=g) < ignore_frac] = ignore_index
+    return logits.to(device), target.to(device=device, dtype=target_dtype)
+
+
+def sigmoid_case(shape, dtype=torch.float32, device="cpu", *, kind="labels", ignore_frac=0.0, ignore_index=-100,
+                 scale=3.0, seed=0):
+    """logits (..., C) and a target: kind='labels' integer labels in [0, C] (C = background),
+    'float' hard 0/1 float targets, 'soft' targets in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    c = shape[-1]
+    if kind == "labels":
+        target = torch.randint(0, c + 1, shape[:-1], generator=g)
+        if ignore_frac > 0:
+            target[torch.rand(shape[:-1], generator=g) < ignore_frac] = ignore_index
+    elif kind == "float":
+        target = (torch.rand(shape, generator=g) < 0.1).to(dtype)
+    elif kind == "soft":
+        target = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+    else:
+        raise ValueError(kind)
+    return logits.to(device), target.to(device)
+
+
+def loss_and_grad(fn, logits: torch.Tensor, *args, grad_seed=1, **kwargs):
+    """Run fn(logits_leaf, *args, **kwargs), backprop a fixed random cotangent (ones for a
+    scalar) and return (loss, grad) detached."""
+    x = logits.detach().clone().requires_grad_(True)
+    out = fn(x, *args, **kwargs)
+    if out.dim() == 0:
+        cot = torch.ones_like(out)
+    else:
+        g = torch.Generator().manual_seed(grad_seed)
+        cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype=out.dtype, device=out.device)
+    if out.requires_grad:
+        out.backward(cot)
+    grad = x.grad if x.grad is not None else torch.zeros_like(x)
+    return out.detach(), grad.detach()
