@@ -293,9 +293,11 @@ def ghmc(logits, target, *, bins=10, momentum=0.0, state=None, use_sigmoid=True,
             divisor = counts
         n_valid = valid.sum()
         n_nonempty = nonempty.sum()
-        bin_weight = torch.where(nonempty, n_valid.float() / divisor.clamp_min(1e-12), torch.zeros_like(counts))
-        bin_weight = bin_weight / n_nonempty.clamp_min(1).float()
-        weight = torch.where(in_bin, bin_weight[idx], torch.zeros_like(g)).to(dtype)
+        # Weights in the compute dtype (counts are exact integers; the EMA state is float32).
+        divisor = divisor.to(dtype)
+        bin_weight = torch.where(nonempty, n_valid.to(dtype) / divisor.clamp_min(1e-12), torch.zeros_like(divisor))
+        bin_weight = bin_weight / n_nonempty.clamp_min(1).to(dtype)
+        weight = torch.where(in_bin, bin_weight[idx], torch.zeros((), dtype=dtype, device=ce.device))
     loss = torch.where(valid, weight * ce, zero)
     return _reduce(loss, reduction, n_valid, logits.dtype, out_shape)
 
