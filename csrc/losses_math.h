@@ -1,0 +1,273 @@
+// Per-row and per-element formulas of every fused_losses loss, shared by the CPU kernels
+// (csrc/cpu/losses_cpu.cpp, g++) and the CUDA kernels (csrc/cuda/*.cu, nvcc).
+//
+// Rules for this header, so that it compiles for the host and the device alike:
+//   * every function is FL_HOST_DEVICE inline and templated on the math type T (float for
+//     fp16/bf16/fp32 inputs, double for fp64): callers convert loaded values to T first;
+//   * only the C math library (expf/exp, log1pf/log1p, ...) through the overloads below, no
+//     std:: calls (nvcc device code lacks most of <cmath>'s std:: overloads), no exceptions,
+//     no allocation;
+//   * exact forms near the limits: 1 - p_t is -expm1(log p_t), log(1 + e^-|x|) is log1p.
+//
+// The reference semantics are fused_losses/reference.py; each function names the reference
+// expression it reproduces.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FL_HOST_DEVICE __host__ __device__
+#else
+#define FL_HOST_DEVICE
+#endif
+#define FL_INLINE FL_HOST_DEVICE inline
+
+namespace fused_losses {
+namespace math {
+
+// ------------------------------------------------------------------------------------------
+// C math overloads for float and double (device code has the C names for both types).
+// ------------------------------------------------------------------------------------------
+FL_INLINE float exp_(float x) { return expf(x); }
+FL_INLINE double exp_(double x) { return exp(x); }
+FL_INLINE float expm1_(float x) { return expm1f(x); }
+FL_INLINE double expm1_(double x) { return expm1(x); }
+FL_INLINE float log_(float x) { return logf(x); }
+FL_INLINE double log_(double x) { return log(x); }
+FL_INLINE float log1p_(float x) { return log1pf(x); }
+FL_INLINE double log1p_(double x) { return log1p(x); }
+FL_INLINE float pow_(float x, float y) { return powf(x, y); }
+FL_INLINE double pow_(double x, double y) { return pow(x, y); }
+FL_INLINE float sqrt_(float x) { return sqrtf(x); }
+FL_INLINE double sqrt_(double x) { return sqrt(x); }
+FL_INLINE float abs_(float x) { return fabsf(x); }
+FL_INLINE double abs_(double x) { return fabs(x); }
+FL_INLINE float floor_(float x) { return floorf(x); }
+FL_INLINE double floor_(double x) { return floor(x); }
+template <typename T>
+FL_INLINE bool isnan_(T x) { return x != x; }
+
+// exp(x) for x <= 88 in a form compilers vectorise (no calls, no branches): Cody-Waite range
+// reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes expf, < 2 ulp) and 2^n
+// built in the exponent bits. x < -87.3 gives 0, NaN gives NaN. The CPU softmax loops use it;
+// device code uses the hardware-accurate expf instead.
+FL_INLINE float exp_vectorizable(float x) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return expf(x);
+#else
+  const float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const bool underflow = x < -87.33654f;
+  float xc = x < -87.33654f ? -87.33654f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  const float shifted = xc * 1.44269504088896341f + kRoundMagic;
+  const float n = shifted - kRoundMagic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  int32_t shifted_bits;
+  memcpy(&shifted_bits, &shifted, sizeof(float));
+  const int32_t n_int = shifted_bits - 0x4B400000;  // bits of kRoundMagic
+  const int32_t scale_bits = (n_int + 127) << 23;
+  float scale;
+  memcpy(&scale, &scale_bits, sizeof(float));
+  return underflow ? 0.0f : p * scale;
+#endif
+}
+FL_INLINE double exp_vectorizable(double x) { return exp(x); }
+
+// q^gamma with the exponents the reference meets most computed as torch.pow computes them
+// (x*x for 2, sqrt for 0.5), so results match bit for bit where possible and skip powf.
+template <typename T>
+FL_INLINE T pow_gamma(T q, T gamma) {
+  if (gamma == T(0)) return T(1);
+  if (gamma == T(1)) return q;
+  if (gamma == T(2)) return q * q;
+  if (gamma == T(3)) return q * q * q;
+  if (gamma == T(0.5)) return sqrt_(q);
+  return pow_(q, gamma);
+}
+
+// ------------------------------------------------------------------------------------------
+// Softmax pieces. A row x_0..x_{C-1} with m = max_c x_c, s = sum_c e^{x_c - m}:
+//   log p_t = (x_t - m) - log s,   p_c = e^{x_c - m} / s,   d(log p_t)/dx_c = [c == t] - p_c.
+// Every softmax-family gradient here is dL/dx_c = k * ([c == t] - p_c) with the per-row
+// scalar k = dL/dlog p_t (so with c_i = -k it is c_i * (p_c - onehot_c)).
+// ------------------------------------------------------------------------------------------
+template <typename T>
+FL_INLINE T log_softmax_target(T x_t, T row_max, T log_sum) {
+  return (x_t - row_max) - log_sum;
+}
+
+// 1 - p_t = -expm1(log p_t): the target-column factor of the gradient, exact when p_t -> 1.
+template <typename T>
+FL_INLINE T one_minus_pt_from_log(T log_pt) { return -expm1_(log_pt); }
+
+// The focal term of reference._FocalTerm and its derivative in l = log p_t <= 0:
+//   L(l) = (1 - e^l)^gamma * (-l)
+//   dL/dl = gamma * p_t * (1 - p_t)^gamma * r(l) - (1 - p_t)^gamma,  r(l) = l / (1 - e^l)
+// with 1 - e^l = -expm1(l) and r = -1 where 1 - p_t = 0 (its limit), so dL/dl is finite for
+// every gamma >= 0 (gamma < 1 included) and equals its limit at p_t = 1. gamma = 0 gives
+// L = -l, dL/dl = -1 exactly.
+template <typename T>
+struct FocalTerm {
+  T value;
+  T dvalue_dlogpt;
+};
+
+template <typename T>
+FL_INLINE FocalTerm<T> focal_term(T log_pt, T gamma) {
+  FocalTerm<T> out;
+  const T one_minus_pt = -expm1_(log_pt);
+  const T modulation = pow_gamma(one_minus_pt, gamma);
+  out.value = modulation * (-log_pt);
+  if (gamma == T(0)) {
+    out.dvalue_dlogpt = T(-1);
+  } else {
+    const T r = one_minus_pt > T(0) ? log_pt / one_minus_pt : T(-1);
+    out.dvalue_dlogpt = gamma * exp_(log_pt) * modulation * r - modulation;
+  }
+  return out;
+}
+
+// alpha_t of the softmax focal loss: per-class vector when given, else the scalar (1 = none).
+template <typename T>
+FL_INLINE T class_alpha(const T* alpha_per_class, T alpha_scalar, int64_t t) {
+  return alpha_per_class != nullptr ? alpha_per_class[t] : alpha_scalar;
+}
+
+// ------------------------------------------------------------------------------------------
+// Sigmoid family, per element, logsigmoid form. p = sigmoid(x), q = 1 - p = sigmoid(-x),
+// e = e^{-|x|} in (0, 1]:
+//   BCE(x, y) = -y log p - (1 - y) log q = max(x, 0) - x y + log1p(e)
+//   1 - p_t   = p (1 - y) + q y,  d(1 - p_t)/dx = p q (1 - 2y),  dBCE/dx = p - y
+//   loss = alpha_t * BCE * (1 - p_t)^gamma,  alpha_t = alpha y + (1 - alpha)(1 - y) (alpha >= 0)
+//   dloss/dx = alpha_t * [(p - y) (1 - p_t)^gamma + BCE * gamma (1 - p_t)^gamma p q (1 - 2y) / (1 - p_t)]
+// where the last factor is taken as 0 when 1 - p_t = 0 (reference._PowSafe) and p q / (1 - p_t)
+// <= 1 always, so it never overflows.
+// ------------------------------------------------------------------------------------------
+template <typename T>
+struct SigmoidParts {
+  T p;    // sigmoid(x)
+  T q;    // sigmoid(-x)
+  T bce;  // binary cross entropy with logits
+};
+
+// e = exp(-|x|) computed by the caller (so the CPU loop can use exp_vectorizable).
+template <typename T>
+FL_INLINE SigmoidParts<T> sigmoid_parts(T x, T y, T exp_neg_abs_x) {
+  SigmoidParts<T> s;
+  const T inv = T(1) / (T(1) + exp_neg_abs_x);
+  const T small = exp_neg_abs_x * inv;  // sigmoid(-|x|)
+  s.p = x >= T(0) ? inv : small;
+  s.q = x >= T(0) ? small : inv;
+  s.bce = (x > T(0) ? x : T(0)) - x * y + log1p_(exp_neg_abs_x);
+  return s;
+}
+
+template <typename T>
+struct LossGrad {
+  T loss;
+  T grad;
+};
+
+template <typename T>
+FL_INLINE LossGrad<T> sigmoid_focal_element(T x, T y, T alpha, T gamma, T exp_neg_abs_x) {
+  const SigmoidParts<T> s = sigmoid_parts(x, y, exp_neg_abs_x);
+  const T one_minus_pt = s.p * (T(1) - y) + s.q * y;
+  const T modulation = pow_gamma(one_minus_pt, gamma);
+  const T alpha_t = alpha >= T(0) ? alpha * y + (T(1) - alpha) * (T(1) - y) : T(1);
+  const T dmod = (gamma != T(0) && one_minus_pt > T(0))
+                     ? gamma * modulation * (s.p * s.q / one_minus_pt) * (T(1) - T(2) * y)
+                     : T(0);
+  LossGrad<T> out;
+  out.loss = alpha_t * (s.bce * modulation);
+  out.grad = alpha_t * ((s.p - y) * modulation + s.bce * dmod);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// Influence-balanced loss, per row (reference.ib). l = log p_t, w = weight[t] (1 if none),
+// f = feature norm, CE_w = -w l, g = ||softmax - onehot||_1 = 2 (1 - p_t) = -2 expm1(l),
+// factor = alpha / (g f + eps), per_sample = CE_w (gamma = 0) or focal_term(-CE_w, gamma),
+// loss = factor * per_sample. Derivatives (dg/dl = -2 p_t):
+//   dloss/dl = factor * dper_sample/dl + per_sample * dfactor/dl,
+//   dfactor/dl = factor / (g f + eps) * 2 p_t f   (0 with detach_factor),
+//   dloss/df   = -per_sample * factor * g / (g f + eps)   (0 with detach_factor).
+// ------------------------------------------------------------------------------------------
+template <typename T>
+struct IBRow {
+  T loss;
+  T dloss_dlogpt;
+  T dloss_dfeature;
+};
+
+template <typename T>
+FL_INLINE IBRow<T> ib_row(T log_pt, T class_weight, T feature, T alpha, T epsilon, T gamma, bool detach_factor) {
+  const T g = T(-2) * expm1_(log_pt);
+  const T denom = g * feature + epsilon;
+  const T factor = alpha / denom;
+  T per_sample, dper_sample;
+  if (gamma > T(0)) {
+    const FocalTerm<T> ft = focal_term(class_weight * log_pt, gamma);
+    per_sample = ft.value;
+    dper_sample = ft.dvalue_dlogpt * class_weight;
+  } else {
+    per_sample = -class_weight * log_pt;
+    dper_sample = -class_weight;
+  }
+  IBRow<T> out;
+  out.loss = factor * per_sample;
+  out.dloss_dlogpt = factor * dper_sample;
+  out.dloss_dfeature = T(0);
+  if (!detach_factor) {
+    out.dloss_dlogpt += per_sample * (factor / denom) * (T(2) * exp_(log_pt) * feature);
+    out.dloss_dfeature = -per_sample * factor * g / denom;
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// GHM-C (reference.ghmc): g always in float32, bin = min(floor(g * bins), bins - 1), NaN -> -1
+// (no bin). Sigmoid: g = |sigmoid(x) - y| with x, y cast to float; softmax: g = 1 - p_t =
+// -expm1(log p_t) from a float32 log-softmax.
+// ------------------------------------------------------------------------------------------
+FL_INLINE int64_t ghm_bin(float g, int64_t bins) {
+  if (isnan_(g)) return -1;
+  const float scaled = floor_(g * static_cast<float>(bins));
+  // g in [0, 1] gives scaled in [0, bins]; the clamp matches torch.clamp_max(.., bins - 1).
+  const int64_t b = static_cast<int64_t>(scaled);
+  return b > bins - 1 ? bins - 1 : b;
+}
+
+FL_INLINE float ghm_sigmoid_g(float x, float y) {
+  // torch.sigmoid in float32: 1 / (1 + exp(-x)).
+  const float p = 1.0f / (1.0f + expf(-x));
+  return fabsf(p - y);
+}
+
+FL_INLINE float ghm_softmax_g(float log_pt) { return -expm1f(log_pt); }
+
+// EMA of a bin count, float32 like the reference's tensor ops (momentum * state rounds, then
+// (1 - momentum) * count rounds, then the sum). Under nvcc, __fmul_rn keeps the products from
+// being contracted into an FMA, which would change the last bit.
+FL_INLINE float ghm_ema(float state, float count, float momentum, float one_minus_momentum) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(momentum, state), __fmul_rn(one_minus_momentum, count));
+#else
+  const float a = momentum * state;
+  const float b = one_minus_momentum * count;
+  return a + b;
+#endif
+}
+
+}  // namespace math
+}  // namespace fused_losses
