@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_losses as fl
-from fused_losses import _backends, _ext, reference
+from fused_losses import _backends, _ext, _validate, reference
 from tests.utils import assert_rel_close, sigmoid_case, softmax_case
 
 
@@ -55,7 +55,8 @@ def test_automatic_choice_on_cpu_tensors_runs_everything():
 def test_env_override_selects_reference(monkeypatch):
     logits, target = softmax_case((6, 4), seed=1)
     monkeypatch.setenv("FUSED_LOSSES_BACKEND", "reference")
-    assert _backends.select("focal", logits, None).name == "reference"
+    # The public functions resolve the override with _validate.backend_arg before selecting.
+    assert _backends.select("focal", logits, _validate.backend_arg(None)).name == "reference"
 
 
 def test_explicit_reference_backend_equals_reference_module():

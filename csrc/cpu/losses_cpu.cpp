@@ -1,7 +1,29 @@
 // CPU kernels of fused_losses (registered for the CPU dispatch key).
+//
+// Layout. Softmax-family logits are viewed as (N, C, S) with S = prod(d...) (S = 1 for (N, C)):
+// row r = n * S + s holds classes at offsets n*C*S + c*S + s. For S = 1 a row is contiguous
+// and the loops vectorise over classes; for S > 1 (channel-second segmentation input, no
+// permute copy) a tile of kTile consecutive spatial positions is processed together and the
+// loops vectorise over the tile. Sigmoid-family logits are (M, C) rows, elementwise.
+//
+// Math runs in T = float for fp16/bf16/fp32 and T = double for fp64 (at::opmath_type), with
+// the formulas of csrc/losses_math.h (shared with the CUDA kernels).
+//
+// Determinism: each row's value depends only on that row; every reduction over rows sums per
+// fixed-size chunk (independent of the thread count) and then adds the chunk sums in order,
+// so results are bitwise identical from run to run and for any number of threads.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "losses_math.h"
 
 namespace fused_losses {
 
@@ -18,8 +40,919 @@ at::Tensor build_probe_cpu(const at::Tensor& x) {
   return y;
 }
 
+namespace {
+
+using namespace fused_losses::math;
+
+// ------------------------------------------------------------------------------------------
+// Small host utilities
+// ------------------------------------------------------------------------------------------
+enum class Reduction { None, Mean, Sum };
+
+Reduction parse_reduction(c10::string_view name) {
+  if (name == "none") return Reduction::None;
+  if (name == "mean") return Reduction::Mean;
+  if (name == "sum") return Reduction::Sum;
+  TORCH_CHECK(false, "reduction: expected 'none', 'mean' or 'sum', got '", std::string(name), "'");
+}
+
+constexpr int64_t kTile = 32;         // spatial positions per tile (channel-second input)
+constexpr int64_t kSumChunk = 4096;   // values per chunk of the ordered sums
+constexpr int64_t kWorkGrain = 32768; // elements of work per parallel_for grain
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// sum_i v[i] in double: chunks of kSumChunk summed in parallel, chunk sums added in order.
+template <typename T>
+double ordered_sum(const T* v, int64_t n) {
+  const int64_t chunks = ceil_div(n, kSumChunk);
+  std::vector<double> partial(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      double s = 0.0;
+      const int64_t hi = std::min(n, (ch + 1) * kSumChunk);
+      for (int64_t i = ch * kSumChunk; i < hi; ++i) s += static_cast<double>(v[i]);
+      partial[ch] = s;
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+at::ScalarType reduced_dtype(const at::Tensor& logits) {
+  return at::promote_types(logits.scalar_type(), at::kFloat);
+}
+
+// 'mean' / 'sum' result as a 0-dim tensor of promote_types(logits, float32).
+at::Tensor reduced_loss(const at::Tensor& logits, double total, double count, Reduction reduction) {
+  const double value = reduction == Reduction::Mean ? total / std::max(count, 1.0) : total;
+  return at::scalar_tensor(value, logits.options().dtype(reduced_dtype(logits)));
+}
+
+// Per-row (or per-element) losses in T -> the op's loss output.
+template <typename scalar_t, typename T>
+at::Tensor finish_loss(const at::Tensor& logits, const std::vector<T>& row_loss, at::IntArrayRef none_shape,
+                       double count, Reduction reduction) {
+  if (reduction != Reduction::None) {
+    return reduced_loss(logits, ordered_sum(row_loss.data(), static_cast<int64_t>(row_loss.size())), count, reduction);
+  }
+  at::Tensor out = at::empty(none_shape, logits.options());
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t n = static_cast<int64_t>(row_loss.size());
+  at::parallel_for(0, n, kWorkGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(row_loss[i]);
+  });
+  return out;
+}
+
+// Gradient buffers of the forward ops: in the math dtype (float for fp16/bf16/fp32, double for
+// fp64), so the logits-dtype gradient is rounded once, in scale_grad. Empty (0,) when not needed.
+at::Tensor grad_buffer(const at::Tensor& logits, bool compute_grad) {
+  const at::TensorOptions options = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
+  return compute_grad ? at::empty(logits.sizes(), options) : at::empty({0}, options);
+}
+
+int64_t count_valid(const int64_t* target, int64_t n, int64_t ignore_index) {
+  return at::parallel_reduce(
+      0, n, kWorkGrain, int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t acc) {
+        for (int64_t i = begin; i < end; ++i) acc += target[i] != ignore_index;
+        return acc;
+      },
+      [](int64_t a, int64_t b) { return a + b; });
+}
+
+inline void check_class(int64_t t, int64_t high, int64_t ignore_index) {
+  TORCH_CHECK(t >= 0 && t < high, "target: value ", t, " is out of range [0, ", high - 1, "] (ignore_index=",
+              ignore_index, ")");
+}
+
+// ------------------------------------------------------------------------------------------
+// Softmax rows
+// ------------------------------------------------------------------------------------------
+struct SoftmaxShape {
+  int64_t N, C, S;
+  int64_t rows() const { return N * S; }
+};
+
+SoftmaxShape softmax_shape(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() >= 2, "logits: expected (N, C) or (N, C, d...), got ", logits.sizes());
+  int64_t s = 1;
+  for (int64_t d = 2; d < logits.dim(); ++d) s *= logits.size(d);
+  return {logits.size(0), logits.size(1), s};
+}
+
+at::Tensor index_target(const at::Tensor& target) { return target.to(at::kLong).contiguous(); }
+
+// Max, exponentials e_c = exp(x_c - max) (kept in `e`, w values per class) and their sums for
+// the w rows of one tile: rows j = 0..w-1 at x[c * class_stride + j]. Unit stride: w = 1.
+template <bool kUnitStride, typename scalar_t, typename T>
+inline void tile_exp_sums(const scalar_t* x, int64_t C, int64_t class_stride, int64_t w, T* e, T* row_max,
+                          T* row_sum) {
+  if (kUnitStride) {
+    T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = static_cast<T>(x[c]);
+      m = v > m ? v : m;
+    }
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = exp_vectorizable(static_cast<T>(x[c]) - m);
+      e[c] = v;
+      s += v;
+    }
+    row_max[0] = m;
+    row_sum[0] = s;
+  } else {
+    for (int64_t j = 0; j < w; ++j) {
+      row_max[j] = -std::numeric_limits<T>::infinity();
+      row_sum[j] = 0;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* xr = x + c * class_stride;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) {
+        const T v = static_cast<T>(xr[j]);
+        row_max[j] = v > row_max[j] ? v : row_max[j];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* xr = x + c * class_stride;
+      T* er = e + c * w;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) {
+        const T v = exp_vectorizable(static_cast<T>(xr[j]) - row_max[j]);
+        er[j] = v;
+        row_sum[j] += v;
+      }
+    }
+  }
+}
+
+// One pass over softmax rows: per row, log p_t and logsumexp, then
+//   k = row_fn(row, t, log_pt, lse) = dLoss/dlog p_t   (row_fn also records the row's loss)
+// and, when grad != nullptr, grad_c = k * ([c == t] - p_c) (d log p_t / dx_c), the target
+// column as k * (1 - p_t) with 1 - p_t = -expm1(log p_t).
+// Rows with target == ignore_index get no row_fn call and a zero gradient row.
+// Memory traffic: reads the logits once, writes the gradient once (if asked); the row or tile
+// being worked on stays in L1/L2 (scratch of C x kTile values of T).
+template <typename scalar_t, typename T, bool kUnitStride, typename RowFn>
+void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
+                            T* grad, RowFn&& row_fn) {
+  const int64_t C = sh.C, S = sh.S;
+  const int64_t width = kUnitStride ? 1 : kTile;
+  const int64_t class_stride = kUnitStride ? 1 : S;
+  const int64_t tiles_per_image = kUnitStride ? 1 : ceil_div(S, kTile);
+  const int64_t tiles = sh.N * tiles_per_image;
+  const int64_t grain = std::max<int64_t>(1, kWorkGrain / (C * width));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> e(C * width);
+    T row_max[kTile], row_sum[kTile], log_pt[kTile], k[kTile];
+    int64_t t[kTile];
+    bool active[kTile];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = tile / tiles_per_image;
+      const int64_t s0 = (tile % tiles_per_image) * width;
+      const int64_t w = std::min(width, S - s0);
+      const int64_t row0 = n * S + s0;
+      const int64_t offset = n * C * S + s0;
+      const scalar_t* xt = x + offset;
+      bool any_active = false;
+      for (int64_t j = 0; j < w; ++j) {
+        t[j] = target[row0 + j];
+        active[j] = t[j] != ignore_index;
+        if (active[j]) check_class(t[j], C, ignore_index);
+        any_active |= active[j];
+      }
+      if (!any_active) {
+        if (grad != nullptr) {
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t j = 0; j < w; ++j) grad[offset + c * class_stride + j] = T(0);
+        }
+        continue;
+      }
+      tile_exp_sums<kUnitStride>(xt, C, class_stride, w, e.data(), row_max, row_sum);
+      for (int64_t j = 0; j < w; ++j) {
+        k[j] = 0;
+        log_pt[j] = 0;
+        if (!active[j]) continue;
+        const T log_sum = log_(row_sum[j]);
+        log_pt[j] = log_softmax_target(static_cast<T>(xt[t[j] * class_stride + j]), row_max[j], log_sum);
+        k[j] = row_fn(row0 + j, t[j], log_pt[j], row_max[j] + log_sum);
+      }
+      if (grad == nullptr) continue;
+      T* gt = grad + offset;
+      if (kUnitStride) {
+        const T scale = -k[0] / row_sum[0];
+        const T* er = e.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gt[c] = scale * er[c];
+      } else {
+        T scale[kTile];
+        for (int64_t j = 0; j < w; ++j) scale[j] = -k[j] / row_sum[j];
+        for (int64_t c = 0; c < C; ++c) {
+          T* gr = gt + c * class_stride;
+          const T* er = e.data() + c * w;
+          for (int64_t j = 0; j < w; ++j) gr[j] = active[j] ? scale[j] * er[j] : T(0);
+        }
+      }
+      for (int64_t j = 0; j < w; ++j) {
+        if (active[j]) gt[t[j] * class_stride + j] = k[j] * one_minus_pt_from_log(log_pt[j]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename T, typename RowFn>
+void softmax_rows_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
+                       T* grad, RowFn&& row_fn) {
+  if (sh.S == 1) {
+    softmax_rows_pass_impl<scalar_t, T, true>(x, target, sh, ignore_index, grad, row_fn);
+  } else {
+    softmax_rows_pass_impl<scalar_t, T, false>(x, target, sh, ignore_index, grad, row_fn);
+  }
+}
+
+// Gradient pass of the two-pass losses (OHEM, GHM-C softmax): from per-row logsumexp and
+// log p_t saved by a stats pass, grad_c = k_r * ([c == t] - exp(x_c - lse_r)) for active rows
+// (active[r] != 0, or target != ignore_index when active == nullptr), 0 elsewhere.
+// Memory traffic: reads the logits once, writes the gradient once.
+template <typename scalar_t, typename T>
+void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
+                       const T* lse, const T* log_pt, const T* k, const uint8_t* active_rows, T* grad) {
+  const int64_t C = sh.C, S = sh.S;
+  const bool unit = S == 1;
+  const int64_t width = unit ? 1 : kTile;
+  const int64_t tiles_per_image = ceil_div(S, width);
+  const int64_t tiles = sh.N * tiles_per_image;
+  const int64_t grain = std::max<int64_t>(1, kWorkGrain / (C * width));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    bool active[kTile];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = tile / tiles_per_image;
+      const int64_t s0 = (tile % tiles_per_image) * width;
+      const int64_t w = std::min(width, S - s0);
+      const int64_t row0 = n * S + s0;
+      const int64_t offset = n * C * S + s0;
+      for (int64_t j = 0; j < w; ++j) {
+        const int64_t r = row0 + j;
+        active[j] = active_rows != nullptr ? active_rows[r] != 0 : target[r] != ignore_index;
+      }
+      const scalar_t* xt = x + offset;
+      T* gt = grad + offset;
+      if (unit) {
+        if (!active[0]) {
+          for (int64_t c = 0; c < C; ++c) gt[c] = T(0);
+          continue;
+        }
+        const T kr = -k[row0], lr = lse[row0];
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gt[c] = kr * exp_vectorizable(static_cast<T>(xt[c]) - lr);
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* xr = xt + c * S;
+          T* gr = gt + c * S;
+          for (int64_t j = 0; j < w; ++j) {
+            const T v = -k[row0 + j] * exp_vectorizable(static_cast<T>(xr[j]) - lse[row0 + j]);
+            gr[j] = active[j] ? v : T(0);
+          }
+        }
+      }
+      const int64_t cs = unit ? 1 : S;
+      for (int64_t j = 0; j < w; ++j) {
+        if (!active[j]) continue;
+        const int64_t r = row0 + j;
+        gt[target[r] * cs + j] = k[r] * one_minus_pt_from_log(log_pt[r]);
+      }
+    }
+  });
+}
+
+// Stats pass: per-row log p_t and logsumexp in math type T (0 for ignored rows). Reads the
+// logits once.
+template <typename scalar_t, typename T>
+void softmax_stats_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
+                        std::vector<T>& log_pt, std::vector<T>& lse) {
+  log_pt.assign(sh.rows(), T(0));
+  lse.assign(sh.rows(), T(0));
+  softmax_rows_pass<scalar_t, T>(x, target, sh, ignore_index, static_cast<T*>(nullptr),
+                                 [&](int64_t r, int64_t, T lp, T l) {
+                                   log_pt[r] = lp;
+                                   lse[r] = l;
+                                   return T(0);
+                                 });
+}
+
+// ------------------------------------------------------------------------------------------
+// Softmax focal
+//   loss_r = alpha_t * (1 - p_t)^gamma * (-log p_t),  grad_c = scale * alpha_t * dL/dl * ([c == t] - p_c)
+// (from_logits=False: l = log x_t and the gradient is scale * alpha_t * dL/dl / x_t on the
+// target column only). One pass: reads the logits once, writes loss rows and the gradient once.
+// ------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                           const c10::optional<at::Tensor>& alpha_per_class_in,
+                                                           double alpha, double gamma, int64_t ignore_index,
+                                                           c10::string_view reduction_name, bool from_logits,
+                                                           bool compute_grad) {
+  const Reduction reduction = parse_reduction(reduction_name);
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor target = index_target(target_in);
+  const SoftmaxShape sh = softmax_shape(logits);
+  TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  const int64_t n_valid = count_valid(tgt, sh.rows(), ignore_index);
+  at::Tensor grad = grad_buffer(logits, compute_grad);
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    at::Tensor alpha_vec;
+    const T* alpha_ptr = nullptr;
+    if (alpha_per_class_in.has_value()) {
+      alpha_vec = alpha_per_class_in->to(c10::CppTypeToScalarType<T>::value).contiguous();
+      TORCH_CHECK(alpha_vec.numel() == sh.C, "alpha: expected ", sh.C, " values, got ", alpha_vec.numel());
+      alpha_ptr = alpha_vec.data_ptr<T>();
+    }
+    const T alpha_t_scalar = static_cast<T>(alpha), gamma_t = static_cast<T>(gamma);
+    const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n_valid, 1)) : T(1);
+    std::vector<T> row_loss(sh.rows(), T(0));
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    T* g = compute_grad ? grad.data_ptr<T>() : nullptr;
+    if (from_logits) {
+      softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, g, [&](int64_t r, int64_t t, T log_pt, T) {
+        const T a = class_alpha(alpha_ptr, alpha_t_scalar, t);
+        const FocalTerm<T> ft = focal_term(log_pt, gamma_t);
+        row_loss[r] = a * ft.value;
+        return scale * a * ft.dvalue_dlogpt;
+      });
+    } else {
+      // Probabilities: only x_t is read per row; the gradient row is zero but for x_t.
+      const int64_t C = sh.C, S = sh.S;
+      at::parallel_for(0, sh.rows(), std::max<int64_t>(1, kWorkGrain / C), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t n = r / S, s = r % S;
+          const int64_t t = tgt[r];
+          const int64_t base = n * C * S + s;
+          if (g != nullptr)
+            for (int64_t c = 0; c < C; ++c) g[base + c * S] = T(0);
+          if (t == ignore_index) continue;
+          check_class(t, C, ignore_index);
+          const T p_t = static_cast<T>(x[base + t * S]);
+          const T a = class_alpha(alpha_ptr, alpha_t_scalar, t);
+          const FocalTerm<T> ft = focal_term(log_(p_t), gamma_t);
+          row_loss[r] = a * ft.value;
+          if (g != nullptr) g[base + t * S] = scale * a * ft.dvalue_dlogpt / p_t;
+        }
+      });
+    }
+    loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction);
+  });
+  return {loss, grad};
+}
+
+// ------------------------------------------------------------------------------------------
+// OHEM: stats pass (log p_t, lse per row) -> selection on the N-sized CE array (top-k by
+// sort rank with ties to the lower index, or the mmseg probability threshold) -> gradient
+// pass for kept rows, grad_c = scale * (p_c - [c == t]). Reads the logits twice.
+// ------------------------------------------------------------------------------------------
+template <typename T>
+std::vector<uint8_t> ohem_select(const std::vector<T>& log_pt, const int64_t* tgt, int64_t rows, int64_t ignore_index,
+                                 double keep_fraction, int64_t keep_count, c10::optional<double> thresh,
+                                 int64_t min_kept_total) {
+  std::vector<uint8_t> kept(rows, 0);
+  std::vector<int64_t> valid_rows;
+  valid_rows.reserve(rows);
+  for (int64_t r = 0; r < rows; ++r)
+    if (tgt[r] != ignore_index) valid_rows.push_back(r);
+  const int64_t n_valid = static_cast<int64_t>(valid_rows.size());
+  if (n_valid == 0) return kept;
+  if (!thresh.has_value()) {
+    int64_t k = keep_count > 0 ? std::min(keep_count, n_valid)
+                               : std::max<int64_t>(1, static_cast<int64_t>(std::floor(keep_fraction * static_cast<double>(n_valid))));
+    if (k >= n_valid) {
+      for (int64_t r : valid_rows) kept[r] = 1;
+      return kept;
+    }
+    // Descending CE = ascending log p_t; NaN ranks first (torch.sort puts NaN above +inf);
+    // equal keys keep the lower index first (stable sort). A strict total order, so the first
+    // k after nth_element are exactly the rows of sort rank < k.
+    auto before = [&](int64_t a, int64_t b) {
+      const T ka = log_pt[a], kb = log_pt[b];
+      const bool na = isnan_(ka), nb = isnan_(kb);
+      if (na || nb) return na && nb ? a < b : na;
+      if (ka != kb) return ka < kb;
+      return a < b;
+    };
+    std::nth_element(valid_rows.begin(), valid_rows.begin() + (k - 1), valid_rows.end(), before);
+    for (int64_t i = 0; i < k; ++i) kept[valid_rows[i]] = 1;
+    return kept;
+  }
+  // mmseg: threshold = max(thresh, sorted_p[min(min_kept_total, n_valid - 1)]), p ascending
+  // with NaN last; keep p_t < threshold.
+  std::vector<T> p(n_valid);
+  for (int64_t i = 0; i < n_valid; ++i) p[i] = exp_(log_pt[valid_rows[i]]);
+  std::vector<T> sorted_p = p;
+  const int64_t idx = std::max<int64_t>(0, std::min(n_valid - 1, min_kept_total));
+  std::nth_element(sorted_p.begin(), sorted_p.begin() + idx, sorted_p.end(), [](T a, T b) {
+    const bool na = isnan_(a), nb = isnan_(b);
+    if (na || nb) return !na && nb;
+    return a < b;
+  });
+  const T at_idx = sorted_p[idx];
+  const T th = static_cast<T>(*thresh);
+  const T threshold = isnan_(at_idx) ? at_idx : (at_idx > th ? at_idx : th);
+  for (int64_t i = 0; i < n_valid; ++i) kept[valid_rows[i]] = p[i] < threshold;
+  return kept;
+}
+
+std::tuple<at::Tensor, at::Tensor> ohem_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                  double keep_fraction, int64_t keep_count,
+                                                  c10::optional<double> thresh, int64_t min_kept_total,
+                                                  int64_t ignore_index, c10::string_view reduction_name,
+                                                  bool compute_grad) {
+  const Reduction reduction = parse_reduction(reduction_name);
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor target = index_target(target_in);
+  const SoftmaxShape sh = softmax_shape(logits);
+  TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  at::Tensor grad = grad_buffer(logits, compute_grad);
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ohem_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    std::vector<T> log_pt, lse;
+    softmax_stats_pass<scalar_t, T>(x, tgt, sh, ignore_index, log_pt, lse);
+    const std::vector<uint8_t> kept =
+        ohem_select(log_pt, tgt, sh.rows(), ignore_index, keep_fraction, keep_count, thresh, min_kept_total);
+    int64_t n_kept = 0;
+    for (uint8_t v : kept) n_kept += v;
+    const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n_kept, 1)) : T(1);
+    std::vector<T> row_loss(sh.rows(), T(0)), k(sh.rows(), T(0));
+    for (int64_t r = 0; r < sh.rows(); ++r) {
+      if (!kept[r]) continue;
+      row_loss[r] = -log_pt[r];
+      k[r] = -scale;  // d(-log p_t)/dl = -1
+    }
+    if (compute_grad) {
+      softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, lse.data(), log_pt.data(), k.data(), kept.data(),
+                                     grad.data_ptr<T>());
+    }
+    loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_kept), reduction);
+  });
+  return {loss, grad};
+}
+
+// ------------------------------------------------------------------------------------------
+// Sigmoid family: elementwise over (M, C) rows with a float target (same shape) or integer
+// labels (M,) (y_c = [label == c], label == C background, label == ignore_index: row ignored).
+// elem_fn(x, y, exp(-|x|)) -> LossGrad<T>. Per chunk of whole rows (fixed size) the losses
+// are summed in double; chunk sums are added in order. Reads logits (and a float target) once,
+// writes the gradient (and 'none' losses) once.
+// ------------------------------------------------------------------------------------------
+struct SigmoidTarget {
+  const void* float_target = nullptr;  // of target_t, (M, C)
+  const int64_t* labels = nullptr;     // (M,)
+};
+
+template <typename T, typename scalar_t, typename target_t, typename ElemFn>
+double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels, int64_t M, int64_t C,
+                    int64_t ignore_index, scalar_t* loss_out, T* grad, ElemFn&& elem_fn) {
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kSumChunk / C);
+  const int64_t chunks = ceil_div(M, rows_per_chunk);
+  std::vector<double> partial(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      double chunk_sum = 0.0;
+      const int64_t r_end = std::min(M, (ch + 1) * rows_per_chunk);
+      for (int64_t r = ch * rows_per_chunk; r < r_end; ++r) {
+        const int64_t base = r * C;
+        int64_t label = -1;
+        if (labels != nullptr) {
+          label = labels[r];
+          if (label == ignore_index) {
+            for (int64_t c = 0; c < C; ++c) {
+              if (loss_out != nullptr) loss_out[base + c] = scalar_t(0);
+              if (grad != nullptr) grad[base + c] = T(0);
+            }
+            continue;
+          }
+          check_class(label, C + 1, ignore_index);
+        }
+        T row_sum = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const T xv = static_cast<T>(x[base + c]);
+          const T yv = labels != nullptr ? T(label == c ? 1 : 0) : static_cast<T>(y[base + c]);
+          const LossGrad<T> lg = elem_fn(xv, yv, exp_vectorizable(-abs_(xv)));
+          row_sum += lg.loss;
+          if (loss_out != nullptr) loss_out[base + c] = static_cast<scalar_t>(lg.loss);
+          if (grad != nullptr) grad[base + c] = lg.grad;
+        }
+        chunk_sum += static_cast<double>(row_sum);
+      }
+      partial[ch] = chunk_sum;
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+struct SigmoidInputs {
+  at::Tensor logits;       // contiguous
+  at::Tensor float_target; // contiguous, dtype == logits or math dtype; undefined for labels
+  at::Tensor labels;       // int64 contiguous; undefined for float targets
+  int64_t M = 0, C = 0;
+  double count = 0;        // denominator of 'mean'
+};
+
+SigmoidInputs sigmoid_inputs(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t ignore_index) {
+  SigmoidInputs in;
+  TORCH_CHECK(logits_in.dim() >= 1, "logits: expected (..., C), got a 0-dim tensor");
+  in.logits = logits_in.contiguous();
+  in.C = in.logits.size(-1);
+  in.M = in.C == 0 ? 0 : in.logits.numel() / in.C;
+  if (target_in.is_floating_point()) {
+    TORCH_CHECK(target_in.sizes() == logits_in.sizes(), "target: a float target must have the logits' shape");
+    const at::ScalarType math = at::toOpMathType(in.logits.scalar_type());
+    const at::ScalarType td = target_in.scalar_type();
+    in.float_target = (td == in.logits.scalar_type() ? target_in : target_in.to(math)).contiguous();
+    in.count = static_cast<double>(in.logits.numel());
+  } else {
+    TORCH_CHECK(target_in.numel() == in.M, "target: integer labels must have shape logits.shape[:-1]");
+    in.labels = index_target(target_in);
+    in.count = static_cast<double>(count_valid(in.labels.data_ptr<int64_t>(), in.M, ignore_index) * in.C);
+  }
+  return in;
+}
+
+// Calls body(float_target_ptr_or_null) with the target pointer typed as scalar_t or T.
+template <typename scalar_t, typename T, typename Body>
+void with_sigmoid_target(const SigmoidInputs& in, Body&& body) {
+  if (!in.float_target.defined()) {
+    body(static_cast<const T*>(nullptr));
+  } else if (in.float_target.scalar_type() == in.logits.scalar_type()) {
+    body(in.float_target.data_ptr<scalar_t>());
+  } else {
+    body(in.float_target.data_ptr<T>());
+  }
+}
+
+// Sigmoid focal: loss = alpha_t * BCE * (1 - p_t)^gamma elementwise (losses_math.h).
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                           double alpha, double gamma, int64_t ignore_index,
+                                                           c10::string_view reduction_name, bool compute_grad) {
+  const Reduction reduction = parse_reduction(reduction_name);
+  const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
+  at::Tensor grad = grad_buffer(in.logits, compute_grad);
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sigmoid_focal_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const T a = static_cast<T>(alpha), gm = static_cast<T>(gamma);
+    const scalar_t* x = in.logits.data_ptr<scalar_t>();
+    at::Tensor loss_none = reduction == Reduction::None ? at::empty(logits_in.sizes(), in.logits.options()) : at::Tensor();
+    scalar_t* lo = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
+    T* g = compute_grad ? grad.data_ptr<T>() : nullptr;
+    const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
+    const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max(in.count, 1.0)) : T(1);
+    double total = 0.0;
+    with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
+      total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, [&](T xv, T yv, T e) {
+        LossGrad<T> lg = sigmoid_focal_element(xv, yv, a, gm, e);
+        lg.grad *= scale;
+        return lg;
+      });
+    });
+    loss = loss_none.defined() ? loss_none : reduced_loss(in.logits, total, in.count, reduction);
+  });
+  return {loss, grad};
+}
+
+// ------------------------------------------------------------------------------------------
+// GHM-C
+// ------------------------------------------------------------------------------------------
+// Bin weights from the integer histogram (reference.ghmc): EMA update of `state` first (bins
+// non-empty in this batch), divisor = state or counts, weight_b = n_valid / divisor_b /
+// n_nonempty for non-empty bins, 0 otherwise; in the math dtype T.
+template <typename T>
+at::Tensor ghm_weights_from_counts(const std::vector<int64_t>& counts, int64_t n_valid,
+                                   const c10::optional<at::Tensor>& state, double momentum,
+                                   const at::TensorOptions& options) {
+  const int64_t bins = static_cast<int64_t>(counts.size());
+  std::vector<T> divisor(bins);
+  int64_t nonempty = 0;
+  for (int64_t b = 0; b < bins; ++b) nonempty += counts[b] > 0;
+  if (state.has_value()) {
+    TORCH_CHECK(state->scalar_type() == at::kFloat && state->numel() == bins && state->is_contiguous(),
+                "state: expected a contiguous float32 tensor of shape (", bins, ",)");
+    float* st = state->data_ptr<float>();
+    const float m = static_cast<float>(momentum), one_minus = static_cast<float>(1.0 - momentum);
+    for (int64_t b = 0; b < bins; ++b) {
+      if (counts[b] > 0) st[b] = ghm_ema(st[b], static_cast<float>(counts[b]), m, one_minus);
+      divisor[b] = static_cast<T>(st[b]);
+    }
+  } else {
+    for (int64_t b = 0; b < bins; ++b) divisor[b] = static_cast<T>(static_cast<float>(counts[b]));
+  }
+  at::Tensor out = at::empty({bins}, options.dtype(c10::CppTypeToScalarType<T>::value));
+  T* w = out.data_ptr<T>();
+  const T nv = static_cast<T>(n_valid), ne = static_cast<T>(std::max<int64_t>(nonempty, 1));
+  for (int64_t b = 0; b < bins; ++b) {
+    const T d = divisor[b] > T(1e-12) ? divisor[b] : T(1e-12);
+    w[b] = counts[b] > 0 ? (nv / d) / ne : T(0);
+  }
+  return out;
+}
+
+// Histogram of the valid entries' bins: per fixed chunk, then added in order (integers).
+template <typename BinOf>
+std::vector<int64_t> ghm_histogram(int64_t n, int64_t bins, BinOf&& bin_of) {
+  const int64_t chunks = ceil_div(n, kSumChunk);
+  std::vector<int64_t> per_chunk(chunks * bins, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      int64_t* h = per_chunk.data() + ch * bins;
+      const int64_t hi = std::min(n, (ch + 1) * kSumChunk);
+      for (int64_t i = ch * kSumChunk; i < hi; ++i) {
+        const int64_t b = bin_of(i);
+        if (b >= 0) ++h[b];
+      }
+    }
+  });
+  std::vector<int64_t> counts(bins, 0);
+  for (int64_t ch = 0; ch < chunks; ++ch)
+    for (int64_t b = 0; b < bins; ++b) counts[b] += per_chunk[ch * bins + b];
+  return counts;
+}
+
+// Softmax g per row in float32 (-expm1(log p_t) of a float32 log-softmax); -1 bin for ignored.
+template <typename scalar_t>
+std::vector<float> ghm_softmax_log_pt_float(const scalar_t* x, const int64_t* tgt, SoftmaxShape sh,
+                                            int64_t ignore_index, std::vector<float>* lse_out) {
+  std::vector<float> log_pt, lse;
+  softmax_stats_pass<scalar_t, float>(x, tgt, sh, ignore_index, log_pt, lse);
+  if (lse_out != nullptr) *lse_out = std::move(lse);
+  return log_pt;
+}
+
+// Sigmoid-family bin of element i (row r = i / C, class c = i % C); -1 = no bin.
+template <typename scalar_t, typename target_t>
+inline int64_t ghm_sigmoid_bin(const scalar_t* x, const target_t* y, const int64_t* labels, int64_t i, int64_t C,
+                               int64_t ignore_index, int64_t bins) {
+  float yv;
+  if (labels != nullptr) {
+    const int64_t label = labels[i / C];
+    if (label == ignore_index) return -1;
+    check_class(label, C + 1, ignore_index);
+    yv = label == i % C ? 1.0f : 0.0f;
+  } else {
+    yv = static_cast<float>(y[i]);
+  }
+  return ghm_bin(ghm_sigmoid_g(static_cast<float>(x[i]), yv), bins);
+}
+
+at::Tensor ghmc_bin_weights_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
+                                bool use_sigmoid, int64_t ignore_index) {
+  TORCH_CHECK(bins >= 1, "bins: must be >= 1, got ", bins);
+  at::Tensor out;
+  if (use_sigmoid) {
+    const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "ghmc_bin_weights", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const scalar_t* x = in.logits.data_ptr<scalar_t>();
+      const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
+      with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
+        const std::vector<int64_t> counts = ghm_histogram(in.M * in.C, bins, [&](int64_t i) {
+          return ghm_sigmoid_bin(x, y, labels, i, in.C, ignore_index, bins);
+        });
+        out = ghm_weights_from_counts<T>(counts, static_cast<int64_t>(in.count), state, momentum, in.logits.options());
+      });
+    });
+  } else {
+    const at::Tensor logits = logits_in.contiguous();
+    const at::Tensor target = index_target(target_in);
+    const SoftmaxShape sh = softmax_shape(logits);
+    TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
+    const int64_t* tgt = target.data_ptr<int64_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ghmc_bin_weights", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const std::vector<float> log_pt =
+          ghm_softmax_log_pt_float(logits.data_ptr<scalar_t>(), tgt, sh, ignore_index, nullptr);
+      const std::vector<int64_t> counts = ghm_histogram(sh.rows(), bins, [&](int64_t r) {
+        return tgt[r] == ignore_index ? int64_t(-1) : ghm_bin(ghm_softmax_g(log_pt[r]), bins);
+      });
+      out = ghm_weights_from_counts<T>(counts, count_valid(tgt, sh.rows(), ignore_index), state, momentum,
+                                       logits.options());
+    });
+  }
+  return out;
+}
+
+// GHM-C loss: loss = w[bin(g)] * CE, 'mean' over n_valid. Sigmoid: one elementwise pass
+// (grad = scale * w * (p - y)). Softmax: float32 stats pass for g (and, for fp64, a second
+// stats pass in double for the CE), then the gradient pass grad_c = scale * w * (p_c - [c == t]).
+std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                  const at::Tensor& bin_weights_in, bool use_sigmoid,
+                                                  int64_t ignore_index, c10::string_view reduction_name,
+                                                  bool compute_grad) {
+  const Reduction reduction = parse_reduction(reduction_name);
+  const int64_t bins = bin_weights_in.numel();
+  TORCH_CHECK(bins >= 1, "bin_weights: expected at least one bin");
+  at::Tensor grad, loss;
+  if (use_sigmoid) {
+    const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
+    grad = grad_buffer(in.logits, compute_grad);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "ghmc_forward", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const at::Tensor bw = bin_weights_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
+      const T* w = bw.data_ptr<T>();
+      const scalar_t* x = in.logits.data_ptr<scalar_t>();
+      const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
+      at::Tensor loss_none = reduction == Reduction::None ? at::empty(logits_in.sizes(), in.logits.options()) : at::Tensor();
+      scalar_t* lo = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
+      T* g = compute_grad ? grad.data_ptr<T>() : nullptr;
+      const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max(in.count, 1.0)) : T(1);
+      double total = 0.0;
+      with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
+        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, [&](T xv, T yv, T e) {
+          const int64_t b = ghm_bin(ghm_sigmoid_g(static_cast<float>(xv), static_cast<float>(yv)), bins);
+          const T wt = b >= 0 ? w[b] : T(0);
+          const SigmoidParts<T> s = sigmoid_parts(xv, yv, e);
+          LossGrad<T> lg;
+          lg.loss = wt * s.bce;
+          lg.grad = scale * wt * (s.p - yv);
+          return lg;
+        });
+      });
+      loss = loss_none.defined() ? loss_none : reduced_loss(in.logits, total, in.count, reduction);
+    });
+    return {loss, grad};
+  }
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor target = index_target(target_in);
+  const SoftmaxShape sh = softmax_shape(logits);
+  TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  const int64_t n_valid = count_valid(tgt, sh.rows(), ignore_index);
+  grad = grad_buffer(logits, compute_grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ghmc_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const at::Tensor bw = bin_weights_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const T* w = bw.data_ptr<T>();
+    const scalar_t* x = logits.data_ptr<scalar_t>();
+    std::vector<float> lse_f;
+    const std::vector<float> log_pt_f = ghm_softmax_log_pt_float(x, tgt, sh, ignore_index, &lse_f);
+    std::vector<T> log_pt, lse;
+    if (std::is_same<T, float>::value) {
+      log_pt.assign(log_pt_f.begin(), log_pt_f.end());
+      lse.assign(lse_f.begin(), lse_f.end());
+    } else {
+      softmax_stats_pass<scalar_t, T>(x, tgt, sh, ignore_index, log_pt, lse);
+    }
+    const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n_valid, 1)) : T(1);
+    std::vector<T> row_loss(sh.rows(), T(0)), k(sh.rows(), T(0));
+    for (int64_t r = 0; r < sh.rows(); ++r) {
+      if (tgt[r] == ignore_index) continue;
+      const int64_t b = ghm_bin(ghm_softmax_g(log_pt_f[r]), bins);
+      const T wt = b >= 0 ? w[b] : T(0);
+      row_loss[r] = wt * -log_pt[r];
+      k[r] = -scale * wt;
+    }
+    if (compute_grad) {
+      softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, lse.data(), log_pt.data(), k.data(), nullptr,
+                                     grad.data_ptr<T>());
+    }
+    loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction);
+  });
+  return {loss, grad};
+}
+
+// ------------------------------------------------------------------------------------------
+// Influence-balanced loss on (N, C): one softmax pass, per row ib_row (losses_math.h) gives the
+// loss, dloss/dlog p_t (-> grad_c = scale * dloss/dl * ([c == t] - p_c)) and dloss/df.
+// 'mean' divides by N. Reads the logits once, writes the gradients once.
+// ------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ib_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                          const at::Tensor& feature_norm_in,
+                                                          const c10::optional<at::Tensor>& class_weight_in,
+                                                          double alpha, double epsilon, double gamma,
+                                                          bool detach_factor, c10::string_view reduction_name,
+                                                          bool compute_grad) {
+  const Reduction reduction = parse_reduction(reduction_name);
+  TORCH_CHECK(logits_in.dim() == 2, "logits: ib takes (N, C) logits, got ", logits_in.sizes());
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor target = index_target(target_in);
+  const SoftmaxShape sh = softmax_shape(logits);
+  TORCH_CHECK(target.numel() == sh.N && feature_norm_in.numel() == sh.N,
+              "target, feature_norm: expected ", sh.N, " values each");
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  at::Tensor grad = grad_buffer(logits, compute_grad);
+  at::Tensor grad_feature, loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ib_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const at::ScalarType math = c10::CppTypeToScalarType<T>::value;
+    const at::Tensor f = feature_norm_in.to(math).contiguous().reshape({-1});
+    grad_feature = compute_grad ? at::empty({sh.N}, logits.options().dtype(math)) : at::empty({0}, logits.options().dtype(math));
+    at::Tensor cw;
+    const T* cw_ptr = nullptr;
+    if (class_weight_in.has_value()) {
+      cw = class_weight_in->to(math).contiguous();
+      TORCH_CHECK(cw.numel() == sh.C, "weight: expected ", sh.C, " values, got ", cw.numel());
+      cw_ptr = cw.data_ptr<T>();
+    }
+    const T* fp = f.data_ptr<T>();
+    T* gf = compute_grad ? grad_feature.data_ptr<T>() : nullptr;
+    const T a = static_cast<T>(alpha), eps = static_cast<T>(epsilon), gm = static_cast<T>(gamma);
+    const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(sh.N, 1)) : T(1);
+    std::vector<T> row_loss(sh.rows(), T(0));
+    // No ignore_index in IB: a sentinel no class index can equal.
+    const int64_t no_ignore = std::numeric_limits<int64_t>::min();
+    softmax_rows_pass<scalar_t, T>(logits.data_ptr<scalar_t>(), tgt, sh, no_ignore,
+                                   compute_grad ? grad.data_ptr<T>() : nullptr,
+                                   [&](int64_t r, int64_t t, T log_pt, T) {
+                                     const T w = cw_ptr != nullptr ? cw_ptr[t] : T(1);
+                                     const IBRow<T> row = ib_row(log_pt, w, fp[r], a, eps, gm, detach_factor);
+                                     row_loss[r] = row.loss;
+                                     if (gf != nullptr) gf[r] = scale * row.dloss_dfeature;
+                                     return scale * row.dloss_dlogpt;
+                                   });
+    loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(sh.N), reduction);
+  });
+  return {loss, grad, grad_feature};
+}
+
+// ------------------------------------------------------------------------------------------
+// scale_grad: out = saved_grad * grad_output as a fresh tensor of `dtype` (the logits dtype),
+// saved_grad being in the math dtype of `dtype` (float for fp16/bf16/fp32, double for fp64):
+// the product is rounded once. grad_output: 0-dim, saved_grad's shape, or saved_grad's shape
+// without dim 1 (broadcast over classes). Reads saved_grad and grad_output once, writes once.
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t, typename T>
+void scale_grad_kernel(const T* s, const at::Tensor& grad_output, const at::Tensor& saved, scalar_t* o) {
+  const int64_t n = saved.numel();
+  const at::ScalarType math = c10::CppTypeToScalarType<T>::value;
+  if (grad_output.dim() == 0) {
+    const T go = grad_output.to(math).item<T>();
+    at::parallel_for(0, n, kWorkGrain, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(s[i] * go);
+    });
+    return;
+  }
+  const at::Tensor go_t = grad_output.to(math).contiguous();
+  const T* go = go_t.data_ptr<T>();
+  if (grad_output.sizes() == saved.sizes()) {
+    at::parallel_for(0, n, kWorkGrain, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(s[i] * go[i]);
+    });
+    return;
+  }
+  TORCH_CHECK(saved.dim() >= 2 && grad_output.dim() == saved.dim() - 1 && grad_output.size(0) == saved.size(0) &&
+                  grad_output.sizes().slice(1) == saved.sizes().slice(2),
+              "scale_grad: grad_output of shape ", grad_output.sizes(), " does not fit saved_grad of shape ",
+              saved.sizes());
+  const SoftmaxShape sh = softmax_shape(saved);
+  const int64_t C = sh.C, S = sh.S;
+  // Rows of S contiguous values (n, c): out[n, c, :] = saved[n, c, :] * go[n, :].
+  at::parallel_for(0, sh.N * C, std::max<int64_t>(1, kWorkGrain / std::max<int64_t>(S, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t nc = begin; nc < end; ++nc) {
+                       const T* gr = go + (nc / C) * S;
+                       const T* sr = s + nc * S;
+                       scalar_t* orow = o + nc * S;
+#pragma omp simd
+                       for (int64_t j = 0; j < S; ++j) orow[j] = static_cast<scalar_t>(sr[j] * gr[j]);
+                     }
+                   });
+}
+
+at::Tensor scale_grad_cpu(const at::Tensor& saved_in, const at::Tensor& grad_output, at::ScalarType dtype) {
+  const at::Tensor saved = saved_in.contiguous();
+  TORCH_CHECK(saved.scalar_type() == at::toOpMathType(dtype), "scale_grad: saved_grad must be in the math dtype ",
+              at::toOpMathType(dtype), " of ", dtype, ", got ", saved.scalar_type());
+  at::Tensor out = at::empty(saved.sizes(), saved.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_grad", [&] {
+    using T = at::opmath_type<scalar_t>;
+    scale_grad_kernel<scalar_t, T>(saved.data_ptr<T>(), grad_output, saved, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
   m.impl("build_probe", &build_probe_cpu);
+  m.impl("softmax_focal_forward", &softmax_focal_forward_cpu);
+  m.impl("sigmoid_focal_forward", &sigmoid_focal_forward_cpu);
+  m.impl("ohem_forward", &ohem_forward_cpu);
+  m.impl("ghmc_bin_weights", &ghmc_bin_weights_cpu);
+  m.impl("ghmc_forward", &ghmc_forward_cpu);
+  m.impl("ib_forward", &ib_forward_cpu);
+  m.impl("scale_grad", &scale_grad_cpu);
 }
 
 }  // namespace fused_losses

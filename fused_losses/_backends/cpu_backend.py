@@ -1,12 +1,94 @@
-"""'cpu': fused C++ kernels of fused_losses._C for CPU tensors (kernels: issue #3)."""
-from fused_losses import _ext
+"""'cpu': fused C++ kernels of fused_losses._C for CPU tensors (csrc/cpu/losses_cpu.cpp).
+
+Each function takes the normalised arguments of fused_losses._validate (like the matching
+reference function) and calls one op of torch.ops.fused_losses; the ops' fake kernels and
+autograd formulas are registered by fused_losses._ops.
+"""
+from __future__ import annotations
+
+import torch
+
+from fused_losses import _ext, _ops
 from fused_losses._backends import Backend
+
+_REQUIRED_OPS = ("softmax_focal_forward", "sigmoid_focal_forward", "ohem_forward", "ghmc_bin_weights",
+                 "ghmc_forward", "ib_forward", "scale_grad")
+
+
+def _probe():
+    if not _ext.loaded():
+        return False, _ext.load_error()
+    missing = [name for name in _REQUIRED_OPS if not hasattr(torch.ops.fused_losses, name)]
+    if missing:
+        return False, f"extension fused_losses._C lacks the ops {missing} (stale build? run `make build`)"
+    _ops.register()
+    return True, "compiled C++ kernels (fused_losses._C) for CPU tensors"
+
+
+# Decided once, at import: availability() is also called while torch.compile traces a call of
+# the public API, so it must be a plain constant lookup (no import, no registration).
+_AVAILABILITY = _probe()
 
 
 def _availability():
-    if not _ext.loaded():
-        return False, _ext.load_error()
-    return False, "extension fused_losses._C is built, but the fused CPU kernels are not implemented yet (issue #3)"
+    return _AVAILABILITY
 
 
-BACKEND = Backend(name="cpu", availability=_availability, device_types=("cpu",))
+def _ops_ns():
+    return torch.ops.fused_losses
+
+
+def focal(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits):
+    alpha_per_class = alpha if isinstance(alpha, torch.Tensor) else None
+    alpha_scalar = 1.0 if alpha is None or alpha_per_class is not None else float(alpha)
+    loss, _ = _ops_ns().softmax_focal_forward(logits, target, alpha_per_class, alpha_scalar, float(gamma),
+                                              ignore_index, reduction, from_logits, _ops.needs_grad(logits))
+    return loss
+
+
+def sigmoid_focal(logits, target, *, alpha, gamma, ignore_index, reduction):
+    loss, _ = _ops_ns().sigmoid_focal_forward(logits, target, float(alpha), float(gamma), ignore_index, reduction,
+                                              _ops.needs_grad(logits))
+    return loss
+
+
+def ohem(logits, target, *, keep, thresh, min_kept, ignore_index, reduction):
+    keep_count = keep if isinstance(keep, int) else 0
+    keep_fraction = float(keep) if not isinstance(keep, int) else 0.0
+    images = logits.shape[0] if logits.dim() > 2 else 1
+    min_kept_total = int(min_kept or 0) * images
+    loss, _ = _ops_ns().ohem_forward(logits, target, keep_fraction, keep_count, thresh, min_kept_total, ignore_index,
+                                     reduction, _ops.needs_grad(logits))
+    return loss
+
+
+def ghmc(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction):
+    # Step 1 (no gradient): histogram, EMA update of `state` in place, per-bin weights.
+    bin_weights = _ops_ns().ghmc_bin_weights(logits.detach(), target, state, bins, float(momentum), use_sigmoid,
+                                             ignore_index)
+    loss, _ = _ops_ns().ghmc_forward(logits, target, bin_weights, use_sigmoid, ignore_index, reduction,
+                                     _ops.needs_grad(logits))
+    return loss
+
+
+def ib(logits, target, features, *, alpha, epsilon, weight, gamma, detach_factor, reduction):
+    # The (N,)-sized feature reduction stays in torch ops (autograd gives sign(f) for (N, D));
+    # the O(N x C) work is the fused op.
+    math_dtype = torch.promote_types(logits.dtype, torch.float32)
+    f = features.to(math_dtype)
+    if f.dim() == 2 and f.shape[1] > 1:
+        f = f.abs().sum(dim=1)
+    f = f.reshape(-1)
+    if detach_factor:
+        f = f.detach()
+    loss, _, _ = _ops_ns().ib_forward(logits, target, f, weight, float(alpha), float(epsilon), float(gamma),
+                                      detach_factor, reduction, _ops.needs_grad(logits, f))
+    return loss
+
+
+BACKEND = Backend(
+    name="cpu",
+    availability=_availability,
+    device_types=("cpu",),
+    losses={"focal": focal, "sigmoid_focal": sigmoid_focal, "ohem": ohem, "ghmc": ghmc, "ib": ib},
+)
