@@ -557,3 +557,25 @@ def test_backend_is_the_automatic_choice_for_cpu_tensors():
     assert _backends.select("focal", logits, None).name == "cpu"
     for loss in _backends.LOSSES:
         assert _backends.select(loss, logits, None).name == "cpu"
+
+
+def test_reused_output_buffers_are_never_visible_to_the_caller():
+    """Big outputs come from a small pool of buffers of earlier calls (csrc/DESIGN.md); a buffer
+    the caller still references (tensor or view) must never be handed out again."""
+    logits, target = softmax_case((4096, 80), torch.float32, seed=98)  # 1.3 MB gradient
+    _, grad_kept = loss_and_grad(fl.focal, logits, target, backend="cpu")
+    kept_copy = grad_kept.clone()
+    _, grad_view_base = loss_and_grad(fl.focal, logits * 0.5, target, backend="cpu")
+    view = grad_view_base[:7, 3:9]
+    view_copy = view.clone()
+    del grad_view_base
+    sig_logits, sig_target = sigmoid_case((4096, 80), torch.float32, kind="soft", seed=99)
+    loss_none = fl.sigmoid_focal(sig_logits, sig_target, reduction="none", backend="cpu")
+    loss_copy = loss_none.clone()
+    for seed in range(6):
+        other, other_target = softmax_case((4096, 80), torch.float32, seed=200 + seed)
+        loss_and_grad(fl.focal, other, other_target, backend="cpu")
+        fl.sigmoid_focal(other, torch.rand(4096, 80), reduction="none", backend="cpu")
+    assert torch.equal(grad_kept, kept_copy)
+    assert torch.equal(view, view_copy)
+    assert torch.equal(loss_none, loss_copy)
