@@ -1,0 +1,388 @@
+"""The 'triton' backend against the float64 reference (exactness rule of tests/utils.py).
+
+Without a GPU the kernels run on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1,
+set by conftest before triton is imported), so sizes stay small (N x C <= ~1e4 per case); with a
+GPU the same tests also run on CUDA tensors.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fused_losses as fl
+from fused_losses import reference
+from tests.conftest import DEVICES
+from tests.utils import (LOW_PRECISION, TOL, assert_matches_reference, assert_rel_close, loss_and_grad,
+                         sigmoid_case, softmax_case)
+
+DTYPES = [torch.float32, torch.bfloat16]
+REDUCTIONS = ["none", "mean", "sum"]
+SOFTMAX_SHAPES = [(0, 3), (1, 1), (7, 3), (64, 80), (2, 3, 4, 5), (3, 80, 2, 3)]
+SIGMOID_SHAPES = [(0, 3), (1, 1), (7, 3), (64, 80), (2, 5, 80)]
+
+
+def test_backend_available():
+    status = fl.backends()["triton"]
+    assert status.available, status.reason
+
+
+def _alpha(kind, c, device):
+    if kind == "none":
+        return None
+    if kind == "float":
+        return 0.25
+    return torch.linspace(0.2, 1.5, c, dtype=torch.float32, device=device)
+
+
+def loss_and_grads(fn, logits, *args, cot_dtype, extra=None, **kwargs):
+    """Like tests.utils.loss_and_grad (fixed random cotangent, ones for a scalar), but the
+    cotangent is first rounded to cot_dtype (the kernel's input dtype), so the float64 reference and the eager
+    low-precision baseline differentiate with exactly the cotangent the kernel gets (otherwise
+    the rounding of the cotangent alone costs up to one bf16 ulp of 'error'). `extra`: a second
+    differentiable input (ib features), whose gradient is returned too."""
+    x = logits.detach().clone().requires_grad_(True)
+    leaves = [x]
+    if extra is not None:
+        extra = extra.detach().clone().requires_grad_(True)
+        leaves.append(extra)
+        args = (*args, extra)
+    out = fn(x, *args, **kwargs)
+    if out.dim() == 0:
+        cot = torch.ones_like(out)
+    else:
+        g = torch.Generator().manual_seed(1)
+        cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(cot_dtype)
+        cot = cot.to(dtype=out.dtype, device=out.device)
+    if out.requires_grad:
+        out.backward(cot)
+    grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+    return (out.detach(), *(grad.detach() for grad in grads))
+
+
+def _check(name, logits, target, *, triton_kwargs=None, **kw):
+    """Loss and logits gradient of the triton backend vs the float64 reference (and, for
+    fp16/bf16, vs the bound set by the eager reference in the same low precision)."""
+    dtype = logits.dtype
+    fn = getattr(fl, name)
+    ref = getattr(reference, name)
+    out, grad = loss_and_grads(fn, logits, target, backend="triton", cot_dtype=dtype, **kw, **(triton_kwargs or {}))
+    out64, grad64 = loss_and_grads(ref, logits.double(), target, cot_dtype=dtype, **kw)
+    eager = (None, None)
+    if dtype in LOW_PRECISION:
+        eager = loss_and_grads(ref, logits, target, upcast=False, cot_dtype=dtype, **kw)
+    expected_dtype = dtype if kw.get("reduction", "mean") == "none" else torch.float32
+    assert out.dtype == expected_dtype and grad.dtype == dtype
+    assert out.device == logits.device and grad.device == logits.device
+    assert_matches_reference(out, out64, dtype, f"{name} loss", eager[0])
+    assert_matches_reference(grad, grad64, dtype, f"{name} grad", eager[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax focal (and cross entropy at gamma = 0)
+# --------------------------------------------------------------------------------------------
+FOCAL_PARAMS = [(0.0, "none"), (0.5, "float"), (2.0, "class"), (2.0, "none"), (0.0, "class")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_focal(device, dtype, shape, reduction):
+    logits, target = softmax_case(shape, dtype, device, ignore_frac=0.2 if shape[0] > 1 else 0.0)
+    for gamma, alpha in FOCAL_PARAMS:
+        _check("focal", logits, target, gamma=gamma, alpha=_alpha(alpha, shape[1], device), reduction=reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16])
+@pytest.mark.parametrize("shape", [(7, 3), (3, 80, 2, 3)], ids=str)
+def test_focal_fp16(device, dtype, shape):
+    logits, target = softmax_case(shape, dtype, device, ignore_frac=0.2)
+    for reduction, (gamma, alpha) in zip(REDUCTIONS, FOCAL_PARAMS):
+        _check("focal", logits, target, gamma=gamma, alpha=_alpha(alpha, shape[1], device), reduction=reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_focal_all_ignored_and_int32_target(device, reduction):
+    logits, target = softmax_case((5, 4, 3), torch.float32, device, target_dtype=torch.int32)
+    _check("focal", logits, target, gamma=2.0, reduction=reduction, ignore_index=-100)
+    target = torch.full_like(target, 7)
+    _check("focal", logits, target, gamma=2.0, reduction=reduction, ignore_index=7)
+    out, grad = loss_and_grad(fl.focal, logits, target, ignore_index=7, reduction=reduction, backend="triton")
+    assert not grad.any() and not out.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_confident_rows_finite_gradient(device, gamma):
+    """p_t -> 1: gamma < 1 must not give NaN/inf (the gradient is its limit)."""
+    logits = torch.tensor([[40.0, 0.0, -5.0], [0.0, 30.0, 1.0], [2.0, 1.0, 0.5]], device=device)
+    target = torch.tensor([0, 1, 2], device=device)
+    for reduction in REDUCTIONS:
+        _check("focal", logits, target, gamma=gamma, reduction=reduction)
+    _, grad = loss_and_grad(fl.focal, logits, target, gamma=gamma, backend="triton")
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_focal_from_probabilities(device, dtype, reduction):
+    for shape in [(7, 3), (2, 5, 3, 2)]:
+        logits, target = softmax_case(shape, torch.float64, device, ignore_frac=0.2)
+        probs = torch.softmax(logits, dim=1).to(dtype)
+        for gamma, alpha in FOCAL_PARAMS[:3]:
+            _check("focal", probs, target, gamma=gamma, alpha=_alpha(alpha, shape[1], device), reduction=reduction,
+                   from_logits=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_focal_strided_inputs(device):
+    """Transposed (N, C) and channels_last (N, C, H, W) logits are read through their strides."""
+    base, target = softmax_case((5, 7), torch.float32, device, ignore_frac=0.2)
+    transposed = base.t().contiguous().t()
+    assert not transposed.is_contiguous()
+    _check("focal", transposed, target, gamma=2.0, reduction="none")
+    logits, target = softmax_case((2, 6, 3, 4), torch.float32, device, ignore_frac=0.2)
+    _check("focal", logits.to(memory_format=torch.channels_last), target, gamma=0.5, reduction="mean")
+    sliced, _ = softmax_case((4, 9, 6), torch.float32, device)
+    _, target = softmax_case((4, 5, 4), torch.float32, device, ignore_frac=0.2)
+    _check("focal", sliced[:, ::2, 1:5], target, gamma=2.0, reduction="sum")
+
+
+# --------------------------------------------------------------------------------------------
+# Sigmoid focal
+# --------------------------------------------------------------------------------------------
+SIGMOID_PARAMS = [(0.25, 2.0), (-1.0, 0.0), (0.25, 0.5)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SIGMOID_SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["labels", "float", "soft"])
+def test_sigmoid_focal(device, dtype, shape, kind):
+    logits, target = sigmoid_case(shape, dtype, device, kind=kind, ignore_frac=0.2 if kind == "labels" else 0.0)
+    for reduction, (alpha, gamma) in itertools.product(REDUCTIONS, SIGMOID_PARAMS):
+        _check("sigmoid_focal", logits, target, alpha=alpha, gamma=gamma, reduction=reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sigmoid_focal_fp16_and_large_logits(device):
+    logits, target = sigmoid_case((9, 5), torch.float16, device, kind="labels", ignore_frac=0.2)
+    for reduction in REDUCTIONS:
+        _check("sigmoid_focal", logits, target, alpha=0.25, gamma=2.0, reduction=reduction)
+    logits, target = sigmoid_case((6, 4), torch.float32, device, kind="soft", scale=40.0)
+    for alpha, gamma in SIGMOID_PARAMS:
+        _check("sigmoid_focal", logits, target, alpha=alpha, gamma=gamma, reduction="none")
+
+
+# --------------------------------------------------------------------------------------------
+# OHEM
+# --------------------------------------------------------------------------------------------
+OHEM_MODES = [dict(keep=0.25), dict(keep=0.7), dict(keep=1.0), dict(keep=5), dict(keep=1000),
+              dict(thresh=0.7, min_kept=3), dict(thresh=0.3, min_kept=0), dict(thresh=0.05, min_kept=10 ** 6)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 3), (1, 3), (7, 3), (64, 80), (2, 3, 4, 5)], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ohem(device, dtype, shape, reduction):
+    logits, target = softmax_case(shape, dtype, device, ignore_frac=0.2 if shape[0] > 1 else 0.0)
+    for mode in OHEM_MODES:
+        _check("ohem", logits, target, reduction=reduction, **mode)
+
+
+# --------------------------------------------------------------------------------------------
+# GHM-C (sigmoid and softmax, with and without EMA state)
+# --------------------------------------------------------------------------------------------
+def _check_ghmc(logits, target, *, momentum, **kw):
+    """ghmc with an EMA state: the loss, gradient and updated state of every call, twice in a row
+    (state starts at zeros, as in GHMCLoss)."""
+    bins = kw["bins"]
+    dtype, device = logits.dtype, logits.device
+    states = {key: torch.zeros(bins, dtype=torch.float32, device=device) for key in ("triton", "ref", "eager")}
+    for step in range(2 if momentum > 0 else 1):
+        x = logits if step == 0 else (logits.float() * 0.5).to(dtype)
+        st = {k: (s if momentum > 0 else None) for k, s in states.items()}
+        common = dict(kw, momentum=momentum, cot_dtype=dtype)
+        out, grad = loss_and_grads(fl.ghmc, x, target, backend="triton", state=st["triton"], **common)
+        out64, grad64 = loss_and_grads(reference.ghmc, x.double(), target, state=st["ref"], **common)
+        eager = (None, None)
+        if dtype in LOW_PRECISION:
+            eager = loss_and_grads(reference.ghmc, x, target, state=st["eager"], upcast=False, **common)
+        assert_matches_reference(out, out64, dtype, f"ghmc loss step {step}", eager[0])
+        assert_matches_reference(grad, grad64, dtype, f"ghmc grad step {step}", eager[1])
+        if momentum > 0:
+            assert_rel_close(states["triton"], states["ref"], TOL[torch.float32], f"ghmc state step {step}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SIGMOID_SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["labels", "float"])
+def test_ghmc_sigmoid(device, dtype, shape, kind):
+    logits, target = sigmoid_case(shape, dtype, device, kind=kind, ignore_frac=0.2 if kind == "labels" else 0.0)
+    for reduction, bins, momentum in [("mean", 10, 0.0), ("none", 1, 0.0), ("sum", 30, 0.75), ("mean", 10, 0.75)]:
+        _check_ghmc(logits, target, bins=bins, momentum=momentum, use_sigmoid=True, reduction=reduction)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 3), (1, 1), (7, 3), (64, 80), (2, 3, 4, 5)], ids=str)
+def test_ghmc_softmax(device, dtype, shape):
+    logits, target = softmax_case(shape, dtype, device, ignore_frac=0.2 if shape[0] > 1 else 0.0)
+    for reduction, bins, momentum in [("mean", 10, 0.0), ("none", 1, 0.0), ("sum", 30, 0.75), ("mean", 10, 0.75)]:
+        _check_ghmc(logits, target, bins=bins, momentum=momentum, use_sigmoid=False, reduction=reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# IB / IB-focal: gradients w.r.t. logits and features
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 3), (1, 3), (7, 3), (64, 80)], ids=str)
+@pytest.mark.parametrize("feature_kind", ["n", "n1", "nd"])
+def test_ib(device, dtype, shape, feature_kind):
+    logits, target = softmax_case(shape, dtype, device)
+    n, c = shape
+    g = torch.Generator().manual_seed(3)
+    fshape = {"n": (n,), "n1": (n, 1), "nd": (n, 6)}[feature_kind]
+    features = torch.rand(fshape, generator=g, dtype=torch.float64) + 0.1
+    if feature_kind == "nd":
+        features = features * torch.where(torch.rand(fshape, generator=g) < 0.3, -1.0, 1.0).double()
+    features = features.to(dtype=torch.float32, device=device)
+    weight = torch.linspace(0.5, 2.0, c, dtype=torch.float32, device=device)
+    cases = [dict(gamma=0.0, weight=None, detach_factor=False, reduction="mean"),
+             dict(gamma=2.0, weight=weight, detach_factor=False, reduction="none"),
+             dict(gamma=0.5, weight=None, detach_factor=True, reduction="sum"),
+             dict(gamma=0.0, weight=weight, detach_factor=True, reduction="none")]
+    for kw in cases:
+        kw = dict(kw, alpha=1000.0, epsilon=1e-3)
+        out, gx, gf = loss_and_grads(fl.ib, logits, target, extra=features, backend="triton", cot_dtype=dtype, **kw)
+        out64, gx64, gf64 = loss_and_grads(reference.ib, logits.double(), target, extra=features.double(),
+                                           cot_dtype=dtype, **kw)
+        eager = (None,) * 3
+        if dtype in LOW_PRECISION:
+            eager = loss_and_grads(reference.ib, logits, target, extra=features, upcast=False, cot_dtype=dtype,
+                                   **kw)
+        assert_matches_reference(out, out64, dtype, f"ib loss {kw}", eager[0])
+        assert_matches_reference(gx, gx64, dtype, f"ib logits grad {kw}", eager[1])
+        assert_matches_reference(gf, gf64, dtype, f"ib features grad {kw}", eager[2])
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd contract, determinism, registration, torch.compile
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_twice_and_inputs_untouched(device):
+    """retain_graph: a second backward gives the same gradient (never scaled twice); the user's
+    logits are never overwritten; two runs are bitwise identical."""
+    logits, target = softmax_case((6, 5, 3), torch.float32, device, ignore_frac=0.2)
+    labels_logits, labels = sigmoid_case((6, 4), torch.float32, device)
+    for fn, x, t, kw in [(fl.focal, logits, target, dict(reduction="none")),
+                         (fl.ohem, logits, target, dict(keep=0.5)),
+                         (fl.sigmoid_focal, labels_logits, labels, dict(reduction="mean"))]:
+        leaf = x.clone().requires_grad_(True)
+        before = leaf.detach().clone()
+        out = fn(leaf, t, backend="triton", **kw)
+        cot = torch.rand_like(out)
+        (g1,) = torch.autograd.grad(out, leaf, cot, retain_graph=True)
+        (g2,) = torch.autograd.grad(out, leaf, cot)
+        assert torch.equal(g1, g2)
+        assert torch.equal(leaf.detach(), before)
+        out2 = fn(leaf, t, backend="triton", **kw)
+        assert torch.equal(out.detach(), out2.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_grad_path(device):
+    logits, target = softmax_case((7, 3), torch.float32, device, ignore_frac=0.2)
+    with torch.no_grad():
+        out = fl.focal(logits.clone().requires_grad_(True), target, backend="triton")
+    assert not out.requires_grad
+    assert_rel_close(out, reference.focal(logits.double(), target), TOL[torch.float32], "no-grad focal")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    """Schema, fake kernels and autograd registration of every op (torch.library.opcheck)."""
+    ops = torch.ops.fused_losses_triton
+    fl.focal(torch.zeros(1, 2, device=device), torch.zeros(1, dtype=torch.long, device=device), backend="triton")
+    logits, target = softmax_case((5, 3), torch.float32, device, ignore_frac=0.2)
+    slogits, labels = sigmoid_case((5, 3), torch.float32, device)
+    features = torch.rand(5, device=device) + 0.1
+    x = logits.clone().requires_grad_(True)
+    samples = [
+        (ops.softmax_focal, (x, target, None, 1.0, 2.0, -100, "mean", True, True)),
+        (ops.softmax_focal, (x, target, torch.rand(3, device=device), 1.0, 0.5, -100, "none", True, True)),
+        (ops.sigmoid_focal, (slogits.clone().requires_grad_(True), labels, 0.25, 2.0, -100, "sum", True)),
+        (ops.ohem, (x, target, 0.5, False, None, 0, -100, "mean", True)),
+        (ops.ghmc, (x, target, torch.zeros(10, device=device), 10, 0.75, False, -100, "mean", True)),
+        (ops.ghmc, (slogits.clone().requires_grad_(True), labels, None, 10, 0.0, True, -100, "none", True)),
+        (ops.ib, (x, target.clamp_min(0), features.clone().requires_grad_(True), None, 1000.0, 1e-3, 0.0, False,
+                  "mean", True)),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    """focal and sigmoid_focal through the public API under torch.compile(fullgraph=True): the
+    custom ops trace as opaque calls (on CPU the kernels still run in the interpreter)."""
+    torch._dynamo.reset()
+    logits, target = softmax_case((6, 5, 2), torch.float32, device, ignore_frac=0.2)
+    slogits, labels = sigmoid_case((6, 5), torch.float32, device)
+    # The first call of a backend imports its module, which dynamo will not trace.
+    fl.focal(logits, target, backend="triton")
+
+    def focal(x, t):
+        return fl.focal(x, t, gamma=2.0, backend="triton", validate=False)
+
+    def sigmoid(x, t):
+        return fl.sigmoid_focal(x, t, reduction="sum", backend="triton", validate=False)
+
+    for fn, x, t, ref in [(focal, logits, target, reference.focal),
+                          (sigmoid, slogits, labels, lambda a, b: reference.sigmoid_focal(a, b, reduction="sum"))]:
+        compiled = torch.compile(fn, fullgraph=True)
+        out, grad = loss_and_grad(compiled, x, t)
+        out64, grad64 = loss_and_grad(ref, x.double(), t)
+        assert_rel_close(out, out64, TOL[torch.float32], "compiled loss")
+        assert_rel_close(grad, grad64, TOL[torch.float32], "compiled grad")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host-sync check)")
+def test_no_host_sync_on_cuda():
+    logits, target = softmax_case((64, 80), torch.float32, "cuda", ignore_frac=0.2)
+    slogits, labels = sigmoid_case((64, 80), torch.float32, "cuda")
+    state = torch.zeros(10, device="cuda")
+    fl.focal(logits, target, backend="triton")  # warm-up (compilation may sync)
+    calls = [lambda x: fl.focal(x, target, backend="triton"),
+             lambda x: fl.ohem(x, target, keep=0.3, backend="triton"),
+             lambda x: fl.ohem(x, target, thresh=0.7, min_kept=4, backend="triton"),
+             lambda x: fl.ghmc(x, target, momentum=0.75, state=state, use_sigmoid=False, backend="triton"),
+             lambda x: fl.sigmoid_focal(slogits, labels, reduction="mean", backend="triton"),
+             lambda x: fl.ghmc(slogits, labels, backend="triton")]
+    for call in calls:
+        call(logits.clone().requires_grad_(True)).sum().backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for call in calls:
+            call(logits.clone().requires_grad_(True)).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_automatic_choice_and_device_types():
+    backend = fl._backends.get("triton")
+    assert backend.auto_device_types == ("cuda",)
+    assert "cuda" in backend.device_types
+    logits, target = softmax_case((3, 2))
+    # CPU tensors are never routed to the interpreter automatically.
+    assert fl._backends.select("focal", logits, None).name != "triton"
