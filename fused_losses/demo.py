@@ -387,24 +387,31 @@ def plot(rows: Sequence[Dict[str, object]], cfg: Config, minority_images: int, p
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' except where the default is None (the help says what None means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
     defaults = Config()
     parser = argparse.ArgumentParser(prog="python -m fused_losses.demo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--minority", type=int, default=defaults.minority, choices=range(NUM_CLASSES),
                         metavar="DIGIT", help="the digit whose training images are cut")
     parser.add_argument("--ratio", type=float, default=defaults.ratio,
                         help="fraction of the minority digit's training images kept (at least 1 image)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs per loss")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="initial weights, batch order and which minority images are kept")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
     parser.add_argument("--out", default=defaults.out, help="directory for results.csv and results.png")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--per-class", type=int, default=defaults.per_class,
-                        help="use only this many of the 500 digits per class (a quick run); default all")
+                        help="use only this many of the 500 digits per class (a quick run; default: all)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if not 0.0 < args.ratio <= 1.0:
