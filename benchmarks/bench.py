@@ -497,7 +497,8 @@ def copy_bandwidth_gbps(device: torch.device, warmup_s: float, rep_s: float) -> 
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    """||out - ref|| / ||ref|| in float64 on the tensors' device (NaN where ref is NaN: a match)."""
+    out, ref = out.detach().double(), ref.detach().double().to(out.device)
     mask = ~torch.isnan(ref) & ~(torch.isinf(ref) & (out == ref))
     if bool((torch.isnan(out) != torch.isnan(ref)).any()):
         return float("inf")
@@ -597,7 +598,9 @@ def markdown(rows: list, meta: dict, skipped: list) -> str:
             f"({os.cpu_count()} logical CPUs; a load above that means other processes competed for the cores "
             "and the times are inflated)",
             f"- time: median after warm-up ({meta['timer']}); memory: {meta['mem_method']}",
-            "- fwd = training forward (graph built and dropped); fwd+bwd = forward + autograd.grad. Speedups are "
+            "- fwd = training forward (graph built and dropped; a fused kernel may already compute the gradient "
+            "here, in the same pass over the logits, so compare fwd+bwd); fwd+bwd = forward + autograd.grad. "
+            "Speedups are "
             "t_eager / t and t_compile / t of fwd+bwd (> 1 is faster). GB/s = the floor bytes (inputs read once, "
             "gradients written once) over the fwd+bwd time; % = of the measured copy bandwidth. rel err = max over "
             "loss and gradients of the relative L2 error against the eager reference.",
@@ -669,8 +672,8 @@ def plot(rows: list, path: Path, title: str) -> None:
 # ============================================================================================
 # Driver
 # ============================================================================================
-class _Stop(Exception):
-    pass
+class _Stop(BaseException):
+    """Budget reached or SIGTERM: a BaseException, so no `except Exception` on the way swallows it."""
 
 
 def _on_sigterm(signum, frame):  # timeout(1) sends SIGTERM: finish the files with what was measured
@@ -783,7 +786,7 @@ def main(argv=None) -> dict:
     order = {p: i for i, p in enumerate(PROVIDERS)}
     run_order = sorted(providers, key=lambda p: (p != "eager", order[p]))  # eager first: the check's baseline
     bar = tqdm(total=len(dtypes) * len(cases) * len(run_order), desc="bench", unit="run", file=sys.stderr,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10.0)
     gen = torch.Generator(device=device)
     try:
         for di, dtype in enumerate(dtypes):

@@ -80,12 +80,12 @@ sanitize() {
   local half=$(( STEP_LIMIT / 2 ))
   echo "--- memcheck"
   timeout "$half" "$cs" --tool memcheck --error-exitcode 1 --leak-check no --print-limit 30 \
-    "$PY" benchmarks/sanitize_driver.py
+    "$PY" -m benchmarks.sanitize_driver
   local rc1=$?
   echo "--- memcheck rc=$rc1"
   echo "--- racecheck"
   timeout $(( STEP_LIMIT - half - 5 )) "$cs" --tool racecheck --error-exitcode 1 --racecheck-report analysis \
-    --print-limit 30 "$PY" benchmarks/sanitize_driver.py --dtypes float32
+    --print-limit 30 "$PY" -m benchmarks.sanitize_driver --dtypes float32
   local rc2=$?
   echo "--- racecheck rc=$rc2"
   (( rc1 == 0 && rc2 == 0 ))

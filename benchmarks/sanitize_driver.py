@@ -5,7 +5,7 @@ background) in float32 and bfloat16. Each result is also compared with the float
 the CPU, so a kernel that reads garbage without faulting still shows.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
-        python benchmarks/sanitize_driver.py
+        python -m benchmarks.sanitize_driver
 
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own cudaMalloc, so an out-of-bounds access
 is not hidden inside a larger cached block. Exit status: 0 all ran and matched, 1 a mismatch or
@@ -63,8 +63,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default=",".join(GPU_BACKENDS))
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--device", default="cuda", help="cpu only to dry-run this script (e.g. the Triton "
+                   "backend under TRITON_INTERPRET=1); the sanitizer needs cuda")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to sanitize")
         return 2
     status = fl.backends()
@@ -85,12 +87,13 @@ def main(argv=None) -> int:
             ref = fn(x64, t64, backend="reference", **kwargs)
             ref_grad, = torch.autograd.grad(ref.sum(), [x64])
             for backend in backends:
-                x = x_cpu.to(dtype).cuda().requires_grad_(True)
-                t = (t_cpu.to(dtype) if t_cpu.is_floating_point() else t_cpu).cuda()
+                x = x_cpu.to(dtype).to(args.device).requires_grad_(True)
+                t = (t_cpu.to(dtype) if t_cpu.is_floating_point() else t_cpu).to(args.device)
                 try:
                     out = fn(x, t, backend=backend, **kwargs)
                     grad, = torch.autograd.grad(out.sum(), [x])
-                    torch.cuda.synchronize()
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
                     err = max(rel_err(out, ref), rel_err(grad, ref_grad))
                     ok = err <= TOL[dtype]
                     msg = f"rel err {err:.2e}"

@@ -78,3 +78,19 @@ def test_every_case_builds_and_validates(case):
     kwargs = bench._reference_kwargs(c.loss, inp)
     loss = getattr(bench.reference, c.loss)(*inp.args, **kwargs)
     assert loss.dim() == 0 and inp.floor_fwdbwd > inp.floor_fwd > 0
+
+
+def test_an_available_fused_backend_is_picked_up(tmp_path, monkeypatch):
+    """A backend that fl.backends() reports available shows up as a provider, called through the
+    public API (here a stand-in 'cpu' backend that runs the reference)."""
+    from fused_losses import _backends, reference
+    fake = _backends.Backend(name="cpu", availability=lambda: (True, "stand-in for the test"), device_types=("cpu",),
+                             losses={loss: getattr(reference, loss) for loss in _backends.LOSSES})
+    monkeypatch.setitem(_backends._loaded, "cpu", fake)
+    result = bench.main(["--cases", "longtail_ib_1000", "--device", "cpu", "--threads", "1", "--repeats", "2",
+                         "--warmup-s", "0", "--rep-s", "0.01", "--out-dir", str(tmp_path), "--no-plot",
+                         "--providers", "fused,eager"])
+    rows = {(r["provider"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(p, m) for p in ("fused-cpu", "eager") for m in ("fwd", "fwdbwd")}
+    assert rows[("fused-cpu", "fwdbwd")]["rel_err_vs_eager"] == 0.0
+    assert "| longtail_ib_1000 | 256x1000 | float32 | fused-cpu |" in result["md"].read_text()
