@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1,
 set by conftest before triton is imported), so sizes stay small (N x C <= ~1e4 per case); with a
-GPU the same tests also run on CUDA tensors.
+GPU the interpreter is off and the same tests run on CUDA tensors instead.
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from tests.conftest import DEVICES
 from tests.utils import (LOW_PRECISION, TOL, assert_matches_reference, assert_rel_close, loss_and_grad,
                          sigmoid_case, softmax_case)
 
+# CPU tensors run Triton only through the interpreter, which conftest switches on when there is
+# no GPU; with a GPU the interpreter is off and the same tests run on CUDA tensors instead.
+DEVICES = [d for d in DEVICES if d in fl._backends.get("triton").device_types] or DEVICES
 DTYPES = [torch.float32, torch.bfloat16]
 REDUCTIONS = ["none", "mean", "sum"]
 SOFTMAX_SHAPES = [(0, 3), (1, 1), (7, 3), (64, 80), (2, 3, 4, 5), (3, 80, 2, 3)]
@@ -26,6 +29,7 @@ SIGMOID_SHAPES = [(0, 3), (1, 1), (7, 3), (64, 80), (2, 5, 80)]
 def test_backend_available():
     status = fl.backends()["triton"]
     assert status.available, status.reason
+    assert DEVICES, "no device the triton backend serves"
 
 
 def _alpha(kind, c, device):
@@ -151,6 +155,24 @@ def test_focal_strided_inputs(device):
     sliced, _ = softmax_case((4, 9, 6), torch.float32, device)
     _, target = softmax_case((4, 5, 4), torch.float32, device, ignore_frac=0.2)
     _check("focal", sliced[:, ::2, 1:5], target, gamma=2.0, reduction="sum")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nan_logits_propagate_like_the_reference(device, reduction):
+    """A NaN logit makes that sample's loss (and gradient row) NaN, exactly where the reference
+    has NaN (rel_error checks the NaN pattern); an ignored row's NaN does not leak."""
+    logits, target = softmax_case((6, 4), torch.float32, device)
+    logits[1, 2] = float("nan")
+    logits[4, 0] = float("nan")
+    target[4] = -100
+    _check("focal", logits, target, gamma=2.0, reduction=reduction)
+    _check("focal", logits, target, gamma=0.5, reduction=reduction)
+    slogits, labels = sigmoid_case((5, 3), torch.float32, device, kind="labels")
+    slogits[2, 1] = float("nan")
+    labels[3] = -100
+    slogits[3, 0] = float("nan")
+    _check("sigmoid_focal", slogits, labels, alpha=0.25, gamma=2.0, reduction=reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,9 +347,12 @@ def test_opcheck(device):
         (ops.ghmc, (slogits.clone().requires_grad_(True), labels, None, 10, 0.0, True, -100, "none", True)),
         (ops.ib, (x, target.clamp_min(0), features.clone().requires_grad_(True), None, 1000.0, 1e-3, 0.0, False,
                   "mean", True)),
+        (ops.ib, (x, target.clamp_min(0), torch.randn(5, 4, device=device).requires_grad_(True),
+                  torch.rand(3, device=device), 1000.0, 1e-3, 2.0, False, "none", True)),
+        (ops.softmax_focal, (logits, target, None, 0.25, 0.0, -100, "sum", True, False)),  # no grad
     ]
     for op, args in samples:
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        torch.library.opcheck(op, args)  # schema, fake kernel, autograd registration, AOT dispatch
 
 
 @pytest.mark.compile
@@ -354,6 +379,21 @@ def test_torch_compile_fullgraph(device):
         out64, grad64 = loss_and_grad(ref, x.double(), t)
         assert_rel_close(out, out64, TOL[torch.float32], "compiled loss")
         assert_rel_close(grad, grad64, TOL[torch.float32], "compiled grad")
+
+    # GHM-C's in-place EMA state under compile: two steps, state compared with the reference's.
+    state, state64 = (torch.zeros(10, device=device) for _ in range(2))
+
+    def ghmc(x, t):
+        return fl.ghmc(x, t, momentum=0.75, state=state, use_sigmoid=False, backend="triton", validate=False)
+
+    compiled = torch.compile(ghmc, fullgraph=True)
+    for step in range(2):
+        out, grad = loss_and_grad(compiled, logits, target)
+        out64, grad64 = loss_and_grad(reference.ghmc, logits.double(), target, momentum=0.75, state=state64,
+                                      use_sigmoid=False)
+        assert_rel_close(out, out64, TOL[torch.float32], f"compiled ghmc loss, step {step}")
+        assert_rel_close(grad, grad64, TOL[torch.float32], f"compiled ghmc grad, step {step}")
+        assert_rel_close(state, state64, TOL[torch.float32], f"compiled ghmc state, step {step}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host-sync check)")
@@ -386,3 +426,6 @@ def test_automatic_choice_and_device_types():
     logits, target = softmax_case((3, 2))
     # CPU tensors are never routed to the interpreter automatically.
     assert fl._backends.select("focal", logits, None).name != "triton"
+    if torch.cuda.is_available() and not fl.backends()["cuda"].available:
+        # CUDA tensors go to triton when the compiled CUDA kernels are unavailable.
+        assert fl._backends.select("focal", logits.cuda(), None).name == "triton"
