@@ -18,41 +18,31 @@ from fused_losses import demo  # noqa: E402  (after the skips: the demo needs th
 TINY_ARGS = ["--epochs", "1", "--per-class", "10", "--batch-size", "16", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_out")
-    rows = demo.run(demo.parse_args(TINY_ARGS + ["--out", str(out)]))
-    return out, rows
+def test_tiny_run_end_to_end(tmp_path):
+    # One test, not a module fixture shared by several: under pytest-xdist each worker would
+    # repeat the run.
+    rows = demo.run(demo.parse_args(TINY_ARGS + ["--out", str(tmp_path)]))
+    loss_names = [spec.name for spec in demo.LOSSES]
 
-
-def test_writes_csv_and_png(tiny_run):
-    out, _ = tiny_run
-    png = out / "results.png"
+    png = tmp_path / "results.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "results.csv").is_file()
 
-
-def test_csv_has_one_row_per_loss_and_the_expected_columns(tiny_run):
-    out, _ = tiny_run
-    with open(out / "results.csv", newline="") as f:
+    with open(tmp_path / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == demo.RESULT_COLUMNS
-        rows = list(reader)
-    assert [row["loss"] for row in rows] == [spec.name for spec in demo.LOSSES]
-    for row in rows:
+        csv_rows = list(reader)
+    assert [row["loss"] for row in csv_rows] == loss_names
+    for row in csv_rows:
         for column in demo.RESULT_COLUMNS[1:]:
             value = float(row[column])
             assert np.isfinite(value) and value >= 0
             if column.endswith("_pct"):
                 assert value <= 100
 
-
-def test_printed_table_has_every_loss(tiny_run):
-    _, rows = tiny_run
     table = demo.format_table(rows, minority=6).splitlines()
-    assert table[0].split("|")[1:-1] == [" loss ", " digit 6 acc % ", " overall acc % ", " macro-F1 % ",
-                                         " train time s "]
-    assert [line.split("|")[1].strip() for line in table[2:]] == [spec.name for spec in demo.LOSSES]
+    assert [cell.strip() for cell in table[0].split("|")[1:-1]] == [
+        "loss", "digit 6 acc %", "overall acc %", "macro-F1 %", "train time s"]
+    assert [line.split("|")[1].strip() for line in table[2:]] == loss_names
 
 
 def test_minority_cut_keeps_at_least_one_image():
