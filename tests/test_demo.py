@@ -12,7 +12,7 @@ pytest.importorskip("mlxtend")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from fused_losses import demo  # noqa: E402  (after the skips: the demo needs the three above)
+from fused_losses import demo  # noqa: E402  (after the skips: demo.run needs the three above)
 
 # 10 digits per class: 8 training, 2 test; the minority digit keeps max(1, 0.01 x 8) = 1 image.
 TINY_ARGS = ["--epochs", "1", "--per-class", "10", "--batch-size", "16", "--no-progress"]
