@@ -576,6 +576,13 @@ def _fmt(v, spec=".3g", empty="") -> str:
     return format(v, spec)
 
 
+def _iqr_pct(row: dict):
+    try:
+        return 100.0 * (row["ms_p75"] - row["ms_p25"]) / row["ms_median"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 def _times(v) -> str:
     text = _fmt(v, ".2f")
     return text + "x" if text else ""
@@ -600,14 +607,16 @@ def markdown(rows: list, meta: dict, skipped: list) -> str:
             f"- time: median after warm-up ({meta['timer']}); memory: {meta['mem_method']}",
             "- fwd = training forward (graph built and dropped; a fused kernel may already compute the gradient "
             "here, in the same pass over the logits, so compare fwd+bwd); fwd+bwd = forward + autograd.grad. "
-            "Speedups are "
-            "t_eager / t and t_compile / t of fwd+bwd (> 1 is faster). GB/s = the floor bytes (inputs read once, "
-            "gradients written once) over the fwd+bwd time; % = of the measured copy bandwidth. rel err = max over "
-            "loss and gradients of the relative L2 error against the eager reference.",
+            "IQR % = (p75 - p25) / median of the fwd+bwd "
+            "calls: differences smaller than that are noise. Speedups are t_eager / t and t_compile / t of fwd+bwd "
+            "(> 1 is faster). GB/s = the floor bytes (inputs read once, gradients written once: 2 x N x C x "
+            "sizeof(dtype) plus targets) over the fwd+bwd time; % copy = that over the measured copy bandwidth, "
+            "i.e. the time the floor bytes take at copy speed over the measured time. rel err = max over loss and "
+            "gradients of the relative L2 error against the eager reference.",
             ""]
     if meta.get("stopped"):
         out += [f"**Run stopped early: {meta['stopped']}. Only the rows below were measured.**", ""]
-    head = ["case", "shape", "dtype", "provider", "fwd ms", "fwd+bwd ms", "vs eager", "vs compile",
+    head = ["case", "shape", "dtype", "provider", "fwd ms", "fwd+bwd ms", "IQR %", "vs eager", "vs compile",
             "peak extra MB", "GB/s", "% copy", "rel err", "note"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_key = {}
@@ -623,7 +632,7 @@ def markdown(rows: list, meta: dict, skipped: list) -> str:
         both = fb or fwd
         out.append("| " + " | ".join([
             r["case"], r["shape"], r["dtype"], r["provider"], _fmt(fwd.get("ms_median"), ".3f", "-"),
-            _fmt(fb.get("ms_median"), ".3f", "-"), _times(fb.get("speedup_vs_eager")),
+            _fmt(fb.get("ms_median"), ".3f", "-"), _fmt(_iqr_pct(fb), ".0f"), _times(fb.get("speedup_vs_eager")),
             _times(fb.get("speedup_vs_compile")),
             _fmt(fb.get("peak_extra_mb"), ".1f"), _fmt(fb.get("gbps"), ".1f"), _fmt(fb.get("pct_copy_bw"), ".1f"),
             _fmt(both.get("rel_err_vs_eager"), ".1e"), both.get("note", "")]) + " |")

@@ -36,7 +36,7 @@ def test_bench_one_case_writes_csv_markdown_and_plot(tmp_path):
         assert r["speedup_vs_compile"] == "nan"  # compile was not among the providers
 
     text = result["md"].read_text()
-    assert "| case | shape | dtype | provider | fwd ms | fwd+bwd ms | vs eager | vs compile |" in text
+    assert "| case | shape | dtype | provider | fwd ms | fwd+bwd ms | IQR % | vs eager | vs compile |" in text
     assert "| longtail_focal_1000 | 256x1000 | float32 | eager |" in text
     assert "| longtail_focal_1000 | 256x1000 | float32 | cross_entropy |" in text
     assert "| torchvision |" not in text  # a sigmoid-only peer: not applicable to a softmax case
