@@ -22,8 +22,9 @@ Providers (``--providers``, comma separated; default: all that apply):
 
 Per case x dtype x provider, in two modes: 'fwd' (the training forward: logits require grad, the
 graph is built and dropped) and 'fwdbwd' (forward + torch.autograd.grad of the scalar loss).
-  time      median after warm-up. CPU: time.perf_counter per call, torch.set_num_threads fixed
-            (recorded; default 1: on the shared 2-core development machine, at load ~5, eager
+  time      median after warm-up. CPU: time.perf_counter per call; the calls of all providers of a
+            case are interleaved in 5 rounds so load changes on a shared machine hit them alike;
+            torch.set_num_threads fixed (recorded; default 1: on the shared 2-core development machine, at load ~5, eager
             segmentation focal fwd+bwd took a median 24 ms with 1 thread and 420 ms with 2, the
             threads waiting on each other's preemption; pass --threads N on a quiet machine). CUDA: triton.testing.do_bench (CUDA events, L2 flushed between calls;
             CUDA-event loop if Triton is missing).
@@ -371,8 +372,8 @@ def _quantile(values, q):
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def time_cpu(fn, warmup_s: float, rep_s: float, repeats: Optional[int]):
-    """Median/p25/p75 in ms of fn() timed one call at a time with perf_counter."""
+def warm_cpu(fn, warmup_s: float) -> float:
+    """Call fn at least twice and for about warmup_s; returns the duration of the last call (s)."""
     t_end = time.perf_counter() + warmup_s
     n_warm, t_last = 0, 0.0
     while n_warm < 2 or time.perf_counter() < t_end:
@@ -382,7 +383,15 @@ def time_cpu(fn, warmup_s: float, rep_s: float, repeats: Optional[int]):
         n_warm += 1
         if n_warm >= 2 and t_last > warmup_s:
             break
-    n = repeats or int(min(1000, max(5, math.ceil(rep_s / max(t_last, 1e-6)))))
+    return t_last
+
+
+def cpu_repeats(t_call: float, rep_s: float) -> int:
+    return int(min(1000, max(5, math.ceil(rep_s / max(t_call, 1e-6)))))
+
+
+def time_calls(fn, n: int) -> list:
+    """n calls of fn, each timed with perf_counter (ms), with the garbage collector held off."""
     times = []
     gc.collect(0)
     gc.disable()
@@ -393,7 +402,17 @@ def time_cpu(fn, warmup_s: float, rep_s: float, repeats: Optional[int]):
             times.append((time.perf_counter() - t0) * 1e3)
     finally:
         gc.enable()
-    return statistics.median(times), _quantile(times, 0.25), _quantile(times, 0.75), min(times), n, "perf_counter"
+    return times
+
+
+def _stats(times: list):
+    return statistics.median(times), _quantile(times, 0.25), _quantile(times, 0.75), min(times)
+
+
+def time_cpu(fn, warmup_s: float, rep_s: float, repeats: Optional[int]):
+    """Median/p25/p75/min in ms of fn() timed one call at a time with perf_counter."""
+    n = repeats or cpu_repeats(warm_cpu(fn, warmup_s), rep_s)
+    return (*_stats(time_calls(fn, n)), n, "perf_counter")
 
 
 def time_cuda(fn, warmup_s: float, rep_s: float, repeats: Optional[int]):
@@ -780,7 +799,8 @@ def main(argv=None) -> dict:
         torchvision=_version("torchvision"), threads=torch.get_num_threads(),
         backends="; ".join(f"{n}: {'available' if s.available else 'unavailable (' + s.reason + ')'}"
                            for n, s in status.items() if n != "reference"),
-        timer="triton.testing.do_bench" if device.type == "cuda" else "time.perf_counter",
+        timer=("triton.testing.do_bench, one provider after another" if device.type == "cuda" else
+               "time.perf_counter per call; the providers' calls interleaved in 5 rounds"),
         title=(f"--suite {args.suite}" if args.suite else f"--size {size}") + f" on {device_name(device)}",
     )
     meta["load_start"] = _loadavg()
@@ -848,33 +868,36 @@ def main(argv=None) -> dict:
                 skipped=skipped)
 
 
+CPU_ROUNDS = 5
+
+
 def _run_group(case, shape, device, dtype, dname, providers, gen, warmup_s, rep_s, repeats, rss, bar, skipped):
-    """Every provider on one case x dtype; returns the CSV rows with ratios filled in."""
+    """Every provider on one case x dtype; returns the CSV rows with ratios filled in.
+
+    On CPU the timed calls of all providers are interleaved in CPU_ROUNDS rounds (a share of each
+    provider's calls per round), so a change of load on a shared machine during the group hits
+    every provider alike and the ratios stay fair. On CUDA each provider runs do_bench in turn.
+    """
     gc.collect()
     inp = case.build(shape, device, dtype, gen)
     ref_kwargs = _reference_kwargs(case.loss, inp)
     ref_out = _outputs(lambda: getattr(reference, case.loss)(*inp.args, **ref_kwargs), inp)
-    timer = time_cuda if device.type == "cuda" else time_cpu
     shape_s = "x".join(map(str, shape))
-    rows = []
+    rows, plans = [], []
+
+    def failed(base, exc):
+        done = {r["mode"] for r in rows if r["provider"] == base["provider"]}
+        rows.extend(dict(base, mode=m, **_empty_metrics(), note=f"error: {type(exc).__name__}: {exc}"[:300])
+                    for m in MODES if m not in done)
+        plans[:] = [p for p in plans if p["base"]["provider"] != base["provider"]]
+        _after_error(device)
+
     for name in providers:
         bar.set_postfix_str(f"{case.name} {dname} {name}")
         base = dict(case=case.name, workload=case.workload, loss=case.loss, shape=shape_s, dtype=dname,
                     provider=name)
         try:
             prov = make_provider(name, case, inp, ref_kwargs, device)
-        except Skip as exc:
-            if not exc.quiet:
-                skipped.append(f"{case.name} {dname} {name}: {exc}")
-            bar.update(1)
-            continue
-        except Exception as exc:  # noqa: BLE001 - one broken provider must not end the sweep
-            rows += [dict(base, mode=m, **_empty_metrics(), note=f"error: {type(exc).__name__}: {exc}"[:300])
-                     for m in MODES]
-            _after_error(device)
-            bar.update(1)
-            continue
-        try:
             err = float("nan")
             if name != "cross_entropy" or case.ce_same_function:
                 out = _outputs(prov.fn, inp)
@@ -882,22 +905,52 @@ def _run_group(case, shape, device, dtype, dname, providers, gen, warmup_s, rep_
                 del out
             for mode, fn, floor in (("fwd", prov.fn, inp.floor_fwd), ("fwdbwd", _fwdbwd(prov.fn, inp),
                                                                         inp.floor_fwdbwd)):
-                med, p25, p75, low, n, tname = timer(fn, warmup_s, rep_s, repeats)
-                mem = peak_extra_mb(fn, device, rss)
-                rows.append(dict(base, mode=mode, ms_median=med, ms_p25=p25, ms_p75=p75, ms_min=low, repeats=n, timer=tname,
-                                 peak_extra_mb=mem, floor_bytes=floor, gbps=floor / (med * 1e-3) / 1e9,
-                                 pct_copy_bw=float("nan"), speedup_vs_eager=float("nan"),
-                                 speedup_vs_compile=float("nan"), compile_s=prov.compile_s, rel_err_vs_eager=err,
-                                 note=prov.note))
+                plan = dict(base=base, mode=mode, fn=fn, floor=floor, prov=prov, err=err, samples=[])
+                if device.type == "cuda":
+                    plan["stats"] = time_cuda(fn, warmup_s, rep_s, repeats)
+                else:
+                    plan["n"] = repeats or cpu_repeats(warm_cpu(fn, warmup_s), rep_s)
+                plans.append(plan)
+        except Skip as exc:
+            if not exc.quiet:
+                skipped.append(f"{case.name} {dname} {name}: {exc}")
         except (_Stop, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001
-            rows += [dict(base, mode=m, **_empty_metrics(), note=f"error: {type(exc).__name__}: {exc}"[:300])
-                     for m in MODES if not any(r["provider"] == name and r["mode"] == m for r in rows)]
-            _after_error(device)
+        except Exception as exc:  # noqa: BLE001 - one broken provider must not end the sweep
+            failed(base, exc)
         finally:
-            del prov
             bar.update(1)
+
+    if device.type != "cuda":
+        rounds = 1 if repeats else CPU_ROUNDS
+        for rd in range(rounds):
+            for plan in list(plans):
+                k = plan["n"] // rounds + (1 if rd < plan["n"] % rounds else 0)
+                try:
+                    plan["samples"] += time_calls(plan["fn"], k)
+                except (_Stop, KeyboardInterrupt):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    failed(plan["base"], exc)
+        for plan in plans:
+            plan["stats"] = (*_stats(plan["samples"]), plan["n"], "perf_counter, interleaved" if rounds > 1
+                             else "perf_counter")
+
+    for plan in plans:
+        med, p25, p75, low, n, tname = plan["stats"]
+        try:
+            mem = peak_extra_mb(plan["fn"], device, rss)
+        except (_Stop, KeyboardInterrupt):
+            raise
+        except Exception:  # noqa: BLE001 - the time stands without the memory number
+            mem = float("nan")
+            _after_error(device)
+        rows.append(dict(plan["base"], mode=plan["mode"], ms_median=med, ms_p25=p25, ms_p75=p75, ms_min=low,
+                         repeats=n, timer=tname, peak_extra_mb=mem, floor_bytes=plan["floor"],
+                         gbps=plan["floor"] / (med * 1e-3) / 1e9, pct_copy_bw=float("nan"),
+                         speedup_vs_eager=float("nan"), speedup_vs_compile=float("nan"),
+                         compile_s=plan["prov"].compile_s, rel_err_vs_eager=plan["err"], note=plan["prov"].note))
+    plans.clear()
     for mode in MODES:
         t = {r["provider"]: r["ms_median"] for r in rows if r["mode"] == mode}
         for r in rows:
