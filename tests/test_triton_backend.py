@@ -7,6 +7,9 @@ GPU the interpreter is off and the same tests run on CUDA tensors instead.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -417,6 +420,17 @@ def test_no_host_sync_on_cuda():
             call(logits.clone().requires_grad_(True)).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_kernels_compile_for_a_gpu(tmp_path):
+    """The interpreter does not run Triton's compiler: lower one variant of every kernel kind to
+    an sm_90 cubin (no GPU needed), in a fresh cache so that it really compiles."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "fused_losses._triton.compile_check", "--arch", "90"], env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(": ok (") >= 10, proc.stdout
 
 
 def test_automatic_choice_and_device_types():

@@ -23,14 +23,17 @@ import triton.language as tl
 # costs a bit of accuracy in every bf16 output: under TRITON_INTERPRET round explicitly.
 _ROUND_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
-# Kinds of the softmax row kernel.
+# Kinds of the softmax row kernel (plain ints for the launchers; the kernels read the
+# tl.constexpr twins, the only globals a compiled kernel may use).
 FOCAL = 0  # softmax focal (gamma = 0, alpha = None: cross entropy)
 STATS = 1  # per-row log p_t, 1 - p_t and logsumexp only (OHEM, GHM-C softmax)
 IB = 2  # influence-balanced (and IB-focal)
-
 # Kinds of the sigmoid elementwise kernel.
 SIGMOID_FOCAL = 0
 GHMC_SIGMOID = 1
+_FOCAL = tl.constexpr(FOCAL)
+_STATS = tl.constexpr(STATS)
+_SIGMOID_FOCAL = tl.constexpr(SIGMOID_FOCAL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,12 +168,12 @@ def softmax_rows_kernel(
         lse = tl.zeros([BLOCK_M], tl.float32)
 
     scale = tl.load(SCALE)
-    if KIND == STATS:
+    if KIND == _STATS:
         tl.store(LOGPT + rows, logpt, mask=in_range)
         tl.store(OMP + rows, one_minus_pt, mask=in_range)
         tl.store(LSE + rows, lse, mask=in_range)
     else:
-        if KIND == FOCAL:
+        if KIND == _FOCAL:
             if HAS_CLASS_W:
                 a_t = tl.load(CLASS_W + t_safe, mask=valid, other=0.0).to(tl.float32)
             else:
@@ -332,7 +335,7 @@ def sigmoid_kernel(
     p = tl.where(x >= 0, inv, e * inv)
     q = tl.where(x >= 0, e * inv, inv)
     ce = tl.maximum(x, 0.0) - x * y + _log1p(e)
-    if KIND == SIGMOID_FOCAL:
+    if KIND == _SIGMOID_FOCAL:
         one_minus_pt = p * (1.0 - y) + q * y
         mod = _pow(one_minus_pt, gamma)
         a_t = tl.where(alpha >= 0, alpha * y + (1.0 - alpha) * (1.0 - y), 1.0)
