@@ -176,6 +176,9 @@ def test_nan_logits_propagate_like_the_reference(device, reduction):
     labels[3] = -100
     slogits[3, 0] = float("nan")
     _check("sigmoid_focal", slogits, labels, alpha=0.25, gamma=2.0, reduction=reduction)
+    _check("ohem", logits, target, keep=0.5, reduction=reduction)
+    for use_sigmoid, (x, t) in [(False, (logits, target)), (True, (slogits, labels))]:
+        _check("ghmc", x, t, bins=10, use_sigmoid=use_sigmoid, reduction=reduction)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def _variants(full: bool):
     grads = [(K.softmax_grad_kernel,
               dict(X=f"*{xdt}", T="*i32", LSE="*fp32", COEF="*fp32", GRAD=f"*{xdt}", M="i32", C="i32", S="i32",
                    sxn="i32", sxc="i32", sxs="i32", sgn="i32", sgc="i32", sgs="i32", ignore_index="i32"),
-              dict(BLOCK_M=64, BLOCK_C=64)) for xdt in dtypes]
+              dict(SKIP_ZERO_COEF=skip, BLOCK_M=64, BLOCK_C=64)) for xdt, skip in zip(dtypes, (True, False, True))]
     sigmoid = []
     for xdt, labels, kind, grad in itertools.product(dtypes, (True, False), (K.SIGMOID_FOCAL, K.GHMC_SIGMOID),
                                                      (True, False)):

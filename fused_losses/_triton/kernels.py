@@ -245,20 +245,25 @@ def softmax_grad_kernel(
     X, T, LSE, COEF, GRAD,
     M, C, S, sxn, sxc, sxs, sgn, sgc, sgs,
     ignore_index,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    SKIP_ZERO_COEF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """GRAD_ij = COEF_i * (e^(x_ij - LSE_i) - [j == t_i]) for rows with COEF_i != 0 (0 elsewhere).
+    """GRAD_ij = COEF_i * (e^(x_ij - LSE_i) - [j == t_i]) for non-ignored rows, 0 elsewhere.
 
     Second pass of the batch-coupled losses (OHEM, GHM-C softmax), whose per-row coefficients
-    come from torch ops on the row statistics. Traffic: logits read once (only rows that carry
-    gradient), grad written once, 2 floats + 1 target per row.
+    come from torch ops on the row statistics. SKIP_ZERO_COEF (OHEM): rows with COEF_i = 0 are
+    dropped samples, written as 0 without reading their logits (the reference masks them); GHM-C
+    multiplies instead, so a NaN row with weight 0 stays NaN as in the reference.
+    Traffic: logits read once (only rows that carry gradient), grad written once, 2 floats +
+    1 target per row.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     in_range = rows < M
     t = tl.load(T + rows, mask=in_range, other=0).to(tl.int64)
     coef = tl.load(COEF + rows, mask=in_range, other=0.0)
-    valid = in_range & (t != ignore_index) & (coef != 0)
+    valid = in_range & (t != ignore_index)
+    if SKIP_ZERO_COEF:
+        valid = valid & (coef != 0)
     lse = tl.load(LSE + rows, mask=valid, other=0.0)
     n = rows // S
     s_idx = rows - n * S

@@ -126,7 +126,7 @@ def _softmax_launch(kind, logits, target, *, scale, class_w=None, feat=None, gam
     return out
 
 
-def _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction):
+def _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, skip_zero_coef):
     """Second pass of OHEM / GHM-C softmax: grad = coef_i (softmax_i - onehot_i)."""
     grad = _grad_like(logits, need_grad, reduction)
     if not need_grad:
@@ -138,7 +138,7 @@ def _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction)
     K.softmax_grad_kernel[(triton.cdiv(m, block_m),)](
         x3, target.reshape(-1), lse, coef, grad3,
         m, c, s, x3.stride(0), x3.stride(1), x3.stride(2), grad3.stride(0), grad3.stride(1), grad3.stride(2),
-        int(ignore_index), BLOCK_M=block_m, BLOCK_C=block_c,
+        int(ignore_index), SKIP_ZERO_COEF=skip_zero_coef, BLOCK_M=block_m, BLOCK_C=block_c,
     )
     return grad
 
@@ -207,7 +207,7 @@ def ohem(logits, target, keep, keep_is_int, thresh, min_kept, ignore_index, redu
         kept = (pt < threshold) & valid
     loss_rows = torch.where(kept, ce, torch.zeros_like(ce))
     loss, coef = _coupled_result(logits, target, loss_rows, kept.to(torch.float32), kept.sum(), reduction)
-    return loss, _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction)
+    return loss, _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, True)
 
 
 def _ghm_bin_weights(counts, n_valid, state, momentum):
@@ -245,7 +245,7 @@ def ghmc_softmax(logits, target, state, bins, momentum, ignore_index, reduction,
         weight = torch.where(in_bin, bin_weight[idx], torch.zeros_like(g))
         ce = torch.where(valid, -logpt, torch.zeros_like(logpt))
         loss, coef = _coupled_result(logits, target, weight * ce, weight, n_valid, reduction)
-        grad = _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction)
+        grad = _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, False)
     if state is not None and new_state is None:
         new_state = state.clone()
     return loss, grad, _no_state(logits) if new_state is None else new_state
