@@ -303,6 +303,53 @@ def test_ib(device, dtype, shape, feature_kind):
 
 
 # --------------------------------------------------------------------------------------------
+# Loops inside the kernels: several column blocks per row, several blocks per histogram program
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_online_softmax_over_several_column_blocks(device, monkeypatch):
+    """Small forced tiles make every row span several BLOCK_C blocks (the online max/sum rescale)
+    and every program several rows; plus one natural case with C > 2048."""
+    from fused_losses._triton import launch
+
+    logits, target = softmax_case((3, 2500), torch.float32, device, scale=8.0)
+    _check("focal", logits, target, gamma=2.0, reduction="none")
+    monkeypatch.setattr(launch, "_row_blocks", lambda m, c, s: (4, 16))
+    for shape in [(7, 80), (2, 37, 2, 3)]:
+        for dtype in DTYPES:
+            logits, target = softmax_case(shape, dtype, device, ignore_frac=0.2, scale=8.0)
+            n, c = shape[0], shape[1]
+            _check("focal", logits, target, gamma=0.5, alpha=_alpha("class", c, device), reduction="none")
+            _check("focal", torch.softmax(logits.float(), 1).to(dtype), target, gamma=2.0, from_logits=False)
+            _check("ohem", logits, target, keep=0.5, reduction="sum")
+            _check("ghmc", logits, target, bins=10, use_sigmoid=False, reduction="mean")
+            if len(shape) == 2:
+                features = torch.rand(n, device=device) + 0.1
+                target = target.clamp_min(0)  # ib has no ignore_index
+                kw = dict(alpha=1000.0, epsilon=1e-3, weight=None, gamma=2.0, detach_factor=False, reduction="none")
+                out, gx, gf = loss_and_grads(fl.ib, logits, target, extra=features, backend="triton", cot_dtype=dtype,
+                                             **kw)
+                ref = loss_and_grads(reference.ib, logits.double(), target, extra=features.double(), cot_dtype=dtype,
+                                     **kw)
+                eager = (None,) * 3
+                if dtype in LOW_PRECISION:
+                    eager = loss_and_grads(reference.ib, logits, target, extra=features, upcast=False, cot_dtype=dtype,
+                                           **kw)
+                for got, want, lowp, what in zip((out, gx, gf), ref, eager, ("loss", "logits grad", "features grad")):
+                    assert_matches_reference(got, want, dtype, f"ib {what}", lowp)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ghm_histogram_grid_stride(device, monkeypatch):
+    """Two histogram programs over 5 blocks: each program loops over several blocks."""
+    from fused_losses._triton import launch
+
+    monkeypatch.setattr(launch, "_HIST_PROGRAMS", 2)
+    for kind in ["labels", "float"]:
+        logits, target = sigmoid_case((64, 80), torch.float32, device, kind=kind, ignore_frac=0.2)
+        _check_ghmc(logits, target, bins=10, momentum=0.75, use_sigmoid=True, reduction="mean")
+
+
+# --------------------------------------------------------------------------------------------
 # Autograd contract, determinism, registration, torch.compile
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
