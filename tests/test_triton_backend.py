@@ -449,31 +449,43 @@ def test_torch_compile_fullgraph(device):
         assert_rel_close(state, state64, TOL[torch.float32], f"compiled ghmc state, step {step}")
 
 
+def _every_loss_forward_backward(device):
+    """One closure per loss/mode that runs forward + backward on fresh leaves (validate=False:
+    the CPU range check reads the target on the host by design)."""
+    logits, target = softmax_case((6, 5, 3), torch.float32, device, ignore_frac=0.2)
+    slogits, labels = sigmoid_case((6, 5), torch.float32, device, ignore_frac=0.2)
+    soft = torch.rand(6, 5, device=device)
+    features = torch.rand(6, 4, device=device)
+    state = torch.zeros(10, device=device)
+    kw = dict(validate=False, backend="triton")
+    alpha = torch.linspace(0.2, 1.0, 5, device=device)  # a Python list would be copied to the GPU (a sync)
+    losses = [lambda x, sx, f: fl.focal(x, target, alpha=alpha, **kw),
+              lambda x, sx, f: fl.focal(x.softmax(1), target, from_logits=False, **kw),
+              lambda x, sx, f: fl.ohem(x, target, keep=0.3, **kw),
+              lambda x, sx, f: fl.ohem(x, target, keep=3, reduction="none", **kw),
+              lambda x, sx, f: fl.ohem(x, target, thresh=0.7, min_kept=2, **kw),
+              lambda x, sx, f: fl.ghmc(x, target, momentum=0.75, state=state, use_sigmoid=False, **kw),
+              lambda x, sx, f: fl.sigmoid_focal(sx, labels, reduction="mean", **kw),
+              lambda x, sx, f: fl.ghmc(sx, labels, momentum=0.75, state=state, **kw),
+              lambda x, sx, f: fl.ghmc(sx, soft, reduction="none", **kw),
+              lambda x, sx, f: fl.ib(x[:, :, 0], target[:, 0].clamp_min(0), f, gamma=2.0, **kw)]
+
+    def run(loss):
+        leaves = [t.clone().requires_grad_(True) for t in (logits, slogits, features)]
+        loss(*leaves).sum().backward()
+
+    return [lambda loss=loss: run(loss) for loss in losses]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_python_level_host_sync(device, monkeypatch):
     """Every loss, forward and backward, with the Tensor -> Python conversions that would sync a
-    GPU (item, bool, int, float, tolist) made to raise: the call path (launchers, torch glue of
-    OHEM/GHM-C, autograd) never reads a device value on the host. The CUDA test below checks
-    the same with torch.cuda's sync debug mode."""
-    logits, target = softmax_case((6, 5, 3), torch.float32, device, ignore_frac=0.2)
-    slogits, labels = sigmoid_case((6, 5), torch.float32, device, ignore_frac=0.2)
-    features = torch.rand(6, 4, device=device)
-    state = torch.zeros(10, device=device)
-    calls = [lambda: fl.focal(x, target, alpha=[0.5] * 5, validate=False, backend="triton"),
-             lambda: fl.focal(x.softmax(1), target, from_logits=False, validate=False, backend="triton"),
-             lambda: fl.ohem(x, target, keep=0.3, validate=False, backend="triton"),
-             lambda: fl.ohem(x, target, keep=3, reduction="none", validate=False, backend="triton"),
-             lambda: fl.ohem(x, target, thresh=0.7, min_kept=2, validate=False, backend="triton"),
-             lambda: fl.ghmc(x, target, momentum=0.75, state=state, use_sigmoid=False, validate=False,
-                             backend="triton"),
-             lambda: fl.sigmoid_focal(sx, labels, reduction="mean", validate=False, backend="triton"),
-             lambda: fl.ghmc(sx, labels, momentum=0.75, state=state, validate=False, backend="triton"),
-             lambda: fl.ghmc(sx, labels.ne(5).float()[..., None].expand(6, 5).contiguous(), validate=False,
-                             backend="triton"),
-             lambda: fl.ib(x[:, :, 0], target[:, 0].clamp_min(0), f, gamma=2.0, validate=False, backend="triton")]
+    GPU (item, bool, int, float, index, tolist) made to raise: the call path (launchers, torch
+    glue of OHEM/GHM-C, autograd) never reads a device value on the host. On CUDA,
+    test_no_host_sync_on_cuda checks the same with torch.cuda's sync debug mode."""
+    calls = _every_loss_forward_backward(device)
     for call in calls:  # warm-up outside the trap (first calls import and compile)
-        x, sx, f = (t.clone().requires_grad_(True) for t in (logits, slogits, features))
-        call().sum().backward()
+        call()
 
     def trap(*args, **kwargs):
         raise AssertionError("a device value was read on the host")
@@ -481,30 +493,20 @@ def test_no_python_level_host_sync(device, monkeypatch):
     for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, trap)
     for call in calls:
-        x, sx, f = (t.clone().requires_grad_(True) for t in (logits, slogits, features))
-        call().sum().backward()
+        call()
     monkeypatch.undo()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host-sync check)")
 def test_no_host_sync_on_cuda():
-    logits, target = softmax_case((64, 80), torch.float32, "cuda", ignore_frac=0.2)
-    slogits, labels = sigmoid_case((64, 80), torch.float32, "cuda")
-    state = torch.zeros(10, device="cuda")
-    fl.focal(logits, target, backend="triton")  # warm-up (compilation may sync)
-    calls = [lambda x: fl.focal(x, target, backend="triton"),
-             lambda x: fl.ohem(x, target, keep=0.3, backend="triton"),
-             lambda x: fl.ohem(x, target, thresh=0.7, min_kept=4, backend="triton"),
-             lambda x: fl.ghmc(x, target, momentum=0.75, state=state, use_sigmoid=False, backend="triton"),
-             lambda x: fl.sigmoid_focal(slogits, labels, reduction="mean", backend="triton"),
-             lambda x: fl.ghmc(slogits, labels, backend="triton")]
-    for call in calls:
-        call(logits.clone().requires_grad_(True)).sum().backward()  # warm-up
+    calls = _every_loss_forward_backward("cuda")
+    for call in calls:  # warm-up: compiling the kernels may sync
+        call()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for call in calls:
-            call(logits.clone().requires_grad_(True)).sum().backward()
+            call()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
