@@ -19,9 +19,12 @@ import os
 import triton
 import triton.language as tl
 
-# The interpreter's float32 -> bfloat16 cast truncates (the GPU rounds to nearest even), which
-# costs a bit of accuracy in every bf16 output: under TRITON_INTERPRET round explicitly.
-_ROUND_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+from triton.language.extra import libdevice
+
+# Under TRITON_INTERPRET (CPU tests) two things differ from the GPU: the interpreter's
+# float32 -> bfloat16 cast truncates (the GPU rounds to nearest even), so bf16 outputs are
+# rounded by hand; and libdevice is not available (tl.exp is numpy's exact exp there).
+_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 # Kinds of the softmax row kernel (plain ints for the launchers; the kernels read the
 # tl.constexpr twins, the only globals a compiled kernel may use).
@@ -66,8 +69,8 @@ def _expm1(v):
 
 @triton.jit
 def _cast(v, dtype: tl.constexpr):
-    """float32 -> output dtype, round to nearest even (see _ROUND_BF16_BY_HAND)."""
-    if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
+    """float32 -> output dtype, round to nearest even (see _INTERPRETING)."""
+    if _INTERPRETING and dtype == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -303,10 +306,20 @@ def _sigmoid_inputs(X, T, offs, numel, C, ignore_index, LABELS: tl.constexpr):
 
 
 @triton.jit
+def _exp_libm(v):
+    """exp as torch computes it on CUDA (libdevice expf); tl.exp is the faster ex2.approx path,
+    a few ulps away, which would move a GHM-C g across a bin edge now and then."""
+    if _INTERPRETING:
+        return tl.exp(v)
+    else:
+        return libdevice.exp(v)
+
+
+@triton.jit
 def _ghm_bin(x, y, valid, bins):
-    """Bin of g = |sigmoid(x) - y| (float32, the same formula on every backend), bins for
-    invalid or NaN g (the 'no bin' slot)."""
-    g = tl.abs(1.0 / (1.0 + tl.exp(-x)) - y)
+    """Bin of g = |sigmoid(x) - y| (float32, torch's formula 1 / (1 + exp(-x)), so the bins agree
+    with every backend's), bins for invalid or NaN g (the 'no bin' slot)."""
+    g = tl.abs(1.0 / (1.0 + _exp_libm(-x)) - y)
     in_bin = valid & (g == g)
     idx = tl.minimum(tl.floor(tl.where(in_bin, g, 0.0) * bins), bins - 1).to(tl.int32)
     return tl.where(in_bin, idx, bins), in_bin
