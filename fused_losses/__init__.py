@@ -8,9 +8,12 @@
 Importing never fails because a backend is missing; see backends().
 """
 from fused_losses import nn, reference
+from fused_losses import _backends
 from fused_losses._backends import BackendStatus
 from fused_losses._backends import status as _status
 from fused_losses.functional import class_weights, focal, ghmc, ib, ohem, sigmoid_focal
+
+_backends.preload()
 
 __version__ = "0.1.0"
 __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "backends", "nn", "reference",

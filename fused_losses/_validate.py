@@ -113,9 +113,11 @@ def _index_target(target, logits: torch.Tensor, expected_shape, what: str) -> to
 
 def _check_range(target: torch.Tensor, ignore_index: int, high: int, validate) -> None:
     """Valid entries of target must lie in [0, high] (ignore_index excluded first).
-    validate=None checks on CPU only (on CUDA it would cost a host sync)."""
+    validate=None checks on CPU only (on CUDA it would cost a host sync), and not while
+    torch.compile traces the call (reading values on the host would break the graph; the CPU
+    kernels and the reference check the range themselves and raise RuntimeError)."""
     if validate is None:
-        validate = target.device.type == "cpu"
+        validate = target.device.type == "cpu" and not torch.compiler.is_compiling()
     if not validate or target.numel() == 0:
         return
     kept = target[target != ignore_index]

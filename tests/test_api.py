@@ -120,3 +120,20 @@ def test_extension_was_built_with_its_cuda_part():
 def test_extension_probe_op_on_cuda():
     x = torch.arange(6, dtype=torch.float32, device="cuda")
     assert torch.equal(torch.ops.fused_losses.build_probe(x).cpu(), 2 * x.cpu() + 1)
+
+
+def test_fullgraph_compile_through_the_public_api_on_a_first_call():
+    # Runs in a fresh interpreter: the first call of the process is the one being traced, with
+    # the default validate=None (no host read while compiling).
+    code = """
+import torch, fused_losses as fl
+x = torch.randn(6, 4, requires_grad=True); t = torch.tensor([0, 1, 2, 3, -100, 1])
+fn = torch.compile(lambda x, t: fl.focal(x, t, gamma=2.0), fullgraph=True, backend="aot_eager")
+out = fn(x, t); out.backward()
+ref = fl.reference.focal(x.detach().double(), t)
+assert abs(float(out.detach()) - float(ref)) < 1e-5 * abs(float(ref)), (out, ref)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

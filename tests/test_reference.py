@@ -130,7 +130,7 @@ def test_empty_batch(reduction):
         if reduction == "none":
             assert out.numel() == 0
         else:
-            assert out.dim() == 0 and float(out) == 0.0
+            assert out.dim() == 0 and float(out.detach()) == 0.0
 
 
 def test_output_dtypes():

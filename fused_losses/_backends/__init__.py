@@ -74,6 +74,15 @@ def get(name: str) -> Backend:
     return _loaded[name]
 
 
+def preload() -> None:
+    """Import every backend module now (each failure is captured by get()). Called when
+    fused_losses is imported, so that a first call traced by torch.compile finds the registry
+    filled and never meets importlib (which dynamo cannot trace). Cheap: backends defer their
+    costly imports (triton, kernels) to their first use."""
+    for name in ORDER:
+        get(name)
+
+
 def status() -> dict[str, BackendStatus]:
     """Every backend in preference order with (available, reason)."""
     return {name: BackendStatus(*get(name).availability()) for name in ORDER}

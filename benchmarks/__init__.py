@@ -1,0 +1,1 @@
+"""Benchmarks of fused_losses against its reference, torch.compile and peers (see README.md)."""

@@ -1,0 +1,100 @@
+"""Compile representative variants of every Triton kernel for a CUDA arch, without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, not Triton's compiler, so it
+accepts things the GPU path rejects (e.g. non-constexpr globals). This lowers each kernel to a
+cubin for the given arch (ptxas ships with triton), so CPU-only CI catches those errors:
+
+    TRITON_INTERPRET=0 python -m fused_losses._triton.compile_check [--arch 90] [--all]
+
+Exit status 0 when every variant compiles; prints one line per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+
+def _variants(full: bool):
+    from fused_losses._triton import kernels as K
+
+    dtypes = ("fp32", "bf16", "fp16")
+    rows = []
+    for i, (xdt, kind, from_logits, class_w, grad, reduce) in enumerate(itertools.product(
+            dtypes, (K.FOCAL, K.STATS, K.IB), (True, False), (True, False), (True, False), (True, False))):
+        if kind != K.FOCAL and not from_logits:
+            continue
+        types = dict(X=f"*{xdt}", T="*i64", CLASS_W="*fp32", FEAT="*fp32", SCALE="*fp32", LOSS=f"*{xdt}",
+                     PARTIAL="*fp32", LOGPT="*fp32", OMP="*fp32", LSE="*fp32", GRAD=f"*{xdt}", DFEAT="*fp32",
+                     M="i64", C="i32", S="i32", sxn="i64", sxc="i32", sxs="i32", sgn="i64", sgc="i32", sgs="i32",
+                     gamma="fp32", alpha="fp32", epsilon="fp32", ignore_index="i64")
+        consts = dict(KIND=kind, HAS_CLASS_W=class_w, HAS_IGNORE=kind != K.IB, FROM_LOGITS=from_logits,
+                      DETACH_FACTOR=False, IB_FOCAL=kind == K.IB and class_w, WRITE_GRAD=grad, STORE_ROWS=not reduce,
+                      REDUCE=reduce, BLOCK_M=64 if i % 2 else 2, BLOCK_C=64 if i % 2 else 2048)
+        rows.append((K.softmax_rows_kernel, types, consts))
+    grads = [(K.softmax_grad_kernel,
+              dict(X=f"*{xdt}", T="*i32", LSE="*fp32", COEF="*fp32", GRAD=f"*{xdt}", M="i32", C="i32", S="i32",
+                   sxn="i32", sxc="i32", sxs="i32", sgn="i32", sgc="i32", sgs="i32", ignore_index="i32"),
+              dict(SKIP_ZERO_COEF=skip, BLOCK_M=64, BLOCK_C=64)) for xdt, skip in zip(dtypes, (True, False, True))]
+    sigmoid = []
+    for xdt, labels, kind, grad in itertools.product(dtypes, (True, False), (K.SIGMOID_FOCAL, K.GHMC_SIGMOID),
+                                                     (True, False)):
+        tdt = "*i64" if labels else f"*{xdt}"
+        sigmoid.append((K.sigmoid_kernel,
+                        dict(X=f"*{xdt}", T=tdt, BIN_W="*fp32", SCALE="*fp32", LOSS=f"*{xdt}", PARTIAL="*fp32",
+                             GRAD=f"*{xdt}", numel="i64", C="i32", alpha="fp32", gamma="fp32", ignore_index="i32",
+                             bins="i32"),
+                        dict(KIND=kind, LABELS=labels, WRITE_GRAD=grad, STORE_ELEMS=not grad, REDUCE=grad, BLOCK=1024)))
+        if kind == K.GHMC_SIGMOID and grad:
+            sigmoid.append((K.ghm_sigmoid_hist_kernel,
+                            dict(X=f"*{xdt}", T=tdt, HIST="*i32", numel="i64", C="i32", ignore_index="i32", bins="i32",
+                                 num_programs="i32"),
+                            dict(LABELS=labels, NUM_BINS_P2=16, BLOCK=1024)))
+    everything = rows + grads + sigmoid
+    if full:
+        return everything
+    # One representative per kernel and kind, the dtypes taking turns.
+    groups: dict = {}
+    for fn, types, consts in everything:
+        key = (fn.__name__, consts.get("KIND"), consts.get("FROM_LOGITS"), consts.get("LABELS"))
+        groups.setdefault(key, []).append((fn, types, consts))
+    picked = []
+    for n, group in enumerate(groups.values()):
+        wanted = dtypes[n % len(dtypes)]
+        picked.append(next((v for v in group if v[1]["X"] == f"*{wanted}"), group[0]))
+    return picked
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default 90)")
+    parser.add_argument("--all", action="store_true", help="every constexpr combination, not one per kind")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
+        return 2
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    for fn, types, consts in _variants(args.all):
+        signature = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
+        constexprs = {(fn.arg_names.index(name),): value for name, value in consts.items()}
+        start = time.time()
+        try:
+            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+                           options={"num_warps": 4})
+            status = "ok"
+        except Exception as exc:  # noqa: BLE001 - report every failing variant
+            failures += 1
+            status = f"FAILED {type(exc).__name__}: {exc}"
+        print(f"{fn.__name__} {types['X'][1:]} {consts}: {status} ({time.time() - start:.1f} s)", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Triton kernels of the 'triton' backend (launchers: fused_losses._triton.launch).
+
+All math is float32 whatever the logits dtype (fp32/fp16/bf16 are loaded and upcast); every
+offset is int64 (N x C over 2^31 elements happens). No float atomics: reductions are written as
+one partial per program and summed by torch (deterministic).
+
+Layouts
+- Softmax family: logits seen as (N, C, S) with arbitrary strides (S = prod(d...), S = 1 for
+  (N, C)), so channel-second (N, C, H, W) is read in place; row r = n * S + s is one sample.
+  A program owns BLOCK_M rows and walks C in BLOCK_C columns.
+- Sigmoid family: logits flattened to (numel,) = (rows x C), contiguous; float targets of the
+  same layout, or integer labels per row (label == C is background, never a one-hot).
+
+Every softmax-family gradient is  dL/dx_ij = coef_i * (softmax_ij - [j == t_i])  with one scalar
+coef_i per row (from_logits=False: only the target column, dL/dp_t).
+"""
+import os
+
+import triton
+import triton.language as tl
+
+from triton.language.extra import libdevice
+
+# Under TRITON_INTERPRET (CPU tests) two things differ from the GPU: the interpreter's
+# float32 -> bfloat16 cast truncates (the GPU rounds to nearest even), so bf16 outputs are
+# rounded by hand; and libdevice is not available (tl.exp is numpy's exact exp there).
+_INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+# Kinds of the softmax row kernel (plain ints for the launchers; the kernels read the
+# tl.constexpr twins, the only globals a compiled kernel may use).
+FOCAL = 0  # softmax focal (gamma = 0, alpha = None: cross entropy)
+STATS = 1  # per-row log p_t, 1 - p_t and logsumexp only (OHEM, GHM-C softmax)
+IB = 2  # influence-balanced (and IB-focal)
+# Kinds of the sigmoid elementwise kernel.
+SIGMOID_FOCAL = 0
+GHMC_SIGMOID = 1
+_FOCAL = tl.constexpr(FOCAL)
+_STATS = tl.constexpr(STATS)
+_SIGMOID_FOCAL = tl.constexpr(SIGMOID_FOCAL)
+
+
+# --------------------------------------------------------------------------------------------
+# float32 helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _pow(base, exponent):
+    """base ** exponent for base >= 0, exponent >= 0 (runtime): 0 ** 0 = 1, 0 ** e = 0."""
+    safe = tl.where(base > 0, base, 1.0)
+    powered = tl.exp2(exponent * tl.log2(safe))
+    return tl.where(base > 0, powered, tl.where(exponent == 0, 1.0, 0.0))
+
+
+@triton.jit
+def _log1p(v):
+    """log(1 + v) accurate for small v (Goldberg's trick; the exact log1p is not in tl)."""
+    u = 1.0 + v
+    d = u - 1.0
+    return tl.where(d == 0, v, tl.log(u) * (v / tl.where(d == 0, 1.0, d)))
+
+
+@triton.jit
+def _expm1(v):
+    """exp(v) - 1 accurate for small v (Kahan's trick)."""
+    u = tl.exp(v)
+    d = u - 1.0
+    ok = (d != 0) & (d != -1.0)
+    return tl.where(ok, d * (v / tl.log(tl.where(ok, u, 2.0))), tl.where(d == 0, v, d))
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr):
+    """float32 -> output dtype, round to nearest even (see _INTERPRETING)."""
+    if _INTERPRETING and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(v == v, rounded, v.to(tl.bfloat16))
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def _focal_term(logpt, one_minus_pt, gamma):
+    """L(l) = (1 - p_t)^gamma * (-l) with l = log p_t and dL/dl, finite at p_t = 1 for every gamma:
+    dL/dl = gamma * p_t * (1 - p_t)^gamma * r - (1 - p_t)^gamma, r = l / (1 - p_t) (-> -1)."""
+    mod = _pow(one_minus_pt, gamma)
+    value = mod * (-logpt)
+    r = tl.where(one_minus_pt > 0, logpt / tl.where(one_minus_pt > 0, one_minus_pt, 1.0), -1.0)
+    dvalue = tl.where(gamma == 0, -1.0, gamma * tl.exp(logpt) * mod * r - mod)
+    return value, dvalue
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax family: one kernel for the per-row statistics, the loss and (optionally) the gradient
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def softmax_rows_kernel(
+    X, T, CLASS_W, FEAT, SCALE,  # inputs: logits, targets, per-class alpha/weight, ib feature norms, grad scale
+    LOSS, PARTIAL, LOGPT, OMP, LSE, GRAD, DFEAT,  # outputs
+    M, C, S, sxn, sxc, sxs, sgn, sgc, sgs,
+    gamma, alpha, epsilon, ignore_index,
+    KIND: tl.constexpr, HAS_CLASS_W: tl.constexpr, HAS_IGNORE: tl.constexpr, FROM_LOGITS: tl.constexpr,
+    DETACH_FACTOR: tl.constexpr, IB_FOCAL: tl.constexpr, WRITE_GRAD: tl.constexpr, STORE_ROWS: tl.constexpr,
+    REDUCE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Row-wise online softmax over C, then a per-row loss l_i and coefficient coef_i.
+
+    Pass 1 (from_logits): m = max_j x_j, s = sum_j e^(x_j - m), s_t' = sum_{j != t} e^(x_j - m)
+      (one rescale per block), lse = m + log s, log p_t = x_t - lse, 1 - p_t = s_t' / s (exact
+      near p_t = 1, no cancellation).
+    FOCAL: l = alpha_t (1 - p_t)^gamma (-log p_t); coef = -alpha_t dL/dlog p_t.
+           from_logits=False: x holds p; log p_t = log x_t, grad only at t: alpha_t dL/dl / x_t.
+    IB:    g = 2 (1 - p_t), factor = alpha / (g f + eps), h = CE_w or (1 - e^-CE_w)^gamma CE_w,
+           l = factor h, coef = -(factor dh/dl + h dfactor/dl); DFEAT = dl/df = -h alpha g / (g f + eps)^2.
+    STATS: writes log p_t, 1 - p_t, lse (no loss, no grad); the caller finishes with torch.
+    Pass 2 (WRITE_GRAD): GRAD_ij = SCALE * coef_i * (e^(x_ij - lse_i) - [j == t_i]).
+    Ignored rows: loss 0, grad 0, their logits are never read.
+    Traffic: logits read once (twice with the gradient pass, the second mostly from cache for
+    moderate C), targets once, grad written once; per row a few floats.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    in_range = rows < M
+    t = tl.load(T + rows, mask=in_range, other=0).to(tl.int64)
+    if HAS_IGNORE:
+        valid = in_range & (t != ignore_index)
+    else:
+        valid = in_range
+    t = tl.where(valid, t, 0)
+    n = rows // S
+    s_idx = rows - n * S
+    xbase = n * sxn + s_idx * sxs
+    gbase = n * sgn + s_idx * sgs
+    # Out-of-range targets never read out of bounds: clamp for the gathers.
+    t_safe = tl.minimum(tl.maximum(t, 0), C - 1)
+
+    if FROM_LOGITS:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s_all = tl.zeros([BLOCK_M], tl.float32)
+        s_oth = tl.zeros([BLOCK_M], tl.float32)
+        x_t = tl.zeros([BLOCK_M], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            mask = valid[:, None] & (cols < C)[None, :]
+            x = tl.load(X + xbase[:, None] + cols[None, :] * sxc, mask=mask, other=float("-inf")).to(tl.float32)
+            is_t = cols[None, :] == t[:, None]
+            x_t += tl.sum(tl.where(is_t & mask, x, 0.0), axis=1)
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            rescale = tl.exp(m - m_ref)
+            e = tl.exp(x - m_ref[:, None])
+            s_all = s_all * rescale + tl.sum(e, axis=1)
+            s_oth = s_oth * rescale + tl.sum(tl.where(is_t, 0.0, e), axis=1)
+            m = m_new
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        s_all = tl.where(valid, s_all, 1.0)  # ignored rows read nothing; keep their math finite
+        log_s = tl.log(s_all)
+        lse = m_ref + log_s
+        one_minus_pt = s_oth / s_all
+        # log p_t: log1p(-(1 - p_t)) is exact to a few ulps for p_t > 1/2 (where x_t - lse
+        # would cancel); below, (x_t - m) - log s has two terms of the same sign.
+        logpt = tl.where(one_minus_pt < 0.5, _log1p(-tl.minimum(one_minus_pt, 0.5)), (x_t - m_ref) - log_s)
+        logpt = tl.where(valid, logpt, 0.0)
+        one_minus_pt = tl.where(valid, one_minus_pt, 0.0)
+        lse = tl.where(valid, lse, 0.0)
+    else:
+        p_t = tl.load(X + xbase + t_safe * sxc, mask=valid, other=1.0).to(tl.float32)
+        logpt = tl.log(p_t)
+        one_minus_pt = 1.0 - p_t
+        lse = tl.zeros([BLOCK_M], tl.float32)
+
+    scale = tl.load(SCALE)
+    if KIND == _STATS:
+        tl.store(LOGPT + rows, logpt, mask=in_range)
+        tl.store(OMP + rows, one_minus_pt, mask=in_range)
+        tl.store(LSE + rows, lse, mask=in_range)
+    else:
+        if KIND == _FOCAL:
+            if HAS_CLASS_W:
+                a_t = tl.load(CLASS_W + t_safe, mask=valid, other=0.0).to(tl.float32)
+            else:
+                a_t = tl.zeros([BLOCK_M], tl.float32) + alpha
+            value, dvalue = _focal_term(logpt, one_minus_pt, gamma)
+            loss = a_t * value
+            dl = a_t * dvalue  # dL/dlog p_t
+        else:  # IB
+            if HAS_CLASS_W:
+                w_t = tl.load(CLASS_W + t_safe, mask=valid, other=0.0).to(tl.float32)
+            else:
+                w_t = tl.zeros([BLOCK_M], tl.float32) + 1.0
+            f = tl.load(FEAT + rows, mask=valid, other=0.0).to(tl.float32)
+            g = 2.0 * one_minus_pt
+            denom = g * f + epsilon
+            factor = alpha / denom
+            ce_w = -logpt * w_t
+            if IB_FOCAL:
+                u = w_t * logpt  # = -CE_w
+                omq = -_expm1(u)
+                mod = _pow(omq, gamma)
+                h = mod * ce_w
+                r = tl.where(omq > 0, u / tl.where(omq > 0, omq, 1.0), -1.0)
+                dh = w_t * (gamma * tl.exp(u) * mod * r - mod)
+            else:
+                h = ce_w
+                dh = -w_t
+            loss = factor * h
+            if DETACH_FACTOR:
+                dl = factor * dh
+            else:
+                dfactor = 2.0 * alpha * f * tl.exp(logpt) / (denom * denom)
+                dl = factor * dh + h * dfactor
+                if WRITE_GRAD:
+                    dfeat = -h * alpha * g / (denom * denom)
+                    tl.store(DFEAT + rows, tl.where(valid, dfeat * scale, 0.0), mask=in_range)
+        loss = tl.where(valid, loss, 0.0)
+        dl = tl.where(valid, dl, 0.0)
+        if STORE_ROWS:
+            tl.store(LOSS + rows, _cast(loss, LOSS.dtype.element_ty), mask=in_range)
+        if REDUCE:
+            tl.store(PARTIAL + pid, tl.sum(loss, axis=0))
+        if WRITE_GRAD:
+            if FROM_LOGITS:
+                coef = -dl * scale
+                for c0 in range(0, C, BLOCK_C):
+                    cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+                    cmask = (cols < C)[None, :]
+                    mask = valid[:, None] & cmask
+                    x = tl.load(X + xbase[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+                    p = tl.exp(x - lse[:, None])
+                    grad = coef[:, None] * (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0))
+                    grad = tl.where(mask, grad, 0.0)
+                    tl.store(GRAD + gbase[:, None] + cols[None, :] * sgc, _cast(grad, GRAD.dtype.element_ty),
+                             mask=in_range[:, None] & cmask)
+            else:
+                # d log p_t / d p_t = 1 / p_t; ignored rows have p_t = 1 and dl = 0.
+                grad_t = dl * scale / tl.where(valid, tl.exp(logpt), 1.0)
+                for c0 in range(0, C, BLOCK_C):
+                    cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+                    cmask = (cols < C)[None, :]
+                    grad = tl.where((cols[None, :] == t[:, None]) & valid[:, None], grad_t[:, None], 0.0)
+                    tl.store(GRAD + gbase[:, None] + cols[None, :] * sgc, _cast(grad, GRAD.dtype.element_ty),
+                             mask=in_range[:, None] & cmask)
+
+
+@triton.jit
+def softmax_grad_kernel(
+    X, T, LSE, COEF, GRAD,
+    M, C, S, sxn, sxc, sxs, sgn, sgc, sgs,
+    ignore_index,
+    SKIP_ZERO_COEF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """GRAD_ij = COEF_i * (e^(x_ij - LSE_i) - [j == t_i]) for non-ignored rows, 0 elsewhere.
+
+    Second pass of the batch-coupled losses (OHEM, GHM-C softmax), whose per-row coefficients
+    come from torch ops on the row statistics. SKIP_ZERO_COEF (OHEM): rows with COEF_i = 0 are
+    dropped samples, written as 0 without reading their logits (the reference masks them); GHM-C
+    multiplies instead, so a NaN row with weight 0 stays NaN as in the reference.
+    Traffic: logits read once (only rows that carry gradient), grad written once, 2 floats +
+    1 target per row.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    in_range = rows < M
+    t = tl.load(T + rows, mask=in_range, other=0).to(tl.int64)
+    coef = tl.load(COEF + rows, mask=in_range, other=0.0)
+    valid = in_range & (t != ignore_index)
+    if SKIP_ZERO_COEF:
+        valid = valid & (coef != 0)
+    lse = tl.load(LSE + rows, mask=valid, other=0.0)
+    n = rows // S
+    s_idx = rows - n * S
+    xbase = n * sxn + s_idx * sxs
+    gbase = n * sgn + s_idx * sgs
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        cmask = (cols < C)[None, :]
+        mask = valid[:, None] & cmask
+        x = tl.load(X + xbase[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse[:, None])
+        grad = coef[:, None] * (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0))
+        grad = tl.where(mask, grad, 0.0)
+        tl.store(GRAD + gbase[:, None] + cols[None, :] * sgc, _cast(grad, GRAD.dtype.element_ty),
+                 mask=in_range[:, None] & cmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Sigmoid family: elementwise
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _sigmoid_inputs(X, T, offs, numel, C, ignore_index, LABELS: tl.constexpr):
+    """x (fp32), y in [0, 1] (fp32), valid mask for flat offsets. Integer labels: y = [label == col],
+    label == C (background) gives y = 0 everywhere, label == ignore_index makes the row invalid."""
+    in_range = offs < numel
+    if LABELS:
+        row = offs // C
+        col = offs - row * C
+        label = tl.load(T + row, mask=in_range, other=0).to(tl.int64)
+        valid = in_range & (label != ignore_index)
+        y = tl.where(label == col, 1.0, 0.0)
+    else:
+        valid = in_range
+        y = tl.load(T + offs, mask=in_range, other=0.0).to(tl.float32)
+    x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
+    return x, y, valid, in_range
+
+
+@triton.jit
+def _exp_libm(v):
+    """exp as torch computes it on CUDA (libdevice expf); tl.exp is the faster ex2.approx path,
+    a few ulps away, which would move a GHM-C g across a bin edge now and then."""
+    if _INTERPRETING:
+        return tl.exp(v)
+    else:
+        return libdevice.exp(v)
+
+
+@triton.jit
+def _ghm_bin(x, y, valid, bins):
+    """Bin of g = |sigmoid(x) - y| (float32, torch's formula 1 / (1 + exp(-x)), so the bins agree
+    with every backend's), bins for invalid or NaN g (the 'no bin' slot)."""
+    g = tl.abs(1.0 / (1.0 + _exp_libm(-x)) - y)
+    in_bin = valid & (g == g)
+    idx = tl.minimum(tl.floor(tl.where(in_bin, g, 0.0) * bins), bins - 1).to(tl.int32)
+    return tl.where(in_bin, idx, bins), in_bin
+
+
+@triton.jit
+def sigmoid_kernel(
+    X, T, BIN_W, SCALE,  # inputs: logits, targets/labels, GHM-C per-bin weights, grad scale
+    LOSS, PARTIAL, GRAD,  # outputs
+    numel, C, alpha, gamma, ignore_index, bins,
+    KIND: tl.constexpr, LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, STORE_ELEMS: tl.constexpr,
+    REDUCE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Elementwise sigmoid losses, with p = sigmoid(x), q = 1 - p = sigmoid(-x) (both exact):
+    CE = max(x, 0) - x y + log1p(e^-|x|), dCE/dx = p - y.
+    SIGMOID_FOCAL: l = alpha_t CE (1 - p_t)^gamma, 1 - p_t = p (1 - y) + q y,
+      alpha_t = alpha y + (1 - alpha)(1 - y) (alpha < 0: 1);
+      dl/dx = alpha_t [(p - y) m + CE gamma (1 - p_t)^(gamma - 1) p q (1 - 2y)], the last term
+      taken as 0 where 1 - p_t = 0 (its limit).
+    GHMC_SIGMOID: l = w[bin(g)] CE, dl/dx = w[bin] (p - y) (weights carry no gradient).
+    GRAD = SCALE * dl/dx; ignored rows (integer labels): 0 loss, 0 grad, logits not read.
+    Traffic: logits read once, targets once (labels: one int per row, cached), loss written
+    once ('none') or one float per program, grad written once.
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    x, y, valid, in_range = _sigmoid_inputs(X, T, offs, numel, C, ignore_index, LABELS)
+    ax = tl.abs(x)
+    e = tl.exp(-ax)
+    inv = 1.0 / (1.0 + e)
+    p = tl.where(x >= 0, inv, e * inv)
+    q = tl.where(x >= 0, e * inv, inv)
+    ce = tl.maximum(x, 0.0) - x * y + _log1p(e)
+    if KIND == _SIGMOID_FOCAL:
+        one_minus_pt = p * (1.0 - y) + q * y
+        mod = _pow(one_minus_pt, gamma)
+        a_t = tl.where(alpha >= 0, alpha * y + (1.0 - alpha) * (1.0 - y), 1.0)
+        loss = a_t * ce * mod
+        dmod = tl.where((one_minus_pt > 0) & (gamma != 0),
+                        gamma * _pow(one_minus_pt, gamma - 1.0) * p * q * (1.0 - 2.0 * y), 0.0)
+        dloss = a_t * ((p - y) * mod + ce * dmod)
+    else:
+        idx, in_bin = _ghm_bin(x, y, valid, bins)
+        w = tl.load(BIN_W + idx, mask=in_bin, other=0.0)
+        loss = w * ce
+        dloss = w * (p - y)
+    loss = tl.where(valid, loss, 0.0)
+    if STORE_ELEMS:
+        tl.store(LOSS + offs, _cast(loss, LOSS.dtype.element_ty), mask=in_range)
+    if REDUCE:
+        tl.store(PARTIAL + pid, tl.sum(loss, axis=0))
+    if WRITE_GRAD:
+        scale = tl.load(SCALE)
+        grad = tl.where(valid, dloss * scale, 0.0)
+        tl.store(GRAD + offs, _cast(grad, GRAD.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def ghm_sigmoid_hist_kernel(
+    X, T, HIST,
+    numel, C, ignore_index, bins, num_programs,
+    LABELS: tl.constexpr, NUM_BINS_P2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per-program histogram of the GHM-C bins of g = |sigmoid(x) - y| over a grid-stride range:
+    HIST[pid, b] = #{valid elements e of this program with bin(e) = b}, slot `bins` collects
+    invalid/NaN. torch sums HIST over programs (integers: exact, deterministic).
+    Traffic: logits and targets read once, NUM_BINS_P2 ints written per program.
+    """
+    pid = tl.program_id(0)
+    hist = tl.zeros([NUM_BINS_P2], tl.int32)
+    for start in range(pid.to(tl.int64) * BLOCK, numel, num_programs * BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        x, y, valid, in_range = _sigmoid_inputs(X, T, offs, numel, C, ignore_index, LABELS)
+        idx, in_bin = _ghm_bin(x, y, valid, bins)
+        hist += tl.histogram(idx, NUM_BINS_P2)
+    tl.store(HIST + pid.to(tl.int64) * NUM_BINS_P2 + tl.arange(0, NUM_BINS_P2), hist)

@@ -1,0 +1,250 @@
+"""torch.library registration of the Triton losses, namespace ``fused_losses_triton``.
+
+Three layers (as flash-attention): custom ops (opaque to torch.compile, with fake kernels for
+tracing) -> autograd formulas (register_autograd) -> loss functions with the signatures of
+fused_losses.reference, which the 'triton' backend serves.
+
+Every op returns the loss *and* the gradient w.r.t. the logits computed in the same pass for a
+unit cotangent (empty when no gradient is needed), so forward + backward read the logits once.
+The backward returns a fresh tensor ``saved_grad * grad_output`` (never in place, so
+retain_graph=True and repeated backward calls stay correct). Custom ops (not triton_op) are used
+so that torch.compile treats them as one opaque call on any device: Inductor's path for
+user-defined Triton kernels needs a GPU, while these also run on CPU tensors under
+TRITON_INTERPRET=1.
+
+GHM-C's EMA state is not mutated by the op (register_autograd does not support mutating ops):
+the op returns the updated state and the caller copies it into the user's tensor in place.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_losses._triton import launch
+
+_NS = "fused_losses_triton"
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _fake_loss(logits: Tensor, shape, reduction: str) -> Tensor:
+    if reduction == "none":
+        return logits.new_empty(shape)
+    return logits.new_empty((), dtype=torch.float32)
+
+
+def _fake_grad(like: Tensor, need_grad: bool, reduction: str) -> Tensor:
+    if not need_grad:
+        return like.new_empty((0,))
+    return like.new_empty(like.shape, dtype=launch.grad_dtype(like.dtype, reduction))
+
+
+def _scale(saved: Tensor, grad_out: Tensor, reduction: str, channel_dim: Optional[int], dtype) -> Tensor:
+    """saved gradient (unit cotangent) x grad_output, as a fresh tensor in `dtype` (the input's).
+    'mean'/'sum': a 0-dim fp32 cotangent, the product keeps saved's dtype (= dtype).
+    'none': per-sample cotangent, broadcast over C for the softmax family (channel_dim); the
+    saved gradient is fp32 for fp16/bf16 inputs, so the result is rounded once."""
+    if reduction != "none":
+        return saved * grad_out
+    if channel_dim is not None:
+        grad_out = grad_out.unsqueeze(channel_dim)
+    return (saved * grad_out).to(dtype)
+
+
+def _save_grads(ctx, inputs, output, reduction_pos: int, n_grads: int):
+    ctx.reduction = inputs[reduction_pos]
+    ctx.dtype = inputs[0].dtype
+    grads = output[1:1 + n_grads]
+    ctx.save_for_backward(*grads)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+# --------------------------------------------------------------------------------------------
+# softmax focal
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_NS}::softmax_focal", mutates_args=())
+def softmax_focal_op(logits: Tensor, target: Tensor, alpha_t: Optional[Tensor], alpha: float, gamma: float,
+                     ignore_index: int, reduction: str, from_logits: bool, need_grad: bool) -> tuple[Tensor, Tensor]:
+    return launch.softmax_focal(logits, target, alpha_t, alpha, gamma, ignore_index, reduction, from_logits,
+                                need_grad)
+
+
+@softmax_focal_op.register_fake
+def _(logits, target, alpha_t, alpha, gamma, ignore_index, reduction, from_logits, need_grad):
+    return _fake_loss(logits, target.shape, reduction), _fake_grad(logits, need_grad, reduction)
+
+
+def _softmax_focal_setup(ctx, inputs, output):
+    _save_grads(ctx, inputs, output, 6, 1)
+
+
+def _softmax_focal_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return _scale(grad, grad_loss, ctx.reduction, 1, ctx.dtype), None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{_NS}::softmax_focal", _softmax_focal_backward,
+                                setup_context=_softmax_focal_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# sigmoid focal
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_NS}::sigmoid_focal", mutates_args=())
+def sigmoid_focal_op(logits: Tensor, target: Tensor, alpha: float, gamma: float, ignore_index: int,
+                     reduction: str, need_grad: bool) -> tuple[Tensor, Tensor]:
+    return launch.sigmoid_focal(logits, target, alpha, gamma, ignore_index, reduction, need_grad)
+
+
+@sigmoid_focal_op.register_fake
+def _(logits, target, alpha, gamma, ignore_index, reduction, need_grad):
+    return _fake_loss(logits, logits.shape, reduction), _fake_grad(logits, need_grad, reduction)
+
+
+def _sigmoid_focal_setup(ctx, inputs, output):
+    _save_grads(ctx, inputs, output, 5, 1)
+
+
+def _sigmoid_focal_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return _scale(grad, grad_loss, ctx.reduction, None, ctx.dtype), None, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{_NS}::sigmoid_focal", _sigmoid_focal_backward,
+                                setup_context=_sigmoid_focal_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# OHEM
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_NS}::ohem", mutates_args=())
+def ohem_op(logits: Tensor, target: Tensor, keep: float, keep_is_int: bool, thresh: Optional[float],
+            min_kept: int, ignore_index: int, reduction: str, need_grad: bool) -> tuple[Tensor, Tensor]:
+    return launch.ohem(logits, target, keep, keep_is_int, thresh, min_kept, ignore_index, reduction, need_grad)
+
+
+@ohem_op.register_fake
+def _(logits, target, keep, keep_is_int, thresh, min_kept, ignore_index, reduction, need_grad):
+    return _fake_loss(logits, target.shape, reduction), _fake_grad(logits, need_grad, reduction)
+
+
+def _ohem_setup(ctx, inputs, output):
+    _save_grads(ctx, inputs, output, 7, 1)
+
+
+def _ohem_backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    return (_scale(grad, grad_loss, ctx.reduction, 1, ctx.dtype),) + (None,) * 8
+
+
+torch.library.register_autograd(f"{_NS}::ohem", _ohem_backward, setup_context=_ohem_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# GHM-C (returns the updated EMA state; the caller copies it into the user's state)
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_NS}::ghmc", mutates_args=())
+def ghmc_op(logits: Tensor, target: Tensor, state: Optional[Tensor], bins: int, momentum: float,
+            use_sigmoid: bool, ignore_index: int, reduction: str, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    fn = launch.ghmc_sigmoid if use_sigmoid else launch.ghmc_softmax
+    return fn(logits, target, state, bins, momentum, ignore_index, reduction, need_grad)
+
+
+@ghmc_op.register_fake
+def _(logits, target, state, bins, momentum, use_sigmoid, ignore_index, reduction, need_grad):
+    shape = logits.shape if use_sigmoid else target.shape
+    new_state = state.new_empty(state.shape) if state is not None else logits.new_empty((0,), dtype=torch.float32)
+    return _fake_loss(logits, shape, reduction), _fake_grad(logits, need_grad, reduction), new_state
+
+
+def _ghmc_setup(ctx, inputs, output):
+    _save_grads(ctx, inputs, output, 7, 1)
+    ctx.channel_dim = None if inputs[5] else 1
+
+
+def _ghmc_backward(ctx, grad_loss, _grad_grad, _grad_state):
+    (grad,) = ctx.saved_tensors
+    return (_scale(grad, grad_loss, ctx.reduction, ctx.channel_dim, ctx.dtype),) + (None,) * 8
+
+
+torch.library.register_autograd(f"{_NS}::ghmc", _ghmc_backward, setup_context=_ghmc_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# IB
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{_NS}::ib", mutates_args=())
+def ib_op(logits: Tensor, target: Tensor, features: Tensor, weight: Optional[Tensor], alpha: float, epsilon: float,
+          gamma: float, detach_factor: bool, reduction: str, need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return launch.ib(logits, target, features, weight, alpha, epsilon, gamma, detach_factor, reduction, need_grad)
+
+
+@ib_op.register_fake
+def _(logits, target, features, weight, alpha, epsilon, gamma, detach_factor, reduction, need_grad):
+    return (_fake_loss(logits, target.shape, reduction), _fake_grad(logits, need_grad, reduction),
+            _fake_grad(features, need_grad and not detach_factor, reduction))
+
+
+def _ib_setup(ctx, inputs, output):
+    _save_grads(ctx, inputs, output, 8, 2)
+    ctx.detach_factor = inputs[7]
+    ctx.feature_dim = inputs[2].dim()
+    ctx.feature_dtype = inputs[2].dtype
+
+
+def _ib_backward(ctx, grad_loss, _grad_grad, _grad_feat):
+    grad, grad_feat = ctx.saved_tensors
+    grad_logits = _scale(grad, grad_loss, ctx.reduction, 1, ctx.dtype)
+    grad_features = None
+    if not ctx.detach_factor:
+        channel_dim = None if ctx.feature_dim == 1 else 1
+        grad_features = _scale(grad_feat, grad_loss, ctx.reduction, channel_dim, ctx.feature_dtype)
+    return (grad_logits, None, grad_features) + (None,) * 7
+
+
+torch.library.register_autograd(f"{_NS}::ib", _ib_backward, setup_context=_ib_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# The backend's loss functions: signatures of fused_losses.reference (normalised kwargs)
+# --------------------------------------------------------------------------------------------
+def focal(logits, target, *, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean", from_logits=True):
+    alpha_t = alpha if isinstance(alpha, Tensor) else None
+    alpha_s = 1.0 if alpha is None or alpha_t is not None else float(alpha)
+    loss, _ = softmax_focal_op(logits, target, alpha_t, alpha_s, float(gamma), int(ignore_index), reduction,
+                               bool(from_logits), _needs_grad(logits))
+    return loss
+
+
+def sigmoid_focal(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=-100, reduction="none"):
+    loss, _ = sigmoid_focal_op(logits, target, float(alpha), float(gamma), int(ignore_index), reduction,
+                               _needs_grad(logits))
+    return loss
+
+
+def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=-100, reduction="mean"):
+    keep_is_int = isinstance(keep, int)
+    loss, _ = ohem_op(logits, target, float(keep), keep_is_int, None if thresh is None else float(thresh),
+                      int(min_kept or 0), int(ignore_index), reduction, _needs_grad(logits))
+    return loss
+
+
+def ghmc(logits, target, *, bins=10, momentum=0.0, state=None, use_sigmoid=True, ignore_index=-100,
+         reduction="mean"):
+    loss, _, new_state = ghmc_op(logits, target, state, int(bins), float(momentum), bool(use_sigmoid),
+                                 int(ignore_index), reduction, _needs_grad(logits))
+    if state is not None:
+        with torch.no_grad():
+            state.copy_(new_state)
+    return loss
+
+
+def ib(logits, target, features, *, alpha=1000.0, epsilon=1e-3, weight=None, gamma=0.0, detach_factor=False,
+       reduction="mean"):
+    loss, _, _ = ib_op(logits, target, features, weight, float(alpha), float(epsilon), float(gamma),
+                       bool(detach_factor), reduction, _needs_grad(logits, features))
+    return loss
