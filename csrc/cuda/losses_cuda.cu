@@ -1211,7 +1211,8 @@ at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& 
       });
     }
   } else {
-    const SoftmaxCall call = softmax_call(logits_in, target_in, "none", false, false, "ghmc_bin_weights");
+    // "sum": the call's loss output is then a 0-dim tensor this op does not use (no rows buffer).
+    const SoftmaxCall call = softmax_call(logits_in, target_in, "sum", false, false, "ghmc_bin_weights");
     const int64_t rows = call.sh.N * call.sh.S;
     valid_rows = count_valid(call.target, ignore_index);
     valid.count_dev = valid_rows.data_ptr<int64_t>();
@@ -1219,6 +1220,7 @@ at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& 
       const at::Tensor log_pt = at::empty({rows}, call.logits.options().dtype(at::kFloat));
       FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ghm_stats_cuda", [&] {
         SoftmaxArgs<scalar_t> a = softmax_args<scalar_t>(call, ignore_index, SoftmaxLoss::Stats);
+        a.reduction = Reduction::None;
         a.loss_rows = nullptr;
         a.log_pt_rows = log_pt.data_ptr<float>();
         softmax_pass(a, false, at::Tensor());
