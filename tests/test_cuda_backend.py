@@ -136,10 +136,11 @@ def test_focal_matrix(dtype, c, n, config, reduction):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("c", [8, 16, 40, 64, 128, 256, 512, 1000, 1024, 1032, 4096, 5000])
+@pytest.mark.parametrize("c", [4, 5, 8, 16, 17, 32, 33, 40, 64, 128, 129, 256, 512, 1000, 1024, 1032, 4096, 5000])
 def test_focal_every_row_kernel(dtype, c):
-    """Row lengths on both sides of every register layout (packed and unpacked) and the
-    three-sweep kernel for long rows."""
+    """Row lengths on both sides of every register layout (packs of 16 bytes when C is a
+    multiple of 8 (fp16/bf16) or 4 (fp32), single values otherwise; boundaries at 4, 16, 32 and
+    128 packs per row) and the three-sweep kernel for long rows."""
     logits, target = softmax_case((37, c), dtype, ignore_frac=0.1, seed=c)
     check("focal", logits, target, gamma=2.0, reduction="none")
     check("focal", logits, target, gamma=0.5, alpha=0.25, reduction="mean")
