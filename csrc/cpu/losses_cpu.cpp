@@ -23,6 +23,11 @@
 #include <limits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "cpu/simd_kernels.h"
 #include "losses_math.h"
 
 namespace fused_losses {
@@ -106,11 +111,31 @@ at::Tensor finish_loss(const at::Tensor& logits, const std::vector<T>& row_loss,
   return out;
 }
 
+// at::empty for the big outputs (gradients, elementwise losses). A fresh multi-megabyte buffer
+// costs more in first-touch page faults than the whole kernel (4 KiB pages: measured ~75 ms for
+// 84 MB on the 2-core CI machine, against ~12 ms to write it); asking for transparent huge
+// pages before the first write cuts the faults ~500x. Linux only, advisory (no effect where
+// THP is off), the same thing torch's THP_MEM_ALLOC_ENABLE=1 does for every allocation.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(out.nbytes());
+  const uintptr_t aligned_begin = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t aligned_end = end & ~(kHuge - 1);
+  if (aligned_end > aligned_begin) {
+    madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
 // Gradient buffers of the forward ops: in the math dtype (float for fp16/bf16/fp32, double for
 // fp64), so the logits-dtype gradient is rounded once, in scale_grad. Empty (0,) when not needed.
 at::Tensor grad_buffer(const at::Tensor& logits, bool compute_grad) {
   const at::TensorOptions options = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
-  return compute_grad ? at::empty(logits.sizes(), options) : at::empty({0}, options);
+  return compute_grad ? empty_output(logits.sizes(), options) : at::empty({0}, options);
 }
 
 int64_t count_valid(const int64_t* target, int64_t n, int64_t ignore_index) {
@@ -234,7 +259,18 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
         }
         continue;
       }
-      tile_exp_sums<kUnitStride>(xt, C, class_stride, w, e.data(), row_max, row_sum);
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        // fp32: the multiversioned (AVX-512 / AVX2 / baseline) loops of simd_kernels.cpp.
+        if (kUnitStride) {
+          const cpu::MaxSum ms = cpu::row_exp_sum(xt, C, e.data());
+          row_max[0] = ms.max;
+          row_sum[0] = ms.sum;
+        } else {
+          cpu::tile_exp_sum(xt, C, class_stride, w, e.data(), row_max, row_sum);
+        }
+      } else {
+        tile_exp_sums<kUnitStride>(xt, C, class_stride, w, e.data(), row_max, row_sum);
+      }
       for (int64_t j = 0; j < w; ++j) {
         k[j] = 0;
         log_pt[j] = 0;
@@ -248,8 +284,12 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
       if (kUnitStride) {
         const T scale = -k[0] / row_sum[0];
         const T* er = e.data();
+        if constexpr (std::is_same<T, float>::value) {
+          cpu::scale_to(gt, er, scale, C);
+        } else {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gt[c] = scale * er[c];
+          for (int64_t c = 0; c < C; ++c) gt[c] = scale * er[c];
+        }
       } else {
         T scale[kTile];
         for (int64_t j = 0; j < w; ++j) scale[j] = -k[j] / row_sum[j];
@@ -309,8 +349,12 @@ void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
           continue;
         }
         const T kr = -k[row0], lr = lse[row0];
+        if constexpr (std::is_same<scalar_t, float>::value) {
+          cpu::scaled_exp_to(gt, xt, lr, kr, C);
+        } else {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gt[c] = kr * exp_vectorizable(static_cast<T>(xt[c]) - lr);
+          for (int64_t c = 0; c < C; ++c) gt[c] = kr * exp_vectorizable(static_cast<T>(xt[c]) - lr);
+        }
       } else {
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* xr = xt + c * S;
@@ -612,7 +656,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& l
     using T = at::opmath_type<scalar_t>;
     const T a = static_cast<T>(alpha), gm = static_cast<T>(gamma);
     const scalar_t* x = in.logits.data_ptr<scalar_t>();
-    at::Tensor loss_none = reduction == Reduction::None ? at::empty(logits_in.sizes(), in.logits.options()) : at::Tensor();
+    at::Tensor loss_none = reduction == Reduction::None ? empty_output(logits_in.sizes(), in.logits.options()) : at::Tensor();
     scalar_t* lo = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
     T* g = compute_grad ? grad.data_ptr<T>() : nullptr;
     const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
@@ -771,7 +815,7 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
       const T* w = bw.data_ptr<T>();
       const scalar_t* x = in.logits.data_ptr<scalar_t>();
       const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
-      at::Tensor loss_none = reduction == Reduction::None ? at::empty(logits_in.sizes(), in.logits.options()) : at::Tensor();
+      at::Tensor loss_none = reduction == Reduction::None ? empty_output(logits_in.sizes(), in.logits.options()) : at::Tensor();
       scalar_t* lo = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
       T* g = compute_grad ? grad.data_ptr<T>() : nullptr;
       const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max(in.count, 1.0)) : T(1);
@@ -897,8 +941,12 @@ void scale_grad_kernel(const T* s, const at::Tensor& grad_output, const at::Tens
   if (grad_output.dim() == 0) {
     const T go = grad_output.to(math).item<T>();
     at::parallel_for(0, n, kWorkGrain, [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        cpu::scale_to(o + begin, s + begin, go, end - begin);
+      } else {
 #pragma omp simd
-      for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(s[i] * go);
+        for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(s[i] * go);
+      }
     });
     return;
   }
@@ -906,8 +954,12 @@ void scale_grad_kernel(const T* s, const at::Tensor& grad_output, const at::Tens
   const T* go = go_t.data_ptr<T>();
   if (grad_output.sizes() == saved.sizes()) {
     at::parallel_for(0, n, kWorkGrain, [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        cpu::multiply_to(o + begin, s + begin, go + begin, end - begin);
+      } else {
 #pragma omp simd
-      for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(s[i] * go[i]);
+        for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(s[i] * go[i]);
+      }
     });
     return;
   }
@@ -934,7 +986,7 @@ at::Tensor scale_grad_cpu(const at::Tensor& saved_in, const at::Tensor& grad_out
   const at::Tensor saved = saved_in.contiguous();
   TORCH_CHECK(saved.scalar_type() == at::toOpMathType(dtype), "scale_grad: saved_grad must be in the math dtype ",
               at::toOpMathType(dtype), " of ", dtype, ", got ", saved.scalar_type());
-  at::Tensor out = at::empty(saved.sizes(), saved.options().dtype(dtype));
+  at::Tensor out = empty_output(saved.sizes(), saved.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_grad", [&] {
     using T = at::opmath_type<scalar_t>;
     scale_grad_kernel<scalar_t, T>(saved.data_ptr<T>(), grad_output, saved, out.data_ptr<scalar_t>());

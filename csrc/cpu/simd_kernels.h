@@ -1,0 +1,34 @@
+// Inner float32 loops of the CPU kernels, compiled for several instruction sets (AVX-512,
+// AVX2, baseline x86-64) with GCC/Clang function multiversioning: the loader picks the best
+// one for the running CPU, so the extension stays portable while the hot loops run 16 or 8
+// lanes wide. Plain functions on raw pointers; no ATen here (csrc/cpu/simd_kernels.cpp).
+#pragma once
+
+#include <stdint.h>
+
+namespace fused_losses {
+namespace cpu {
+
+struct MaxSum {
+  float max;
+  float sum;
+};
+
+// One contiguous row: max_c x[c], e[c] = exp(x[c] - max), sum_c e[c].
+MaxSum row_exp_sum(const float* x, int64_t n, float* e);
+
+// A tile of w rows stored class-major (x[c * stride + j], j < w): per row max, exp, sum;
+// e[c * w + j] = exp(x[c * stride + j] - max[j]).
+void tile_exp_sum(const float* x, int64_t classes, int64_t stride, int64_t w, float* e, float* max, float* sum);
+
+// out[i] = k * in[i]
+void scale_to(float* out, const float* in, float k, int64_t n);
+
+// out[i] = k * exp(x[i] - shift)
+void scaled_exp_to(float* out, const float* x, float shift, float k, int64_t n);
+
+// out[i] = a[i] * b[i]
+void multiply_to(float* out, const float* a, const float* b, int64_t n);
+
+}  // namespace cpu
+}  // namespace fused_losses
