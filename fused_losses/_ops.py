@@ -69,6 +69,9 @@ def _check_first_order(ctx):
 def _setup_saved_grads(ctx, inputs, output):
     saved = output[1:]
     ctx.mark_non_differentiable(*saved)
+    # Without this, autograd hands backward a materialised zero tensor for every unused output:
+    # a gradient-sized fill (55 ms of a 140 ms focal step at 262144 x 80).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*saved)
     ctx.compute_grad = bool(inputs[-1])
     ctx.num_inputs = len(inputs)
@@ -78,6 +81,8 @@ def _setup_saved_grads(ctx, inputs, output):
 def _backward_logits_only(ctx, grad_loss, *unused):
     _check_first_order(ctx)
     (saved,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * ctx.num_inputs
     grad = torch.ops.fused_losses.scale_grad(saved, grad_loss, ctx.logits_dtype) if ctx.needs_input_grad[0] else None
     return (grad,) + (None,) * (ctx.num_inputs - 1)
 
@@ -85,6 +90,8 @@ def _backward_logits_only(ctx, grad_loss, *unused):
 def _backward_ib(ctx, grad_loss, *unused):
     _check_first_order(ctx)
     saved_logits, saved_feature = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * ctx.num_inputs
     scale = torch.ops.fused_losses.scale_grad
     grad_logits = scale(saved_logits, grad_loss, ctx.logits_dtype) if ctx.needs_input_grad[0] else None
     # feature_norm is passed in the math dtype, which is also the saved gradient's dtype.

@@ -561,13 +561,19 @@ struct SigmoidTarget {
   const int64_t* labels = nullptr;     // (M,)
 };
 
-template <typename T, typename scalar_t, typename target_t, typename ElemFn>
+// NoFastRow: the generic element loop only. A FastRow (fp32 logits and target) is
+// (x, y or nullptr, label, C, loss or nullptr, grad or nullptr) -> row loss sum.
+struct NoFastRow {};
+
+template <typename T, typename scalar_t, typename target_t, typename ElemFn, typename FastRow = NoFastRow>
 double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels, int64_t M, int64_t C,
-                    int64_t ignore_index, scalar_t* loss_out, T* grad, ElemFn&& elem_fn) {
+                    int64_t ignore_index, scalar_t* loss_out, T* grad, ElemFn&& elem_fn, FastRow fast_row = {}) {
+  constexpr bool kFloatRow = !std::is_same<FastRow, NoFastRow>::value;
   const int64_t rows_per_chunk = std::max<int64_t>(1, kSumChunk / C);
   const int64_t chunks = ceil_div(M, rows_per_chunk);
   std::vector<double> partial(chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;  // per-row losses of the fast row when 'none' is not asked for
     for (int64_t ch = begin; ch < end; ++ch) {
       double chunk_sum = 0.0;
       const int64_t r_end = std::min(M, (ch + 1) * rows_per_chunk);
@@ -586,6 +592,14 @@ double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels,
           check_class(label, C + 1, ignore_index);
         }
         T row_sum = 0;
+        if constexpr (kFloatRow) {
+          // fp32 logits and target: the multiversioned vectorised row of simd_kernels.cpp.
+          if (scratch.empty()) scratch.resize(C);
+          chunk_sum += static_cast<double>(fast_row(x + base, labels != nullptr ? nullptr : y + base, label, C,
+                                                    loss_out != nullptr ? loss_out + base : scratch.data(),
+                                                    grad != nullptr ? grad + base : nullptr));
+          continue;
+        }
         for (int64_t c = 0; c < C; ++c) {
           const T xv = static_cast<T>(x[base + c]);
           const T yv = labels != nullptr ? T(label == c ? 1 : 0) : static_cast<T>(y[base + c]);
@@ -663,11 +677,20 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& l
     const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max(in.count, 1.0)) : T(1);
     double total = 0.0;
     with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
-      total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, [&](T xv, T yv, T e) {
+      auto elem = [&](T xv, T yv, T e) {
         LossGrad<T> lg = sigmoid_focal_element(xv, yv, a, gm, e);
         lg.grad *= scale;
         return lg;
-      });
+      };
+      using target_t = std::remove_const_t<std::remove_pointer_t<decltype(y)>>;
+      if constexpr (std::is_same<scalar_t, float>::value && std::is_same<target_t, float>::value) {
+        auto fast_row = [&](const float* xr, const float* yr, int64_t label, int64_t n, float* lr, float* gr) {
+          return cpu::sigmoid_focal_row(xr, yr, label, n, a, gm, scale, lr, gr);
+        };
+        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, elem, fast_row);
+      } else {
+        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, elem);
+      }
     });
     loss = loss_none.defined() ? loss_none : reduced_loss(in.logits, total, in.count, reduction);
   });

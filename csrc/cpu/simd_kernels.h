@@ -30,5 +30,13 @@ void scaled_exp_to(float* out, const float* x, float shift, float k, int64_t n);
 // out[i] = a[i] * b[i]
 void multiply_to(float* out, const float* a, const float* b, int64_t n);
 
+// Sigmoid focal loss over one row of n classes (math::sigmoid_focal_element): target y[i], or,
+// when y == nullptr, y_i = [i == label] (label >= n: background); n < 2^31. Writes loss[i]
+// (always: pass a scratch row if the losses are not wanted) and grad[i] = grad_scale *
+// dloss/dx_i when grad is not null; returns the row's loss sum. Vectorised for gamma in
+// {0, 1, 2, 3}; other gammas go through powf lane by lane.
+float sigmoid_focal_row(const float* x, const float* y, int64_t label, int64_t n, float alpha, float gamma,
+                        float grad_scale, float* loss, float* grad);
+
 }  // namespace cpu
 }  // namespace fused_losses
