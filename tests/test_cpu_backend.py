@@ -13,7 +13,7 @@ import torch
 
 import fused_losses as fl
 from fused_losses import _backends, _validate, reference
-from tests.utils import (LOW_PRECISION, assert_matches_reference, loss_and_grad, rel_error, sigmoid_case,
+from tests.utils import (LOW_PRECISION, assert_matches_reference, assert_rel_close, loss_and_grad, rel_error, sigmoid_case,
                          softmax_case)
 
 _STATUS = fl.backends()["cpu"]
@@ -475,6 +475,25 @@ def test_torch_compile_fullgraph(loss):
     out2, grad2 = loss_and_grad(compiled, logits2, target2)
     eager_out2, eager_grad2 = loss_and_grad(step, logits2, target2)
     assert torch.equal(out2, eager_out2) and torch.equal(grad2, eager_grad2)
+
+
+@pytest.mark.compile
+def test_torch_compile_fullgraph_ghmc_without_state():
+    # state=None once failed in inductor (a None optional mutable argument); the backend now
+    # passes a scratch state, which must give the eager numbers exactly.
+    torch._dynamo.reset()
+    logits, target = sigmoid_case((16, 7), torch.float32, kind="labels", ignore_frac=0.2, seed=84)
+
+    def step(x, t):
+        return fl.ghmc(x, t, bins=10, backend="cpu", validate=False)
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    out, grad = loss_and_grad(compiled, logits, target)
+    eager_out, eager_grad = loss_and_grad(step, logits, target)
+    assert torch.equal(out, eager_out) and torch.equal(grad, eager_grad)
+    ref = reference.ghmc(logits.double(), target, bins=10, momentum=0.0, state=None, use_sigmoid=True,
+                         ignore_index=-100, reduction="mean")
+    assert_rel_close(out, ref, 1e-5, "ghmc loss")
 
 
 # --------------------------------------------------------------------------------------------

@@ -482,15 +482,9 @@ def test_opcheck(index):
 # --------------------------------------------------------------------------------------------
 # torch.compile(fullgraph=True) on CUDA
 # --------------------------------------------------------------------------------------------
-_GHMC_NO_STATE_INDUCTOR = (
-    "torch 2.14 inductor fails on ghmc_bin_weights called with its optional mutable state absent "
-    "(`Tensor(a!)? state` = None: 'getitem is not an OpOverload'), on every backend: an op-layer "
-    "issue (schema / fused_losses/_ops.py), not a kernel one; with a state tensor it compiles")
-
-
 @pytest.mark.compile
 @pytest.mark.parametrize("loss", ["focal", "sigmoid_focal", "ohem", "ghmc",
-                                  pytest.param("ghmc_no_state", marks=pytest.mark.xfail(reason=_GHMC_NO_STATE_INDUCTOR)),
+                                  "ghmc_no_state",
                                   "ib"])
 def test_torch_compile_fullgraph(loss):
     torch._dynamo.reset()

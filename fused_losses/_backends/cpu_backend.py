@@ -63,6 +63,11 @@ def ohem(logits, target, *, keep, thresh, min_kept, ignore_index, reduction):
 
 
 def ghmc(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction):
+    if state is None:
+        # Inductor cannot lower a None passed for the optional mutable `state` ("getitem is not
+        # an OpOverload"). Validation guarantees momentum == 0 here, and a scratch zero state
+        # with momentum 0 becomes 0 * 0 + 1 * count = count: the same divisor, bit for bit.
+        state = torch.zeros(bins, dtype=torch.float32, device=logits.device)
     # Step 1 (no gradient): histogram, EMA update of `state` in place, per-bin weights.
     bin_weights = _ops_ns().ghmc_bin_weights(logits.detach(), target, state, bins, float(momentum), use_sigmoid,
                                              ignore_index)
