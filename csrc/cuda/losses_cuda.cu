@@ -1065,15 +1065,46 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cuda(const at::Tensor& 
 // into counts (int64, zeroed). Traffic per element: one logits read (+ a float target read).
 constexpr int64_t kSharedBins = 4096;
 
+// One block's bin counts: in shared memory when bins <= kSharedBins (then one global integer
+// atomic per non-empty bin per block in flush()), else straight into the global int64 counts.
+// Integer atomics only, so the counts are exact and deterministic. `bins` is the same for every
+// thread of the block, so the __syncthreads() calls are reached uniformly.
+struct BlockHistogram {
+  unsigned int* hist;
+  unsigned long long* counts;
+  int64_t bins;
+  bool in_shared;
+
+  __device__ BlockHistogram(unsigned int* shared_hist, unsigned long long* global_counts, int64_t num_bins)
+      : hist(shared_hist), counts(global_counts), bins(num_bins), in_shared(num_bins <= kSharedBins) {
+    if (in_shared) {
+      for (int64_t b = threadIdx.x; b < bins; b += kThreads) hist[b] = 0u;
+      __syncthreads();
+    }
+  }
+
+  __device__ void add(int64_t b) {
+    if (in_shared) {
+      atomicAdd(&hist[b], 1u);
+    } else {
+      atomicAdd(&counts[b], 1ull);
+    }
+  }
+
+  __device__ void flush() {
+    if (!in_shared) return;
+    __syncthreads();
+    for (int64_t b = threadIdx.x; b < bins; b += kThreads) {
+      if (hist[b] != 0u) atomicAdd(&counts[b], static_cast<unsigned long long>(hist[b]));
+    }
+  }
+};
+
 template <typename scalar_t, typename target_t, bool kLabels>
 __global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const SigmoidArgs<scalar_t, target_t> a,
                                                                          unsigned long long* __restrict__ counts) {
   __shared__ unsigned int hist[kSharedBins];
-  const bool shared = a.bins <= kSharedBins;
-  if (shared) {
-    for (int64_t b = threadIdx.x; b < a.bins; b += kThreads) hist[b] = 0u;
-    __syncthreads();
-  }
+  BlockHistogram histogram(hist, counts, a.bins);
   const bool small = a.numel <= static_cast<int64_t>(UINT32_MAX);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < a.numel; i += stride) {
@@ -1088,19 +1119,9 @@ __global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const S
     }
     if (!valid) continue;
     const int64_t b = lm::ghm_bin(lm::ghm_sigmoid_g(static_cast<float>(a.logits[i]), y), a.bins);
-    if (b < 0) continue;
-    if (shared) {
-      atomicAdd(&hist[b], 1u);
-    } else {
-      atomicAdd(&counts[b], 1ull);
-    }
+    if (b >= 0) histogram.add(b);
   }
-  if (shared) {
-    __syncthreads();
-    for (int64_t b = threadIdx.x; b < a.bins; b += kThreads) {
-      if (hist[b] != 0u) atomicAdd(&counts[b], static_cast<unsigned long long>(hist[b]));
-    }
-  }
+  histogram.flush();
 }
 
 // Histogram of the softmax bins bin(1 - p_t) = bin(-expm1(log p_t)) of the valid rows, from
@@ -1111,28 +1132,14 @@ __global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const f
                                                                          int64_t bins,
                                                                          unsigned long long* __restrict__ counts) {
   __shared__ unsigned int hist[kSharedBins];
-  const bool shared = bins <= kSharedBins;
-  if (shared) {
-    for (int64_t b = threadIdx.x; b < bins; b += kThreads) hist[b] = 0u;
-    __syncthreads();
-  }
+  BlockHistogram histogram(hist, counts, bins);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < rows; r += stride) {
     if (target[r] == ignore_index) continue;
     const int64_t b = lm::ghm_bin(lm::ghm_softmax_g(log_pt[r]), bins);
-    if (b < 0) continue;
-    if (shared) {
-      atomicAdd(&hist[b], 1u);
-    } else {
-      atomicAdd(&counts[b], 1ull);
-    }
+    if (b >= 0) histogram.add(b);
   }
-  if (shared) {
-    __syncthreads();
-    for (int64_t b = threadIdx.x; b < bins; b += kThreads) {
-      if (hist[b] != 0u) atomicAdd(&counts[b], static_cast<unsigned long long>(hist[b]));
-    }
-  }
+  histogram.flush();
 }
 
 // Bin weights from the counts (reference.ghmc, the CPU's ghm_weights_from_counts): EMA update
