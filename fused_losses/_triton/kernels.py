@@ -94,6 +94,24 @@ def _focal_term(logpt, one_minus_pt, gamma):
 # Softmax family: one kernel for the per-row statistics, the loss and (optionally) the gradient
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _store_softmax_grad(X, GRAD, xbase, gbase, t, lse, coef, valid, in_range, C, sxc, sgc,
+                        BLOCK_C: tl.constexpr):
+    """GRAD[row, c] = coef_row * (e^(x_rc - lse_row) - [c == t_row]) for valid rows, 0 for the
+    other in-range rows: the softmax-family gradient, one read of the row's logits (skipped for
+    invalid rows) and one write of its gradient, over C in blocks of BLOCK_C."""
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        cmask = (cols < C)[None, :]
+        mask = valid[:, None] & cmask
+        x = tl.load(X + xbase[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse[:, None])
+        grad = coef[:, None] * (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0))
+        grad = tl.where(mask, grad, 0.0)
+        tl.store(GRAD + gbase[:, None] + cols[None, :] * sgc, _cast(grad, GRAD.dtype.element_ty),
+                 mask=in_range[:, None] & cmask)
+
+
+@triton.jit
 def softmax_rows_kernel(
     X, T, CLASS_W, FEAT, SCALE,  # inputs: logits, targets, per-class alpha/weight, ib feature norms, grad scale
     LOSS, PARTIAL, LOGPT, OMP, LSE, GRAD, DFEAT,  # outputs
@@ -221,17 +239,8 @@ def softmax_rows_kernel(
             tl.store(PARTIAL + pid, tl.sum(loss, axis=0))
         if WRITE_GRAD:
             if FROM_LOGITS:
-                coef = -dl * scale
-                for c0 in range(0, C, BLOCK_C):
-                    cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-                    cmask = (cols < C)[None, :]
-                    mask = valid[:, None] & cmask
-                    x = tl.load(X + xbase[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
-                    p = tl.exp(x - lse[:, None])
-                    grad = coef[:, None] * (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0))
-                    grad = tl.where(mask, grad, 0.0)
-                    tl.store(GRAD + gbase[:, None] + cols[None, :] * sgc, _cast(grad, GRAD.dtype.element_ty),
-                             mask=in_range[:, None] & cmask)
+                _store_softmax_grad(X, GRAD, xbase, gbase, t, lse, -dl * scale, valid, in_range, C, sxc, sgc,
+                                    BLOCK_C)
             else:
                 # d log p_t / d p_t = 1 / p_t; ignored rows have p_t = 1 and dl = 0.
                 grad_t = dl * scale / tl.where(valid, tl.exp(logpt), 1.0)
@@ -272,16 +281,7 @@ def softmax_grad_kernel(
     s_idx = rows - n * S
     xbase = n * sxn + s_idx * sxs
     gbase = n * sgn + s_idx * sgs
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        cmask = (cols < C)[None, :]
-        mask = valid[:, None] & cmask
-        x = tl.load(X + xbase[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(x - lse[:, None])
-        grad = coef[:, None] * (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0))
-        grad = tl.where(mask, grad, 0.0)
-        tl.store(GRAD + gbase[:, None] + cols[None, :] * sgc, _cast(grad, GRAD.dtype.element_ty),
-                 mask=in_range[:, None] & cmask)
+    _store_softmax_grad(X, GRAD, xbase, gbase, t, lse, coef, valid, in_range, C, sxc, sgc, BLOCK_C)
 
 
 # --------------------------------------------------------------------------------------------
