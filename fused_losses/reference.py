@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "focal_term"]
+__all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "focal_term", "ohem_min_kept_total"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +163,14 @@ def _per_sample_ce(logits, target, ignore_index, dtype):
     return torch.where(valid, -logpt, zero), torch.exp(logpt), valid
 
 
+def ohem_min_kept_total(logits: torch.Tensor, min_kept) -> int:
+    """OHEM's thresh mode keeps at least min_kept samples per image: x N for (N, C, d...)
+    inputs, as given for (N, C) inputs (the batch is one image). None means 0. Every backend
+    calls this, so the rule lives in one place."""
+    images = logits.shape[0] if logits.dim() > 2 else 1
+    return int(min_kept or 0) * images
+
+
 def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=-100,
          reduction="mean", upcast=True):
     """Online hard example mining over per-sample cross entropy.
@@ -190,8 +198,7 @@ def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=
             rank[order] = torch.arange(order.numel(), device=order.device)
             kept = (rank < k) & valid
         else:
-            per_image = logits.shape[0] if logits.dim() > 2 else 1
-            min_kept_total = int(min_kept or 0) * per_image
+            min_kept_total = ohem_min_kept_total(logits, min_kept)
             p_sorted = torch.sort(torch.where(valid, pt.detach(), torch.full_like(pt, math.inf))).values
             idx = torch.clamp(torch.clamp_max(n_valid - 1, min_kept_total), min=0)
             at_idx = p_sorted.gather(0, idx.reshape(1)).squeeze(0) if p_sorted.numel() else pt.new_zeros(())

@@ -10,6 +10,7 @@ import torch
 
 from fused_losses import _ext, _ops
 from fused_losses._backends import Backend
+from fused_losses.reference import ohem_min_kept_total
 
 _REQUIRED_OPS = ("softmax_focal_forward", "sigmoid_focal_forward", "ohem_forward", "ghmc_bin_weights",
                  "ghmc_forward", "ib_forward", "scale_grad")
@@ -55,10 +56,9 @@ def sigmoid_focal(logits, target, *, alpha, gamma, ignore_index, reduction):
 def ohem(logits, target, *, keep, thresh, min_kept, ignore_index, reduction):
     keep_count = keep if isinstance(keep, int) else 0
     keep_fraction = float(keep) if not isinstance(keep, int) else 0.0
-    images = logits.shape[0] if logits.dim() > 2 else 1
-    min_kept_total = int(min_kept or 0) * images
-    loss, _ = _ops_ns().ohem_forward(logits, target, keep_fraction, keep_count, thresh, min_kept_total, ignore_index,
-                                     reduction, _ops.needs_grad(logits))
+    loss, _ = _ops_ns().ohem_forward(logits, target, keep_fraction, keep_count, thresh,
+                                     ohem_min_kept_total(logits, min_kept), ignore_index, reduction,
+                                     _ops.needs_grad(logits))
     return loss
 
 

@@ -15,6 +15,7 @@ import torch
 import triton
 
 from fused_losses._triton import kernels as K
+from fused_losses.reference import ohem_min_kept_total
 
 # Elements per program of the row kernels and of the elementwise kernels.
 _TILE = 4096
@@ -197,8 +198,7 @@ def ohem(logits, target, keep, keep_is_int, thresh, min_kept, ignore_index, redu
         kept = (rank < k) & valid
     else:
         pt = torch.exp(logpt)
-        per_image = logits.shape[0] if logits.dim() > 2 else 1
-        min_kept_total = int(min_kept) * per_image
+        min_kept_total = ohem_min_kept_total(logits, min_kept)
         p_sorted = torch.sort(torch.where(valid, pt, torch.full_like(pt, math.inf))).values
         idx = torch.clamp(torch.clamp_max(n_valid - 1, min_kept_total), min=0)
         at_idx = p_sorted.gather(0, idx.reshape(1)).squeeze(0)
