@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "focal_term", "ohem_min_kept_total"]
+__all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "focal_term", "ohem_min_kept_total", "ohem_kept_mask"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +171,36 @@ def ohem_min_kept_total(logits: torch.Tensor, min_kept) -> int:
     return int(min_kept or 0) * images
 
 
+def ohem_kept_mask(ce: torch.Tensor, pt: torch.Tensor, valid: torch.Tensor, *, keep, keep_is_int: bool,
+                   thresh, min_kept_total: int) -> torch.Tensor:
+    """Which samples OHEM keeps (bool, like ce), computed on the device without a host sync.
+
+    thresh None: the k hardest valid samples by CE, k = min(keep, n_valid) for an int keep, else
+    max(1, floor(keep * n_valid)) (floor in float64); selection by the rank of a stable
+    descending sort with ignored rows last, so ties go to the lower index. thresh given (mmseg):
+    valid samples with p_t < max(thresh, sorted_p[min(min_kept_total, n_valid - 1)]).
+    The reference and the Triton backend both select with this function.
+    """
+    with torch.no_grad():
+        n_valid = valid.sum()
+        if thresh is None:
+            if keep_is_int:
+                k = torch.clamp_max(n_valid, int(keep))
+            else:
+                k = torch.clamp_min(torch.floor(keep * n_valid.to(torch.float64)).long(), 1)
+            key = torch.where(valid, ce, torch.full_like(ce, -math.inf))
+            order = torch.sort(key, descending=True, stable=True).indices
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel(), device=order.device)
+            return (rank < k) & valid
+        p_sorted = torch.sort(torch.where(valid, pt, torch.full_like(pt, math.inf))).values
+        idx = torch.clamp(torch.clamp_max(n_valid - 1, min_kept_total), min=0)
+        at_idx = p_sorted.gather(0, idx.reshape(1)).squeeze(0) if p_sorted.numel() else pt.new_zeros(())
+        min_threshold = torch.where(n_valid > 0, at_idx, torch.zeros_like(at_idx))
+        threshold = torch.clamp_min(min_threshold, float(thresh))
+        return (pt < threshold) & valid
+
+
 def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=-100,
          reduction="mean", upcast=True):
     """Online hard example mining over per-sample cross entropy.
@@ -184,27 +214,8 @@ def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=
     """
     dtype = _compute_dtype(logits, upcast)
     ce, pt, valid = _per_sample_ce(logits, target, ignore_index, dtype)
-    n_valid = valid.sum()
-    with torch.no_grad():
-        if thresh is None:
-            if isinstance(keep, float):
-                k = torch.clamp_min(torch.floor(keep * n_valid.to(torch.float64)).long(), 1)
-            else:
-                k = torch.clamp_max(n_valid, int(keep))
-            # Ignored rows sort last; a stable descending sort keeps the lower index first.
-            key = torch.where(valid, ce.detach(), torch.full_like(ce, -math.inf))
-            order = torch.sort(key, descending=True, stable=True).indices
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(order.numel(), device=order.device)
-            kept = (rank < k) & valid
-        else:
-            min_kept_total = ohem_min_kept_total(logits, min_kept)
-            p_sorted = torch.sort(torch.where(valid, pt.detach(), torch.full_like(pt, math.inf))).values
-            idx = torch.clamp(torch.clamp_max(n_valid - 1, min_kept_total), min=0)
-            at_idx = p_sorted.gather(0, idx.reshape(1)).squeeze(0) if p_sorted.numel() else pt.new_zeros(())
-            min_threshold = torch.where(n_valid > 0, at_idx, torch.zeros_like(at_idx))
-            threshold = torch.clamp_min(min_threshold, float(thresh))
-            kept = (pt.detach() < threshold) & valid
+    kept = ohem_kept_mask(ce.detach(), pt.detach(), valid, keep=keep, keep_is_int=not isinstance(keep, float),
+                          thresh=thresh, min_kept_total=ohem_min_kept_total(logits, min_kept))
     loss = torch.where(kept, ce, torch.zeros((), dtype=dtype, device=ce.device))
     return _reduce(loss, reduction, kept.sum(), logits.dtype, target.shape)
 

@@ -15,7 +15,7 @@ import torch
 import triton
 
 from fused_losses._triton import kernels as K
-from fused_losses.reference import ohem_min_kept_total
+from fused_losses.reference import ohem_kept_mask, ohem_min_kept_total
 
 # Elements per program of the row kernels and of the elementwise kernels.
 _TILE = 4096
@@ -185,26 +185,8 @@ def ohem(logits, target, keep, keep_is_int, thresh, min_kept, ignore_index, redu
         return _empty_result(logits, target.shape, reduction), _grad_like(logits, need_grad, reduction)
     logpt, _, lse, valid = _softmax_stats(logits, target, ignore_index)
     ce = torch.where(valid, -logpt, torch.zeros_like(logpt))
-    n_valid = valid.sum()
-    if thresh is None:
-        if keep_is_int:
-            k = torch.clamp_max(n_valid, int(keep))
-        else:
-            k = torch.clamp_min(torch.floor(keep * n_valid.to(torch.float64)).long(), 1)
-        key = torch.where(valid, ce, torch.full_like(ce, -math.inf))
-        order = torch.sort(key, descending=True, stable=True).indices
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel(), device=order.device)
-        kept = (rank < k) & valid
-    else:
-        pt = torch.exp(logpt)
-        min_kept_total = ohem_min_kept_total(logits, min_kept)
-        p_sorted = torch.sort(torch.where(valid, pt, torch.full_like(pt, math.inf))).values
-        idx = torch.clamp(torch.clamp_max(n_valid - 1, min_kept_total), min=0)
-        at_idx = p_sorted.gather(0, idx.reshape(1)).squeeze(0)
-        min_threshold = torch.where(n_valid > 0, at_idx, torch.zeros_like(at_idx))
-        threshold = torch.clamp_min(min_threshold, float(thresh))
-        kept = (pt < threshold) & valid
+    kept = ohem_kept_mask(ce, torch.exp(logpt), valid, keep=keep, keep_is_int=keep_is_int, thresh=thresh,
+                          min_kept_total=ohem_min_kept_total(logits, min_kept))
     loss_rows = torch.where(kept, ce, torch.zeros_like(ce))
     loss, coef = _coupled_result(logits, target, loss_rows, kept.to(torch.float32), kept.sum(), reduction)
     return loss, _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, True)
