@@ -19,7 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "focal_term", "ohem_min_kept_total", "ohem_kept_mask"]
+__all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "focal_term", "ohem_min_kept_total", "ohem_kept_mask",
+           "ghm_bin_weights"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,6 +269,27 @@ def sigmoid_focal(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=-100, r
 # --------------------------------------------------------------------------------------------
 # GHM-C
 # --------------------------------------------------------------------------------------------
+def ghm_bin_weights(counts: torch.Tensor, n_valid: torch.Tensor, state, momentum: float,
+                    dtype: torch.dtype = torch.float32):
+    """GHM-C per-bin weights from float32 bin counts, and the updated EMA state (None without one).
+
+    Bins non-empty in this batch first update the state, new = m * state + (1 - m) * count
+    (float32), which is then the divisor; without a state the divisor is the count.
+    weight_b = n_valid / divisor_b / n_nonempty for non-empty bins, 0 for empty ones, in `dtype`
+    (counts are exact integers). Device ops only; the reference and the Triton backend share it.
+    """
+    nonempty = counts > 0
+    new_state = None
+    if state is not None:
+        new_state = torch.where(nonempty, momentum * state + (1 - momentum) * counts, state)
+        divisor = new_state
+    else:
+        divisor = counts
+    divisor = divisor.to(dtype)
+    weight = torch.where(nonempty, n_valid.to(dtype) / divisor.clamp_min(1e-12), torch.zeros_like(divisor))
+    return weight / nonempty.sum().clamp_min(1).to(dtype), new_state
+
+
 def ghmc(logits, target, *, bins=10, momentum=0.0, state=None, use_sigmoid=True, ignore_index=-100,
          reduction="mean", upcast=True):
     """Gradient harmonized classification loss (Li et al., AAAI 2019).
@@ -303,18 +325,10 @@ def ghmc(logits, target, *, bins=10, momentum=0.0, state=None, use_sigmoid=True,
         idx = torch.clamp_max(torch.floor(torch.where(in_bin, g, torch.zeros_like(g)) * bins), bins - 1).long()
         counts = torch.zeros(bins, dtype=torch.float32, device=ce.device)
         counts.scatter_add_(0, idx[in_bin].reshape(-1), torch.ones_like(g[in_bin]).reshape(-1))
-        nonempty = counts > 0
-        if state is not None:
-            state.copy_(torch.where(nonempty, momentum * state + (1 - momentum) * counts, state))
-            divisor = state
-        else:
-            divisor = counts
         n_valid = valid.sum()
-        n_nonempty = nonempty.sum()
-        # Weights in the compute dtype (counts are exact integers; the EMA state is float32).
-        divisor = divisor.to(dtype)
-        bin_weight = torch.where(nonempty, n_valid.to(dtype) / divisor.clamp_min(1e-12), torch.zeros_like(divisor))
-        bin_weight = bin_weight / n_nonempty.clamp_min(1).to(dtype)
+        bin_weight, new_state = ghm_bin_weights(counts, n_valid, state, momentum, dtype)
+        if state is not None:
+            state.copy_(new_state)
         weight = torch.where(in_bin, bin_weight[idx], torch.zeros((), dtype=dtype, device=ce.device))
     loss = torch.where(valid, weight * ce, zero)
     return _reduce(loss, reduction, n_valid, logits.dtype, out_shape)

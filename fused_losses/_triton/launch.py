@@ -15,7 +15,7 @@ import torch
 import triton
 
 from fused_losses._triton import kernels as K
-from fused_losses.reference import ohem_kept_mask, ohem_min_kept_total
+from fused_losses.reference import ghm_bin_weights, ohem_kept_mask, ohem_min_kept_total
 
 # Elements per program of the row kernels and of the elementwise kernels.
 _TILE = 4096
@@ -192,20 +192,6 @@ def ohem(logits, target, keep, keep_is_int, thresh, min_kept, ignore_index, redu
     return loss, _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, True)
 
 
-def _ghm_bin_weights(counts, n_valid, state, momentum):
-    """Per-bin weights n_valid / divisor / n_nonempty (0 for empty bins) and the updated EMA."""
-    nonempty = counts > 0
-    new_state = None
-    if state is not None:
-        new_state = torch.where(nonempty, momentum * state + (1 - momentum) * counts, state)
-        divisor = new_state
-    else:
-        divisor = counts
-    bin_weight = torch.where(nonempty, n_valid.to(torch.float32) / divisor.clamp_min(1e-12), torch.zeros_like(counts))
-    bin_weight = bin_weight / nonempty.sum().clamp_min(1).to(torch.float32)
-    return bin_weight, new_state
-
-
 def _no_state(logits):
     return torch.empty(0, dtype=torch.float32, device=logits.device)
 
@@ -223,7 +209,7 @@ def ghmc_softmax(logits, target, state, bins, momentum, ignore_index, reduction,
         counts = torch.zeros(bins, dtype=torch.int64, device=logits.device)
         counts = counts.scatter_add(0, idx, in_bin.long()).to(torch.float32)
         n_valid = valid.sum()
-        bin_weight, new_state = _ghm_bin_weights(counts, n_valid, state, momentum)
+        bin_weight, new_state = ghm_bin_weights(counts, n_valid, state, momentum)
         weight = torch.where(in_bin, bin_weight[idx], torch.zeros_like(g))
         ce = torch.where(valid, -logpt, torch.zeros_like(logpt))
         loss, coef = _coupled_result(logits, target, weight * ce, weight, n_valid, reduction)
@@ -331,7 +317,7 @@ def ghmc_sigmoid(logits, target, state, bins, momentum, ignore_index, reduction,
         LABELS=labels, NUM_BINS_P2=nb, BLOCK=_ELEM_BLOCK,
     )
     counts = hist.sum(dim=0)[:bins].to(torch.float32)
-    bin_weight, new_state = _ghm_bin_weights(counts, n_valid, state, momentum)
+    bin_weight, new_state = ghm_bin_weights(counts, n_valid, state, momentum)
     count, scale = _sigmoid_scale(reduction, n_valid, logits.device)
     rows, partial, grad = _sigmoid_launch(K.GHMC_SIGMOID, logits, x, t, c, labels, scale=scale,
                                           bin_w=bin_weight.contiguous(), alpha=0.0, gamma=0.0,
