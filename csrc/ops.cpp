@@ -34,11 +34,19 @@ TORCH_LIBRARY(fused_losses, m) {
 
   // Loss kernels. Each *_forward op computes the loss and, when compute_grad, the gradient of
   // the reduced loss w.r.t. its differentiable inputs in the same pass (for grad_output = 1;
-  // 'mean' already divides by its count), in the math dtype (float for fp16/bf16/fp32, double
-  // for fp64). The autograd formula (fused_losses/_ops.py) saves
-  // that gradient and its backward is scale_grad. compute_grad=False returns empty (0,)
-  // gradients. reduction: 'none' | 'mean' | 'sum'. Loss dtype: logits dtype for 'none', else
+  // 'mean' already divides by its count). compute_grad=False returns empty (0,) gradients.
+  // reduction: 'none' | 'mean' | 'sum'. Loss dtype: logits dtype for 'none', else
   // promote_types(logits dtype, float32). Semantics: fused_losses/reference.py.
+  //
+  // dtype of grad_logits (the "saved gradient dtype", fused_losses/_ops.py saved_grad_dtype):
+  //   'mean' / 'sum' with bf16, fp32 or fp64 logits: the logits dtype. The autograd formula
+  //     returns this very tensor as the logits' gradient after scale_grad_ (in place; free when
+  //     grad_output == 1), so forward + backward write the gradient once, in the logits dtype.
+  //   'none', or fp16 logits: the math dtype (float32; float64 for fp64), and the backward is the
+  //     out-of-place scale_grad, which rounds saved * grad_output once. fp16 stays float32
+  //     because a GradScaler's grad_output (2^16 and up) must multiply the float32 gradient:
+  //     rounded to fp16 first, a 'mean' gradient of a large batch underflows to zero.
+  // grad_feature_norm (IB) is always in the math dtype (it is (N,)-sized).
   //
   // Softmax focal over (N, C) or channel-second (N, C, d...) logits; target (N, d...) int64/int32.
   // alpha_per_class (C,) in the math dtype when given, else the scalar alpha (1.0 = no alpha).
@@ -78,6 +86,16 @@ TORCH_LIBRARY(fused_losses, m) {
   // grad_output being a scalar (mean/sum), of saved_grad's shape (elementwise 'none'), or of
   // saved_grad's shape without dim 1 (softmax 'none': broadcast over the class dim).
   m.def("scale_grad(Tensor saved_grad, Tensor grad_output, ScalarType dtype) -> Tensor");
+  // Backward of a reduced ('mean' / 'sum') loss whose gradient is saved in the logits dtype:
+  // `grad` holds saved * applied_scale; afterwards it holds saved * grad_output, and
+  // applied_scale = grad_output. Both scalars are 0-dim tensors in the math dtype, read by the
+  // kernel on the device (no host sync). grad_output == applied_scale (the common
+  // loss.backward(): both 1): nothing is read or written beyond the two scalars. Otherwise one
+  // pass grad *= grad_output / applied_scale (a retained graph's second backward rescales from
+  // what the first one applied, so nothing is ever scaled twice). The version counters are
+  // not bumped: `grad` is a saved tensor of the forward op, mutated only by this op, and
+  // applied_scale records what was done to it.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor(b!) applied_scale) -> ()");
 }
 
 }  // namespace fused_losses
