@@ -5,12 +5,27 @@ registration serves both backends.
 
 Forward/backward design (csrc/DESIGN.md): each ``*_forward`` op returns the loss and, when
 called with compute_grad=True, the gradient of the loss for grad_output = 1, computed in the
-same pass over the logits, in the math dtype (float32 for fp16/bf16/fp32). That gradient is an
-op *output* (a fresh tensor, never an alias of an input), marked non-differentiable and saved
-for backward. The backward is one out-of-place op, ``scale_grad(saved, grad_output, dtype)``,
-which returns a new tensor in the input's dtype (rounded once), so the saved gradient is
-never modified: backward may run any number of times (retain_graph=True) and torch.compile
-sees only functional ops. Double backward raises a clear error.
+same pass over the logits. That gradient is an op *output* (a fresh tensor, never an alias of
+an input), marked non-differentiable and saved for backward. Its dtype is
+:func:`saved_grad_dtype`, and it decides the backward:
+
+* reduced loss ('mean'/'sum') with bf16/fp32/fp64 logits: the gradient is saved in the logits
+  dtype and the backward is the in-place op ``scale_grad_(saved, grad_output, applied_scale)``
+  (declared ``Tensor(a!)`` in its schema), which returns nothing; the backward then returns the
+  saved tensor itself. ``applied_scale`` is a one-value tensor made here (1.0) that records on
+  the device what the saved gradient was last multiplied by, so the kernel skips the pass when
+  grad_output equals it (``loss.backward()``: no pass over the gradient, no host sync) and a
+  retained graph's next backward rescales by grad_output / applied_scale (never scales twice).
+  Without retain_graph the saved tensor is released once this node has run, so AccumulateGrad
+  takes it as ``.grad`` without a copy. Under torch.compile, AOTAutograd functionalises the
+  mutation (a copy in the compiled backward: correct, not free).
+* 'none' (a per-sample grad_output), or fp16 logits: the gradient is saved in the math dtype
+  (float32) and the backward is the out-of-place ``scale_grad(saved, grad_output, dtype)``,
+  rounded once into the logits dtype. fp16 stays float32 because a GradScaler's grad_output
+  (2^16 and more) must multiply the float32 values: a 'mean' gradient of a large batch,
+  rounded to fp16 first, underflows to zero.
+
+Double backward raises a clear error.
 
 Call :func:`register` (idempotent) once the extension is loaded; the cpu/cuda backend modules
 do so.
@@ -21,7 +36,7 @@ import torch
 
 from fused_losses import _ext
 
-__all__ = ["register", "needs_grad", "DOUBLE_BACKWARD_ERROR"]
+__all__ = ["register", "needs_grad", "saved_grad_dtype", "DOUBLE_BACKWARD_ERROR"]
 
 DOUBLE_BACKWARD_ERROR = (
     "fused_losses: double backward (create_graph=True, or differentiating a gradient) is not supported "
@@ -44,10 +59,18 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _grad_like(logits: torch.Tensor, compute_grad: bool) -> torch.Tensor:
-    # Saved gradients are contiguous, in the math dtype (float32 for fp16/bf16/fp32, float64
-    # for fp64): the logits-dtype gradient is rounded once, by scale_grad.
-    return logits.new_empty(logits.shape if compute_grad else (0,), dtype=_math_dtype(logits.dtype))
+def saved_grad_dtype(dtype: torch.dtype, reduction: str) -> torch.dtype:
+    """dtype of the gradient a forward op saves for logits of `dtype` (module docstring): the
+    logits dtype for 'mean'/'sum' (scaled in place by scale_grad_), except fp16; the math dtype
+    for 'none' and fp16 (scaled out of place by scale_grad, rounded once)."""
+    if reduction != "none" and dtype != torch.float16:
+        return dtype
+    return _math_dtype(dtype)
+
+
+def _grad_like(logits: torch.Tensor, compute_grad: bool, reduction: str) -> torch.Tensor:
+    # Saved gradients are contiguous, in saved_grad_dtype.
+    return logits.new_empty(logits.shape if compute_grad else (0,), dtype=saved_grad_dtype(logits.dtype, reduction))
 
 
 def _softmax_none_shape(logits: torch.Tensor):
@@ -67,33 +90,50 @@ def _check_first_order(ctx):
 
 # ---- autograd formulas: (loss, grad...) outputs; grads flow to the positional inputs ----------
 def _setup_saved_grads(ctx, inputs, output):
-    saved = output[1:]
+    loss, saved = output[0], output[1:]
     ctx.mark_non_differentiable(*saved)
     # Without this, autograd hands backward a materialised zero tensor for every unused output:
     # a gradient-sized fill (55 ms of a 140 ms focal step at 262144 x 80).
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*saved)
     ctx.compute_grad = bool(inputs[-1])
     ctx.num_inputs = len(inputs)
     ctx.logits_dtype = inputs[0].dtype
+    # A 0-dim loss is a reduced one; its logits gradient in the logits dtype is scaled in place.
+    ctx.in_place = ctx.compute_grad and loss.dim() == 0 and saved[0].dtype == ctx.logits_dtype
+    if ctx.in_place:
+        # The multiplier the saved gradient carries (module docstring), in the loss dtype
+        # (= the gradient's math dtype); grad_output arrives in the same dtype.
+        applied_scale = torch.ones((), dtype=loss.dtype, device=loss.device)
+        ctx.save_for_backward(*saved, applied_scale)
+    else:
+        ctx.save_for_backward(*saved)
+
+
+def _logits_grad(ctx, saved, grad_loss, applied_scale=None):
+    """The logits gradient for this backward: the saved gradient scaled in place (and returned
+    itself), or a fresh scaled copy in the logits dtype."""
+    if ctx.in_place:
+        torch.ops.fused_losses.scale_grad_(saved, grad_loss, applied_scale)
+        return saved
+    return torch.ops.fused_losses.scale_grad(saved, grad_loss, ctx.logits_dtype)
 
 
 def _backward_logits_only(ctx, grad_loss, *unused):
     _check_first_order(ctx)
-    (saved,) = ctx.saved_tensors
+    saved, *applied_scale = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * ctx.num_inputs
-    grad = torch.ops.fused_losses.scale_grad(saved, grad_loss, ctx.logits_dtype) if ctx.needs_input_grad[0] else None
+    grad = _logits_grad(ctx, saved, grad_loss, *applied_scale) if ctx.needs_input_grad[0] else None
     return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 def _backward_ib(ctx, grad_loss, *unused):
     _check_first_order(ctx)
-    saved_logits, saved_feature = ctx.saved_tensors
+    saved_logits, saved_feature, *applied_scale = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * ctx.num_inputs
     scale = torch.ops.fused_losses.scale_grad
-    grad_logits = scale(saved_logits, grad_loss, ctx.logits_dtype) if ctx.needs_input_grad[0] else None
+    grad_logits = _logits_grad(ctx, saved_logits, grad_loss, *applied_scale) if ctx.needs_input_grad[0] else None
     # feature_norm is passed in the math dtype, which is also the saved gradient's dtype.
     grad_feature = scale(saved_feature, grad_loss, saved_feature.dtype) if ctx.needs_input_grad[2] else None
     return (grad_logits, None, grad_feature) + (None,) * (ctx.num_inputs - 3)
@@ -110,16 +150,16 @@ def _backward_scale_grad(ctx, grad):
 # ---- fake (meta) kernels ----------------------------------------------------------------------
 def _fake_softmax_focal(logits, target, alpha_per_class, alpha, gamma, ignore_index, reduction, from_logits,
                         compute_grad):
-    return _loss_like(logits, _softmax_none_shape(logits), reduction), _grad_like(logits, compute_grad)
+    return _loss_like(logits, _softmax_none_shape(logits), reduction), _grad_like(logits, compute_grad, reduction)
 
 
 def _fake_sigmoid_focal(logits, target, alpha, gamma, ignore_index, reduction, compute_grad):
-    return _loss_like(logits, logits.shape, reduction), _grad_like(logits, compute_grad)
+    return _loss_like(logits, logits.shape, reduction), _grad_like(logits, compute_grad, reduction)
 
 
 def _fake_ohem(logits, target, keep_fraction, keep_count, thresh, min_kept_total, ignore_index, reduction,
                compute_grad):
-    return _loss_like(logits, _softmax_none_shape(logits), reduction), _grad_like(logits, compute_grad)
+    return _loss_like(logits, _softmax_none_shape(logits), reduction), _grad_like(logits, compute_grad, reduction)
 
 
 def _fake_ghmc_bin_weights(logits, target, state, bins, momentum, use_sigmoid, ignore_index):
@@ -128,18 +168,22 @@ def _fake_ghmc_bin_weights(logits, target, state, bins, momentum, use_sigmoid, i
 
 def _fake_ghmc(logits, target, bin_weights, use_sigmoid, ignore_index, reduction, compute_grad):
     shape = logits.shape if use_sigmoid else _softmax_none_shape(logits)
-    return _loss_like(logits, shape, reduction), _grad_like(logits, compute_grad)
+    return _loss_like(logits, shape, reduction), _grad_like(logits, compute_grad, reduction)
 
 
 def _fake_ib(logits, target, feature_norm, class_weight, alpha, epsilon, gamma, detach_factor, reduction,
              compute_grad):
     math_dtype = _math_dtype(logits.dtype)
     grad_feature = logits.new_empty((logits.shape[0] if compute_grad else 0,), dtype=math_dtype)
-    return (_loss_like(logits, (logits.shape[0],), reduction), _grad_like(logits, compute_grad), grad_feature)
+    return (_loss_like(logits, (logits.shape[0],), reduction), _grad_like(logits, compute_grad, reduction), grad_feature)
 
 
 def _fake_scale_grad(saved_grad, grad_output, dtype):
     return saved_grad.new_empty(saved_grad.shape, dtype=dtype)
+
+
+def _fake_scale_grad_(grad, grad_output, applied_scale):
+    return None
 
 
 _FORWARD_OPS = {
@@ -169,4 +213,5 @@ def register() -> None:
         torch.library.register_autograd(qualname, backward, setup_context=_setup_saved_grads)
     torch.library.register_fake("fused_losses::ghmc_bin_weights")(_fake_ghmc_bin_weights)
     torch.library.register_fake("fused_losses::scale_grad")(_fake_scale_grad)
+    torch.library.register_fake("fused_losses::scale_grad_")(_fake_scale_grad_)
     torch.library.register_autograd("fused_losses::scale_grad", _backward_scale_grad, setup_context=_setup_scale_grad)

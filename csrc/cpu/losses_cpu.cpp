@@ -200,11 +200,37 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   return out;
 }
 
-// Gradient buffers of the forward ops: in the math dtype (float for fp16/bf16/fp32, double for
-// fp64), so the logits-dtype gradient is rounded once, in scale_grad. Empty (0,) when not needed.
-at::Tensor grad_buffer(const at::Tensor& logits, bool compute_grad) {
-  const at::TensorOptions options = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
+// dtype of a forward op's logits gradient (csrc/ops.cpp; fused_losses/_ops.py saved_grad_dtype):
+// the logits dtype for 'mean'/'sum' with bf16/fp32/fp64 logits (the backward scales it in place,
+// scale_grad_), else the math dtype ('none', fp16: float32; the backward is scale_grad).
+at::ScalarType saved_grad_dtype(at::ScalarType logits_dtype, Reduction reduction) {
+  if (reduction != Reduction::None && logits_dtype != at::kHalf) return logits_dtype;
+  return at::toOpMathType(logits_dtype);
+}
+
+// Gradient buffer of a forward op, in saved_grad_dtype. Empty (0,) when not needed.
+at::Tensor grad_buffer(const at::Tensor& logits, bool compute_grad, Reduction reduction) {
+  const at::TensorOptions options = logits.options().dtype(saved_grad_dtype(logits.scalar_type(), reduction));
   return compute_grad ? empty_output(logits.sizes(), options) : at::empty({0}, options);
+}
+
+// Calls body(G* grad) with the gradient typed as it was allocated: T (the math type) or, for
+// bf16 logits with a reduced loss, scalar_t (each value computed in T and rounded once). The
+// scalar_t variant is compiled for bf16 only (fp32/fp64: scalar_t == T; fp16: always T).
+// body(nullptr as T*) when no gradient is wanted.
+template <typename scalar_t, typename T, typename Body>
+void with_grad_ptr(const at::Tensor& grad, bool compute_grad, Body&& body) {
+  if (!compute_grad) {
+    body(static_cast<T*>(nullptr));
+    return;
+  }
+  if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+    if (grad.scalar_type() == at::kBFloat16) {
+      body(grad.data_ptr<scalar_t>());
+      return;
+    }
+  }
+  body(grad.data_ptr<T>());
 }
 
 int64_t count_valid(const int64_t* target, int64_t n, int64_t ignore_index) {
@@ -293,9 +319,9 @@ inline void tile_exp_sums(const scalar_t* x, int64_t C, int64_t class_stride, in
 // Rows with target == ignore_index get no row_fn call and a zero gradient row.
 // Memory traffic: reads the logits once, writes the gradient once (if asked); the row or tile
 // being worked on stays in L1/L2 (scratch of C x kTile values of T).
-template <typename scalar_t, typename T, bool kUnitStride, typename RowFn>
+template <typename scalar_t, typename T, bool kUnitStride, typename G, typename RowFn>
 void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
-                            T* grad, RowFn&& row_fn) {
+                            G* grad, RowFn&& row_fn) {
   const int64_t C = sh.C, S = sh.S;
   const int64_t width = kUnitStride ? 1 : kTile;
   const int64_t class_stride = kUnitStride ? 1 : S;
@@ -324,7 +350,7 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
       if (!any_active) {
         if (grad != nullptr) {
           for (int64_t c = 0; c < C; ++c)
-            for (int64_t j = 0; j < w; ++j) grad[offset + c * class_stride + j] = T(0);
+            for (int64_t j = 0; j < w; ++j) grad[offset + c * class_stride + j] = G(0);
         }
         continue;
       }
@@ -349,35 +375,35 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
         k[j] = row_fn(row0 + j, t[j], log_pt[j], row_max[j] + log_sum);
       }
       if (grad == nullptr) continue;
-      T* gt = grad + offset;
+      G* gt = grad + offset;
       if (kUnitStride) {
         const T scale = -k[0] / row_sum[0];
         const T* er = e.data();
-        if constexpr (std::is_same<T, float>::value) {
+        if constexpr (std::is_same<T, float>::value && std::is_same<G, float>::value) {
           cpu::scale_to(gt, er, scale, C);
         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gt[c] = scale * er[c];
+          for (int64_t c = 0; c < C; ++c) gt[c] = static_cast<G>(scale * er[c]);
         }
       } else {
         T scale[kTile];
         for (int64_t j = 0; j < w; ++j) scale[j] = -k[j] / row_sum[j];
         for (int64_t c = 0; c < C; ++c) {
-          T* gr = gt + c * class_stride;
+          G* gr = gt + c * class_stride;
           const T* er = e.data() + c * w;
-          for (int64_t j = 0; j < w; ++j) gr[j] = active[j] ? scale[j] * er[j] : T(0);
+          for (int64_t j = 0; j < w; ++j) gr[j] = active[j] ? static_cast<G>(scale[j] * er[j]) : G(0);
         }
       }
       for (int64_t j = 0; j < w; ++j) {
-        if (active[j]) gt[t[j] * class_stride + j] = k[j] * one_minus_pt_from_log(log_pt[j]);
+        if (active[j]) gt[t[j] * class_stride + j] = static_cast<G>(k[j] * one_minus_pt_from_log(log_pt[j]));
       }
     }
   });
 }
 
-template <typename scalar_t, typename T, typename RowFn>
+template <typename scalar_t, typename T, typename G, typename RowFn>
 void softmax_rows_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
-                       T* grad, RowFn&& row_fn) {
+                       G* grad, RowFn&& row_fn) {
   if (sh.S == 1) {
     softmax_rows_pass_impl<scalar_t, T, true>(x, target, sh, ignore_index, grad, row_fn);
   } else {
@@ -389,9 +415,9 @@ void softmax_rows_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
 // log p_t saved by a stats pass, grad_c = k_r * ([c == t] - exp(x_c - lse_r)) for active rows
 // (active[r] != 0, or target != ignore_index when active == nullptr), 0 elsewhere.
 // Memory traffic: reads the logits once, writes the gradient once.
-template <typename scalar_t, typename T>
+template <typename scalar_t, typename T, typename G>
 void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
-                       const T* lse, const T* log_pt, const T* k, const uint8_t* active_rows, T* grad) {
+                       const T* lse, const T* log_pt, const T* k, const uint8_t* active_rows, G* grad) {
   const int64_t C = sh.C, S = sh.S;
   const bool unit = S == 1;
   const int64_t width = unit ? 1 : kTile;
@@ -411,26 +437,26 @@ void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
         active[j] = active_rows != nullptr ? active_rows[r] != 0 : target[r] != ignore_index;
       }
       const scalar_t* xt = x + offset;
-      T* gt = grad + offset;
+      G* gt = grad + offset;
       if (unit) {
         if (!active[0]) {
-          for (int64_t c = 0; c < C; ++c) gt[c] = T(0);
+          for (int64_t c = 0; c < C; ++c) gt[c] = G(0);
           continue;
         }
         const T kr = -k[row0], lr = lse[row0];
-        if constexpr (std::is_same<scalar_t, float>::value) {
+        if constexpr (std::is_same<scalar_t, float>::value && std::is_same<G, float>::value) {
           cpu::scaled_exp_to(gt, xt, lr, kr, C);
         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gt[c] = kr * exp_vectorizable(static_cast<T>(xt[c]) - lr);
+          for (int64_t c = 0; c < C; ++c) gt[c] = static_cast<G>(kr * exp_vectorizable(static_cast<T>(xt[c]) - lr));
         }
       } else {
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* xr = xt + c * S;
-          T* gr = gt + c * S;
+          G* gr = gt + c * S;
           for (int64_t j = 0; j < w; ++j) {
             const T v = -k[row0 + j] * exp_vectorizable(static_cast<T>(xr[j]) - lse[row0 + j]);
-            gr[j] = active[j] ? v : T(0);
+            gr[j] = active[j] ? static_cast<G>(v) : G(0);
           }
         }
       }
@@ -438,7 +464,7 @@ void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
       for (int64_t j = 0; j < w; ++j) {
         if (!active[j]) continue;
         const int64_t r = row0 + j;
-        gt[target[r] * cs + j] = k[r] * one_minus_pt_from_log(log_pt[r]);
+        gt[target[r] * cs + j] = static_cast<G>(k[r] * one_minus_pt_from_log(log_pt[r]));
       }
     }
   });
@@ -477,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
   TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
   const int64_t* tgt = target.data_ptr<int64_t>();
   const int64_t n_valid = count_valid(tgt, sh.rows(), ignore_index);
-  at::Tensor grad = grad_buffer(logits, compute_grad);
+  at::Tensor grad = grad_buffer(logits, compute_grad, reduction);
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_forward", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -492,7 +518,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
     const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n_valid, 1)) : T(1);
     std::vector<T> row_loss(sh.rows(), T(0));
     const scalar_t* x = logits.data_ptr<scalar_t>();
-    T* g = compute_grad ? grad.data_ptr<T>() : nullptr;
+    with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
+    using G = std::remove_pointer_t<decltype(g)>;
     if (from_logits) {
       softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, g, [&](int64_t r, int64_t t, T log_pt, T) {
         const T a = class_alpha(alpha_ptr, alpha_t_scalar, t);
@@ -509,17 +536,18 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
           const int64_t t = tgt[r];
           const int64_t base = n * C * S + s;
           if (g != nullptr)
-            for (int64_t c = 0; c < C; ++c) g[base + c * S] = T(0);
+            for (int64_t c = 0; c < C; ++c) g[base + c * S] = G(0);
           if (t == ignore_index) continue;
           check_class(t, C, ignore_index);
           const T p_t = static_cast<T>(x[base + t * S]);
           const T a = class_alpha(alpha_ptr, alpha_t_scalar, t);
           const FocalTerm<T> ft = focal_term(log_(p_t), gamma_t);
           row_loss[r] = a * ft.value;
-          if (g != nullptr) g[base + t * S] = scale * a * ft.dvalue_dlogpt / p_t;
+          if (g != nullptr) g[base + t * S] = static_cast<G>(scale * a * ft.dvalue_dlogpt / p_t);
         }
       });
     }
+    });
     loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction);
   });
   return {loss, grad};
@@ -591,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cpu(const at::Tensor& logits_in,
   const SoftmaxShape sh = softmax_shape(logits);
   TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
   const int64_t* tgt = target.data_ptr<int64_t>();
-  at::Tensor grad = grad_buffer(logits, compute_grad);
+  at::Tensor grad = grad_buffer(logits, compute_grad, reduction);
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ohem_forward", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -609,10 +637,10 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cpu(const at::Tensor& logits_in,
       row_loss[r] = -log_pt[r];
       k[r] = -scale;  // d(-log p_t)/dl = -1
     }
-    if (compute_grad) {
-      softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, lse.data(), log_pt.data(), k.data(), kept.data(),
-                                     grad.data_ptr<T>());
-    }
+    with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
+      if (g != nullptr)
+        softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, lse.data(), log_pt.data(), k.data(), kept.data(), g);
+    });
     loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_kept), reduction);
   });
   return {loss, grad};
@@ -634,9 +662,9 @@ struct SigmoidTarget {
 // (x, y or nullptr, label, C, loss or nullptr, grad or nullptr) -> row loss sum.
 struct NoFastRow {};
 
-template <typename T, typename scalar_t, typename target_t, typename ElemFn, typename FastRow = NoFastRow>
+template <typename T, typename scalar_t, typename target_t, typename G, typename ElemFn, typename FastRow = NoFastRow>
 double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels, int64_t M, int64_t C,
-                    int64_t ignore_index, scalar_t* loss_out, T* grad, ElemFn&& elem_fn, FastRow fast_row = {}) {
+                    int64_t ignore_index, scalar_t* loss_out, G* grad, ElemFn&& elem_fn, FastRow fast_row = {}) {
   constexpr bool kFloatRow = !std::is_same<FastRow, NoFastRow>::value;
   const int64_t rows_per_chunk = std::max<int64_t>(1, kSumChunk / C);
   const int64_t chunks = ceil_div(M, rows_per_chunk);
@@ -654,7 +682,7 @@ double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels,
           if (label == ignore_index) {
             for (int64_t c = 0; c < C; ++c) {
               if (loss_out != nullptr) loss_out[base + c] = scalar_t(0);
-              if (grad != nullptr) grad[base + c] = T(0);
+              if (grad != nullptr) grad[base + c] = G(0);
             }
             continue;
           }
@@ -675,7 +703,7 @@ double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels,
           const LossGrad<T> lg = elem_fn(xv, yv, exp_vectorizable(-abs_(xv)));
           row_sum += lg.loss;
           if (loss_out != nullptr) loss_out[base + c] = static_cast<scalar_t>(lg.loss);
-          if (grad != nullptr) grad[base + c] = lg.grad;
+          if (grad != nullptr) grad[base + c] = static_cast<G>(lg.grad);
         }
         chunk_sum += static_cast<double>(row_sum);
       }
@@ -733,7 +761,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& l
                                                            c10::string_view reduction_name, bool compute_grad) {
   const Reduction reduction = parse_reduction(reduction_name);
   const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
-  at::Tensor grad = grad_buffer(in.logits, compute_grad);
+  at::Tensor grad = grad_buffer(in.logits, compute_grad, reduction);
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sigmoid_focal_forward", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -741,10 +769,10 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& l
     const scalar_t* x = in.logits.data_ptr<scalar_t>();
     at::Tensor loss_none = reduction == Reduction::None ? empty_output(logits_in.sizes(), in.logits.options()) : at::Tensor();
     scalar_t* lo = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
-    T* g = compute_grad ? grad.data_ptr<T>() : nullptr;
     const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
     const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max(in.count, 1.0)) : T(1);
     double total = 0.0;
+    with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
     with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
       auto elem = [&](T xv, T yv, T e) {
         LossGrad<T> lg = sigmoid_focal_element(xv, yv, a, gm, e);
@@ -760,6 +788,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& l
       } else {
         total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, elem);
       }
+    });
     });
     loss = loss_none.defined() ? loss_none : reduced_loss(in.logits, total, in.count, reduction);
   });
@@ -900,7 +929,7 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
   at::Tensor grad, loss;
   if (use_sigmoid) {
     const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
-    grad = grad_buffer(in.logits, compute_grad);
+    grad = grad_buffer(in.logits, compute_grad, reduction);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "ghmc_forward", [&] {
       using T = at::opmath_type<scalar_t>;
       const at::Tensor bw = bin_weights_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
@@ -909,9 +938,9 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
       const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
       at::Tensor loss_none = reduction == Reduction::None ? empty_output(logits_in.sizes(), in.logits.options()) : at::Tensor();
       scalar_t* lo = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
-      T* g = compute_grad ? grad.data_ptr<T>() : nullptr;
       const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max(in.count, 1.0)) : T(1);
       double total = 0.0;
+      with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
       with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
         total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, [&](T xv, T yv, T e) {
           const int64_t b = ghm_bin(ghm_sigmoid_g(static_cast<float>(xv), static_cast<float>(yv)), bins);
@@ -923,6 +952,7 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
           return lg;
         });
       });
+      });
       loss = loss_none.defined() ? loss_none : reduced_loss(in.logits, total, in.count, reduction);
     });
     return {loss, grad};
@@ -933,7 +963,7 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
   TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
   const int64_t* tgt = target.data_ptr<int64_t>();
   const int64_t n_valid = count_valid(tgt, sh.rows(), ignore_index);
-  grad = grad_buffer(logits, compute_grad);
+  grad = grad_buffer(logits, compute_grad, reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ghmc_forward", [&] {
     using T = at::opmath_type<scalar_t>;
     const at::Tensor bw = bin_weights_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
@@ -957,10 +987,10 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
       row_loss[r] = wt * -log_pt[r];
       k[r] = -scale * wt;
     }
-    if (compute_grad) {
-      softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, lse.data(), log_pt.data(), k.data(), nullptr,
-                                     grad.data_ptr<T>());
-    }
+    with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
+      if (g != nullptr)
+        softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, lse.data(), log_pt.data(), k.data(), nullptr, g);
+    });
     loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction);
   });
   return {loss, grad};
@@ -985,7 +1015,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ib_forward_cpu(const at::Tensor& 
   TORCH_CHECK(target.numel() == sh.N && feature_norm_in.numel() == sh.N,
               "target, feature_norm: expected ", sh.N, " values each");
   const int64_t* tgt = target.data_ptr<int64_t>();
-  at::Tensor grad = grad_buffer(logits, compute_grad);
+  at::Tensor grad = grad_buffer(logits, compute_grad, reduction);
   at::Tensor grad_feature, loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ib_forward", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -1006,15 +1036,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ib_forward_cpu(const at::Tensor& 
     std::vector<T> row_loss(sh.rows(), T(0));
     // No ignore_index in IB: a sentinel no class index can equal.
     const int64_t no_ignore = std::numeric_limits<int64_t>::min();
-    softmax_rows_pass<scalar_t, T>(logits.data_ptr<scalar_t>(), tgt, sh, no_ignore,
-                                   compute_grad ? grad.data_ptr<T>() : nullptr,
-                                   [&](int64_t r, int64_t t, T log_pt, T) {
-                                     const T w = cw_ptr != nullptr ? cw_ptr[t] : T(1);
-                                     const IBRow<T> row = ib_row(log_pt, w, fp[r], a, eps, gm, detach_factor);
-                                     row_loss[r] = row.loss;
-                                     if (gf != nullptr) gf[r] = scale * row.dloss_dfeature;
-                                     return scale * row.dloss_dlogpt;
-                                   });
+    with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
+      softmax_rows_pass<scalar_t, T>(logits.data_ptr<scalar_t>(), tgt, sh, no_ignore, g,
+                                     [&](int64_t r, int64_t t, T log_pt, T) {
+                                       const T w = cw_ptr != nullptr ? cw_ptr[t] : T(1);
+                                       const IBRow<T> row = ib_row(log_pt, w, fp[r], a, eps, gm, detach_factor);
+                                       row_loss[r] = row.loss;
+                                       if (gf != nullptr) gf[r] = scale * row.dloss_dfeature;
+                                       return scale * row.dloss_dlogpt;
+                                     });
+    });
     loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(sh.N), reduction);
   });
   return {loss, grad, grad_feature};
@@ -1086,6 +1117,39 @@ at::Tensor scale_grad_cpu(const at::Tensor& saved_in, const at::Tensor& grad_out
   return out;
 }
 
+// ------------------------------------------------------------------------------------------
+// scale_grad_: in-place backward of a reduced loss whose gradient is saved in the logits dtype
+// (csrc/ops.cpp). grad holds saved * applied_scale; afterwards saved * grad_output. Equal
+// scalars (the common loss.backward(): both 1): nothing beyond the two scalars is touched.
+// Otherwise one pass grad *= grad_output / applied_scale (computed in the math type T, one
+// rounding per element), then applied_scale = grad_output.
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t, typename T>
+void multiply_in_place(scalar_t* g, int64_t n, T ratio) {
+  at::parallel_for(0, n, kWorkGrain, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) g[i] = static_cast<scalar_t>(static_cast<T>(g[i]) * ratio);
+  });
+}
+
+void scale_grad_inplace_cpu(const at::Tensor& grad, const at::Tensor& grad_output, const at::Tensor& applied_scale) {
+  const at::ScalarType math = at::toOpMathType(grad.scalar_type());
+  TORCH_CHECK(grad.is_contiguous(), "scale_grad_: grad must be contiguous (the saved gradient of a forward op)");
+  TORCH_CHECK(grad_output.numel() == 1, "scale_grad_: grad_output must hold one value (a reduced loss's gradient), got shape ",
+              grad_output.sizes());
+  TORCH_CHECK(applied_scale.numel() == 1 && applied_scale.scalar_type() == math && applied_scale.is_contiguous(),
+              "scale_grad_: applied_scale must be one ", math, " value, got ", applied_scale.scalar_type(), " of shape ",
+              applied_scale.sizes());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const T wanted = grad_output.to(math).item<T>();  // a CPU tensor: no device sync
+    T* applied = applied_scale.data_ptr<T>();
+    if (wanted == *applied) return;
+    multiply_in_place(grad.data_ptr<scalar_t>(), grad.numel(), wanted / *applied);
+    *applied = wanted;
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
@@ -1097,6 +1161,7 @@ TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
   m.impl("ghmc_forward", &ghmc_forward_cpu);
   m.impl("ib_forward", &ib_forward_cpu);
   m.impl("scale_grad", &scale_grad_cpu);
+  m.impl("scale_grad_", &scale_grad_inplace_cpu);
 }
 
 }  // namespace fused_losses

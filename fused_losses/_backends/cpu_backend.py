@@ -13,7 +13,7 @@ from fused_losses._backends import Backend
 from fused_losses.reference import ohem_min_kept_total
 
 _REQUIRED_OPS = ("softmax_focal_forward", "sigmoid_focal_forward", "ohem_forward", "ghmc_bin_weights",
-                 "ghmc_forward", "ib_forward", "scale_grad")
+                 "ghmc_forward", "ib_forward", "scale_grad", "scale_grad_")
 
 
 def _probe():

@@ -14,6 +14,7 @@ import math
 import torch
 import triton
 
+from fused_losses._ops import saved_grad_dtype
 from fused_losses._triton import kernels as K
 from fused_losses.reference import ghm_bin_weights, ohem_kept_mask, ohem_min_kept_total
 
@@ -47,13 +48,13 @@ def _rows3(logits: torch.Tensor):
 
 
 def grad_dtype(dtype: torch.dtype, reduction: str) -> torch.dtype:
-    """dtype of the saved gradient. 'none' with fp16/bf16 logits keeps it in float32: the
-    backward multiplies by a per-sample cotangent, and rounding the saved gradient first would
-    round twice (measurably worse than eager in bf16). 'mean'/'sum' are scaled by a scalar,
-    exact when it is 1, so the logits dtype is kept (half the memory)."""
-    if reduction == "none" and dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return dtype
+    """dtype of the saved gradient: the rule of every backend (fused_losses._ops.saved_grad_dtype).
+    'none' with fp16/bf16 logits keeps it in float32: the backward multiplies by a per-sample
+    cotangent, and rounding the saved gradient first would round twice (measurably worse than
+    eager in bf16). 'mean'/'sum' are scaled by a scalar, exact when it is 1, so the logits
+    dtype is kept (half the memory), except fp16: a GradScaler's grad_output (2^16 and more)
+    must multiply float32 values, or a large batch's 'mean' gradient underflows."""
+    return saved_grad_dtype(dtype, reduction)
 
 
 def _grad_like(logits: torch.Tensor, need_grad: bool, reduction: str = "sum") -> torch.Tensor:

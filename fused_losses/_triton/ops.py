@@ -45,11 +45,12 @@ def _fake_grad(like: Tensor, need_grad: bool, reduction: str) -> Tensor:
 
 def _scale(saved: Tensor, grad_out: Tensor, reduction: str, channel_dim: Optional[int], dtype) -> Tensor:
     """saved gradient (unit cotangent) x grad_output, as a fresh tensor in `dtype` (the input's).
-    'mean'/'sum': a 0-dim fp32 cotangent, the product keeps saved's dtype (= dtype).
+    'mean'/'sum': a 0-dim fp32 cotangent; the saved gradient is in `dtype` (fp32/bf16) or fp32
+    (fp16 inputs: rounded once, after the scale).
     'none': per-sample cotangent, broadcast over C for the softmax family (channel_dim); the
     saved gradient is fp32 for fp16/bf16 inputs, so the result is rounded once."""
     if reduction != "none":
-        return saved * grad_out
+        return (saved * grad_out).to(dtype)
     if channel_dim is not None:
         grad_out = grad_out.unsqueeze(channel_dim)
     return (saved * grad_out).to(dtype)
