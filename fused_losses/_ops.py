@@ -36,7 +36,8 @@ import torch
 
 from fused_losses import _ext
 
-__all__ = ["register", "needs_grad", "saved_grad_dtype", "DOUBLE_BACKWARD_ERROR"]
+__all__ = ["register", "needs_grad", "saved_grad_dtype", "save_gradients", "logits_gradient",
+           "DOUBLE_BACKWARD_ERROR"]
 
 DOUBLE_BACKWARD_ERROR = (
     "fused_losses: double backward (create_graph=True, or differentiating a gradient) is not supported "
@@ -89,33 +90,43 @@ def _check_first_order(ctx):
 
 
 # ---- autograd formulas: (loss, grad...) outputs; grads flow to the positional inputs ----------
-def _setup_saved_grads(ctx, inputs, output):
-    loss, saved = output[0], output[1:]
-    ctx.mark_non_differentiable(*saved)
+def save_gradients(ctx, loss: torch.Tensor, grads, logits: torch.Tensor, compute_grad: bool) -> None:
+    """setup_context part shared by every op layer (this one and fused_losses._triton.ops):
+    saves the forward's gradients and decides the backward (module docstring). A 0-dim loss is
+    a reduced one; when its logits gradient (grads[0]) is in the logits dtype it is scaled in
+    place, and `applied_scale` (the multiplier the saved gradient carries, in the loss dtype =
+    the gradient's math dtype, which grad_output arrives in) is saved after the gradients."""
+    ctx.mark_non_differentiable(*grads)
     # Without this, autograd hands backward a materialised zero tensor for every unused output:
     # a gradient-sized fill (55 ms of a 140 ms focal step at 262144 x 80).
     ctx.set_materialize_grads(False)
-    ctx.compute_grad = bool(inputs[-1])
-    ctx.num_inputs = len(inputs)
-    ctx.logits_dtype = inputs[0].dtype
-    # A 0-dim loss is a reduced one; its logits gradient in the logits dtype is scaled in place.
-    ctx.in_place = ctx.compute_grad and loss.dim() == 0 and saved[0].dtype == ctx.logits_dtype
+    ctx.compute_grad = bool(compute_grad)
+    ctx.logits_dtype = logits.dtype
+    ctx.in_place = ctx.compute_grad and loss.dim() == 0 and grads[0].dtype == logits.dtype
     if ctx.in_place:
-        # The multiplier the saved gradient carries (module docstring), in the loss dtype
-        # (= the gradient's math dtype); grad_output arrives in the same dtype.
-        applied_scale = torch.ones((), dtype=loss.dtype, device=loss.device)
-        ctx.save_for_backward(*saved, applied_scale)
+        ctx.save_for_backward(*grads, torch.ones((), dtype=loss.dtype, device=loss.device))
     else:
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(*grads)
+
+
+def logits_gradient(ctx, saved, grad_loss, applied_scale, scale_in_place, scale_fresh):
+    """The logits gradient of this backward: `saved` scaled in place by
+    scale_in_place(saved, grad_loss, applied_scale) and returned itself, or
+    scale_fresh(saved, grad_loss, logits dtype), a new tensor."""
+    if ctx.in_place:
+        scale_in_place(saved, grad_loss, applied_scale)
+        return saved
+    return scale_fresh(saved, grad_loss, ctx.logits_dtype)
+
+
+def _setup_saved_grads(ctx, inputs, output):
+    save_gradients(ctx, output[0], output[1:], inputs[0], inputs[-1])
+    ctx.num_inputs = len(inputs)
 
 
 def _logits_grad(ctx, saved, grad_loss, applied_scale=None):
-    """The logits gradient for this backward: the saved gradient scaled in place (and returned
-    itself), or a fresh scaled copy in the logits dtype."""
-    if ctx.in_place:
-        torch.ops.fused_losses.scale_grad_(saved, grad_loss, applied_scale)
-        return saved
-    return torch.ops.fused_losses.scale_grad(saved, grad_loss, ctx.logits_dtype)
+    ops = torch.ops.fused_losses
+    return logits_gradient(ctx, saved, grad_loss, applied_scale, ops.scale_grad_, ops.scale_grad)
 
 
 def _backward_logits_only(ctx, grad_loss, *unused):

@@ -13,7 +13,7 @@ import torch
 
 import fused_losses as fl
 from fused_losses import _backends, _validate, reference
-from tests.utils import (LOW_PRECISION, assert_matches_reference, assert_rel_close, loss_and_grad, rel_error, sigmoid_case,
+from tests.utils import (LOW_PRECISION, assert_matches_reference, assert_rel_close, loss_and_grad, opcheck_loss_op, rel_error, sigmoid_case,
                          softmax_case)
 
 _STATUS = fl.backends()["cpu"]
@@ -442,23 +442,7 @@ _OPCHECK = _opcheck_samples()
 @pytest.mark.parametrize("index", range(len(_OPCHECK)), ids=[f"{n}-{i}" for i, (n, _) in enumerate(_OPCHECK)])
 def test_opcheck(index):
     name, args = _opcheck_samples()[index]
-    op = getattr(OPS, name).default
-    if not _saves_gradient_in_place(args):
-        torch.library.opcheck(op, args)
-        return
-    # A reduced loss's backward scales the op's gradient output in place (scale_grad_). opcheck
-    # returns that output to the caller, and AOTAutograd cannot trace a backward that mutates a
-    # forward *output* ("... was invalid, but is output"); the public API never returns it, and
-    # its compiled forward + backward is tested below and in tests/test_backward.py. So: every
-    # check on inputs that need no gradient, and all but test_aot_dispatch_dynamic with them.
-    torch.library.opcheck(op, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-
-
-def _saves_gradient_in_place(args) -> bool:
-    logits = args[0]
-    return (isinstance(logits, torch.Tensor) and logits.requires_grad and args[-1] is True
-            and any(a in ("mean", "sum") for a in args if isinstance(a, str)) and logits.dtype != torch.float16)
+    opcheck_loss_op(getattr(OPS, name).default, args)
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,7 +52,10 @@ def _variants(full: bool):
                             dict(X=f"*{xdt}", T=tdt, HIST="*i32", numel="i64", C="i32", ignore_index="i32", bins="i32",
                                  num_programs="i32"),
                             dict(LABELS=labels, NUM_BINS_P2=16, BLOCK=1024)))
-    everything = rows + grads + sigmoid
+    rescale = [(K.rescale_grad_kernel, dict(GRAD=f"*{gdt}", GO="*fp32", APPLIED="*fp32", numel="i64", X=f"*{gdt}"),
+                dict(BLOCK=4096)) for gdt in ("fp32", "bf16", "fp16")]
+    rescale.append((K.record_scale_kernel, dict(GO="*fp32", APPLIED="*fp32", X="*fp32"), {}))
+    everything = rows + grads + sigmoid + rescale
     if full:
         return everything
     # One representative per kernel and kind, the dtypes taking turns.
@@ -82,6 +85,7 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for fn, types, consts in _variants(args.all):
+        # types["X"] names the logits (or gradient) dtype of the variant in the report line.
         signature = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
         constexprs = {(fn.arg_names.index(name),): value for name, value in consts.items()}
         start = time.time()

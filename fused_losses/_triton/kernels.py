@@ -396,3 +396,27 @@ def ghm_sigmoid_hist_kernel(
         idx, in_bin = _ghm_bin(x, y, valid, bins)
         hist += tl.histogram(idx, NUM_BINS_P2)
     tl.store(HIST + pid.to(tl.int64) * NUM_BINS_P2 + tl.arange(0, NUM_BINS_P2), hist)
+
+
+# --------------------------------------------------------------------------------------------
+# In-place backward of reduced losses (fused_losses._ops module docstring)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def rescale_grad_kernel(GRAD, GO, APPLIED, numel, BLOCK: tl.constexpr):
+    """GRAD *= GO / APPLIED in place, both scalars read here, on the device; when they are equal
+    (the common loss.backward(): both 1) the program returns after the two scalar loads, so the
+    gradient is neither read nor written. Traffic otherwise: one read + one write per element."""
+    wanted = tl.load(GO).to(tl.float32)
+    applied = tl.load(APPLIED).to(tl.float32)
+    if wanted != applied:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        in_range = offs < numel
+        g = tl.load(GRAD + offs, mask=in_range).to(tl.float32)
+        tl.store(GRAD + offs, _cast(g * (wanted / applied), GRAD.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def record_scale_kernel(GO, APPLIED):
+    """APPLIED = GO, launched after rescale_grad_kernel (stream order: every program has read
+    APPLIED by then)."""
+    tl.store(APPLIED, tl.load(GO).to(APPLIED.dtype.element_ty))

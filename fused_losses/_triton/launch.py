@@ -326,3 +326,21 @@ def ghmc_sigmoid(logits, target, state, bins, momentum, ignore_index, reduction,
                                           need_grad=need_grad)
     loss = _finish(partial, rows, reduction, count, logits.shape)
     return loss, grad, _no_state(logits) if new_state is None else new_state
+
+
+# --------------------------------------------------------------------------------------------
+# In-place backward of reduced losses
+# --------------------------------------------------------------------------------------------
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor, applied_scale: torch.Tensor) -> None:
+    """grad *= grad_output / applied_scale unless equal, then applied_scale = grad_output; the
+    scalars are compared by the kernel (no host read). Writes only through the kernels, so no
+    version counter is bumped (the saved gradient stays unpackable under retain_graph)."""
+    if not grad.is_contiguous():
+        raise RuntimeError("scale_grad_: grad must be contiguous (the saved gradient of a forward op)")
+    if grad_output.numel() != 1 or applied_scale.numel() != 1:
+        raise RuntimeError("scale_grad_: grad_output and applied_scale must hold one value each")
+    numel = grad.numel()
+    if numel > 0:
+        block = 4096
+        K.rescale_grad_kernel[(triton.cdiv(numel, block),)](grad, grad_output, applied_scale, numel, BLOCK=block)
+    K.record_scale_kernel[(1,)](grad_output, applied_scale)

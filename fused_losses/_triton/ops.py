@@ -6,8 +6,11 @@ fused_losses.reference, which the 'triton' backend serves.
 
 Every op returns the loss *and* the gradient w.r.t. the logits computed in the same pass for a
 unit cotangent (empty when no gradient is needed), so forward + backward read the logits once.
-The backward returns a fresh tensor ``saved_grad * grad_output`` (never in place, so
-retain_graph=True and repeated backward calls stay correct). Custom ops (not triton_op) are used
+The backward is the one of the C++ op layer (fused_losses._ops: save_gradients,
+logits_gradient): a reduced loss's gradient saved in the logits dtype is scaled in place by
+``fused_losses_triton::scale_grad_`` (free when grad_output equals the scale already applied,
+which the kernel tracks on the device, so retain_graph=True never scales twice) and returned
+itself; otherwise a fresh ``saved_grad * grad_output`` in the logits dtype. Custom ops (not triton_op) are used
 so that torch.compile treats them as one opaque call on any device: Inductor's path for
 user-defined Triton kernels needs a GPU, while these also run on CPU tensors under
 TRITON_INTERPRET=1.
@@ -22,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fused_losses._ops import logits_gradient, save_gradients
 from fused_losses._triton import launch
 
 _NS = "fused_losses_triton"
@@ -43,6 +47,23 @@ def _fake_grad(like: Tensor, need_grad: bool, reduction: str) -> Tensor:
     return like.new_empty(like.shape, dtype=launch.grad_dtype(like.dtype, reduction))
 
 
+# scale_grad_ is declared with a schema (not custom_op): custom_op's in-place registration bumps
+# the version counter of `grad`, which autograd would then refuse to unpack on a retained graph.
+_LIB = torch.library.Library(_NS, "FRAGMENT")
+_LIB.define("scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor(b!) applied_scale) -> ()")
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("scale_grad_", launch.scale_grad_, _key)
+torch.library.register_fake(f"{_NS}::scale_grad_", lambda grad, grad_output, applied_scale: None, lib=_LIB)
+
+
+def _logits_grad(ctx, saved: Tensor, grad_out: Optional[Tensor], applied: list, channel_dim: Optional[int]):
+    """applied: [applied_scale] after the saved gradients when they are scaled in place, else []."""
+    if grad_out is None:  # save_gradients turns off materialize_grads
+        return None
+    return logits_gradient(ctx, saved, grad_out, applied[0] if applied else None, torch.ops.fused_losses_triton.scale_grad_,
+                           lambda g, go, dtype: _scale(g, go, ctx.reduction, channel_dim, dtype))
+
+
 def _scale(saved: Tensor, grad_out: Tensor, reduction: str, channel_dim: Optional[int], dtype) -> Tensor:
     """saved gradient (unit cotangent) x grad_output, as a fresh tensor in `dtype` (the input's).
     'mean'/'sum': a 0-dim fp32 cotangent; the saved gradient is in `dtype` (fp32/bf16) or fp32
@@ -59,9 +80,8 @@ def _scale(saved: Tensor, grad_out: Tensor, reduction: str, channel_dim: Optiona
 def _save_grads(ctx, inputs, output, reduction_pos: int, n_grads: int):
     ctx.reduction = inputs[reduction_pos]
     ctx.dtype = inputs[0].dtype
-    grads = output[1:1 + n_grads]
-    ctx.save_for_backward(*grads)
     ctx.mark_non_differentiable(*output[1:])
+    save_gradients(ctx, output[0], output[1:1 + n_grads], inputs[0], inputs[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,8 +104,8 @@ def _softmax_focal_setup(ctx, inputs, output):
 
 
 def _softmax_focal_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    return _scale(grad, grad_loss, ctx.reduction, 1, ctx.dtype), None, None, None, None, None, None, None, None
+    grad, *applied = ctx.saved_tensors
+    return _logits_grad(ctx, grad, grad_loss, applied, 1), None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(f"{_NS}::softmax_focal", _softmax_focal_backward,
@@ -111,8 +131,8 @@ def _sigmoid_focal_setup(ctx, inputs, output):
 
 
 def _sigmoid_focal_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    return _scale(grad, grad_loss, ctx.reduction, None, ctx.dtype), None, None, None, None, None, None
+    grad, *applied = ctx.saved_tensors
+    return _logits_grad(ctx, grad, grad_loss, applied, None), None, None, None, None, None, None
 
 
 torch.library.register_autograd(f"{_NS}::sigmoid_focal", _sigmoid_focal_backward,
@@ -138,8 +158,8 @@ def _ohem_setup(ctx, inputs, output):
 
 
 def _ohem_backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    return (_scale(grad, grad_loss, ctx.reduction, 1, ctx.dtype),) + (None,) * 8
+    grad, *applied = ctx.saved_tensors
+    return (_logits_grad(ctx, grad, grad_loss, applied, 1),) + (None,) * 8
 
 
 torch.library.register_autograd(f"{_NS}::ohem", _ohem_backward, setup_context=_ohem_setup)
@@ -168,8 +188,8 @@ def _ghmc_setup(ctx, inputs, output):
 
 
 def _ghmc_backward(ctx, grad_loss, _grad_grad, _grad_state):
-    (grad,) = ctx.saved_tensors
-    return (_scale(grad, grad_loss, ctx.reduction, ctx.channel_dim, ctx.dtype),) + (None,) * 8
+    grad, *applied = ctx.saved_tensors
+    return (_logits_grad(ctx, grad, grad_loss, applied, ctx.channel_dim),) + (None,) * 8
 
 
 torch.library.register_autograd(f"{_NS}::ghmc", _ghmc_backward, setup_context=_ghmc_setup)
@@ -198,10 +218,10 @@ def _ib_setup(ctx, inputs, output):
 
 
 def _ib_backward(ctx, grad_loss, _grad_grad, _grad_feat):
-    grad, grad_feat = ctx.saved_tensors
-    grad_logits = _scale(grad, grad_loss, ctx.reduction, 1, ctx.dtype)
+    grad, grad_feat, *applied = ctx.saved_tensors
+    grad_logits = _logits_grad(ctx, grad, grad_loss, applied, 1)
     grad_features = None
-    if not ctx.detach_factor:
+    if not ctx.detach_factor and grad_loss is not None:
         channel_dim = None if ctx.feature_dim == 1 else 1
         grad_features = _scale(grad_feat, grad_loss, ctx.reduction, channel_dim, ctx.feature_dtype)
     return (grad_logits, None, grad_features) + (None,) * 7
