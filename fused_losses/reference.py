@@ -194,7 +194,9 @@ def ohem_kept_mask(ce: torch.Tensor, pt: torch.Tensor, valid: torch.Tensor, *, k
             rank = torch.empty_like(order)
             rank[order] = torch.arange(order.numel(), device=order.device)
             return (rank < k) & valid
-        p_sorted = torch.sort(torch.where(valid, pt, torch.full_like(pt, math.inf))).values
+        # Ignored samples sort as NaN (last, like NaN valid ones): the first n_valid sorted values
+        # are then exactly mmseg's sort of the valid samples alone, NaN p_t included.
+        p_sorted = torch.sort(torch.where(valid, pt, torch.full_like(pt, math.nan))).values
         idx = torch.clamp(torch.clamp_max(n_valid - 1, min_kept_total), min=0)
         at_idx = p_sorted.gather(0, idx.reshape(1)).squeeze(0) if p_sorted.numel() else pt.new_zeros(())
         min_threshold = torch.where(n_valid > 0, at_idx, torch.zeros_like(at_idx))

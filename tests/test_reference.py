@@ -252,6 +252,25 @@ def test_ohem_thresh_matches_mmseg_sampler(thresh, min_kept):
     assert_rel_close(mean, (ce * weight).sum() / weight.sum().clamp_min(1), 1e-14, "mean over kept")
 
 
+@pytest.mark.parametrize("min_kept", [3, 1000])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_ohem_thresh_with_nan_logits_and_ignored_pixels_matches_mmseg(backend, min_kept):
+    """mmseg sorts the valid pixels only; NaN p_t sort last. min_kept=1000 puts the threshold
+    index on the last valid pixel, a NaN one: mmseg's threshold is then NaN and nothing is kept
+    (an ignored pixel sorted between them must not shift it)."""
+    if not fl.backends()[backend].available:
+        pytest.skip(f"{backend} backend unavailable")
+    logits, target = softmax_case((2, 5, 6, 7), F64, ignore_frac=0.2, ignore_index=255, seed=12)
+    nan_pixels = (target != 255).nonzero()[:3]
+    for n, h, w in nan_pixels.tolist():
+        logits[n, :, h, w] = math.nan
+    weight = _mmseg_ohem_weights(logits, target, 0.7, min_kept, 255)
+    out = fl.ohem(logits, target, thresh=0.7, min_kept=min_kept, ignore_index=255, reduction="none", backend=backend)
+    assert torch.equal(out != 0, weight != 0)
+    if min_kept == 1000:
+        assert not bool((weight != 0).any())
+
+
 # ---------------------------------------------------------------------------------------------
 # GHM-C
 # ---------------------------------------------------------------------------------------------
