@@ -917,8 +917,9 @@ at::Tensor ghmc_bin_weights_cpu(const at::Tensor& logits_in, const at::Tensor& t
 }
 
 // GHM-C loss: loss = w[bin(g)] * CE, 'mean' over n_valid. Sigmoid: one elementwise pass
-// (grad = scale * w * (p - y)). Softmax: float32 stats pass for g (and, for fp64, a second
-// stats pass in double for the CE), then the gradient pass grad_c = scale * w * (p_c - [c == t]).
+// (grad = scale * w * (p - y)). Softmax, math type float: one rows pass (bin, loss and
+// gradient grad_c = scale * w * (p_c - [c == t]) per row); fp64: a float32 stats pass for g, a
+// double stats pass for the CE, then the gradient pass.
 std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                   const at::Tensor& bin_weights_in, bool use_sigmoid,
                                                   int64_t ignore_index, c10::string_view reduction_name,
@@ -969,17 +970,28 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
     const at::Tensor bw = bin_weights_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const T* w = bw.data_ptr<T>();
     const scalar_t* x = logits.data_ptr<scalar_t>();
-    std::vector<float> lse_f;
-    const std::vector<float> log_pt_f = ghm_softmax_log_pt_float(x, tgt, sh, ignore_index, &lse_f);
-    std::vector<T> log_pt, lse;
-    if (std::is_same<T, float>::value) {
-      log_pt.assign(log_pt_f.begin(), log_pt_f.end());
-      lse.assign(lse_f.begin(), lse_f.end());
-    } else {
-      softmax_stats_pass<scalar_t, T>(x, tgt, sh, ignore_index, log_pt, lse);
-    }
     const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n_valid, 1)) : T(1);
-    std::vector<T> row_loss(sh.rows(), T(0)), k(sh.rows(), T(0));
+    std::vector<T> row_loss(sh.rows(), T(0));
+    if constexpr (std::is_same<T, float>::value) {
+      // fp32/bf16/fp16: the float32 log p_t that picks the bin is the one of the CE, so one
+      // pass does it all (the same rows pass as ghmc_bin_weights' stats, hence the same bins):
+      // reads the logits once, writes the gradient once.
+      with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
+        softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, g, [&](int64_t r, int64_t, T lp, T) {
+          const int64_t b = ghm_bin(ghm_softmax_g(lp), bins);
+          const T wt = b >= 0 ? w[b] : T(0);
+          row_loss[r] = wt * -lp;
+          return -scale * wt;
+        });
+      });
+      loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction);
+      return;
+    }
+    // fp64: bins from a float32 stats pass (as in ghmc_bin_weights), the CE from a double one.
+    const std::vector<float> log_pt_f = ghm_softmax_log_pt_float(x, tgt, sh, ignore_index, nullptr);
+    std::vector<T> log_pt, lse;
+    softmax_stats_pass<scalar_t, T>(x, tgt, sh, ignore_index, log_pt, lse);
+    std::vector<T> k(sh.rows(), T(0));
     for (int64_t r = 0; r < sh.rows(); ++r) {
       if (tgt[r] == ignore_index) continue;
       const int64_t b = ghm_bin(ghm_softmax_g(log_pt_f[r]), bins);
