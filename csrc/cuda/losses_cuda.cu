@@ -1451,70 +1451,95 @@ at::Tensor scale_grad_cuda(const at::Tensor& saved_in, const at::Tensor& grad_ou
 }
 
 // ==========================================================================================
-// In-place backward for reduced losses, ready for a schema that does not exist yet (see
-// csrc/cuda/NOTES.md, "Backward when grad_output is exactly 1"):
+// scale_grad_: in-place backward of a reduced loss whose gradient is saved in the logits dtype
+// (csrc/ops.cpp; bf16 or fp32 'mean'/'sum' forwards; fp16 accepted for generality):
 //   scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor(b!) applied_scale) -> ()
-// grad holds saved * applied_scale[0]; after the call it holds saved * grad_output. When
-// grad_output == applied_scale (the common loss.backward(): both 1) every block returns after
-// reading the two scalars: no pass over the gradient. Otherwise one pass multiplies by
-// grad_output / applied_scale (a retained graph's second backward rescales from the value the
-// first one left), then a one-thread launch records applied_scale = grad_output. A first
-// backward with grad_output = 0 loses the gradient: a later one with another value gives
-// inf/NaN (loud, not silently wrong). Traffic: 0 bytes when equal, else one read + one write
-// per element.
+// grad holds saved * applied_scale; after the call it holds saved * grad_output, and
+// applied_scale == grad_output. Both scalars are float32 on the device and are read by the
+// kernels (no host read, no sync). rescale_grad_inplace_kernel reads both in every block: when
+// they are equal (the common loss.backward(): both 1.0) every block returns at once, and no
+// element of grad is read or written. Otherwise one pass
+//   grad[i] = grad_t(float(grad[i]) * (grad_output / applied_scale))
+// (the ratio in float32, one rounding per element; a retained graph's second backward rescales
+// from what the first one applied, so nothing is scaled twice). Then a one-thread launch, after
+// the rescale kernel in stream order (so after every block has read applied_scale), records
+// applied_scale = grad_output. A first backward with grad_output = 0 loses the gradient: a later
+// one with another value gives inf/NaN (loud, not silently wrong). Version counters are not
+// bumped (the schema's contract: grad is a saved tensor mutated only by this op).
+// Traffic: the two scalars per block when equal; else one read + one write of sizeof(grad_t)
+// per element, in 16-byte packs when grad is 16-byte aligned (a fresh gradient always is),
+// single values otherwise (an offset view is valid input, so alignment is not required).
 // ==========================================================================================
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) rescale_grad_inplace_kernel(scalar_t* __restrict__ grad, int64_t numel,
+template <typename grad_t>
+__global__ void __launch_bounds__(kThreads) rescale_grad_inplace_kernel(grad_t* __restrict__ grad, int64_t numel,
+                                                                        bool packed,
                                                                         const float* __restrict__ grad_output,
                                                                         const float* __restrict__ applied_scale) {
   const float wanted = grad_output[0];
   const float applied = applied_scale[0];
   if (wanted == applied) return;  // the same decision in every block: nothing is touched
   const float ratio = wanted / applied;
-  constexpr int VEC = 16 / sizeof(scalar_t);
+  constexpr int VEC = 16 / sizeof(grad_t);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t packs = numel / VEC;
-  for (int64_t p = first; p < packs; p += stride) {
-    Pack<scalar_t, VEC> v = load_pack<VEC>(grad + p * VEC);
+  int64_t tail = 0;  // first element of the single-value loop
+  if (packed) {      // grad is 16-byte aligned: packs p cover elements [p * VEC, p * VEC + VEC)
+    const int64_t packs = numel / VEC;
+    for (int64_t p = first; p < packs; p += stride) {
+      Pack<grad_t, VEC> v = load_pack<VEC>(grad + p * VEC);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) v.v[e] = static_cast<scalar_t>(static_cast<float>(v.v[e]) * ratio);
-    store_pack<VEC>(grad + p * VEC, v);
+      for (int e = 0; e < VEC; ++e) v.v[e] = static_cast<grad_t>(static_cast<float>(v.v[e]) * ratio);
+      store_pack<VEC>(grad + p * VEC, v);
+    }
+    tail = packs * VEC;
   }
-  for (int64_t i = packs * VEC + first; i < numel; i += stride) {
-    grad[i] = static_cast<scalar_t>(static_cast<float>(grad[i]) * ratio);
+  for (int64_t i = tail + first; i < numel; i += stride) {
+    grad[i] = static_cast<grad_t>(static_cast<float>(grad[i]) * ratio);
   }
 }
 
+// applied_scale = grad_output; launched after rescale_grad_inplace_kernel on the same stream.
 __global__ void record_applied_scale_kernel(const float* __restrict__ grad_output, float* __restrict__ applied_scale) {
   applied_scale[0] = grad_output[0];
 }
 
-}  // namespace
-
-// Not registered: the schema above is not in csrc/ops.cpp yet. External linkage on purpose
-// (no unused-function warning); registering it is one line in TORCH_LIBRARY_IMPL below.
-void scale_grad_inplace_cuda(at::Tensor& grad, const at::Tensor& grad_output, at::Tensor& applied_scale) {
+// The C++ signature must be the one of every other backend's kernel of this op (the dispatcher
+// rejects a second kernel with another signature when the library loads): the CPU kernel
+// (csrc/cpu/losses_cpu.cpp, scale_grad_inplace_cpu) takes three const references, so this one
+// does too; the tensors' data are written through data_ptr, which const does not restrict.
+void scale_grad_inplace_cuda(const at::Tensor& grad, const at::Tensor& grad_output, const at::Tensor& applied_scale) {
+  TORCH_CHECK(grad.is_cuda(), "scale_grad_: grad must be a CUDA tensor, got ", grad.device());
   const c10::cuda::CUDAGuard guard(grad.device());
-  check_same_device(grad_output, grad, "grad_output");
-  check_same_device(applied_scale, grad, "applied_scale");
-  TORCH_CHECK(grad.is_contiguous() && aligned_to(grad.data_ptr(), 16), "grad: expected a fresh contiguous gradient");
-  TORCH_CHECK(grad_output.dim() == 0 && grad_output.scalar_type() == at::kFloat,
-              "grad_output: expected a 0-dim float32 tensor (the reduced loss's gradient)");
+  check_same_device(grad_output, grad, "scale_grad_: grad_output");
+  check_same_device(applied_scale, grad, "scale_grad_: applied_scale");
+  const at::ScalarType dtype = grad.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "scale_grad_: grad must be float32, bfloat16 or float16 on CUDA (the saved gradient of a reduced "
+              "loss), got ", dtype);
+  TORCH_CHECK(grad.is_contiguous(), "scale_grad_: grad must be contiguous (the saved gradient of a forward op), got "
+              "shape ", grad.sizes(), " with strides ", grad.strides());
+  TORCH_CHECK(grad_output.numel() == 1 && grad_output.scalar_type() == at::kFloat,
+              "scale_grad_: grad_output must be a 0-dim float32 tensor (the gradient of a reduced loss), got ",
+              grad_output.scalar_type(), " of shape ", grad_output.sizes());
   TORCH_CHECK(applied_scale.numel() == 1 && applied_scale.scalar_type() == at::kFloat,
-              "applied_scale: expected a float32 tensor of one element");
+              "scale_grad_: applied_scale must be a 0-dim float32 tensor (the scale grad carries), got ",
+              applied_scale.scalar_type(), " of shape ", applied_scale.sizes());
+  const cudaStream_t stream = current_stream();
   const int64_t numel = grad.numel();
   if (numel > 0) {
-    FL_DISPATCH_CUDA_FLOATING_TYPES(grad.scalar_type(), "scale_grad_inplace_cuda", [&] {
-      rescale_grad_inplace_kernel<scalar_t><<<grid_for(numel, kThreads * 8), kThreads, 0, current_stream()>>>(
-          grad.data_ptr<scalar_t>(), numel, grad_output.data_ptr<float>(), applied_scale.data_ptr<float>());
+    const bool packed = aligned_to(grad.data_ptr(), 16);
+    const int64_t blocks = grid_for(numel, kThreads * 8);
+    FL_DISPATCH_CUDA_FLOATING_TYPES(dtype, "scale_grad_inplace_cuda", [&] {
+      rescale_grad_inplace_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), numel, packed, grad_output.data_ptr<float>(), applied_scale.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  record_applied_scale_kernel<<<1, 1, 0, current_stream()>>>(grad_output.data_ptr<float>(),
-                                                            applied_scale.data_ptr<float>());
+  record_applied_scale_kernel<<<1, 1, 0, stream>>>(grad_output.data_ptr<float>(), applied_scale.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+}  // namespace
 
 at::Tensor build_probe_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "build_probe: x must be float32, got ", x.scalar_type());
@@ -1540,6 +1565,7 @@ TORCH_LIBRARY_IMPL(fused_losses, CUDA, m) {
   m.impl("ghmc_forward", &ghmc_forward_cuda);
   m.impl("ib_forward", &ib_forward_cuda);
   m.impl("scale_grad", &scale_grad_cuda);
+  m.impl("scale_grad_", &scale_grad_inplace_cuda);
 }
 
 }  // namespace fused_losses
