@@ -15,11 +15,17 @@
 //
 // Every forward op computes the loss and, when compute_grad, the gradient of the reduced loss
 // for grad_output = 1 in the same kernel, into a fresh buffer (one read of the logits, one
-// write of the gradient). The schema (csrc/ops.cpp, fused_losses/_ops.py) saves that gradient
-// in the math dtype, float32, and scale_grad rounds saved * grad_output to the logits dtype
-// once: so the forward writes 4 bytes per element whatever the logits dtype. 'mean' needs its denominator before the gradient is scaled: a count
-// kernel over the target (8 bytes per row) runs first and the loss kernel reads the count from
-// device memory. Nothing here reads device memory from the host (no .item(), no sync).
+// write of the gradient). The gradient's dtype grad_t is the schema's saved-gradient dtype
+// (csrc/ops.cpp, fused_losses/_ops.py saved_grad_dtype): the logits dtype for 'mean'/'sum' with
+// bf16 or fp32 logits (the backward scales it in place, scale_grad_, free when grad_output ==
+// 1), float32 for 'none' and for fp16 logits (the backward is scale_grad, which rounds
+// saved * grad_output once). Every value is computed in float32 and rounded once to grad_t
+// (round to nearest even), so the forward writes sizeof(grad_t) bytes per element: 2 for bf16
+// 'mean'/'sum', 4 otherwise. Only bf16 logits have a grad_t other than float (dispatch_grad_t),
+// so only their kernels are compiled twice. 'mean' needs its denominator before the gradient
+// is scaled: a count kernel over the target (8 bytes per row) runs first and the loss kernel
+// reads the count from device memory. Nothing here reads device memory from the host (no
+// .item(), no sync).
 //
 // Out-of-range targets: a device-side assert (like torch's own kernels), and the row is treated
 // as ignored, so there is never an out-of-bounds access even with asserts compiled out.
@@ -180,12 +186,44 @@ at::Tensor float_vector(const at::Tensor& v, const at::Tensor& logits, int64_t e
   return v.to(at::kFloat).contiguous().reshape({-1});
 }
 
-// The saved gradient of a forward op: contiguous, logits-shaped, in the math dtype (float32),
-// as the schema's autograd formula expects; (0,) when no gradient is asked for.
-at::Tensor saved_grad_buffer(const at::Tensor& logits, bool compute_grad, bool zeroed) {
-  const at::TensorOptions options = logits.options().dtype(at::kFloat);
+// dtype of a forward op's logits gradient (csrc/ops.cpp, fused_losses/_ops.py saved_grad_dtype,
+// the CPU's saved_grad_dtype): the logits dtype for 'mean'/'sum' with bf16 or fp32 logits, else
+// float32 ('none'; fp16 logits with every reduction). CUDA has no fp64.
+at::ScalarType saved_grad_dtype(at::ScalarType logits_dtype, Reduction reduction) {
+  if (reduction != Reduction::None && logits_dtype == at::kBFloat16) return at::kBFloat16;
+  return at::kFloat;
+}
+
+// The saved gradient of a forward op: contiguous, logits-shaped, in saved_grad_dtype, as the
+// schema's autograd formula expects; (0,) of that dtype when no gradient is asked for (the fake
+// kernels give the same dtype). `zeroed`: filled with zeros of that dtype.
+at::Tensor saved_grad_buffer(const at::Tensor& logits, bool compute_grad, bool zeroed, Reduction reduction) {
+  const at::TensorOptions options = logits.options().dtype(saved_grad_dtype(logits.scalar_type(), reduction));
   if (!compute_grad) return at::empty({0}, options);
   return zeroed ? at::zeros(logits.sizes(), options) : at::empty(logits.sizes(), options);
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls body(TypeTag<grad_t>{}) with grad_t the element type of the gradient buffer `grad` of a
+// forward op over scalar_t logits: at::BFloat16 only when scalar_t is bf16 and `grad` is bf16
+// (a reduced loss), else float. The bf16 branch is compiled for scalar_t = bf16 only, so fp16
+// and fp32 logits instantiate every kernel once, as before. An empty (0,) buffer (no gradient
+// wanted) dispatches on its dtype too; the kernels then get grad == nullptr.
+template <typename scalar_t, typename Body>
+void dispatch_grad_t(const at::Tensor& grad, Body&& body) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (grad.scalar_type() == at::kBFloat16) {
+      body(TypeTag<at::BFloat16>{});
+      return;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(grad.scalar_type() == at::kFloat, "fused_losses: unexpected gradient dtype ",
+                        grad.scalar_type());
+  body(TypeTag<float>{});
 }
 
 // ==========================================================================================
@@ -200,7 +238,9 @@ at::Tensor saved_grad_buffer(const at::Tensor& logits, bool compute_grad, bool z
 // and the gradient of every one is grad_c = k * ([c == t] - p_c) (losses_math.h).
 enum class SoftmaxLoss : int { Focal, IB, OhemKept, Ghmc, Stats };
 
-template <typename scalar_t>
+// grad_t: element type of the gradient output (float, or at::BFloat16 for bf16 logits with a
+// reduced loss; see dispatch_grad_t).
+template <typename scalar_t, typename grad_t = float>
 struct SoftmaxArgs {
   const scalar_t* logits = nullptr;  // (N, C, S) contiguous
   const int64_t* target = nullptr;   // (N * S,)
@@ -223,7 +263,7 @@ struct SoftmaxArgs {
   const float* bin_weights = nullptr;
   int64_t bins = 1;
   // Outputs, nullptr when not wanted.
-  float* grad = nullptr;           // (N, C, S), the saved gradient (math dtype)
+  grad_t* grad = nullptr;          // (N, C, S), the saved gradient (saved_grad_dtype)
   scalar_t* loss_rows = nullptr;   // 'none': (N * S,)
   float* log_pt_rows = nullptr;    // Stats: (N * S,), 0 for inactive rows
   float* grad_feature = nullptr;   // IB: (N,)
@@ -293,9 +333,9 @@ __device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row,
 }
 
 // Per-row outputs, written once per row by one thread; returns the loss to accumulate.
-template <typename scalar_t>
-__device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t>& a, int64_t row, const RowResult& res,
-                                                   float log_pt) {
+template <typename scalar_t, typename grad_t>
+__device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t, grad_t>& a, int64_t row,
+                                                   const RowResult& res, float log_pt) {
   if (a.loss_rows != nullptr) a.loss_rows[row] = static_cast<scalar_t>(res.loss);
   if (a.log_pt_rows != nullptr) a.log_pt_rows[row] = log_pt;
   if (a.grad_feature != nullptr) a.grad_feature[row] = res.dloss_dfeature;
@@ -308,13 +348,15 @@ __device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t>& 
 // registers, so the row is read once and its exponentials are computed once:
 //   m = max_c x_c (group shuffle), e_c = exp(x_c - m), s = sum_c e_c (group shuffle),
 //   log p_t = x_t - m - log s, (loss, k) = softmax_row_result(...),
-//   grad_c = -k e_c / s for c != t, grad_t = k (1 - p_t) = k * -expm1(log p_t).
-// Memory traffic per element: sizeof(scalar_t) read + 4 bytes written (float32 gradient);
-// per row: 8 bytes of target, (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t).
-// Ignored rows skip the logits read and write a zero gradient row.
+//   grad_c = -k e_c / s for c != t, grad_{c=t} = k (1 - p_t) = k * -expm1(log p_t),
+// each computed in float32 and rounded once to the gradient's element type grad_t. Memory traffic per element:
+// sizeof(scalar_t) read + sizeof(grad_t) written (VEC-value packs: 16 bytes of bf16 gradient
+// for bf16 'mean'/'sum', 4 * VEC bytes of float32 otherwise); per row: 8 bytes of target
+// (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t). Ignored rows skip the logits
+// read and write a zero gradient row.
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t, int VEC, int G, int ITEMS>
-__global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArgs<scalar_t> a) {
+template <typename scalar_t, typename grad_t, int VEC, int G, int ITEMS>
+__global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   constexpr int kRowsPerWarp = 32 / G;
   const int lane = threadIdx.x % 32;
   const int group = lane / G;
@@ -366,17 +408,17 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
       res = softmax_row_result(a, row, rt.t, log_pt, scale);
     }
     if (a.grad != nullptr && rt.in_range) {
-      float* g = a.grad + row_offset;
+      grad_t* g = a.grad + row_offset;
       const float p_scale = -res.k / row_sum;
       const float target_grad = res.k * lm::one_minus_pt_from_log(log_pt);
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         const int64_t c0 = static_cast<int64_t>(member + i * G) * VEC;
         if (c0 < C) {
-          Pack<float, VEC> out;
+          Pack<grad_t, VEC> out;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            out.v[e] = !rt.active ? 0.0f : (c0 + e == rt.t ? target_grad : p_scale * v[i][e]);
+            out.v[e] = static_cast<grad_t>(!rt.active ? 0.0f : (c0 + e == rt.t ? target_grad : p_scale * v[i][e]));
           }
           store_pack<VEC>(g + c0, out);
         }
@@ -394,10 +436,10 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
 // softmax_rows_large_kernel: (N, C) rows too long for registers. A warp per row, three sweeps
 // over the row (max; sum of e_c; gradient with e_c recomputed), VEC-value packs. The second and
 // third sweeps re-read the row just read, from L1/L2: device-memory traffic stays one read and
-// one write per element (rows up to ~100 KB per warp stay cached).
+// one write per element (rows up to ~100 KB per warp stay cached). Gradient in grad_t, as above.
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const SoftmaxArgs<scalar_t> a) {
+template <typename scalar_t, typename grad_t, int VEC>
+__global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   const int lane = threadIdx.x % 32;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -432,20 +474,21 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
       res = softmax_row_result(a, row, rt.t, log_pt, scale);
     }
     if (a.grad != nullptr) {
-      float* g = a.grad + row * C;
+      grad_t* g = a.grad + row * C;
       const float p_scale = -res.k / row_sum;
       const float target_grad = res.k * lm::one_minus_pt_from_log(log_pt);
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
-        Pack<float, VEC> out;
+        Pack<grad_t, VEC> out;
         if (rt.active) {
           const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            out.v[e] = c0 + e == rt.t ? target_grad : p_scale * lm::exp_(static_cast<float>(p.v[e]) - row_max);
+            out.v[e] = static_cast<grad_t>(c0 + e == rt.t ? target_grad
+                                                           : p_scale * lm::exp_(static_cast<float>(p.v[e]) - row_max));
           }
         } else {
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) out.v[e] = 0.0f;
+          for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<grad_t>(0.0f);
         }
         store_pack<VEC>(g + c0, out);
       }
@@ -465,10 +508,11 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
 // in registers (one read, exponentials once). kRegs == 0: three sweeps over the row (max, sum,
 // gradient), the later two from L1/L2 (a block's rows are 256 * C * sizeof(scalar_t) bytes).
 // Same formulas as softmax_rows_kernel. Memory traffic per element: sizeof(scalar_t) read,
-// 4 bytes of float32 gradient written; per row 8 bytes of target.
+// sizeof(grad_t) gradient written (single values, coalesced across the warp); per row 8 bytes
+// of target.
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t, int kRegs>
-__global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const SoftmaxArgs<scalar_t> a) {
+template <typename scalar_t, typename grad_t, int kRegs>
+__global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   const int64_t rows = a.N * a.S;
   const int64_t C = a.C, S = a.S;
   const float scale = grad_scale(a.reduction, a.count);
@@ -512,20 +556,21 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
       res = softmax_row_result(a, row, rt.t, log_pt, scale);
     }
     if (a.grad != nullptr) {
-      float* g = a.grad + base;
+      grad_t* g = a.grad + base;
       const float p_scale = -res.k / row_sum;
       const float target_grad = res.k * lm::one_minus_pt_from_log(log_pt);
       if constexpr (kRegs > 0) {
 #pragma unroll
         for (int c = 0; c < kRegs; ++c) {
           if (c < C) {
-            g[c * S] = !rt.active ? 0.0f : (c == rt.t ? target_grad : p_scale * v[c]);
+            g[c * S] = static_cast<grad_t>(!rt.active ? 0.0f : (c == rt.t ? target_grad : p_scale * v[c]));
           }
         }
       } else {
         for (int64_t c = 0; c < C; ++c) {
-          g[c * S] = !rt.active ? 0.0f
-                                : (c == rt.t ? target_grad : p_scale * lm::exp_(static_cast<float>(x[c * S]) - row_max));
+          g[c * S] = static_cast<grad_t>(
+              !rt.active ? 0.0f
+                         : (c == rt.t ? target_grad : p_scale * lm::exp_(static_cast<float>(x[c * S]) - row_max)));
         }
       }
     }
@@ -540,12 +585,13 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
 // ------------------------------------------------------------------------------------------
 // focal_probs_kernel: focal with from_logits=False (the input holds probabilities). A thread
 // per row reads only x_t: loss = alpha_t (1 - x_t)^gamma (-log x_t), and writes the one
-// nonzero gradient value grad_t = scale * alpha_t * dFocal/dl / x_t into a gradient the host
-// zeroed. Traffic: per row 8 bytes of target + one scattered logit read + one gradient write,
-// plus the zero fill of the gradient (one write per element).
+// nonzero gradient value grad_{c=t} = scale * alpha_t * dFocal/dl / x_t (rounded once to the
+// gradient's element type grad_t) into a gradient the host zeroed in that type. Traffic: per row 8
+// bytes of target + one scattered logit read + one gradient write, plus the zero fill of the
+// gradient (sizeof(grad_t) per element).
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs<scalar_t> a) {
+template <typename scalar_t, typename grad_t>
+__global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   const int64_t rows = a.N * a.S;
   const int64_t C = a.C, S = a.S;
   const float scale = grad_scale(a.reduction, a.count);
@@ -561,7 +607,7 @@ __global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs
       const float alpha_t = lm::class_alpha(a.alpha_per_class, a.alpha, rt.t);
       const lm::FocalTerm<float> ft = lm::focal_term(lm::log_(p_t), a.gamma);
       res.loss = alpha_t * ft.value;
-      if (a.grad != nullptr) a.grad[at_t] = scale * alpha_t * ft.dvalue_dlogpt / p_t;
+      if (a.grad != nullptr) a.grad[at_t] = static_cast<grad_t>(scale * alpha_t * ft.dvalue_dlogpt / p_t);
     }
     acc += write_row_outputs(a, row, res, 0.0f);
   }
@@ -571,44 +617,48 @@ __global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 struct SoftmaxLaunch {
-  void (*kernel)(const SoftmaxArgs<scalar_t>);
+  void (*kernel)(const SoftmaxArgs<scalar_t, grad_t>);
   int64_t rows_per_block;
 };
 
 // The kernel instance for (N, C) rows with VEC-value packs: the smallest register layout that
 // holds the row, or the three-sweep kernel for long rows.
-template <typename scalar_t, int VEC>
-SoftmaxLaunch<scalar_t> pick_rows_kernel(int64_t C) {
+template <typename scalar_t, typename grad_t, int VEC>
+SoftmaxLaunch<scalar_t, grad_t> pick_rows_kernel(int64_t C) {
   const int64_t packs = (C + VEC - 1) / VEC;
-  if (packs <= 4) return {softmax_rows_kernel<scalar_t, VEC, 4, 1>, kWarps * 8};
-  if (packs <= 16) return {softmax_rows_kernel<scalar_t, VEC, 16, 1>, kWarps * 2};
-  if (packs <= 32) return {softmax_rows_kernel<scalar_t, VEC, 32, 1>, kWarps};
-  if (packs <= 128) return {softmax_rows_kernel<scalar_t, VEC, 32, 4>, kWarps};
-  return {softmax_rows_large_kernel<scalar_t, VEC>, kWarps};
+  if (packs <= 4) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 4, 1>, kWarps * 8};
+  if (packs <= 16) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 16, 1>, kWarps * 2};
+  if (packs <= 32) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 32, 1>, kWarps};
+  if (packs <= 128) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 32, 4>, kWarps};
+  return {softmax_rows_large_kernel<scalar_t, grad_t, VEC>, kWarps};
 }
 
 constexpr int kSpatialRegs = 32;  // channel-second rows of up to 32 classes stay in registers
 
-template <typename scalar_t>
-void softmax_pass(SoftmaxArgs<scalar_t> a, bool from_probs, const at::Tensor& reduced) {
+template <typename scalar_t, typename grad_t>
+void softmax_pass(SoftmaxArgs<scalar_t, grad_t> a, bool from_probs, const at::Tensor& reduced) {
+  using Launch = SoftmaxLaunch<scalar_t, grad_t>;
   const int64_t rows = a.N * a.S;
   if (rows == 0) {
     if (reduced.defined()) reduced.zero_();
     return;
   }
-  SoftmaxLaunch<scalar_t> launch;
+  Launch launch;
   if (from_probs) {
-    launch = {focal_probs_kernel<scalar_t>, kThreads};
+    launch = {focal_probs_kernel<scalar_t, grad_t>, kThreads};
   } else if (a.S > 1) {
-    launch = a.C <= kSpatialRegs ? SoftmaxLaunch<scalar_t>{softmax_spatial_kernel<scalar_t, kSpatialRegs>, kThreads}
-                                 : SoftmaxLaunch<scalar_t>{softmax_spatial_kernel<scalar_t, 0>, kThreads};
+    launch = a.C <= kSpatialRegs ? Launch{softmax_spatial_kernel<scalar_t, grad_t, kSpatialRegs>, kThreads}
+                                 : Launch{softmax_spatial_kernel<scalar_t, grad_t, 0>, kThreads};
   } else {
+    // Packs of kVec values: 16 bytes of logits, kVec * sizeof(grad_t) bytes of gradient (16 for
+    // a gradient in the logits dtype, 32 = two stores for a float32 gradient of fp16/bf16).
+    // Row offsets are multiples of kVec values, so aligned base pointers keep every pack aligned.
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool packed = a.C % kVec == 0 && aligned_to(a.logits, 16) &&
-                        (a.grad == nullptr || aligned_to(a.grad, kVec * sizeof(float)));
-    launch = packed ? pick_rows_kernel<scalar_t, kVec>(a.C) : pick_rows_kernel<scalar_t, 1>(a.C);
+                        (a.grad == nullptr || aligned_to(a.grad, kVec * sizeof(grad_t)));
+    launch = packed ? pick_rows_kernel<scalar_t, grad_t, kVec>(a.C) : pick_rows_kernel<scalar_t, grad_t, 1>(a.C);
   }
   const int64_t blocks = grid_for(rows, launch.rows_per_block);
   at::Tensor partials;
@@ -649,16 +699,19 @@ SoftmaxCall softmax_call(const at::Tensor& logits_in, const at::Tensor& target_i
   call.target = index_target(target_in, logits_in);
   TORCH_CHECK(call.target.numel() == call.sh.N * call.sh.S, "target: expected ", call.sh.N * call.sh.S,
               " class indices, got ", call.target.numel());
-  call.grad = saved_grad_buffer(call.logits, compute_grad, zero_grad);
+  call.grad = saved_grad_buffer(call.logits, compute_grad, zero_grad, call.reduction);
   call.loss = call.reduction == Reduction::None
                   ? at::empty(target_in.sizes(), call.logits.options())
                   : at::empty({}, call.logits.options().dtype(at::promote_types(call.logits.scalar_type(), at::kFloat)));
   return call;
 }
 
-template <typename scalar_t>
-SoftmaxArgs<scalar_t> softmax_args(const SoftmaxCall& call, int64_t ignore_index, SoftmaxLoss loss) {
-  SoftmaxArgs<scalar_t> a;
+// Arguments of a softmax pass over the call's logits. grad_t must be the element type of
+// call.grad (dispatch_grad_t), except for Stats passes, which never write a gradient (grad_t =
+// float, a.grad = nullptr whatever call.grad is).
+template <typename scalar_t, typename grad_t = float>
+SoftmaxArgs<scalar_t, grad_t> softmax_args(const SoftmaxCall& call, int64_t ignore_index, SoftmaxLoss loss) {
+  SoftmaxArgs<scalar_t, grad_t> a;
   a.logits = call.logits.data_ptr<scalar_t>();
   a.target = call.target.data_ptr<int64_t>();
   a.N = call.sh.N;
@@ -667,7 +720,7 @@ SoftmaxArgs<scalar_t> softmax_args(const SoftmaxCall& call, int64_t ignore_index
   a.ignore_index = ignore_index;
   a.loss = loss;
   a.reduction = call.reduction;
-  a.grad = call.grad.numel() > 0 ? call.grad.data_ptr<float>() : nullptr;
+  a.grad = loss != SoftmaxLoss::Stats && call.grad.numel() > 0 ? call.grad.data_ptr<grad_t>() : nullptr;
   a.loss_rows = call.reduction == Reduction::None && call.loss.numel() > 0 ? call.loss.data_ptr<scalar_t>() : nullptr;
   return a;
 }
@@ -677,8 +730,8 @@ at::Tensor reduced_output(const SoftmaxCall& call) {
 }
 
 // softmax_focal_forward: count pass (for 'mean') + one softmax pass. Traffic per element:
-// read the logits once (sizeof(scalar_t)), write the float32 gradient once (4 bytes); per row
-// 8 (count) + 8 bytes of target.
+// read the logits once (sizeof(scalar_t)), write the gradient once (sizeof(grad_t): 2 bytes
+// for bf16 'mean'/'sum', else 4); per row 8 (count) + 8 bytes of target.
 std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                             const c10::optional<at::Tensor>& alpha_per_class,
                                                             double alpha, double gamma, int64_t ignore_index,
@@ -691,12 +744,15 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& 
   if (alpha_per_class.has_value()) alpha_vec = float_vector(*alpha_per_class, call.logits, call.sh.C, "alpha");
   if (call.reduction == Reduction::Mean) count = count_valid(call.target, ignore_index);
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "softmax_focal_forward_cuda", [&] {
-    SoftmaxArgs<scalar_t> a = softmax_args<scalar_t>(call, ignore_index, SoftmaxLoss::Focal);
-    a.alpha_per_class = alpha_vec.defined() ? alpha_vec.data_ptr<float>() : nullptr;
-    a.alpha = static_cast<float>(alpha);
-    a.gamma = static_cast<float>(gamma);
-    if (count.defined()) a.count.count_dev = count.data_ptr<int64_t>();
-    softmax_pass(a, !from_logits, reduced_output(call));
+    dispatch_grad_t<scalar_t>(call.grad, [&](auto grad_tag) {
+      using grad_t = typename decltype(grad_tag)::type;
+      SoftmaxArgs<scalar_t, grad_t> a = softmax_args<scalar_t, grad_t>(call, ignore_index, SoftmaxLoss::Focal);
+      a.alpha_per_class = alpha_vec.defined() ? alpha_vec.data_ptr<float>() : nullptr;
+      a.alpha = static_cast<float>(alpha);
+      a.gamma = static_cast<float>(gamma);
+      if (count.defined()) a.count.count_dev = count.data_ptr<int64_t>();
+      softmax_pass(a, !from_logits, reduced_output(call));
+    });
   });
   return {call.loss, call.grad};
 }
@@ -714,7 +770,7 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cuda(const at::Tensor& logits_in
   const int64_t rows = call.sh.N * call.sh.S;
   const at::Tensor log_pt = at::empty({rows}, call.logits.options().dtype(at::kFloat));
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ohem_stats_cuda", [&] {
-    SoftmaxArgs<scalar_t> a = softmax_args<scalar_t>(call, ignore_index, SoftmaxLoss::Stats);
+    SoftmaxArgs<scalar_t> a = softmax_args<scalar_t>(call, ignore_index, SoftmaxLoss::Stats);  // no gradient
     a.reduction = Reduction::None;
     a.grad = nullptr;
     a.loss_rows = nullptr;
@@ -745,17 +801,20 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cuda(const at::Tensor& logits_in
   }
   const at::Tensor n_kept = kept.sum();  // int64, on the device
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ohem_forward_cuda", [&] {
-    SoftmaxArgs<scalar_t> a = softmax_args<scalar_t>(call, ignore_index, SoftmaxLoss::OhemKept);
-    a.kept = kept.data_ptr<bool>();
-    a.count.count_dev = n_kept.data_ptr<int64_t>();
-    softmax_pass(a, false, reduced_output(call));
+    dispatch_grad_t<scalar_t>(call.grad, [&](auto grad_tag) {
+      using grad_t = typename decltype(grad_tag)::type;
+      SoftmaxArgs<scalar_t, grad_t> a = softmax_args<scalar_t, grad_t>(call, ignore_index, SoftmaxLoss::OhemKept);
+      a.kept = kept.data_ptr<bool>();
+      a.count.count_dev = n_kept.data_ptr<int64_t>();
+      softmax_pass(a, false, reduced_output(call));
+    });
   });
   return {call.loss, call.grad};
 }
 
 // ib_forward: one softmax pass on (N, C); per row math::ib_row. 'mean' divides by N.
-// Traffic per element: read once, gradient written once; per row 8 (target) + 4 (feature norm)
-// + 4 (feature gradient) bytes.
+// Traffic per element: read once, gradient written once (in saved_grad_dtype); per row 8
+// (target) + 4 (feature norm) + 4 (feature gradient, always float32) bytes.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ib_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                            const at::Tensor& feature_norm_in,
                                                            const c10::optional<at::Tensor>& class_weight_in,
@@ -771,18 +830,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ib_forward_cuda(const at::Tensor&
   if (class_weight_in.has_value()) class_weight = float_vector(*class_weight_in, call.logits, call.sh.C, "weight");
   const at::Tensor grad_feature = at::empty({compute_grad ? N : 0}, call.logits.options().dtype(at::kFloat));
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ib_forward_cuda", [&] {
-    // No ignore_index in IB: a sentinel no class index can equal.
-    SoftmaxArgs<scalar_t> a =
-        softmax_args<scalar_t>(call, std::numeric_limits<int64_t>::min(), SoftmaxLoss::IB);
-    a.feature_norm = feature_norm.data_ptr<float>();
-    a.class_weight = class_weight.defined() ? class_weight.data_ptr<float>() : nullptr;
-    a.ib_alpha = static_cast<float>(alpha);
-    a.ib_epsilon = static_cast<float>(epsilon);
-    a.gamma = static_cast<float>(gamma);
-    a.detach_factor = detach_factor;
-    a.grad_feature = compute_grad && N > 0 ? grad_feature.data_ptr<float>() : nullptr;
-    a.count.count_host = N;
-    softmax_pass(a, false, reduced_output(call));
+    dispatch_grad_t<scalar_t>(call.grad, [&](auto grad_tag) {
+      using grad_t = typename decltype(grad_tag)::type;
+      // No ignore_index in IB: a sentinel no class index can equal.
+      SoftmaxArgs<scalar_t, grad_t> a =
+          softmax_args<scalar_t, grad_t>(call, std::numeric_limits<int64_t>::min(), SoftmaxLoss::IB);
+      a.feature_norm = feature_norm.data_ptr<float>();
+      a.class_weight = class_weight.defined() ? class_weight.data_ptr<float>() : nullptr;
+      a.ib_alpha = static_cast<float>(alpha);
+      a.ib_epsilon = static_cast<float>(epsilon);
+      a.gamma = static_cast<float>(gamma);
+      a.detach_factor = detach_factor;
+      a.grad_feature = compute_grad && N > 0 ? grad_feature.data_ptr<float>() : nullptr;
+      a.count.count_host = N;
+      softmax_pass(a, false, reduced_output(call));
+    });
   });
   return {call.loss, call.grad, grad_feature};
 }
@@ -792,7 +854,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ib_forward_cuda(const at::Tensor&
 // ==========================================================================================
 enum class SigmoidLoss : int { Focal, Ghmc };
 
-template <typename scalar_t, typename target_t>
+// grad_t: element type of the gradient output, as in SoftmaxArgs (the histogram kernels write
+// no gradient and use the default).
+template <typename scalar_t, typename target_t, typename grad_t = float>
 struct SigmoidArgs {
   const scalar_t* logits = nullptr;  // (M, C) contiguous
   const target_t* target = nullptr;  // float target (M, C), or nullptr with labels
@@ -805,7 +869,7 @@ struct SigmoidArgs {
   float alpha = 0.25f, gamma = 2.0f;   // Focal
   const float* bin_weights = nullptr;  // Ghmc
   int64_t bins = 1;
-  float* grad = nullptr;               // (M, C) saved gradient (math dtype) or nullptr
+  grad_t* grad = nullptr;              // (M, C) saved gradient (saved_grad_dtype) or nullptr
   scalar_t* loss_elems = nullptr;      // 'none': (M, C) or nullptr
   double* partials = nullptr;          // 'mean'/'sum': one per block
 };
@@ -854,10 +918,11 @@ __device__ __forceinline__ int64_t row_of(int64_t i, int64_t C, bool small) {
 // target of fp16/bf16 logits is two), the last numel % VEC elements one by one. Integer labels:
 // y_c = [label == c] from the row's label (8 bytes per row, no one-hot); ignored rows give 0.
 // Memory traffic per element: sizeof(scalar_t) read (+ sizeof(target_t) for a float target),
-// 4 bytes written for the float32 gradient, + sizeof(scalar_t) for 'none' losses.
+// sizeof(grad_t) written for the gradient (computed in float32, rounded once; a pack is 16
+// bytes in the logits dtype, 4 * VEC of float32), + sizeof(scalar_t) for 'none' losses.
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t, typename target_t, bool kLabels>
-__global__ void __launch_bounds__(kThreads) sigmoid_kernel(const SigmoidArgs<scalar_t, target_t> a) {
+template <typename scalar_t, typename target_t, typename grad_t, bool kLabels>
+__global__ void __launch_bounds__(kThreads) sigmoid_kernel(const SigmoidArgs<scalar_t, target_t, grad_t> a) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const float scale = grad_scale(a.reduction, a.count);
   const bool small = a.numel <= static_cast<int64_t>(UINT32_MAX);
@@ -892,7 +957,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_kernel(const SigmoidArgs<sca
         y[e] = static_cast<float>(ts.v[e]);
       }
     }
-    Pack<float, VEC> grads;
+    Pack<grad_t, VEC> grads;
     Pack<scalar_t, VEC> losses;
     float pack_loss = 0.0f;
 #pragma unroll
@@ -900,7 +965,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_kernel(const SigmoidArgs<sca
       lm::LossGrad<float> lg{0.0f, 0.0f};
       if (valid[e]) lg = sigmoid_element(a, static_cast<float>(xs.v[e]), y[e], scale);
       pack_loss += lg.loss;
-      grads.v[e] = lg.grad;
+      grads.v[e] = static_cast<grad_t>(lg.grad);
       losses.v[e] = static_cast<scalar_t>(lg.loss);
     }
     if (a.grad != nullptr) store_pack<VEC>(a.grad + i0, grads);
@@ -919,7 +984,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_kernel(const SigmoidArgs<sca
     }
     lm::LossGrad<float> lg{0.0f, 0.0f};
     if (valid) lg = sigmoid_element(a, static_cast<float>(a.logits[i]), y, scale);
-    if (a.grad != nullptr) a.grad[i] = lg.grad;
+    if (a.grad != nullptr) a.grad[i] = static_cast<grad_t>(lg.grad);
     if (a.loss_elems != nullptr) a.loss_elems[i] = static_cast<scalar_t>(lg.loss);
     acc += lg.loss;
   }
@@ -979,8 +1044,10 @@ MeanCount sigmoid_mean_count(const SigmoidCall& call) {
   return c;
 }
 
-template <typename scalar_t, typename target_t, bool kLabels>
-void launch_sigmoid(SigmoidArgs<scalar_t, target_t> a, const at::Tensor& reduced) {
+// a.grad (a fresh buffer, or nullptr) is aligned for any pack: the CUDA caching allocator
+// returns blocks aligned to far more than the 32 bytes of a Pack<float, 8>.
+template <bool kLabels, typename scalar_t, typename target_t, typename grad_t>
+void launch_sigmoid(SigmoidArgs<scalar_t, target_t, grad_t> a, const at::Tensor& reduced) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   if (a.numel == 0) {
     if (reduced.defined()) reduced.zero_();
@@ -992,7 +1059,9 @@ void launch_sigmoid(SigmoidArgs<scalar_t, target_t> a, const at::Tensor& reduced
     partials = at::empty({blocks}, reduced.options().dtype(at::kDouble));
     a.partials = partials.data_ptr<double>();
   }
-  sigmoid_kernel<scalar_t, target_t, kLabels><<<blocks, kThreads, 0, current_stream()>>>(a);
+  TORCH_INTERNAL_ASSERT(a.grad == nullptr || aligned_to(a.grad, VEC * sizeof(grad_t)),
+                        "fused_losses: misaligned gradient buffer");
+  sigmoid_kernel<scalar_t, target_t, grad_t, kLabels><<<blocks, kThreads, 0, current_stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (reduced.defined()) finish_loss(partials, a.count, a.reduction, reduced);
 }
@@ -1002,42 +1071,45 @@ template <typename Configure>
 std::tuple<at::Tensor, at::Tensor> sigmoid_forward(const SigmoidCall& call, const at::Tensor& logits_in,
                                                   int64_t ignore_index, Reduction reduction, bool compute_grad,
                                                   Configure&& configure) {
-  at::Tensor grad = saved_grad_buffer(call.logits, compute_grad, false);
+  at::Tensor grad = saved_grad_buffer(call.logits, compute_grad, false, reduction);
   at::Tensor loss = reduction == Reduction::None
                         ? at::empty(logits_in.sizes(), call.logits.options())
                         : at::empty({}, call.logits.options().dtype(at::promote_types(call.logits.scalar_type(), at::kFloat)));
   const at::Tensor reduced = reduction == Reduction::None ? at::Tensor() : loss;
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "sigmoid_forward_cuda", [&] {
-    auto fill = [&](auto& a) {
-      a.logits = call.logits.data_ptr<scalar_t>();
-      a.M = call.M;
-      a.C = call.C;
-      a.numel = call.logits.numel();
-      a.ignore_index = ignore_index;
-      a.reduction = reduction;
-      a.count = sigmoid_mean_count(call);
-      a.grad = compute_grad && a.numel > 0 ? grad.data_ptr<float>() : nullptr;
-      a.loss_elems = reduction == Reduction::None && a.numel > 0 ? loss.data_ptr<scalar_t>() : nullptr;
-      configure(a);
-    };
-    if (call.labels.defined()) {
-      SigmoidArgs<scalar_t, float> a;
-      fill(a);
-      a.labels = call.labels.data_ptr<int64_t>();
-      launch_sigmoid<scalar_t, float, true>(a, reduced);
-    } else if (call.float_target.scalar_type() == call.logits.scalar_type()) {
-      SigmoidArgs<scalar_t, scalar_t> a;
-      fill(a);
-      a.target = call.float_target.data_ptr<scalar_t>();
-      launch_sigmoid<scalar_t, scalar_t, false>(a, reduced);
-    } else {
-      if constexpr (!std::is_same_v<scalar_t, float>) {
-        SigmoidArgs<scalar_t, float> a;
+    dispatch_grad_t<scalar_t>(grad, [&](auto grad_tag) {
+      using grad_t = typename decltype(grad_tag)::type;
+      auto fill = [&](auto& a) {
+        a.logits = call.logits.data_ptr<scalar_t>();
+        a.M = call.M;
+        a.C = call.C;
+        a.numel = call.logits.numel();
+        a.ignore_index = ignore_index;
+        a.reduction = reduction;
+        a.count = sigmoid_mean_count(call);
+        a.grad = compute_grad && a.numel > 0 ? grad.data_ptr<grad_t>() : nullptr;
+        a.loss_elems = reduction == Reduction::None && a.numel > 0 ? loss.data_ptr<scalar_t>() : nullptr;
+        configure(a);
+      };
+      if (call.labels.defined()) {
+        SigmoidArgs<scalar_t, float, grad_t> a;
         fill(a);
-        a.target = call.float_target.data_ptr<float>();
-        launch_sigmoid<scalar_t, float, false>(a, reduced);
+        a.labels = call.labels.data_ptr<int64_t>();
+        launch_sigmoid<true>(a, reduced);
+      } else if (call.float_target.scalar_type() == call.logits.scalar_type()) {
+        SigmoidArgs<scalar_t, scalar_t, grad_t> a;
+        fill(a);
+        a.target = call.float_target.data_ptr<scalar_t>();
+        launch_sigmoid<false>(a, reduced);
+      } else {
+        if constexpr (!std::is_same_v<scalar_t, float>) {
+          SigmoidArgs<scalar_t, float, grad_t> a;
+          fill(a);
+          a.target = call.float_target.data_ptr<float>();
+          launch_sigmoid<false>(a, reduced);
+        }
       }
-    }
+    });
   });
   return {loss, grad};
 }
@@ -1271,18 +1343,23 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cuda(const at::Tensor& logits_in
   at::Tensor count;
   if (call.reduction == Reduction::Mean) count = count_valid(call.target, ignore_index);
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ghmc_forward_cuda", [&] {
-    SoftmaxArgs<scalar_t> a = softmax_args<scalar_t>(call, ignore_index, SoftmaxLoss::Ghmc);
-    a.bin_weights = bin_weights.data_ptr<float>();
-    a.bins = bins;
-    if (count.defined()) a.count.count_dev = count.data_ptr<int64_t>();
-    softmax_pass(a, false, reduced_output(call));
+    dispatch_grad_t<scalar_t>(call.grad, [&](auto grad_tag) {
+      using grad_t = typename decltype(grad_tag)::type;
+      SoftmaxArgs<scalar_t, grad_t> a = softmax_args<scalar_t, grad_t>(call, ignore_index, SoftmaxLoss::Ghmc);
+      a.bin_weights = bin_weights.data_ptr<float>();
+      a.bins = bins;
+      if (count.defined()) a.count.count_dev = count.data_ptr<int64_t>();
+      softmax_pass(a, false, reduced_output(call));
+    });
   });
   return {call.loss, call.grad};
 }
 
 // ==========================================================================================
 // scale_grad: out = dtype(saved_grad * grad_output), a fresh tensor; saved_grad is the float32
-// (math dtype) gradient of a forward op, so the product is rounded once, into `dtype`.
+// (math dtype) gradient of a forward op, so the product is rounded once, into `dtype`. The
+// backward of 'none' losses, of fp16 logits (every reduction) and of IB's feature gradient;
+// reduced bf16/fp32 losses use the in-place scale_grad_ below.
 // grad_output is a 0-dim tensor read on the device (no host read), or has saved_grad's shape
 // (elementwise), or saved_grad's shape without dim 1 (softmax 'none': one value per row (n, s),
 // broadcast over the classes). Traffic per element: 4 bytes read, sizeof(dtype) written
@@ -1374,70 +1451,95 @@ at::Tensor scale_grad_cuda(const at::Tensor& saved_in, const at::Tensor& grad_ou
 }
 
 // ==========================================================================================
-// In-place backward for reduced losses, ready for a schema that does not exist yet (see
-// csrc/cuda/NOTES.md, "Backward when grad_output is exactly 1"):
+// scale_grad_: in-place backward of a reduced loss whose gradient is saved in the logits dtype
+// (csrc/ops.cpp; bf16 or fp32 'mean'/'sum' forwards; fp16 accepted for generality):
 //   scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor(b!) applied_scale) -> ()
-// grad holds saved * applied_scale[0]; after the call it holds saved * grad_output. When
-// grad_output == applied_scale (the common loss.backward(): both 1) every block returns after
-// reading the two scalars: no pass over the gradient. Otherwise one pass multiplies by
-// grad_output / applied_scale (a retained graph's second backward rescales from the value the
-// first one left), then a one-thread launch records applied_scale = grad_output. A first
-// backward with grad_output = 0 loses the gradient: a later one with another value gives
-// inf/NaN (loud, not silently wrong). Traffic: 0 bytes when equal, else one read + one write
-// per element.
+// grad holds saved * applied_scale; after the call it holds saved * grad_output, and
+// applied_scale == grad_output. Both scalars are float32 on the device and are read by the
+// kernels (no host read, no sync). rescale_grad_inplace_kernel reads both in every block: when
+// they are equal (the common loss.backward(): both 1.0) every block returns at once, and no
+// element of grad is read or written. Otherwise one pass
+//   grad[i] = grad_t(float(grad[i]) * (grad_output / applied_scale))
+// (the ratio in float32, one rounding per element; a retained graph's second backward rescales
+// from what the first one applied, so nothing is scaled twice). Then a one-thread launch, after
+// the rescale kernel in stream order (so after every block has read applied_scale), records
+// applied_scale = grad_output. A first backward with grad_output = 0 loses the gradient: a later
+// one with another value gives inf/NaN (loud, not silently wrong). Version counters are not
+// bumped (the schema's contract: grad is a saved tensor mutated only by this op).
+// Traffic: the two scalars per block when equal; else one read + one write of sizeof(grad_t)
+// per element, in 16-byte packs when grad is 16-byte aligned (a fresh gradient always is),
+// single values otherwise (an offset view is valid input, so alignment is not required).
 // ==========================================================================================
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) rescale_grad_inplace_kernel(scalar_t* __restrict__ grad, int64_t numel,
+template <typename grad_t>
+__global__ void __launch_bounds__(kThreads) rescale_grad_inplace_kernel(grad_t* __restrict__ grad, int64_t numel,
+                                                                        bool packed,
                                                                         const float* __restrict__ grad_output,
                                                                         const float* __restrict__ applied_scale) {
   const float wanted = grad_output[0];
   const float applied = applied_scale[0];
   if (wanted == applied) return;  // the same decision in every block: nothing is touched
   const float ratio = wanted / applied;
-  constexpr int VEC = 16 / sizeof(scalar_t);
+  constexpr int VEC = 16 / sizeof(grad_t);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t packs = numel / VEC;
-  for (int64_t p = first; p < packs; p += stride) {
-    Pack<scalar_t, VEC> v = load_pack<VEC>(grad + p * VEC);
+  int64_t tail = 0;  // first element of the single-value loop
+  if (packed) {      // grad is 16-byte aligned: packs p cover elements [p * VEC, p * VEC + VEC)
+    const int64_t packs = numel / VEC;
+    for (int64_t p = first; p < packs; p += stride) {
+      Pack<grad_t, VEC> v = load_pack<VEC>(grad + p * VEC);
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) v.v[e] = static_cast<scalar_t>(static_cast<float>(v.v[e]) * ratio);
-    store_pack<VEC>(grad + p * VEC, v);
+      for (int e = 0; e < VEC; ++e) v.v[e] = static_cast<grad_t>(static_cast<float>(v.v[e]) * ratio);
+      store_pack<VEC>(grad + p * VEC, v);
+    }
+    tail = packs * VEC;
   }
-  for (int64_t i = packs * VEC + first; i < numel; i += stride) {
-    grad[i] = static_cast<scalar_t>(static_cast<float>(grad[i]) * ratio);
+  for (int64_t i = tail + first; i < numel; i += stride) {
+    grad[i] = static_cast<grad_t>(static_cast<float>(grad[i]) * ratio);
   }
 }
 
+// applied_scale = grad_output; launched after rescale_grad_inplace_kernel on the same stream.
 __global__ void record_applied_scale_kernel(const float* __restrict__ grad_output, float* __restrict__ applied_scale) {
   applied_scale[0] = grad_output[0];
 }
 
-}  // namespace
-
-// Not registered: the schema above is not in csrc/ops.cpp yet. External linkage on purpose
-// (no unused-function warning); registering it is one line in TORCH_LIBRARY_IMPL below.
-void scale_grad_inplace_cuda(at::Tensor& grad, const at::Tensor& grad_output, at::Tensor& applied_scale) {
+// The C++ signature must be the one of every other backend's kernel of this op (the dispatcher
+// rejects a second kernel with another signature when the library loads): the CPU kernel
+// (csrc/cpu/losses_cpu.cpp, scale_grad_inplace_cpu) takes three const references, so this one
+// does too; the tensors' data are written through data_ptr, which const does not restrict.
+void scale_grad_inplace_cuda(const at::Tensor& grad, const at::Tensor& grad_output, const at::Tensor& applied_scale) {
+  TORCH_CHECK(grad.is_cuda(), "scale_grad_: grad must be a CUDA tensor, got ", grad.device());
   const c10::cuda::CUDAGuard guard(grad.device());
-  check_same_device(grad_output, grad, "grad_output");
-  check_same_device(applied_scale, grad, "applied_scale");
-  TORCH_CHECK(grad.is_contiguous() && aligned_to(grad.data_ptr(), 16), "grad: expected a fresh contiguous gradient");
-  TORCH_CHECK(grad_output.dim() == 0 && grad_output.scalar_type() == at::kFloat,
-              "grad_output: expected a 0-dim float32 tensor (the reduced loss's gradient)");
+  check_same_device(grad_output, grad, "scale_grad_: grad_output");
+  check_same_device(applied_scale, grad, "scale_grad_: applied_scale");
+  const at::ScalarType dtype = grad.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "scale_grad_: grad must be float32, bfloat16 or float16 on CUDA (the saved gradient of a reduced "
+              "loss), got ", dtype);
+  TORCH_CHECK(grad.is_contiguous(), "scale_grad_: grad must be contiguous (the saved gradient of a forward op), got "
+              "shape ", grad.sizes(), " with strides ", grad.strides());
+  TORCH_CHECK(grad_output.numel() == 1 && grad_output.scalar_type() == at::kFloat,
+              "scale_grad_: grad_output must be a 0-dim float32 tensor (the gradient of a reduced loss), got ",
+              grad_output.scalar_type(), " of shape ", grad_output.sizes());
   TORCH_CHECK(applied_scale.numel() == 1 && applied_scale.scalar_type() == at::kFloat,
-              "applied_scale: expected a float32 tensor of one element");
+              "scale_grad_: applied_scale must be a 0-dim float32 tensor (the scale grad carries), got ",
+              applied_scale.scalar_type(), " of shape ", applied_scale.sizes());
+  const cudaStream_t stream = current_stream();
   const int64_t numel = grad.numel();
   if (numel > 0) {
-    FL_DISPATCH_CUDA_FLOATING_TYPES(grad.scalar_type(), "scale_grad_inplace_cuda", [&] {
-      rescale_grad_inplace_kernel<scalar_t><<<grid_for(numel, kThreads * 8), kThreads, 0, current_stream()>>>(
-          grad.data_ptr<scalar_t>(), numel, grad_output.data_ptr<float>(), applied_scale.data_ptr<float>());
+    const bool packed = aligned_to(grad.data_ptr(), 16);
+    const int64_t blocks = grid_for(numel, kThreads * 8);
+    FL_DISPATCH_CUDA_FLOATING_TYPES(dtype, "scale_grad_inplace_cuda", [&] {
+      rescale_grad_inplace_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          grad.data_ptr<scalar_t>(), numel, packed, grad_output.data_ptr<float>(), applied_scale.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  record_applied_scale_kernel<<<1, 1, 0, current_stream()>>>(grad_output.data_ptr<float>(),
-                                                            applied_scale.data_ptr<float>());
+  record_applied_scale_kernel<<<1, 1, 0, stream>>>(grad_output.data_ptr<float>(), applied_scale.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+}  // namespace
 
 at::Tensor build_probe_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "build_probe: x must be float32, got ", x.scalar_type());
@@ -1463,6 +1565,7 @@ TORCH_LIBRARY_IMPL(fused_losses, CUDA, m) {
   m.impl("ghmc_forward", &ghmc_forward_cuda);
   m.impl("ib_forward", &ib_forward_cuda);
   m.impl("scale_grad", &scale_grad_cuda);
+  m.impl("scale_grad_", &scale_grad_inplace_cuda);
 }
 
 }  // namespace fused_losses
