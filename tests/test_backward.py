@@ -229,6 +229,12 @@ def test_scale_grad_inplace_op(backend, device):
         _inplace_op(backend)(grad, torch.tensor(2.0, dtype=math, device=device), applied)
         assert torch.equal(grad, (before.to(math) * 2).to(dtype)) and applied.item() == 2.0
         assert grad._version == 0, "scale_grad_ must not bump the saved tensor's version counter"
+        # A contiguous view at an odd offset (not 16-byte aligned: the CUDA kernel's scalar path).
+        base = torch.randn(1 + 8 * 3 + 5, dtype=dtype, device=device)
+        view, expect = base[1:], (base[1:].to(math) * -0.5).to(dtype)
+        applied = torch.ones((), dtype=math, device=device)
+        _inplace_op(backend)(view, torch.tensor(-0.5, dtype=math, device=device), applied)
+        assert torch.equal(view, expect) and applied.item() == -0.5
         with pytest.raises(RuntimeError, match="applied_scale"):
             _inplace_op(backend)(grad, torch.ones((), dtype=math, device=device), torch.ones(2, dtype=math, device=device))
 

@@ -791,8 +791,10 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cuda(const at::Tensor& logits_in
     kept = rank.lt(k).logical_and_(valid);
   } else {
     const at::Tensor p = log_pt.exp();
+    // Ignored rows sort as NaN (last, with NaN valid ones): the first n_valid sorted values are
+    // mmseg's sort of the valid rows alone (reference.ohem_kept_mask does the same).
     const at::Tensor p_sorted =
-        std::get<0>(at::sort(at::where(valid, p, std::numeric_limits<float>::infinity()), /*stable=*/true, 0, false));
+        std::get<0>(at::sort(at::where(valid, p, std::numeric_limits<float>::quiet_NaN()), /*stable=*/true, 0, false));
     const at::Tensor idx = at::clamp_min(at::clamp_max(n_valid - 1, min_kept_total), 0);
     const at::Tensor at_idx = rows > 0 ? p_sorted.gather(0, idx.reshape({1})).squeeze(0) : p.new_zeros({});
     const at::Tensor min_threshold = at::where(n_valid.gt(0), at_idx, at::zeros_like(at_idx));
