@@ -80,7 +80,7 @@ def _scale(saved: Tensor, grad_out: Tensor, reduction: str, channel_dim: Optiona
 def _save_grads(ctx, inputs, output, reduction_pos: int, n_grads: int):
     ctx.reduction = inputs[reduction_pos]
     ctx.dtype = inputs[0].dtype
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.mark_non_differentiable(*output[1 + n_grads:])  # e.g. GHM-C's new state; the grads: below
     save_gradients(ctx, output[0], output[1:1 + n_grads], inputs[0], inputs[-1])
 
 
