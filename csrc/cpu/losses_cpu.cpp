@@ -852,13 +852,12 @@ std::vector<int64_t> ghm_histogram(int64_t n, int64_t bins, BinOf&& bin_of) {
   return counts;
 }
 
-// Softmax g per row in float32 (-expm1(log p_t) of a float32 log-softmax); -1 bin for ignored.
+// Per-row log p_t of a float32 log-softmax (0 for ignored rows): what GHM-C's softmax bins use.
 template <typename scalar_t>
 std::vector<float> ghm_softmax_log_pt_float(const scalar_t* x, const int64_t* tgt, SoftmaxShape sh,
-                                            int64_t ignore_index, std::vector<float>* lse_out) {
+                                            int64_t ignore_index) {
   std::vector<float> log_pt, lse;
   softmax_stats_pass<scalar_t, float>(x, tgt, sh, ignore_index, log_pt, lse);
-  if (lse_out != nullptr) *lse_out = std::move(lse);
   return log_pt;
 }
 
@@ -905,7 +904,7 @@ at::Tensor ghmc_bin_weights_cpu(const at::Tensor& logits_in, const at::Tensor& t
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ghmc_bin_weights", [&] {
       using T = at::opmath_type<scalar_t>;
       const std::vector<float> log_pt =
-          ghm_softmax_log_pt_float(logits.data_ptr<scalar_t>(), tgt, sh, ignore_index, nullptr);
+          ghm_softmax_log_pt_float(logits.data_ptr<scalar_t>(), tgt, sh, ignore_index);
       const std::vector<int64_t> counts = ghm_histogram(sh.rows(), bins, [&](int64_t r) {
         return tgt[r] == ignore_index ? int64_t(-1) : ghm_bin(ghm_softmax_g(log_pt[r]), bins);
       });
@@ -988,7 +987,7 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
       return;
     }
     // fp64: bins from a float32 stats pass (as in ghmc_bin_weights), the CE from a double one.
-    const std::vector<float> log_pt_f = ghm_softmax_log_pt_float(x, tgt, sh, ignore_index, nullptr);
+    const std::vector<float> log_pt_f = ghm_softmax_log_pt_float(x, tgt, sh, ignore_index);
     std::vector<T> log_pt, lse;
     softmax_stats_pass<scalar_t, T>(x, tgt, sh, ignore_index, log_pt, lse);
     std::vector<T> k(sh.rows(), T(0));
