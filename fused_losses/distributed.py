@@ -1,0 +1,42 @@
+"""Helpers for multi-process (DDP/FSDP) training.
+
+The losses are rank-local: under DDP each rank computes its loss on its own shard and DDP
+averages the gradients. That is right for per-sample losses, but a normaliser taken over the
+batch, such as a detection head's number of positive anchors (num_pos), must be the global one,
+or each rank divides by a different count. mmdet averages it over ranks with reduce_mean:
+
+    num_pos = reduce_mean(torch.tensor(float(n_pos_local), device=logits.device)).clamp(min=1.0)
+    loss = fl.sigmoid_focal(logits, labels, reduction="sum") / num_pos
+
+With DDP's gradient averaging, every rank's gradient is then that of sum over all ranks /
+sum of num_pos over all ranks, i.e. the single-process loss on the whole batch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["reduce_mean"]
+
+
+def reduce_mean(tensor: torch.Tensor, group: Optional["dist.ProcessGroup"] = None) -> torch.Tensor:
+    """Mean of `tensor` over the ranks of `group` (default: the whole job), as mmdet's reduce_mean.
+
+    When torch.distributed is initialised: a new tensor, the all-reduce SUM of tensor / world_size,
+    identical on every rank (integer tensors become floating point, by true division). Otherwise
+    `tensor` itself, unchanged. `tensor` is never written, and nothing waits on the host beyond
+    the collective itself (NCCL runs it on the current stream). A statistic, not a loss: the
+    result carries no gradient.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    world_size = dist.get_world_size(group)
+    if world_size < 1:
+        raise ValueError("group: this rank is not a member of the given process group")
+    mean = tensor.detach() / world_size  # a new tensor: the caller's is never written
+    dist.all_reduce(mean, op=dist.ReduceOp.SUM, group=group)
+    return mean
