@@ -42,9 +42,9 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
     Differences from torchvision: 'mean' and 'sum' return float32 for float16/bfloat16 inputs
     (accumulated in float32; torchvision returns the inputs' dtype); 'none' has the inputs' dtype
     even when targets have a wider one; 'mean' of an empty tensor is 0 (the package's rule for a
-    mean over nothing), where torchvision returns NaN. Targets
-    that require grad are served by the plain-PyTorch reference backend (the fused kernels write
-    the gradient of the inputs only), so their gradient is exact too.
+    mean over nothing), where torchvision returns NaN. Targets that require grad are served by
+    the plain-PyTorch reference backend (the fused kernels write the gradient of the inputs
+    only), so their gradient is exact too.
     """
     if not isinstance(targets, torch.Tensor) or not targets.is_floating_point():
         got = type(targets).__name__ if not isinstance(targets, torch.Tensor) else str(targets.dtype)
