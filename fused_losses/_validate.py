@@ -40,7 +40,7 @@ def _real(arg: str, value, *, low=None, low_inclusive=True, high=None, high_incl
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _type_error(arg, f"expected a real number, got {type(value).__name__}")
     value = float(value)
-    if math.isnan(value):
+    if value != value:  # NaN (math.isnan cannot take the SymFloat of a dynamic torch.compile)
         _value_error(arg, "must not be NaN")
     if low is not None and (value < low or (value == low and not low_inclusive)):
         _value_error(arg, f"must be {'>=' if low_inclusive else '>'} {low}, got {value}")

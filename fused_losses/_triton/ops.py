@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_losses._ops import logits_gradient, save_gradients
+from fused_losses._ops import call_loss, logits_gradient, save_gradients
 from fused_losses._triton import launch
 
 _NS = "fused_losses_triton"
@@ -233,39 +233,56 @@ torch.library.register_autograd(f"{_NS}::ib", _ib_backward, setup_context=_ib_se
 # --------------------------------------------------------------------------------------------
 # The backend's loss functions: signatures of fused_losses.reference (normalised kwargs)
 # --------------------------------------------------------------------------------------------
+# Each function calls its op through fused_losses._ops.call_loss: directly (the op's autograd
+# formula above) or, under functorch transforms / forward AD, through the transform-aware path.
 def focal(logits, target, *, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean", from_logits=True):
     alpha_t = alpha if isinstance(alpha, Tensor) else None
     alpha_s = 1.0 if alpha is None or alpha_t is not None else float(alpha)
-    loss, _ = softmax_focal_op(logits, target, alpha_t, alpha_s, float(gamma), int(ignore_index), reduction,
-                               bool(from_logits), _needs_grad(logits))
-    return loss
+
+    def run(need_grad, x, _features, t, a):
+        loss, grad = softmax_focal_op(x, t, a, alpha_s, float(gamma), int(ignore_index), reduction,
+                                      bool(from_logits), need_grad)
+        return loss, grad, None
+
+    return call_loss(run, logits, None, target, alpha_t, channel_dim=1)
 
 
 def sigmoid_focal(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=-100, reduction="none"):
-    loss, _ = sigmoid_focal_op(logits, target, float(alpha), float(gamma), int(ignore_index), reduction,
-                               _needs_grad(logits))
-    return loss
+    def run(need_grad, x, _features, t):
+        loss, grad = sigmoid_focal_op(x, t, float(alpha), float(gamma), int(ignore_index), reduction, need_grad)
+        return loss, grad, None
+
+    return call_loss(run, logits, None, target, channel_dim=None)
 
 
 def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=-100, reduction="mean"):
     keep_is_int = isinstance(keep, int)
-    loss, _ = ohem_op(logits, target, float(keep), keep_is_int, None if thresh is None else float(thresh),
-                      int(min_kept or 0), int(ignore_index), reduction, _needs_grad(logits))
-    return loss
+
+    def run(need_grad, x, _features, t):
+        loss, grad = ohem_op(x, t, float(keep), keep_is_int, None if thresh is None else float(thresh),
+                             int(min_kept or 0), int(ignore_index), reduction, need_grad)
+        return loss, grad, None
+
+    return call_loss(run, logits, None, target, channel_dim=1)
 
 
 def ghmc(logits, target, *, bins=10, momentum=0.0, state=None, use_sigmoid=True, ignore_index=-100,
          reduction="mean"):
-    loss, _, new_state = ghmc_op(logits, target, state, int(bins), float(momentum), bool(use_sigmoid),
-                                 int(ignore_index), reduction, _needs_grad(logits))
-    if state is not None:
-        with torch.no_grad():
-            state.copy_(new_state)
-    return loss
+    def run(need_grad, x, _features, t, s):
+        loss, grad, new_state = ghmc_op(x, t, s, int(bins), float(momentum), bool(use_sigmoid), int(ignore_index),
+                                        reduction, need_grad)
+        if s is not None:
+            with torch.no_grad():
+                s.copy_(new_state)
+        return loss, grad, None
+
+    return call_loss(run, logits, None, target, state, channel_dim=None if use_sigmoid else 1)
 
 
 def ib(logits, target, features, *, alpha=1000.0, epsilon=1e-3, weight=None, gamma=0.0, detach_factor=False,
        reduction="mean"):
-    loss, _, _ = ib_op(logits, target, features, weight, float(alpha), float(epsilon), float(gamma),
-                       bool(detach_factor), reduction, _needs_grad(logits, features))
-    return loss
+    def run(need_grad, x, f, t, w):
+        return ib_op(x, t, f, w, float(alpha), float(epsilon), float(gamma), bool(detach_factor), reduction,
+                     need_grad)
+
+    return call_loss(run, logits, features, target, weight, channel_dim=1)
