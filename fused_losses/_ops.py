@@ -146,7 +146,10 @@ def logits_gradient(ctx, saved, grad_loss, applied_scale, scale_in_place, scale_
     returned, so a returned gradient is never written again and any sequence of grad_outputs
     (0, inf, 1e-40, ...) starts from the unit gradient. Otherwise ('none', fp16) the saved
     float32 gradient is never written: scale_fresh(saved, grad_loss, logits dtype) is a new
-    tensor."""
+    tensor. Under create_graph=True it raises (the saved gradient is a constant to autograd, so
+    a second derivative would silently miss terms)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
     if ctx.in_place:
         if not graph_retained():
             scale_in_place(saved, grad_loss, applied_scale)
