@@ -10,22 +10,27 @@ an input), marked non-differentiable and saved for backward. Its dtype is
 :func:`saved_grad_dtype`, and it decides the backward:
 
 * reduced loss ('mean'/'sum') with bf16/fp32/fp64 logits: the gradient is saved in the logits
-  dtype and the backward is the in-place op ``scale_grad_(saved, grad_output, applied_scale)``
-  (declared ``Tensor(a!)`` in its schema), which returns nothing; the backward then returns the
-  saved tensor itself. ``applied_scale`` is a one-value tensor made here (1.0) that records on
-  the device what the saved gradient was last multiplied by, so the kernel skips the pass when
-  grad_output equals it (``loss.backward()``: no pass over the gradient, no host sync) and a
-  retained graph's next backward rescales by grad_output / applied_scale (never scales twice).
-  Without retain_graph the saved tensor is released once this node has run, so AccumulateGrad
-  takes it as ``.grad`` without a copy. Under torch.compile, AOTAutograd functionalises the
-  mutation (a copy in the compiled backward: correct, not free).
+  dtype. A backward that frees the graph (the default) runs the in-place op
+  ``scale_grad_(saved, grad_output, applied_scale)`` (declared ``Tensor(a!)`` in its schema,
+  returns nothing) and returns the saved tensor itself. ``applied_scale`` is a one-value tensor
+  made here (1.0) that the kernel compares with grad_output on the device, so it skips the pass
+  when they are equal (``loss.backward()``: no pass over the gradient, no host sync). The saved
+  tensor is released once this node has run, so AccumulateGrad takes it as ``.grad`` without a
+  copy, and the library never refers to it again. A backward that keeps the graph
+  (retain_graph=True: :func:`graph_retained`) leaves the buffer at the unit gradient and returns
+  a fresh ``saved x grad_output`` (:func:`unit_gradient_times`): a gradient handed to the user
+  is never written later, and any sequence of grad_outputs (0, inf, 1e-40, ...) starts from the
+  unit gradient (README "Autograd contract"). Under torch.compile the traced backward is always
+  that fresh product (the compiled graph is replayed for every later backward).
 * 'none' (a per-sample grad_output), or fp16 logits: the gradient is saved in the math dtype
   (float32) and the backward is the out-of-place ``scale_grad(saved, grad_output, dtype)``,
   rounded once into the logits dtype. fp16 stays float32 because a GradScaler's grad_output
   (2^16 and more) must multiply the float32 values: a 'mean' gradient of a large batch,
   rounded to fp16 first, underflows to zero.
 
-Double backward raises a clear error.
+Double backward raises a clear error. Under functorch transforms (torch.func.grad, vjp, jvp,
+vmap, ...) and forward-mode AD the op layers go through :func:`call_loss`'s transform-aware
+path (_TransformedLoss: setup_context, jvp, generated vmap rule); nested differentiation raises.
 
 Call :func:`register` (idempotent) once the extension is loaded; the cpu/cuda backend modules
 do so.

@@ -292,6 +292,20 @@ def test_func_grad_and_vjp(backend, device, case):
 
 
 @pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("case", ["focal", "sigmoid_focal", "ib"])
+def test_jacrev_and_jacfwd(backend, device, case):
+    """Per-sample Jacobians of the 'none' loss, reverse (vmap of vjp) and forward (vmap of jvp)."""
+    backend = _require(backend)
+    logits, target, extra, kwargs = _make(case, torch.float32, device)
+    fn = _loss_fn(case)
+    f = lambda x: fn(x, target, *extra, reduction="none", backend=backend, **kwargs)  # noqa: E731
+    ref = torch.func.jacrev(lambda x: fn(x, target, *[e.double() for e in extra], reduction="none",
+                                          backend="reference", **kwargs))(logits.double())
+    assert_rel_close(torch.func.jacrev(f)(logits), ref, TOL[torch.float32], f"{backend} {case} jacrev")
+    assert_rel_close(torch.func.jacfwd(f)(logits), ref, TOL[torch.float32], f"{backend} {case} jacfwd")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("case", [c for c in CASES if LOSS_OF.get(c, c) != "ghmc"])
 def test_vmap_and_per_sample_grads(backend, device, case):
     """vmap over a leading batch dim is one independent loss per batch element (the fused ops

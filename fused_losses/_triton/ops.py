@@ -8,12 +8,14 @@ Every op returns the loss *and* the gradient w.r.t. the logits computed in the s
 unit cotangent (empty when no gradient is needed), so forward + backward read the logits once.
 The backward is the one of the C++ op layer (fused_losses._ops: save_gradients,
 logits_gradient): a reduced loss's gradient saved in the logits dtype is scaled in place by
-``fused_losses_triton::scale_grad_`` (free when grad_output equals the scale already applied,
-which the kernel tracks on the device, so retain_graph=True never scales twice) and returned
-itself; otherwise a fresh ``saved_grad * grad_output`` in the logits dtype. Custom ops (not triton_op) are used
-so that torch.compile treats them as one opaque call on any device: Inductor's path for
-user-defined Triton kernels needs a GPU, while these also run on CPU tensors under
-TRITON_INTERPRET=1.
+``fused_losses_triton::scale_grad_`` and returned itself by the backward that frees the graph
+(free when grad_output equals the scale the kernel finds applied on the device); a backward
+that keeps the graph, and every 'none'/fp16 backward, returns a fresh ``saved_grad x
+grad_output`` and leaves the saved gradient untouched (README "Autograd contract"). Under
+functorch transforms and forward AD the loss functions go through fused_losses._ops.call_loss.
+Custom ops (not triton_op) are used so that torch.compile treats them as one opaque call on any
+device: Inductor's path for user-defined Triton kernels needs a GPU, while these also run on
+CPU tensors under TRITON_INTERPRET=1.
 
 GHM-C's EMA state is not mutated by the op (register_autograd does not support mutating ops):
 the op returns the updated state and the caller copies it into the user's tensor in place.
@@ -29,10 +31,6 @@ from fused_losses._ops import call_loss, logits_gradient, save_gradients
 from fused_losses._triton import launch
 
 _NS = "fused_losses_triton"
-
-
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _fake_loss(logits: Tensor, shape, reduction: str) -> Tensor:
