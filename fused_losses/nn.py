@@ -2,9 +2,10 @@
 
 Per-class tensors (alpha, weight) and GHM-C's EMA state are registered as float32 buffers, so
 ``module.to(device)`` moves them once instead of copying a Python list to the device on every
-call. They keep float32 under dtype casts of the model that owns them (``model.double()``,
-``.half()``, ``.to(torch.bfloat16)``): the losses compute in float32 whatever the logits dtype,
-and GHM-C's state must be float32; device moves still apply.
+call. Dtype casts of the model that owns them never round them: ``model.half()`` and
+``.to(torch.bfloat16)`` leave them float32 (the losses compute in float32 whatever the logits
+dtype), ``model.double()`` makes alpha/weight float64 (exact); GHM-C's state stays float32
+under every cast. Device moves always apply.
 """
 from __future__ import annotations
 
@@ -28,17 +29,24 @@ def _class_buffer(module: nn.Module, name: str, value):
 
 
 class _Float32Buffers(nn.Module):
-    """Keeps every buffer float32 when the owning model is cast (``Module._apply`` runs the
-    cast on each buffer): the buffer is moved to the device the cast's result lives on but keeps
-    its float32 values (a round trip through half would round an EMA state or a class weight)."""
+    """Buffers that dtype casts of the owning model must not round (``Module._apply`` runs the
+    cast on each buffer): a cast to a lower precision (``.half()``, ``.to(torch.bfloat16)``)
+    leaves a floating buffer's values as they were, moved to the cast's device; a cast to
+    float64 is followed (exact). Names in ``_float32_only`` (GHM-C's EMA state) stay float32
+    under every cast."""
+
+    _float32_only: tuple[str, ...] = ()
 
     def _apply(self, fn, recurse=True):
-        kept = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.dtype == torch.float32}
+        before = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.is_floating_point()}
         super()._apply(fn, recurse)
-        for name, before in kept.items():
-            after = self._buffers[name]
-            if after is not None and after.dtype != torch.float32:
-                self._buffers[name] = before.to(device=after.device)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is None or new.dtype == old.dtype:
+                continue
+            lower = torch.finfo(new.dtype).eps > torch.finfo(old.dtype).eps if new.is_floating_point() else True
+            if lower or name in self._float32_only:
+                self._buffers[name] = old.to(device=new.device)
         return self
 
 
@@ -48,7 +56,8 @@ class FocalLoss(_Float32Buffers):
 
     Args:
         gamma: focusing parameter >= 0 (0 with alpha=None is cross entropy). Default 2.0.
-        alpha: None, one float, or C per-class factors (a float32 buffer ``alpha``).
+        alpha: None, one float, or C per-class factors (a float32 buffer ``alpha``; a model
+            cast to half/bf16 leaves it float32, one to float64 makes it float64).
         ignore_index: target value with no loss, gradient or count. Default -100.
         reduction: 'none' | 'mean' (over non-ignored samples) | 'sum'. Default 'mean'.
         from_logits: False when the input already holds probabilities.
@@ -147,11 +156,13 @@ class GHMCLoss(_Float32Buffers):
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
     """
 
+    _float32_only = ("acc_sum",)
+
     def __init__(self, bins: int = 10, momentum: float = 0.75, use_sigmoid: bool = True, ignore_index: int = -100,
                  reduction: str = "mean", backend: Optional[str] = None):
         super().__init__()
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ValueError(f"bins: must be an int >= 1, got {bins!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 2 ** 63 - 1:
+            raise ValueError(f"bins: must be an int >= 1 that fits in int64, got {bins!r}")
         self.bins = bins
         self.momentum = _real("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
         self.use_sigmoid, self.ignore_index, self.reduction, self.backend = use_sigmoid, ignore_index, reduction, backend

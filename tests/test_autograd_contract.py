@@ -13,7 +13,8 @@ module runs in well under a minute on one core.
      logits; eager and torch.compile. The common case stays free (tests/test_backward.py).
 3.   Forward-mode AD (torch.func.jvp, forward_ad.make_dual), torch.func.grad / vjp, vmap (and
      vmap of grad) on every backend; nested differentiation on the fused backends is an error.
-7.   Loss modules keep float32 buffers across model dtype casts; device moves still apply.
+7.   Model dtype casts never round a loss module's buffers (GHM-C's state stays float32); device
+     moves still apply.
 8.   torch.compile(fullgraph=True, dynamic=True) of every loss and module, defaults included.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.autograd import forward_ad as fwAD
 
 import fused_losses as fl
 from tests.conftest import DEVICES
+from tests.test_backward import _require
 from tests.utils import TOL, UNIT_ROUNDOFF, assert_rel_close, sigmoid_case, softmax_case
 
 PAIRS = [("reference", "cpu"), ("cpu", "cpu"), ("triton", "cpu")]
@@ -33,13 +35,6 @@ PAIRS += [("cuda", "cuda"), ("triton", "cuda"), ("reference", "cuda")] * ("cuda"
 PAIR_IDS = [f"{b}-{d}" for b, d in PAIRS]
 FUSED = [p for p in PAIRS if p[0] != "reference"]
 FUSED_IDS = [f"{b}-{d}" for b, d in FUSED]
-
-
-def _require(backend: str) -> str:
-    status = fl.backends()[backend]
-    if not status.available:
-        pytest.skip(f"{backend} backend unavailable: {status.reason}")
-    return backend
 
 
 # (make(dtype, device) -> (logits, target, extra tensors), kwargs); every loss, small shapes.
@@ -393,21 +388,22 @@ def test_ghmc_module_survives_model_casts(cast):
     assert model[0].weight.grad is not None and model[0].weight.grad.dtype == dtype
 
 
-def test_module_buffers_keep_float32_and_follow_devices():
+def test_module_buffers_are_never_rounded_by_casts_and_follow_devices():
     focal = fl.nn.FocalLoss(alpha=[1 / 3, 1.0, 2.0])
     ib = fl.nn.IBLoss(weight=[0.1, 0.7, 2.2])
     ghmc = fl.nn.GHMCLoss(bins=4)
-    for m, name in ((focal, "alpha"), (ib, "weight"), (ghmc, "acc_sum")):
+    for m, name, follows_float64 in ((focal, "alpha", True), (ib, "weight", True), (ghmc, "acc_sum", False)):
         value = getattr(m, name).clone()
         m.half()
         assert getattr(m, name).dtype == torch.float32 and torch.equal(getattr(m, name), value), f"{name} after .half()"
         m.to(torch.float64)
-        assert getattr(m, name).dtype == torch.float32 and torch.equal(getattr(m, name), value)
+        wide = torch.float64 if follows_float64 else torch.float32
+        assert getattr(m, name).dtype == wide and torch.equal(getattr(m, name), value.to(wide)), f"{name} .double()"
         m.to("cpu", torch.bfloat16)
-        assert getattr(m, name).device.type == "cpu" and getattr(m, name).dtype == torch.float32
-        assert torch.equal(getattr(m, name), value)
+        assert getattr(m, name).device.type == "cpu" and getattr(m, name).dtype == wide
+        assert torch.equal(getattr(m, name), value.to(wide))
         m.to("meta")  # a device move still applies (meta stands in for another device)
-        assert getattr(m, name).device.type == "meta" and getattr(m, name).dtype == torch.float32
+        assert getattr(m, name).device.type == "meta" and getattr(m, name).dtype == wide
     logits, target = softmax_case((6, 3), torch.float16, seed=3)
     out = fl.nn.FocalLoss(alpha=[1 / 3, 1.0, 2.0]).half()(logits, target)
     ref = fl.focal(logits.double(), target, alpha=[1 / 3, 1.0, 2.0], backend="reference")
