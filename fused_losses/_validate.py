@@ -160,8 +160,11 @@ def _check_range(target: torch.Tensor, ignore_index: int, high: int, validate) -
         _value_error("target", f"value {bad} is out of range [0, {high}] (ignore_index={ignore_index})")
 
 
-def _class_vector(arg: str, value, c: int, logits: torch.Tensor) -> torch.Tensor:
-    """A length-C sequence/tensor of per-class factors -> tensor on the logits' device."""
+def _class_vector(arg: str, value, c: int, logits: torch.Tensor, validate=None) -> torch.Tensor:
+    """A length-C sequence/tensor of per-class factors -> tensor on the logits' device.
+    Finite values are checked like target ranges (_check_range): validate=None checks where the
+    values are on the host (a sequence or a CPU tensor), True always (a host sync on CUDA),
+    False never."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.dtype in _INDEX_DTYPES):
@@ -174,15 +177,22 @@ def _class_vector(arg: str, value, c: int, logits: torch.Tensor) -> torch.Tensor
             _type_error(arg, f"expected None, a float or a length-C sequence, got {type(value).__name__}")
     if tensor.dim() != 1 or tensor.numel() != c:
         _value_error(arg, f"expected {c} values (one per class), got shape {tuple(tensor.shape)}")
+    if validate is None:
+        validate = tensor.device.type == "cpu"
+    if validate and not torch.compiler.is_compiling() and tensor.is_floating_point():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            _value_error(arg, f"every per-class value must be finite; class {first} has {tensor[first].item()}")
     return tensor.to(device=logits.device, dtype=dtype)
 
 
-def _alpha(alpha, c: int, logits: torch.Tensor):
+def _alpha(alpha, c: int, logits: torch.Tensor, validate=None):
     if alpha is None:
         return None
     if _is_real(alpha):
         return _real("alpha", alpha)
-    return _class_vector("alpha", alpha, c, logits)
+    return _class_vector("alpha", alpha, c, logits, validate)
 
 
 def _softmax_inputs(logits, target, ignore_index, validate):
@@ -221,8 +231,9 @@ def _sigmoid_inputs(logits, target, ignore_index, validate):
 # --------------------------------------------------------------------------------------------
 def focal_args(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits, validate) -> dict[str, Any]:
     c, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
-    return dict(gamma=_real("gamma", gamma, low=0.0), alpha=_alpha(alpha, c, logits), ignore_index=ignore_index,
-                reduction=reduction_arg(reduction), from_logits=_bool("from_logits", from_logits))
+    return dict(gamma=_real("gamma", gamma, low=0.0), alpha=_alpha(alpha, c, logits, validate),
+                ignore_index=ignore_index, reduction=reduction_arg(reduction),
+                from_logits=_bool("from_logits", from_logits))
 
 
 def sigmoid_focal_args(logits, target, *, alpha, gamma, ignore_index, reduction, validate) -> dict[str, Any]:
@@ -303,7 +314,7 @@ def ib_args(logits, target, features, *, alpha, epsilon, weight, gamma, detach_f
     if not (features.shape in ((n,), (n, 1)) or (features.dim() == 2 and features.shape[0] == n)):
         _value_error("features", f"expected (N,), (N, 1) or (N, D) with N={n}, got {tuple(features.shape)}")
     return dict(alpha=_real("alpha", alpha), epsilon=_real("epsilon", epsilon, low=0.0, low_inclusive=False),
-                weight=None if weight is None else _class_vector("weight", weight, c, logits),
+                weight=None if weight is None else _class_vector("weight", weight, c, logits, validate),
                 gamma=_real("gamma", gamma, low=0.0), detach_factor=_bool("detach_factor", detach_factor),
                 reduction=reduction_arg(reduction))
 

@@ -90,7 +90,8 @@ def _focal_term_derivative(logpt: torch.Tensor, gamma: float) -> torch.Tensor:
     return gamma * torch.exp(logpt) * mod * r - mod
 
 
-_FocalTerm = _pointwise_function("_FocalTerm", """L(l) = (1 - e^l)^gamma * (-l) for l = log p_t <= 0, with an explicit gradient.
+_FocalTerm = _pointwise_function("_FocalTerm", """
+    L(l) = (1 - e^l)^gamma * (-l) for l = log p_t <= 0, with an explicit gradient.
 
     dL/dl = gamma * p_t * (1 - p_t)^gamma * r(l) - (1 - p_t)^gamma, where
     r(l) = l / (1 - e^l) = l / -expm1(l) -> -1 as l -> 0. Autograd of the naive form computes
@@ -112,8 +113,9 @@ def _pow_safe_derivative(q: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.where(q > 0, gamma * qs.pow(gamma - 1.0), torch.zeros_like(q))
 
 
-_PowSafe = _pointwise_function("_PowSafe", """q^gamma for q in [0, 1] whose derivative at q = 0 is taken as 0 (the limit of the
-    chained product in the sigmoid focal loss, where dq/dx -> 0 too) instead of inf.""",
+_PowSafe = _pointwise_function("_PowSafe", """
+    q^gamma for q in [0, 1] whose derivative at q = 0 is taken as 0 (the limit of the chained
+    product in the sigmoid focal loss, where dq/dx -> 0 too) instead of inf.""",
                                lambda q, gamma: q.pow(gamma), _pow_safe_derivative)
 
 

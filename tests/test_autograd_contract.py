@@ -120,7 +120,8 @@ def _run_sequence(backend, device, case, reduction, api, dtype):
             assert _unchanged(prev, value), f"{case}: a returned gradient was written by a later backward (step {step})"
         assert all(g is not prev for prev, _ in handed)
         if math.isfinite(scale) and scale != 1e-40:
-            assert_rel_close(g, ref_unit * scale, _tol(dtype), f"{backend} {case} {reduction} {dtype} grad_output x{scale}")
+            assert_rel_close(g, ref_unit * scale, _tol(dtype),
+                             f"{backend} {case} {reduction} {dtype} grad_output x{scale}")
         if step == 0:
             g.mul_(0.5)  # the user edits the gradient it holds: no later backward may see it
         handed.append((g, g.clone()))

@@ -113,6 +113,11 @@ CASES = [
     ("ib inf alpha", lambda: fl.ib(X, T, F_, alpha=float("inf")), ValueError, "alpha"),
     ("ib inf epsilon", lambda: fl.ib(X, T, F_, epsilon=float("inf")), ValueError, "epsilon"),
     ("ib nan gamma", lambda: fl.ib(X, T, F_, gamma=float("nan")), ValueError, "gamma"),
+    ("focal per-class alpha inf", lambda: fl.focal(X, T, alpha=[1.0, float("inf"), 1.0]), ValueError, "alpha"),
+    ("ib per-class weight nan", lambda: fl.ib(X, T, F_, weight=torch.tensor([1.0, float("nan"), 1.0])), ValueError,
+     "weight"),
+    ("FocalLoss per-class alpha nan", lambda: fl.nn.FocalLoss(alpha=[float("nan"), 1.0, 1.0])(X, T), ValueError,
+     "alpha"),
     # a GHM state that requires grad (updated in place: autograd would be bypassed)
     ("ghmc state requires grad", lambda: fl.ghmc(X, LAB, momentum=0.5, state=torch.zeros(10, requires_grad=True)),
      ValueError, "state"),
