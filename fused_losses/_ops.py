@@ -10,22 +10,27 @@ an input), marked non-differentiable and saved for backward. Its dtype is
 :func:`saved_grad_dtype`, and it decides the backward:
 
 * reduced loss ('mean'/'sum') with bf16/fp32/fp64 logits: the gradient is saved in the logits
-  dtype and the backward is the in-place op ``scale_grad_(saved, grad_output, applied_scale)``
-  (declared ``Tensor(a!)`` in its schema), which returns nothing; the backward then returns the
-  saved tensor itself. ``applied_scale`` is a one-value tensor made here (1.0) that records on
-  the device what the saved gradient was last multiplied by, so the kernel skips the pass when
-  grad_output equals it (``loss.backward()``: no pass over the gradient, no host sync) and a
-  retained graph's next backward rescales by grad_output / applied_scale (never scales twice).
-  Without retain_graph the saved tensor is released once this node has run, so AccumulateGrad
-  takes it as ``.grad`` without a copy. Under torch.compile, AOTAutograd functionalises the
-  mutation (a copy in the compiled backward: correct, not free).
+  dtype. A backward that frees the graph (the default) runs the in-place op
+  ``scale_grad_(saved, grad_output, applied_scale)`` (declared ``Tensor(a!)`` in its schema,
+  returns nothing) and returns the saved tensor itself. ``applied_scale`` is a one-value tensor
+  made here (1.0) that the kernel compares with grad_output on the device, so it skips the pass
+  when they are equal (``loss.backward()``: no pass over the gradient, no host sync). The saved
+  tensor is released once this node has run, so AccumulateGrad takes it as ``.grad`` without a
+  copy, and the library never refers to it again. A backward that keeps the graph
+  (retain_graph=True: :func:`graph_retained`) leaves the buffer at the unit gradient and returns
+  a fresh ``saved x grad_output`` (:func:`unit_gradient_times`): a gradient handed to the user
+  is never written later, and any sequence of grad_outputs (0, inf, 1e-40, ...) starts from the
+  unit gradient (README "Autograd contract"). Under torch.compile the traced backward is always
+  that fresh product (the compiled graph is replayed for every later backward).
 * 'none' (a per-sample grad_output), or fp16 logits: the gradient is saved in the math dtype
   (float32) and the backward is the out-of-place ``scale_grad(saved, grad_output, dtype)``,
   rounded once into the logits dtype. fp16 stays float32 because a GradScaler's grad_output
   (2^16 and more) must multiply the float32 values: a 'mean' gradient of a large batch,
   rounded to fp16 first, underflows to zero.
 
-Double backward raises a clear error.
+Double backward raises a clear error. Under functorch transforms (torch.func.grad, vjp, jvp,
+vmap, ...) and forward-mode AD the op layers go through :func:`call_loss`'s transform-aware
+path (_TransformedLoss: setup_context, jvp, generated vmap rule); nested differentiation raises.
 
 Call :func:`register` (idempotent) once the extension is loaded; the cpu/cuda backend modules
 do so.
@@ -33,11 +38,12 @@ do so.
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad as _fwad
 
 from fused_losses import _ext
 
-__all__ = ["register", "needs_grad", "saved_grad_dtype", "save_gradients", "logits_gradient",
-           "DOUBLE_BACKWARD_ERROR"]
+__all__ = ["register", "needs_grad", "saved_grad_dtype", "save_gradients", "logits_gradient", "graph_retained",
+           "unit_gradient_times", "transforms_active", "call_loss", "DOUBLE_BACKWARD_ERROR"]
 
 DOUBLE_BACKWARD_ERROR = (
     "fused_losses: double backward (create_graph=True, or differentiating a gradient) is not supported "
@@ -109,13 +115,51 @@ def save_gradients(ctx, loss: torch.Tensor, grads, logits: torch.Tensor, compute
         ctx.save_for_backward(*grads)
 
 
+def graph_retained() -> bool:
+    """Whether this backward may be followed by another backward of the same node: the graph
+    is kept (retain_graph=True; torch.autograd.grad's default without create_graph is not to
+    keep it), or no eager engine runs this code (torch.compile traces the backward once for
+    every later call, so the traced backward must never hand out the saved buffer)."""
+    if torch.compiler.is_compiling():
+        return True
+    # The engine's own flag for the running graph task (True outside any backward); the same
+    # one AOTAutograd's compiled backward reads to decide whether saved tensors are used once.
+    return torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+def unit_gradient_times(saved: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype,
+                        channel_dim=None) -> torch.Tensor:
+    """A fresh ``saved x grad_loss`` in `dtype`, multiplied in the math dtype and rounded once
+    (saved: a unit-cotangent gradient; grad_loss: 0-dim, or per sample ('none'), unsqueezed at
+    `channel_dim` for the softmax family). Plain torch ops, so torch.compile and functorch
+    transforms see through it."""
+    math_dtype = _math_dtype(saved.dtype)
+    if grad_loss.dim() > 0 and channel_dim is not None:
+        grad_loss = grad_loss.unsqueeze(channel_dim)
+    return (saved.to(math_dtype) * grad_loss.to(math_dtype)).to(dtype)
+
+
 def logits_gradient(ctx, saved, grad_loss, applied_scale, scale_in_place, scale_fresh):
-    """The logits gradient of this backward: `saved` scaled in place by
-    scale_in_place(saved, grad_loss, applied_scale) and returned itself, or
-    scale_fresh(saved, grad_loss, logits dtype), a new tensor."""
+    """The logits gradient of this backward (the autograd contract, README "Autograd contract").
+
+    A gradient saved in the logits dtype (reduced loss) is handed out only by the node's last
+    backward: when the graph is not retained, it is scaled in place by
+    scale_in_place(saved, grad_loss, applied_scale) (free for grad_output == 1: no pass) and
+    returned itself; autograd then releases the node's reference, so nothing the library owns
+    refers to the tensor the user now holds. When the graph is retained (another backward of
+    this node may follow) the saved buffer is left untouched and a fresh saved x grad_output is
+    returned, so a returned gradient is never written again and any sequence of grad_outputs
+    (0, inf, 1e-40, ...) starts from the unit gradient. Otherwise ('none', fp16) the saved
+    float32 gradient is never written: scale_fresh(saved, grad_loss, logits dtype) is a new
+    tensor. Under create_graph=True it raises (the saved gradient is a constant to autograd, so
+    a second derivative would silently miss terms)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
     if ctx.in_place:
-        scale_in_place(saved, grad_loss, applied_scale)
-        return saved
+        if not graph_retained():
+            scale_in_place(saved, grad_loss, applied_scale)
+            return saved
+        return unit_gradient_times(saved, grad_loss, ctx.logits_dtype)
     return scale_fresh(saved, grad_loss, ctx.logits_dtype)
 
 
@@ -156,6 +200,118 @@ def _setup_scale_grad(ctx, inputs, output):
 
 def _backward_scale_grad(ctx, grad):
     raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+# ---- functorch transforms and forward-mode AD ----------------------------------------------
+# register_autograd's generated autograd.Function has neither setup_context (functorch's grad,
+# vjp, jacrev refuse it) nor a jvp (forward AD would silently see a zero tangent). Under a
+# transform, or with a forward-AD tangent on an input, the op layers (cpu/cuda backend,
+# fused_losses._triton.ops) call the op through _TransformedLoss instead: the same op with
+# compute_grad=True, whose saved gradient gives the backward (always out of place) and the jvp
+# (the gradient contracted with the tangent). vmap: generate_vmap_rule runs the op per batch
+# element (torch's fallback for ops without a batching rule). Higher-order derivatives raise.
+
+def transforms_active(*tensors) -> bool:
+    """True under a functorch transform (grad, vjp, jacrev, jacfwd, jvp, vmap, ...) or when
+    an input carries a forward-AD tangent. False while torch.compile traces (dynamo handles
+    the ops itself). A few hundred ns; the common path pays only this."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if _fwad._current_level < 0:
+        return False
+    return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _differentiation_depth() -> int:
+    """How many differentiating transforms are active: functorch grad/vjp levels plus the
+    forward-AD levels (torch.func.jvp's, or a plain dual level)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    keys = [i.key() for i in retrieve_all_functorch_interpreters()]
+    jvp = sum(k == TransformType.Jvp for k in keys)
+    return sum(k == TransformType.Grad for k in keys) + max(jvp, int(_fwad._current_level >= 0))
+
+
+def _contract(grad: torch.Tensor, tangent: torch.Tensor, reduced: bool, channel_dim) -> torch.Tensor:
+    """jvp of a loss whose unit-cotangent gradient is `grad`: <grad, tangent> summed over the
+    whole tensor (reduced), over the class dim (softmax 'none'), or elementwise (sigmoid)."""
+    prod = grad.to(_math_dtype(grad.dtype)) * tangent.to(_math_dtype(grad.dtype))
+    if reduced:
+        return prod.sum()
+    return prod.sum(dim=channel_dim) if channel_dim is not None else prod
+
+
+class _TransformedLoss(torch.autograd.Function):
+    """forward(run, channel_dim, logits, features, *aux) -> (loss, grad_logits, grad_features),
+    with run(compute_grad, logits, features, *aux) -> (loss, grad_logits, grad_features or None)
+    calling the fused op. The gradients are outputs so that they stay visible to functorch."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(run, channel_dim, logits, features, *aux):
+        loss, grad_logits, grad_features = run(True, logits, features, *aux)
+        if grad_features is None:
+            grad_features = logits.new_empty((0,))
+        return loss, grad_logits, grad_features
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, channel_dim, logits, features, *_ = inputs
+        loss, grad_logits, grad_features = output
+        ctx.mark_non_differentiable(grad_logits, grad_features)
+        ctx.set_materialize_grads(False)
+        ctx.channel_dim = channel_dim
+        ctx.reduced = loss.dim() == 0
+        ctx.loss_dtype = loss.dtype
+        ctx.logits_dtype = logits.dtype
+        ctx.features_dtype = None if features is None else features.dtype
+        # Feature norms (N,) get one value per sample; raw (N, D) features (Triton's ib) a row.
+        ctx.features_dim = None if features is None or features.dim() < 2 else 1
+        ctx.save_for_backward(grad_logits, grad_features)
+        ctx.save_for_forward(grad_logits, grad_features)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logits, _grad_features):
+        grad_logits, grad_features = ctx.saved_tensors
+        n_aux = len(ctx.needs_input_grad) - 4
+        if grad_loss is None:
+            return (None,) * (4 + n_aux)
+        gl = unit_gradient_times(grad_logits, grad_loss, ctx.logits_dtype, ctx.channel_dim) \
+            if ctx.needs_input_grad[2] else None
+        gf = None
+        if ctx.features_dtype is not None and ctx.needs_input_grad[3] and grad_features.numel() > 0:
+            gf = unit_gradient_times(grad_features, grad_loss, ctx.features_dtype, ctx.features_dim)
+        return (None, None, gl, gf) + (None,) * n_aux
+
+    @staticmethod
+    def jvp(ctx, _run, _channel_dim, tangent_logits, tangent_features, *_aux):
+        grad_logits, grad_features = ctx.saved_tensors
+        out = None
+        if tangent_logits is not None:
+            out = _contract(grad_logits, tangent_logits, ctx.reduced, ctx.channel_dim)
+        if tangent_features is not None and ctx.features_dtype is not None and grad_features.numel() > 0:
+            term = _contract(grad_features, tangent_features, ctx.reduced, ctx.features_dim)
+            out = term if out is None else out + term
+        return (None if out is None else out.to(ctx.loss_dtype)), None, None
+
+
+def call_loss(run, logits: torch.Tensor, features, *aux, channel_dim):
+    """Run a fused loss op: ``run(compute_grad, logits, features, *aux)`` returns (loss,
+    grad_logits, grad_features or None). The common path calls it directly (the op's own
+    autograd formula: the free backward); under a functorch transform or forward AD it goes
+    through _TransformedLoss. channel_dim: the class dim a per-sample ('none') cotangent is
+    broadcast over (softmax family: 1; elementwise sigmoid family: None)."""
+    if not transforms_active(logits, features):
+        return run(needs_grad(logits) if features is None else needs_grad(logits, features),
+                   logits, features, *aux)[0]
+    if _differentiation_depth() > 1:
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR.replace(
+            "(create_graph=True, or differentiating a gradient)",
+            "(nested differentiating transforms, e.g. torch.func.hessian or jacfwd of a gradient)"))
+    return _TransformedLoss.apply(run, channel_dim, logits, features, *aux)[0]
 
 
 # ---- fake (meta) kernels ----------------------------------------------------------------------

@@ -36,12 +36,29 @@ def _value_error(arg: str, msg: str):
 # --------------------------------------------------------------------------------------------
 # Scalars and options
 # --------------------------------------------------------------------------------------------
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def _is_int(value) -> bool:
+    """An int (SymInt too: torch.compile(dynamic=True) makes int arguments symbolic)."""
+    return not isinstance(value, bool) and isinstance(value, (numbers.Integral, torch.SymInt))
+
+
+def _is_real(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat))
+
+
 def _real(arg: str, value, *, low=None, low_inclusive=True, high=None, high_inclusive=True) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """A finite real number (inf and NaN are meaningless for every float argument here).
+    Comparisons only: under torch.compile(dynamic=True) `value` may be symbolic, which
+    math.isnan/isinf cannot take (the checks then run on the traced value, as guards)."""
+    if not _is_real(value):
         _type_error(arg, f"expected a real number, got {type(value).__name__}")
     value = float(value)
-    if math.isnan(value):
+    if value != value:
         _value_error(arg, "must not be NaN")
+    if value == math.inf or value == -math.inf:
+        _value_error(arg, f"must be finite, got {value}")
     if low is not None and (value < low or (value == low and not low_inclusive)):
         _value_error(arg, f"must be {'>=' if low_inclusive else '>'} {low}, got {value}")
     if high is not None and (value > high or (value == high and not high_inclusive)):
@@ -50,9 +67,11 @@ def _real(arg: str, value, *, low=None, low_inclusive=True, high=None, high_incl
 
 
 def _int(arg: str, value, *, low=None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not _is_int(value):
         _type_error(arg, f"expected an int, got {type(value).__name__}")
     value = int(value)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        _value_error(arg, f"must fit in int64, got {value}")
     if low is not None and value < low:
         _value_error(arg, f"must be >= {low}, got {value}")
     return value
@@ -62,6 +81,14 @@ def _bool(arg: str, value) -> bool:
     if not isinstance(value, bool):
         _type_error(arg, f"expected a bool, got {type(value).__name__}")
     return value
+
+
+def _vmap_active() -> bool:
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 def reduction_arg(reduction) -> str:
@@ -120,6 +147,10 @@ def _check_range(target: torch.Tensor, ignore_index: int, high: int, validate) -
         validate = target.device.type == "cpu" and not torch.compiler.is_compiling()
     if not validate or target.numel() == 0:
         return
+    # Under torch.func.vmap the target is a batched wrapper (boolean-mask indexing and host reads
+    # are refused): check the values of every batch element on the tensor underneath.
+    while torch._C._functorch.is_functorch_wrapped_tensor(target):
+        target = torch._C._functorch.get_unwrapped(target)
     kept = target[target != ignore_index]
     if kept.numel() == 0:
         return
@@ -129,8 +160,11 @@ def _check_range(target: torch.Tensor, ignore_index: int, high: int, validate) -
         _value_error("target", f"value {bad} is out of range [0, {high}] (ignore_index={ignore_index})")
 
 
-def _class_vector(arg: str, value, c: int, logits: torch.Tensor) -> torch.Tensor:
-    """A length-C sequence/tensor of per-class factors -> tensor on the logits' device."""
+def _class_vector(arg: str, value, c: int, logits: torch.Tensor, validate=None) -> torch.Tensor:
+    """A length-C sequence/tensor of per-class factors -> tensor on the logits' device.
+    Finite values are checked like target ranges (_check_range): validate=None checks where the
+    values are on the host (a sequence or a CPU tensor), True always (a host sync on CUDA),
+    False never."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.dtype in _INDEX_DTYPES):
@@ -143,15 +177,22 @@ def _class_vector(arg: str, value, c: int, logits: torch.Tensor) -> torch.Tensor
             _type_error(arg, f"expected None, a float or a length-C sequence, got {type(value).__name__}")
     if tensor.dim() != 1 or tensor.numel() != c:
         _value_error(arg, f"expected {c} values (one per class), got shape {tuple(tensor.shape)}")
+    if validate is None:
+        validate = tensor.device.type == "cpu"
+    if validate and not torch.compiler.is_compiling() and tensor.is_floating_point():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            _value_error(arg, f"every per-class value must be finite; class {first} has {tensor[first].item()}")
     return tensor.to(device=logits.device, dtype=dtype)
 
 
-def _alpha(alpha, c: int, logits: torch.Tensor):
+def _alpha(alpha, c: int, logits: torch.Tensor, validate=None):
     if alpha is None:
         return None
-    if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool):
+    if _is_real(alpha):
         return _real("alpha", alpha)
-    return _class_vector("alpha", alpha, c, logits)
+    return _class_vector("alpha", alpha, c, logits, validate)
 
 
 def _softmax_inputs(logits, target, ignore_index, validate):
@@ -190,8 +231,9 @@ def _sigmoid_inputs(logits, target, ignore_index, validate):
 # --------------------------------------------------------------------------------------------
 def focal_args(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits, validate) -> dict[str, Any]:
     c, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
-    return dict(gamma=_real("gamma", gamma, low=0.0), alpha=_alpha(alpha, c, logits), ignore_index=ignore_index,
-                reduction=reduction_arg(reduction), from_logits=_bool("from_logits", from_logits))
+    return dict(gamma=_real("gamma", gamma, low=0.0), alpha=_alpha(alpha, c, logits, validate),
+                ignore_index=ignore_index, reduction=reduction_arg(reduction),
+                from_logits=_bool("from_logits", from_logits))
 
 
 def sigmoid_focal_args(logits, target, *, alpha, gamma, ignore_index, reduction, validate) -> dict[str, Any]:
@@ -202,15 +244,15 @@ def sigmoid_focal_args(logits, target, *, alpha, gamma, ignore_index, reduction,
 
 def ohem_args(logits, target, *, keep, thresh, min_kept, ignore_index, reduction, validate) -> dict[str, Any]:
     _, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+    if not _is_real(keep):
         _type_error("keep", f"expected a float in (0, 1] or an int >= 1, got {type(keep).__name__}")
-    if isinstance(keep, numbers.Integral):
-        keep = int(keep)
+    if _is_int(keep):
+        keep = _int("keep", keep)
         if keep <= 0:
             _value_error("keep", f"an int keep must be >= 1, got {keep}")
     else:
         keep = float(keep)
-        if not 0.0 < keep <= 1.0:
+        if not (0.0 < keep and keep <= 1.0):
             _value_error("keep", f"a float keep must be in (0, 1], got {keep}")
     if thresh is not None:
         thresh = _real("thresh", thresh)
@@ -218,6 +260,9 @@ def ohem_args(logits, target, *, keep, thresh, min_kept, ignore_index, reduction
         if thresh is None:
             _value_error("min_kept", "only applies together with thresh")
         min_kept = _int("min_kept", min_kept, low=0)
+        images = logits.shape[0] if logits.dim() > 2 else 1  # reference.ohem_min_kept_total's rule
+        if min_kept * images > _INT64_MAX:
+            _value_error("min_kept", f"min_kept x N = {min_kept} x {images} (per image, N images) overflows int64")
     return dict(keep=keep, thresh=thresh, min_kept=min_kept, ignore_index=ignore_index,
                 reduction=reduction_arg(reduction))
 
@@ -241,6 +286,12 @@ def ghmc_args(logits, target, *, bins, momentum, state, use_sigmoid, ignore_inde
         if state.dtype != torch.float32 or tuple(state.shape) != (bins,):
             _value_error("state", f"expected a float32 tensor of shape ({bins},), got {state.dtype} {tuple(state.shape)}")
         _same_device("state", state, logits)
+        if state.requires_grad:
+            _value_error("state", "must not require grad (it is updated in place, like batch norm's running stats; "
+                         "pass a buffer or state.detach())")
+    if _vmap_active():
+        raise RuntimeError("ghmc: torch.func.vmap is not supported (the bins are counted over the whole batch and the "
+                           "EMA state is updated in place); call it once per batch element")
     return dict(bins=bins, momentum=momentum, state=state, use_sigmoid=use_sigmoid, ignore_index=ignore_index,
                 reduction=reduction_arg(reduction))
 
@@ -263,7 +314,7 @@ def ib_args(logits, target, features, *, alpha, epsilon, weight, gamma, detach_f
     if not (features.shape in ((n,), (n, 1)) or (features.dim() == 2 and features.shape[0] == n)):
         _value_error("features", f"expected (N,), (N, 1) or (N, D) with N={n}, got {tuple(features.shape)}")
     return dict(alpha=_real("alpha", alpha), epsilon=_real("epsilon", epsilon, low=0.0, low_inclusive=False),
-                weight=None if weight is None else _class_vector("weight", weight, c, logits),
+                weight=None if weight is None else _class_vector("weight", weight, c, logits, validate),
                 gamma=_real("gamma", gamma, low=0.0), detach_factor=_bool("detach_factor", detach_factor),
                 reduction=reduction_arg(reduction))
 
@@ -283,8 +334,8 @@ def class_weights_args(counts, scheme, beta) -> tuple[torch.Tensor, str, float]:
             _type_error("counts", f"expected a sequence or tensor of per-class counts, got {type(counts).__name__}")
     if tensor.dim() != 1 or tensor.numel() == 0:
         _value_error("counts", f"expected a non-empty 1-D sequence of per-class counts, got shape {tuple(tensor.shape)}")
-    bad = (tensor <= 0) | torch.isnan(tensor.to(torch.float64))
+    bad = (tensor <= 0) | ~torch.isfinite(tensor.to(torch.float64))
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
-        _value_error("counts", f"every class needs a count > 0; class {first} has {tensor[first].item()}")
+        _value_error("counts", f"every class needs a finite count > 0; class {first} has {tensor[first].item()}")
     return tensor, scheme, beta

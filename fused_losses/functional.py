@@ -2,7 +2,10 @@
 
 Each function validates its arguments (fused_losses._validate, one place for every check),
 picks a backend (fused_losses._backends.select, one place for the choice) and calls it.
-See the README for the semantics table and ../shared/API.md for the contract.
+The contract is in README.md: "API" (signatures, shapes, dtypes, the semantics table against
+torchvision/mmcv/kornia), "Loss details and decisions", "Bad input" (the exceptions),
+"Autograd contract" (retain_graph, hooks, forward AD, torch.func, torch.compile) and
+"Accuracy".
 
 ``validate``: out-of-range target values are a ValueError naming the value. None (default)
 checks on CPU tensors only; on CUDA the check costs a host sync, so it runs only with

@@ -1,7 +1,11 @@
 """nn.Module wrappers of the functional API (same defaults as the functions).
 
-Per-class tensors (alpha, weight) are registered as buffers, so ``module.to(device)`` moves
-them once instead of copying a Python list to the device on every call.
+Per-class tensors (alpha, weight) and GHM-C's EMA state are registered as float32 buffers, so
+``module.to(device)`` moves them once instead of copying a Python list to the device on every
+call. Dtype casts of the model that owns them never round them: ``model.half()`` and
+``.to(torch.bfloat16)`` leave them float32 (the losses compute in float32 whatever the logits
+dtype), ``model.double()`` makes alpha/weight float64 (exact); GHM-C's state stays float32
+under every cast. Device moves always apply.
 """
 from __future__ import annotations
 
@@ -24,8 +28,44 @@ def _class_buffer(module: nn.Module, name: str, value):
         module.register_buffer(name, torch.as_tensor(value, dtype=torch.float32).detach().clone())
 
 
-class FocalLoss(nn.Module):
-    """Softmax focal loss module; see :func:`fused_losses.focal`."""
+class _Float32Buffers(nn.Module):
+    """Buffers that dtype casts of the owning model must not round (``Module._apply`` runs the
+    cast on each buffer): a cast to a lower precision (``.half()``, ``.to(torch.bfloat16)``)
+    leaves a floating buffer's values as they were, moved to the cast's device; a cast to
+    float64 is followed (exact). Names in ``_float32_only`` (GHM-C's EMA state) stay float32
+    under every cast."""
+
+    _float32_only: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        before = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is None or new.dtype == old.dtype:
+                continue
+            lower = torch.finfo(new.dtype).eps > torch.finfo(old.dtype).eps if new.is_floating_point() else True
+            if lower or name in self._float32_only:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+
+class FocalLoss(_Float32Buffers):
+    """Softmax focal loss, loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}; see
+    :func:`fused_losses.focal`.
+
+    Args:
+        gamma: focusing parameter >= 0 (0 with alpha=None is cross entropy). Default 2.0.
+        alpha: None, one float, or C per-class factors (a float32 buffer ``alpha``; a model
+            cast to half/bf16 leaves it float32, one to float64 makes it float64).
+        ignore_index: target value with no loss, gradient or count. Default -100.
+        reduction: 'none' | 'mean' (over non-ignored samples) | 'sum'. Default 'mean'.
+        from_logits: False when the input already holds probabilities.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+
+    forward(logits, target): logits (N, C) or (N, C, d1, ...), target (N,) or (N, d1, ...)
+    int64/int32 class indices.
+    """
 
     def __init__(self, gamma: float = 2.0, alpha=None, ignore_index: int = -100, reduction: str = "mean",
                  from_logits: bool = True, backend: Optional[str] = None):
@@ -43,8 +83,18 @@ class FocalLoss(nn.Module):
 
 
 class SigmoidFocalLoss(nn.Module):
-    """Sigmoid focal loss module; see :func:`fused_losses.sigmoid_focal` (reduction 'none' by default,
-    like torchvision)."""
+    """Sigmoid focal loss (torchvision's formula, elementwise); see :func:`fused_losses.sigmoid_focal`.
+
+    Args:
+        alpha: weight of positives (negatives get 1 - alpha); < 0 disables it. Default 0.25.
+        gamma: focusing parameter >= 0. Default 2.0.
+        ignore_index: integer label of rows to ignore. Default -100.
+        reduction: 'none' (default, like torchvision) | 'mean' | 'sum'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+
+    forward(logits, target): logits (..., C); target a float tensor of the logits' shape or
+    integer labels of shape logits.shape[:-1] (label == C is background).
+    """
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0, ignore_index: int = -100, reduction: str = "none",
                  backend: Optional[str] = None):
@@ -61,7 +111,18 @@ class SigmoidFocalLoss(nn.Module):
 
 
 class OHEMLoss(nn.Module):
-    """Online hard example mining cross entropy; see :func:`fused_losses.ohem`."""
+    """Online hard example mining cross entropy; see :func:`fused_losses.ohem`.
+
+    Args:
+        keep: float in (0, 1] (fraction of valid samples) or int >= 1 (count). Default 0.25.
+        thresh: mmseg OHEMPixelSampler mode: keep samples with p_t below this (keep ignored).
+        min_kept: with thresh, samples kept at least, per image (x N for (N, C, d...) inputs).
+        ignore_index: target value to ignore. Default -100.
+        reduction: 'none' | 'mean' (over kept samples) | 'sum'. Default 'mean'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+
+    forward(logits, target): softmax-family shapes, as :class:`FocalLoss`.
+    """
 
     def __init__(self, keep: Union[float, int] = 0.25, thresh: Optional[float] = None, min_kept: Optional[int] = None,
                  ignore_index: int = -100, reduction: str = "mean", backend: Optional[str] = None):
@@ -77,16 +138,31 @@ class OHEMLoss(nn.Module):
         return f"keep={self.keep}, thresh={self.thresh}, min_kept={self.min_kept}, reduction={self.reduction!r}"
 
 
-class GHMCLoss(nn.Module):
-    """GHM-C loss that owns the EMA of bin counts (buffer ``acc_sum``, float32 (bins,), starts at
-    zeros, updated in place on every call when momentum > 0, like mmdet's GHMC); see
-    :func:`fused_losses.ghmc`."""
+class GHMCLoss(_Float32Buffers):
+    """GHM-C loss that owns the EMA of bin counts; see :func:`fused_losses.ghmc`.
+
+    The buffer ``acc_sum`` (float32 (bins,), starts at zeros) is updated in place on every call
+    when momentum > 0, in train and eval mode, like mmdet's GHMC. It stays float32 when the
+    model is cast (``model.half()``, ``.double()``, ``.to(torch.bfloat16)``); ``.to(device)``
+    moves it.
+
+    Args:
+        bins: number of gradient-norm bins >= 1. Default 10.
+        momentum: EMA momentum in [0, 1); 0 uses this batch's counts only. Default 0.75.
+        use_sigmoid: True: sigmoid-family targets (float or integer labels, C = background);
+            False: softmax class indices. Default True.
+        ignore_index: target value to ignore. Default -100.
+        reduction: 'none' | 'mean' (over valid entries) | 'sum'. Default 'mean'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+    """
+
+    _float32_only = ("acc_sum",)
 
     def __init__(self, bins: int = 10, momentum: float = 0.75, use_sigmoid: bool = True, ignore_index: int = -100,
                  reduction: str = "mean", backend: Optional[str] = None):
         super().__init__()
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ValueError(f"bins: must be an int >= 1, got {bins!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 2 ** 63 - 1:
+            raise ValueError(f"bins: must be an int >= 1 that fits in int64, got {bins!r}")
         self.bins = bins
         self.momentum = _real("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
         self.use_sigmoid, self.ignore_index, self.reduction, self.backend = use_sigmoid, ignore_index, reduction, backend
@@ -101,8 +177,21 @@ class GHMCLoss(nn.Module):
         return f"bins={self.bins}, momentum={self.momentum}, use_sigmoid={self.use_sigmoid}"
 
 
-class IBLoss(nn.Module):
-    """Influence-balanced loss; forward(logits, target, features); see :func:`fused_losses.ib`."""
+class IBLoss(_Float32Buffers):
+    """Influence-balanced loss (Park et al. 2021); see :func:`fused_losses.ib`.
+
+    Args:
+        alpha: numerator of the influence factor. Default 1000.0.
+        epsilon: > 0, added to the denominator. Default 1e-3.
+        weight: None or C per-class weights of the cross entropy (a float32 buffer ``weight``).
+        detach_factor: True stops the gradient through the factor. Default False.
+        reduction: 'none' | 'mean' (divides by N) | 'sum'. Default 'mean'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+        gamma: IB-focal exponent >= 0 (0: plain IB). Default 0.0.
+
+    forward(logits, target, features): logits (N, C), target (N,) class indices, features (N,)
+    or (N, 1) feature norms, or (N, D) features reduced to sum |f|.
+    """
 
     def __init__(self, alpha: float = 1000.0, epsilon: float = 1e-3, weight=None, detach_factor: bool = False,
                  reduction: str = "mean", backend: Optional[str] = None, gamma: float = 0.0):
@@ -120,7 +209,13 @@ class IBLoss(nn.Module):
 
 
 class IBFocalLoss(IBLoss):
-    """IB-focal loss: IBLoss with the focal term (1 - exp(-CE_w))^gamma; gamma defaults to 1.0."""
+    """IB-focal loss: :class:`IBLoss` with the focal term (1 - exp(-CE_w))^gamma; see
+    :func:`fused_losses.ib`.
+
+    Args:
+        alpha, epsilon, weight, detach_factor, reduction, backend: as :class:`IBLoss`.
+        gamma: focal exponent >= 0. Default 1.0.
+    """
 
     def __init__(self, alpha: float = 1000.0, epsilon: float = 1e-3, weight=None, gamma: float = 1.0,
                  detach_factor: bool = False, reduction: str = "mean", backend: Optional[str] = None):

@@ -50,35 +50,55 @@ def _reduce(loss: torch.Tensor, reduction: str, count: torch.Tensor | int, out_d
     return total / count
 
 
-class _FocalTerm(torch.autograd.Function):
-    """L(l) = (1 - e^l)^gamma * (-l) for l = log p_t <= 0, with an explicit gradient.
+def _pointwise_function(name: str, doc: str, value, derivative):
+    """An autograd.Function computing value(x, gamma) with the explicit derivative(x, gamma),
+    in the forward/setup_context/jvp form with generate_vmap_rule, so that torch.func (grad,
+    jvp, vmap) and forward-mode AD work; derivative is made of differentiable torch ops of the
+    saved input, so higher orders work too."""
+
+    def setup_context(ctx, inputs, output):
+        x, gamma = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        ctx.gamma = gamma
+
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return grad_out * derivative(x, ctx.gamma), None
+
+    def jvp(ctx, x_tangent, _gamma_tangent):
+        (x,) = ctx.saved_tensors
+        return x_tangent * derivative(x, ctx.gamma)
+
+    return type(name, (torch.autograd.Function,), dict(
+        __doc__=doc, generate_vmap_rule=True, forward=staticmethod(value),
+        setup_context=staticmethod(setup_context), backward=staticmethod(backward), jvp=staticmethod(jvp)))
+
+
+def _focal_term_value(logpt: torch.Tensor, gamma: float) -> torch.Tensor:
+    one_minus_pt = -torch.expm1(logpt)
+    return one_minus_pt.pow(gamma) * (-logpt)
+
+
+def _focal_term_derivative(logpt: torch.Tensor, gamma: float) -> torch.Tensor:
+    if gamma == 0.0:
+        return -torch.ones_like(logpt)
+    one_minus_pt = -torch.expm1(logpt)
+    mod = one_minus_pt.pow(gamma)
+    r = torch.where(one_minus_pt > 0, logpt / one_minus_pt.clamp_min(torch.finfo(logpt.dtype).tiny),
+                    torch.full_like(logpt, -1.0))
+    return gamma * torch.exp(logpt) * mod * r - mod
+
+
+_FocalTerm = _pointwise_function("_FocalTerm", """
+    L(l) = (1 - e^l)^gamma * (-l) for l = log p_t <= 0, with an explicit gradient.
 
     dL/dl = gamma * p_t * (1 - p_t)^gamma * r(l) - (1 - p_t)^gamma, where
     r(l) = l / (1 - e^l) = l / -expm1(l) -> -1 as l -> 0. Autograd of the naive form computes
     gamma * (1 - p_t)^(gamma - 1) * ..., which is inf * 0 = NaN at p_t = 1 when gamma < 1; this
     form is finite everywhere and equals the limit (0 for gamma > 0, -1 for gamma = 0) at p_t = 1.
     1 - p_t is always -expm1(l), exact for p_t near 1.
-    """
-
-    @staticmethod
-    def forward(ctx, logpt: torch.Tensor, gamma: float):
-        one_minus_pt = -torch.expm1(logpt)
-        ctx.save_for_backward(logpt)
-        ctx.gamma = gamma
-        return one_minus_pt.pow(gamma) * (-logpt)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (logpt,) = ctx.saved_tensors
-        gamma = ctx.gamma
-        one_minus_pt = -torch.expm1(logpt)
-        mod = one_minus_pt.pow(gamma)
-        if gamma == 0.0:
-            return -grad_out * torch.ones_like(logpt), None
-        r = torch.where(one_minus_pt > 0, logpt / one_minus_pt.clamp_min(torch.finfo(logpt.dtype).tiny),
-                        torch.full_like(logpt, -1.0))
-        d = gamma * torch.exp(logpt) * mod * r - mod
-        return grad_out * d, None
+    """, _focal_term_value, _focal_term_derivative)
 
 
 def focal_term(logpt: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -86,25 +106,17 @@ def focal_term(logpt: torch.Tensor, gamma: float) -> torch.Tensor:
     return _FocalTerm.apply(logpt, float(gamma))
 
 
-class _PowSafe(torch.autograd.Function):
-    """q^gamma for q in [0, 1] whose derivative at q = 0 is taken as 0 (the limit of the
-    chained product in the sigmoid focal loss, where dq/dx -> 0 too) instead of inf."""
+def _pow_safe_derivative(q: torch.Tensor, gamma: float) -> torch.Tensor:
+    if gamma == 0.0:
+        return torch.zeros_like(q)
+    qs = torch.where(q > 0, q, torch.ones_like(q))
+    return torch.where(q > 0, gamma * qs.pow(gamma - 1.0), torch.zeros_like(q))
 
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, gamma: float):
-        ctx.save_for_backward(q)
-        ctx.gamma = gamma
-        return q.pow(gamma)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (q,) = ctx.saved_tensors
-        gamma = ctx.gamma
-        if gamma == 0.0:
-            return torch.zeros_like(q), None
-        qs = torch.where(q > 0, q, torch.ones_like(q))
-        d = torch.where(q > 0, gamma * qs.pow(gamma - 1.0), torch.zeros_like(q))
-        return grad_out * d, None
+_PowSafe = _pointwise_function("_PowSafe", """
+    q^gamma for q in [0, 1] whose derivative at q = 0 is taken as 0 (the limit of the chained
+    product in the sigmoid focal loss, where dq/dx -> 0 too) instead of inf.""",
+                               lambda q, gamma: q.pow(gamma), _pow_safe_derivative)
 
 
 def _alpha_t(alpha, target_rows: torch.Tensor, dtype, device):

@@ -1,5 +1,5 @@
-"""Every bad input of API.md raises the documented exception, naming the argument, before any
-backend runs (so nothing is written)."""
+"""Every bad input of the README's "Bad input" table raises the documented exception, naming
+the argument, before any backend runs (so nothing is written)."""
 import pytest
 import torch
 
@@ -90,6 +90,37 @@ CASES = [
     ("class_weights empty", lambda: fl.class_weights([]), ValueError, "counts"),
     ("class_weights scheme", lambda: fl.class_weights([1, 2], scheme="sqrt"), ValueError, "scheme"),
     ("class_weights beta 1", lambda: fl.class_weights([1, 2], scheme="effective", beta=1.0), ValueError, "beta"),
+    ("class_weights inf count", lambda: fl.class_weights([10.0, float("inf"), 5.0]), ValueError, "counts"),
+    ("class_weights nan count", lambda: fl.class_weights(torch.tensor([10.0, float("nan")])), ValueError, "counts"),
+    # ints that reach an int64 slot of an op schema (issue 13, class 9)
+    ("focal ignore_index 2**63", lambda: fl.focal(X, T, ignore_index=2 ** 63), ValueError, "ignore_index"),
+    ("focal ignore_index -2**63-1", lambda: fl.focal(X, T, ignore_index=-2 ** 63 - 1), ValueError, "ignore_index"),
+    ("sigmoid ignore_index 2**64", lambda: fl.sigmoid_focal(X, LAB, ignore_index=2 ** 64), ValueError, "ignore_index"),
+    ("ohem ignore_index 2**63", lambda: fl.ohem(X4, T4, ignore_index=2 ** 63), ValueError, "ignore_index"),
+    ("ghmc ignore_index 2**63", lambda: fl.ghmc(X, LAB, ignore_index=2 ** 63), ValueError, "ignore_index"),
+    ("ohem int keep 2**63", lambda: fl.ohem(X, T, keep=2 ** 63), ValueError, "keep"),
+    ("ohem min_kept 2**63", lambda: fl.ohem(X, T, thresh=0.7, min_kept=2 ** 63), ValueError, "min_kept"),
+    ("ohem min_kept x N overflows", lambda: fl.ohem(X4, T4, thresh=0.7, min_kept=2 ** 62), ValueError, "min_kept"),
+    ("ghmc bins 2**63", lambda: fl.ghmc(X, LAB, bins=2 ** 63), ValueError, "bins"),
+    # floats that are inf where inf is meaningless
+    ("focal inf gamma", lambda: fl.focal(X, T, gamma=float("inf")), ValueError, "gamma"),
+    ("focal inf alpha", lambda: fl.focal(X, T, alpha=float("inf")), ValueError, "alpha"),
+    ("focal nan alpha", lambda: fl.focal(X, T, alpha=float("nan")), ValueError, "alpha"),
+    ("sigmoid inf gamma", lambda: fl.sigmoid_focal(X, LAB, gamma=float("inf")), ValueError, "gamma"),
+    ("sigmoid -inf alpha", lambda: fl.sigmoid_focal(X, LAB, alpha=-float("inf")), ValueError, "alpha"),
+    ("ohem inf thresh", lambda: fl.ohem(X, T, thresh=float("inf")), ValueError, "thresh"),
+    ("ohem nan keep", lambda: fl.ohem(X, T, keep=float("nan")), ValueError, "keep"),
+    ("ib inf alpha", lambda: fl.ib(X, T, F_, alpha=float("inf")), ValueError, "alpha"),
+    ("ib inf epsilon", lambda: fl.ib(X, T, F_, epsilon=float("inf")), ValueError, "epsilon"),
+    ("ib nan gamma", lambda: fl.ib(X, T, F_, gamma=float("nan")), ValueError, "gamma"),
+    ("focal per-class alpha inf", lambda: fl.focal(X, T, alpha=[1.0, float("inf"), 1.0]), ValueError, "alpha"),
+    ("ib per-class weight nan", lambda: fl.ib(X, T, F_, weight=torch.tensor([1.0, float("nan"), 1.0])), ValueError,
+     "weight"),
+    ("FocalLoss per-class alpha nan", lambda: fl.nn.FocalLoss(alpha=[float("nan"), 1.0, 1.0])(X, T), ValueError,
+     "alpha"),
+    # a GHM state that requires grad (updated in place: autograd would be bypassed)
+    ("ghmc state requires grad", lambda: fl.ghmc(X, LAB, momentum=0.5, state=torch.zeros(10, requires_grad=True)),
+     ValueError, "state"),
 ]
 
 
@@ -115,6 +146,25 @@ def test_failed_call_writes_nothing():
     with pytest.raises(ValueError):
         fl.ghmc(X, torch.tensor([0, 9, 1, 2]), momentum=0.5, state=state)
     assert torch.all(state == 3.0)
+    for backend in ("reference", "cpu"):
+        state = torch.full((10,), 3.0, requires_grad=True)
+        with pytest.raises(ValueError, match="^state: must not require grad"):
+            fl.ghmc(X, LAB, momentum=0.5, state=state, backend=backend)
+        assert torch.all(state == 3.0) and state.grad is None and state._version == 0
+        with pytest.raises(ValueError, match="^ignore_index"):
+            fl.ghmc(X, LAB, momentum=0.5, state=state.detach(), ignore_index=2 ** 63, backend=backend)
+        assert torch.all(state == 3.0)
+
+
+def test_int64_extremes_that_fit_still_work():
+    # ignore_index at the int64 bounds is a valid value (it just matches no target).
+    for ii in (2 ** 63 - 1, -(2 ** 63)):
+        ref = fl.focal(X.double(), T, ignore_index=ii, backend="reference")
+        assert torch.allclose(fl.focal(X, T, ignore_index=ii), ref.float(), rtol=1e-5)
+    # min_kept x N just inside int64: the kernels clamp it to the number of valid samples.
+    big = (2 ** 63 - 1) // 2
+    ref = fl.ohem(X4.double(), T4, thresh=0.7, min_kept=big, backend="reference")
+    assert torch.allclose(fl.ohem(X4, T4, thresh=0.7, min_kept=big), ref.float(), rtol=1e-5)
 
 
 def test_unavailable_backend_requested_explicitly_is_a_clear_error(monkeypatch):

@@ -39,27 +39,42 @@ def _ops_ns():
     return torch.ops.fused_losses
 
 
+# Each loss maps its arguments onto one op and calls it through _ops.call_loss, which runs it
+# directly (the op's own autograd formula) or, under functorch transforms / forward AD, through
+# the transform-aware path. The run functions take (compute_grad, logits, features, *tensors)
+# and return (loss, grad_logits, grad_features or None).
 def focal(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits):
     alpha_per_class = alpha if isinstance(alpha, torch.Tensor) else None
     alpha_scalar = 1.0 if alpha is None or alpha_per_class is not None else float(alpha)
-    loss, _ = _ops_ns().softmax_focal_forward(logits, target, alpha_per_class, alpha_scalar, float(gamma),
-                                              ignore_index, reduction, from_logits, _ops.needs_grad(logits))
-    return loss
+
+    def run(compute_grad, x, _features, t, a):
+        loss, grad = _ops_ns().softmax_focal_forward(x, t, a, alpha_scalar, float(gamma), ignore_index, reduction,
+                                                     from_logits, compute_grad)
+        return loss, grad, None
+
+    return _ops.call_loss(run, logits, None, target, alpha_per_class, channel_dim=1)
 
 
 def sigmoid_focal(logits, target, *, alpha, gamma, ignore_index, reduction):
-    loss, _ = _ops_ns().sigmoid_focal_forward(logits, target, float(alpha), float(gamma), ignore_index, reduction,
-                                              _ops.needs_grad(logits))
-    return loss
+    def run(compute_grad, x, _features, t):
+        loss, grad = _ops_ns().sigmoid_focal_forward(x, t, float(alpha), float(gamma), ignore_index, reduction,
+                                                     compute_grad)
+        return loss, grad, None
+
+    return _ops.call_loss(run, logits, None, target, channel_dim=None)
 
 
 def ohem(logits, target, *, keep, thresh, min_kept, ignore_index, reduction):
     keep_count = keep if isinstance(keep, int) else 0
     keep_fraction = float(keep) if not isinstance(keep, int) else 0.0
-    loss, _ = _ops_ns().ohem_forward(logits, target, keep_fraction, keep_count, thresh,
-                                     ohem_min_kept_total(logits, min_kept), ignore_index, reduction,
-                                     _ops.needs_grad(logits))
-    return loss
+    min_kept_total = ohem_min_kept_total(logits, min_kept)
+
+    def run(compute_grad, x, _features, t):
+        loss, grad = _ops_ns().ohem_forward(x, t, keep_fraction, keep_count, thresh, min_kept_total, ignore_index,
+                                            reduction, compute_grad)
+        return loss, grad, None
+
+    return _ops.call_loss(run, logits, None, target, channel_dim=1)
 
 
 def ghmc(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction):
@@ -71,9 +86,12 @@ def ghmc(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, re
     # Step 1 (no gradient): histogram, EMA update of `state` in place, per-bin weights.
     bin_weights = _ops_ns().ghmc_bin_weights(logits.detach(), target, state, bins, float(momentum), use_sigmoid,
                                              ignore_index)
-    loss, _ = _ops_ns().ghmc_forward(logits, target, bin_weights, use_sigmoid, ignore_index, reduction,
-                                     _ops.needs_grad(logits))
-    return loss
+
+    def run(compute_grad, x, _features, t, w):
+        loss, grad = _ops_ns().ghmc_forward(x, t, w, use_sigmoid, ignore_index, reduction, compute_grad)
+        return loss, grad, None
+
+    return _ops.call_loss(run, logits, None, target, bin_weights, channel_dim=None if use_sigmoid else 1)
 
 
 def ib(logits, target, features, *, alpha, epsilon, weight, gamma, detach_factor, reduction):
@@ -86,9 +104,12 @@ def ib(logits, target, features, *, alpha, epsilon, weight, gamma, detach_factor
     f = f.reshape(-1)
     if detach_factor:
         f = f.detach()
-    loss, _, _ = _ops_ns().ib_forward(logits, target, f, weight, float(alpha), float(epsilon), float(gamma),
-                                      detach_factor, reduction, _ops.needs_grad(logits, f))
-    return loss
+
+    def run(compute_grad, x, feature_norm, t, w):
+        return _ops_ns().ib_forward(x, t, feature_norm, w, float(alpha), float(epsilon), float(gamma), detach_factor,
+                                    reduction, compute_grad)
+
+    return _ops.call_loss(run, logits, f, target, weight, channel_dim=1)
 
 
 BACKEND = Backend(

@@ -8,12 +8,14 @@ Every op returns the loss *and* the gradient w.r.t. the logits computed in the s
 unit cotangent (empty when no gradient is needed), so forward + backward read the logits once.
 The backward is the one of the C++ op layer (fused_losses._ops: save_gradients,
 logits_gradient): a reduced loss's gradient saved in the logits dtype is scaled in place by
-``fused_losses_triton::scale_grad_`` (free when grad_output equals the scale already applied,
-which the kernel tracks on the device, so retain_graph=True never scales twice) and returned
-itself; otherwise a fresh ``saved_grad * grad_output`` in the logits dtype. Custom ops (not triton_op) are used
-so that torch.compile treats them as one opaque call on any device: Inductor's path for
-user-defined Triton kernels needs a GPU, while these also run on CPU tensors under
-TRITON_INTERPRET=1.
+``fused_losses_triton::scale_grad_`` and returned itself by the backward that frees the graph
+(free when grad_output equals the scale the kernel finds applied on the device); a backward
+that keeps the graph, and every 'none'/fp16 backward, returns a fresh ``saved_grad x
+grad_output`` and leaves the saved gradient untouched (README "Autograd contract"). Under
+functorch transforms and forward AD the loss functions go through fused_losses._ops.call_loss.
+Custom ops (not triton_op) are used so that torch.compile treats them as one opaque call on any
+device: Inductor's path for user-defined Triton kernels needs a GPU, while these also run on
+CPU tensors under TRITON_INTERPRET=1.
 
 GHM-C's EMA state is not mutated by the op (register_autograd does not support mutating ops):
 the op returns the updated state and the caller copies it into the user's tensor in place.
@@ -25,14 +27,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_losses._ops import logits_gradient, save_gradients
+from fused_losses._ops import call_loss, logits_gradient, save_gradients
 from fused_losses._triton import launch
 
 _NS = "fused_losses_triton"
-
-
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _fake_loss(logits: Tensor, shape, reduction: str) -> Tensor:
@@ -233,39 +231,56 @@ torch.library.register_autograd(f"{_NS}::ib", _ib_backward, setup_context=_ib_se
 # --------------------------------------------------------------------------------------------
 # The backend's loss functions: signatures of fused_losses.reference (normalised kwargs)
 # --------------------------------------------------------------------------------------------
+# Each function calls its op through fused_losses._ops.call_loss: directly (the op's autograd
+# formula above) or, under functorch transforms / forward AD, through the transform-aware path.
 def focal(logits, target, *, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean", from_logits=True):
     alpha_t = alpha if isinstance(alpha, Tensor) else None
     alpha_s = 1.0 if alpha is None or alpha_t is not None else float(alpha)
-    loss, _ = softmax_focal_op(logits, target, alpha_t, alpha_s, float(gamma), int(ignore_index), reduction,
-                               bool(from_logits), _needs_grad(logits))
-    return loss
+
+    def run(need_grad, x, _features, t, a):
+        loss, grad = softmax_focal_op(x, t, a, alpha_s, float(gamma), int(ignore_index), reduction,
+                                      bool(from_logits), need_grad)
+        return loss, grad, None
+
+    return call_loss(run, logits, None, target, alpha_t, channel_dim=1)
 
 
 def sigmoid_focal(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=-100, reduction="none"):
-    loss, _ = sigmoid_focal_op(logits, target, float(alpha), float(gamma), int(ignore_index), reduction,
-                               _needs_grad(logits))
-    return loss
+    def run(need_grad, x, _features, t):
+        loss, grad = sigmoid_focal_op(x, t, float(alpha), float(gamma), int(ignore_index), reduction, need_grad)
+        return loss, grad, None
+
+    return call_loss(run, logits, None, target, channel_dim=None)
 
 
 def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=-100, reduction="mean"):
     keep_is_int = isinstance(keep, int)
-    loss, _ = ohem_op(logits, target, float(keep), keep_is_int, None if thresh is None else float(thresh),
-                      int(min_kept or 0), int(ignore_index), reduction, _needs_grad(logits))
-    return loss
+
+    def run(need_grad, x, _features, t):
+        loss, grad = ohem_op(x, t, float(keep), keep_is_int, None if thresh is None else float(thresh),
+                             int(min_kept or 0), int(ignore_index), reduction, need_grad)
+        return loss, grad, None
+
+    return call_loss(run, logits, None, target, channel_dim=1)
 
 
 def ghmc(logits, target, *, bins=10, momentum=0.0, state=None, use_sigmoid=True, ignore_index=-100,
          reduction="mean"):
-    loss, _, new_state = ghmc_op(logits, target, state, int(bins), float(momentum), bool(use_sigmoid),
-                                 int(ignore_index), reduction, _needs_grad(logits))
-    if state is not None:
-        with torch.no_grad():
-            state.copy_(new_state)
-    return loss
+    def run(need_grad, x, _features, t, s):
+        loss, grad, new_state = ghmc_op(x, t, s, int(bins), float(momentum), bool(use_sigmoid), int(ignore_index),
+                                        reduction, need_grad)
+        if s is not None:
+            with torch.no_grad():
+                s.copy_(new_state)
+        return loss, grad, None
+
+    return call_loss(run, logits, None, target, state, channel_dim=None if use_sigmoid else 1)
 
 
 def ib(logits, target, features, *, alpha=1000.0, epsilon=1e-3, weight=None, gamma=0.0, detach_factor=False,
        reduction="mean"):
-    loss, _, _ = ib_op(logits, target, features, weight, float(alpha), float(epsilon), float(gamma),
-                       bool(detach_factor), reduction, _needs_grad(logits, features))
-    return loss
+    def run(need_grad, x, f, t, w):
+        return ib_op(x, t, f, w, float(alpha), float(epsilon), float(gamma), bool(detach_factor), reduction,
+                     need_grad)
+
+    return call_loss(run, logits, features, target, weight, channel_dim=1)
