@@ -1,4 +1,4 @@
-"""The public surface of API.md: functions, modules, backends() and the build probe."""
+"""The public surface of the README's API section: functions, modules, backends() and the build probe."""
 import os
 import subprocess
 import sys
