@@ -24,9 +24,9 @@ import torch
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
-REBUILD_HINT = ("rebuild it against the installed torch: from the source tree, "
-                "`pip install --no-build-isolation --force-reinstall --no-deps .` (or `-e .`), "
-                "or `make build` if you use the Makefile")
+REBUILD_HINT = ("fix: build it against the installed torch, from the fused_losses source tree: "
+                "`pip install --no-build-isolation --force-reinstall --no-deps .` (pip; `-e .` for an "
+                "editable install) or `make build` (Makefile)")
 
 
 def _describe_failure(module: str, exc: BaseException) -> str:

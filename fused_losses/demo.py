@@ -58,9 +58,16 @@ RESULT_COLUMNS = ["loss", "minority_acc_pct", "overall_acc_pct", "macro_f1_pct",
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a None placeholder in sys.modules
+        return False
+
+
 def missing_dependencies() -> List[str]:
     """The DEMO_DEPENDENCIES that are not installed, in their order."""
-    return [name for name in DEMO_DEPENDENCIES if importlib.util.find_spec(name) is None]
+    return [name for name in DEMO_DEPENDENCIES if not _installed(name)]
 
 
 def require_dependencies() -> None:
