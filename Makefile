@@ -21,6 +21,9 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 # ninja jobs per extension module; each module has several translation units, so 2 jobs keep
 # both cores busy.
 export MAX_JOBS ?= 2
+# torch's build finds ninja on PATH only: the venv's ninja (from DEV_PINS) must be on it, or the
+# build silently falls back to one file at a time, without incremental rebuilds.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 CPU_SOURCES  := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 CUDA_SOURCES := setup.py $(wildcard csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 # Stamps live in build/ (ignored by git, removed by `make clean`).
