@@ -44,7 +44,7 @@ SHELL       := /bin/bash
 $(VENV)/.installed: Makefile
 	@echo "make: creating $(VENV) with torch 2.14.1 and the test/demo tools (about 2 min; 5.7 GB)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=64" wheel
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet $(DEV_PINS)
 	touch $@
