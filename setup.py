@@ -17,8 +17,8 @@ The ops are registered with TORCH_LIBRARY from static initialisers; neither modu
 pybind11 bindings (dummy PyInit__C / PyInit__C_cuda), so one abi3 build serves every
 Python >= 3.9.
 
-Objects always go to build/temp.<platform> under this directory, also for
-`pip install -e .` (setuptools would use a throwaway temporary directory there): the in-place
+Objects go to build/temp.<platform> under this directory, also for `pip install -e .`
+(setuptools would use a throwaway temporary directory there): the in-place
 build (`setup.py build_ext --inplace`, what `make` runs) and the editable install share one
 ninja build, so neither recompiles what the other compiled.
 """
@@ -112,13 +112,16 @@ def extensions():
 
 
 class BuildExt(cpp_extension.BuildExtension):
-    """torch's BuildExtension (ninja, MAX_JOBS) with a fixed object directory, see the module
-    docstring."""
+    """torch's BuildExtension (ninja, MAX_JOBS); an editable install compiles into the same
+    build/temp.<platform> as every other build instead of a throwaway directory (see the module
+    docstring)."""
 
     def finalize_options(self):
         super().finalize_options()
-        plat = f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
-        self.build_temp = os.path.join(HERE, "build", plat)
+        if self.editable_mode:
+            plat = f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = os.path.join(HERE, "build", plat)
+
 
 setup(
     name="fused_losses",
