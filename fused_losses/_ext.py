@@ -42,10 +42,33 @@ def _describe_failure(module: str, exc: BaseException) -> str:
     return f"compiled extension {module} is broken: {cause} ({text}); {REBUILD_HINT}"
 
 
-def _missing(module: str) -> str:
+def _missing(module: str, elsewhere: str | None = None) -> str:
     stem = module.rsplit(".", 1)[1]
-    return (f"compiled extension {module} is missing (no {stem}*.so in {_PACKAGE_DIR}): the package "
+    found = "" if elsewhere is None else f"; the one in {elsewhere}, another copy of fused_losses, is not used"
+    return (f"compiled extension {module} is missing (no {stem}*.so in {_PACKAGE_DIR}{found}): the package "
             f"was installed or checked out without building it, or its build failed; {REBUILD_HINT}")
+
+
+def _located_elsewhere(module: str) -> str | None:
+    """The folder of `module`'s file when it is not this package's folder, else None.
+
+    An editable install's finder answers for submodules missing from the package's own folder,
+    so a source tree without its own build could otherwise load the .so of another tree (another
+    checkout sharing the venv): an extension built from other sources.
+    """
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.has_location or not spec.origin:
+        return None
+    folder = os.path.dirname(os.path.realpath(spec.origin))
+    return None if folder == os.path.realpath(_PACKAGE_DIR) else folder
+
+
+def _present(module: str) -> bool:
+    """Whether `module` is found in this package's folder (or by a custom finder)."""
+    try:
+        return importlib.util.find_spec(module) is not None and _located_elsewhere(module) is None
+    except Exception:  # noqa: BLE001 - a broken import system for this name: treat as absent
+        return False
 
 
 def _import(module: str) -> str | None:
@@ -53,6 +76,9 @@ def _import(module: str) -> str | None:
     try:
         if importlib.util.find_spec(module) is None:
             return _missing(module)
+        elsewhere = _located_elsewhere(module)
+        if elsewhere is not None:
+            return _missing(module, elsewhere)
         importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - ImportError (ABI, missing library) or a registration error
         return _describe_failure(module, exc)
@@ -60,12 +86,9 @@ def _import(module: str) -> str | None:
 
 
 def _load() -> tuple[str | None, str | None, bool]:
-    """(error of _C, error of _C_cuda, whether _C_cuda's file exists)."""
+    """(error of _C, error of _C_cuda, whether _C_cuda's file exists here)."""
     c_error = _import("fused_losses._C")
-    try:
-        cuda_present = importlib.util.find_spec("fused_losses._C_cuda") is not None
-    except Exception:  # noqa: BLE001 - a broken import system for this name: treat as absent
-        cuda_present = False
+    cuda_present = _present("fused_losses._C_cuda")
     if c_error is not None:
         cuda_error = "compiled extension fused_losses._C (which holds the op schemas) is not loaded"
     elif not cuda_present:

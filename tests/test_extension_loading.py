@@ -89,16 +89,36 @@ def _assert_names_the_fix(reason: str) -> None:
     assert "circular import" not in reason, reason
 
 
-def test_missing_extension_warns_once_with_cause_and_fix(tmp_path):
+# What an editable install of another source tree adds to sys.meta_path: a finder, after the
+# path-based one, that answers for fused_losses' submodules from that tree (here: the repo).
+OTHER_TREE_FINDER = textwrap.dedent("""
+    import importlib.abc, importlib.machinery, sys
+
+    class _OtherTree(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.startswith("fused_losses."):
+                return importlib.machinery.PathFinder.find_spec(name, [OTHER_TREE])
+            return None
+
+    sys.meta_path.append(_OtherTree())
+""")
+
+
+@pytest.mark.parametrize("other_tree", [False, True], ids=["alone", "beside_another_built_tree"])
+def test_missing_extension_warns_once_with_cause_and_fix(tmp_path, other_tree):
     # A copy of the package without any compiled module: what a source checkout or an install
-    # without a build looks like.
+    # without a build looks like. Beside another, built tree (an editable install of it in the
+    # same venv), that tree's .so must not be loaded in place of the missing one.
     shutil.copytree(os.path.join(REPO, "fused_losses"), tmp_path / "fused_losses",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    result = _run(CALL_LOSSES, cwd=str(tmp_path))
+    prefix = f"OTHER_TREE = {os.path.join(REPO, 'fused_losses')!r}\n" + OTHER_TREE_FINDER if other_tree else ""
+    result = _run(prefix + CALL_LOSSES, cwd=str(tmp_path))
 
     available, reason = result["status"]["cpu"]
     assert not available
     assert "fused_losses._C is missing" in reason and str(tmp_path / "fused_losses") in reason, reason
+    if other_tree:
+        assert f"the one in {os.path.join(REPO, 'fused_losses')}, another copy of fused_losses, is not used" in reason
     _assert_names_the_fix(reason)
     assert result["max_error"] < 1e-12  # the reference ran, and it is right
     warned = _fused_warnings(result)
