@@ -117,8 +117,8 @@ def test_missing_extension_warns_once_with_cause_and_fix(tmp_path, other_tree):
     available, reason = result["status"]["cpu"]
     assert not available
     assert "fused_losses._C is missing" in reason and str(tmp_path / "fused_losses") in reason, reason
-    if other_tree:
-        assert f"the one in {os.path.join(REPO, 'fused_losses')}, another copy of fused_losses, is not used" in reason
+    if other_tree:  # (the venv's own editable install, if any, may answer before the test's finder)
+        assert "another copy of fused_losses, is not used" in reason, reason
     _assert_names_the_fix(reason)
     assert result["max_error"] < 1e-12  # the reference ran, and it is right
     warned = _fused_warnings(result)
