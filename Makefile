@@ -85,7 +85,7 @@ build-cpu: $(CPU_STAMP) $(EDITABLE)
 build: $(CUDA_STAMP) $(EDITABLE)
 
 test: build
-	@echo "make: running the test suite on 2 workers (about 6 min on 2 cores)"
+	@echo "make: running the test suite on 2 workers (about 4 min on 2 cores)"
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 demo: build-cpu
