@@ -122,14 +122,21 @@ def compiled_with_cuda() -> bool:
     return _CUDA_ERROR is None
 
 
-# A broken or missing extension makes the compiled backend of a device type unavailable, and the
-# automatic choice then quietly takes a slower one. That deserves a warning, once per cause; a
-# merely absent GPU, or a CUDA part that was never built (a build choice), does not.
+# A broken, missing or stale extension makes the compiled backend of a device type unavailable,
+# and the automatic choice then quietly takes a slower one. That deserves a warning, once per
+# cause; a merely absent GPU, or a CUDA part that was never built (a build choice), does not.
 _FALLBACK_CAUSE = {
     "cpu": _C_ERROR,
     "cuda": _C_ERROR if _C_ERROR is not None else (_CUDA_ERROR if _CUDA_PRESENT else None),
 }
 _warned: set[str] = set()
+
+
+def note_stale_build(device_type: str, reason: str) -> None:
+    """Called by a compiled backend that found the loaded extension lacking its ops (a build
+    older than the Python code): a fallback for `device_type` then warns with `reason`."""
+    if _FALLBACK_CAUSE.get(device_type) is None:
+        _FALLBACK_CAUSE[device_type] = reason
 
 
 def warn_fallback(device_type: str, backend: str) -> None:

@@ -4,6 +4,7 @@ Each case runs in a fresh interpreter (the extension is loaded once per process,
   - missing: a copy of the package without its .so files (a checkout or install never built);
   - broken: an import hook makes fused_losses._C (or _C_cuda) fail to load with the error a
     torch upgrade gives (undefined symbol), before fused_losses is imported;
+  - stale: an import hook puts modules registering no ops in their place (an old build);
   - only the GPU missing (this machine, or any CPU-only one): no warning at all.
 The losses must still be right (they run on the reference backend) and the warning must come once,
 at the first call that falls back, not at import.
@@ -138,6 +139,35 @@ def test_broken_extension_warns_once_with_the_abi_cause():
     assert torch.__version__ in reason
     _assert_names_the_fix(reason)
     assert not result["status"]["cuda"][0]
+    assert result["max_error"] < 1e-12
+    warned = _fused_warnings(result)
+    assert len(warned) == 1 and reason in warned[0], result["warnings"]
+
+
+def test_stale_extension_warns_once():
+    # An extension older than the Python code: it loads, but registers none of the ops (here: an
+    # empty module in place of each compiled one).
+    stale = textwrap.dedent("""
+        import importlib.abc, importlib.machinery, sys, types
+
+        class _OldBuild(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            def find_spec(self, name, path=None, target=None):
+                if name in ("fused_losses._C", "fused_losses._C_cuda"):
+                    return importlib.machinery.ModuleSpec(name, self)
+                return None
+
+            def create_module(self, spec):
+                return types.ModuleType(spec.name)
+
+            def exec_module(self, module):
+                pass
+
+        sys.meta_path.insert(0, _OldBuild())
+    """)
+    result = _run(stale + CALL_LOSSES)
+    available, reason = result["status"]["cpu"]
+    assert not available and "fused_losses._C lacks the ops" in reason and "softmax_focal_forward" in reason, reason
+    _assert_names_the_fix(reason)
     assert result["max_error"] < 1e-12
     warned = _fused_warnings(result)
     assert len(warned) == 1 and reason in warned[0], result["warnings"]

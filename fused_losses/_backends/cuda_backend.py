@@ -40,6 +40,7 @@ def _probe() -> tuple[bool, str]:
         if missing:
             facts.append(f"extension fused_losses._C_cuda lacks CUDA kernels for {missing} (stale build? "
                          f"{_ext.REBUILD_HINT})")
+            _ext.note_stale_build("cuda", facts[-1])
     if not torch.cuda.is_available():
         facts.append("no CUDA device is visible")
     if facts:
