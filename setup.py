@@ -89,7 +89,9 @@ def _pip_cuda_include_dirs():
 
 def extensions():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # *.cpp: the module stub (PyInit__C_cuda); *.cu: the kernels.
+    # *.cpp: the module stub (PyInit__C_cuda); *.cu: the kernels. Python loads each module with
+    # RTLD_LOCAL, so _C_cuda cannot use functions defined in _C's files (csrc/*.cpp,
+    # csrc/cpu/*.cpp): code both need lives in headers (csrc/losses_math.h) or in both lists.
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # No -std flag: torch's build helper picks the standard its headers need (C++17 for
     # torch <= 2.9, C++20 for newer).
