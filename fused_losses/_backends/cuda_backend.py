@@ -1,4 +1,5 @@
-"""'cuda': hand-written CUDA kernels of fused_losses._C for CUDA tensors (csrc/cuda/losses_cuda.cu).
+"""'cuda': hand-written CUDA kernels for CUDA tensors (csrc/cuda/*.cu, the extension module
+fused_losses._C_cuda, which registers them for the CUDA key of fused_losses._C's ops).
 
 The CUDA kernels implement the same op schemas as the CPU kernels (csrc/ops.cpp), so this
 backend maps the normalised arguments onto the ops exactly as the 'cpu' backend does: it reuses
@@ -33,18 +34,19 @@ def _probe() -> tuple[bool, str]:
         return False, _ext.load_error()
     facts = []
     if not _ext.compiled_with_cuda():
-        facts.append("the extension was built without its CUDA part (torch without CUDA, no nvcc, "
-                     "or FUSED_LOSSES_BUILD_CUDA=0)")
+        facts.append(_ext.cuda_load_error())
     else:
         missing = _missing_cuda_kernels()
         if missing:
-            facts.append(f"extension fused_losses._C lacks CUDA kernels for {missing} (stale build? run `make build`)")
+            facts.append(f"extension fused_losses._C_cuda lacks CUDA kernels for {missing} (stale build? "
+                         f"{_ext.REBUILD_HINT})")
+            _ext.note_stale_build("cuda", facts[-1])
     if not torch.cuda.is_available():
         facts.append("no CUDA device is visible")
     if facts:
         return False, "; ".join(facts)
     _ops.register()
-    return True, "compiled CUDA kernels (fused_losses._C) for CUDA tensors"
+    return True, "compiled CUDA kernels (fused_losses._C_cuda) for CUDA tensors"
 
 
 # Decided once, at import, like the cpu backend: availability() is also called while
