@@ -26,7 +26,10 @@ __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights"]
 
 
 def _run(loss: str, backend, logits: torch.Tensor, *tensors, **kwargs) -> torch.Tensor:
-    chosen = _backends.select(loss, logits, _validate.backend_arg(backend))
+    requested = _validate.backend_arg(backend)
+    if loss in ("sigmoid_focal", "ghmc"):  # float targets: only 'reference' differentiates them
+        requested = _validate.target_grad_backend(loss, tensors[0], requested)
+    chosen = _backends.select(loss, logits, requested)
     return chosen.losses[loss](logits, *tensors, **kwargs)
 
 
