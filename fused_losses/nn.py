@@ -165,8 +165,10 @@ class GHMCLoss(_Float32Buffers):
     Args:
         bins: number of gradient-norm bins >= 1. Default 10.
         momentum: EMA momentum in [0, 1); 0 uses this batch's counts only. Default 0.75.
-        use_sigmoid: True: sigmoid-family targets (float or integer labels, C = background);
-            False: softmax class indices. Default True.
+        use_sigmoid: True (default, mmdet's detection variant): C independent sigmoids; integer
+            labels in [0, C] with label == C = BACKGROUND, or float targets of the logits' shape.
+            False: softmax over C with class indices in [0, C) -- what a classifier wants. With
+            the default and labels that never contain C, a UserWarning says so (CPU targets).
         ignore_index: target value to ignore. Default -100.
         reduction: 'none' | 'mean' (over valid entries) | 'sum'. Default 'mean'.
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
