@@ -383,21 +383,37 @@ def ib_args(logits, target, features, *, alpha, epsilon, weight, gamma, detach_f
 
 
 def target_grad_backend(loss: str, target: torch.Tensor, requested: str | None) -> str | None:
-    """The backend for a call whose float target requires grad (sigmoid_focal, sigmoid ghmc).
+    """The backend for a call whose float target must be differentiated (sigmoid_focal, sigmoid
+    ghmc).
 
-    The compiled backends (cuda, triton, cpu) compute no gradient for the target: their result
-    would require grad while target.grad stays None, silently wrong. Such calls (grad mode on, a
-    float target with requires_grad) run on 'reference' (plain autograd, differentiates the
+    The compiled backends (cuda, triton, cpu) compute no derivative for the target: their result
+    would require grad while target.grad stays None (or drop a forward-mode tangent), silently
+    wrong. Such calls (grad mode on and a float target with requires_grad, or a float target
+    with a forward-mode tangent) run on 'reference' (plain autograd, differentiates the
     target) when the backend is chosen automatically; a compiled backend asked for explicitly
     (argument or FUSED_LOSSES_BACKEND) is a RuntimeError. Otherwise `requested` is returned."""
-    if not (torch.is_grad_enabled() and target.is_floating_point() and target.requires_grad):
+    if not (target.is_floating_point()
+            and ((torch.is_grad_enabled() and target.requires_grad) or _has_forward_tangent(target))):
         return requested
     if requested is None or requested == "reference":
         return "reference"
-    raise RuntimeError(f"backend {requested!r} cannot run {loss} with a target that requires grad: its kernels "
-                       "compute no gradient for the target (target.grad would stay None); pass backend=None or "
-                       "'reference' to differentiate the target, or target.detach() if no target gradient is "
-                       "wanted")
+    raise RuntimeError(f"backend {requested!r} cannot run {loss} with a target that requires grad (or carries a "
+                       "forward-mode tangent): its kernels compute no derivative for the target (target.grad "
+                       "would stay None); pass backend=None or 'reference' to differentiate the target, or "
+                       "target.detach() if no target derivative is wanted")
+
+
+def _has_forward_tangent(tensor: torch.Tensor) -> bool:
+    """True when forward-mode AD (torch.autograd.forward_ad dual tensors, torch.func.jvp) gives
+    `tensor` a tangent at the current level. Not while torch.compile traces (forward AD is not
+    traced there); a tensor whose tangent cannot be read (vmap nested in jvp) counts as dual."""
+    from torch.autograd import forward_ad
+    if torch.compiler.is_compiling() or forward_ad._current_level < 0:
+        return False
+    try:
+        return forward_ad.unpack_dual(tensor).tangent is not None
+    except RuntimeError:
+        return True
 
 
 def class_weights_args(counts, scheme, beta) -> tuple[torch.Tensor, str, float]:

@@ -308,3 +308,38 @@ def test_compiled_backend_still_runs_when_no_target_gradient_is_needed(monkeypat
     fl.sigmoid_focal(x, (t > 0.5).long().argmax(-1))
     fl.ghmc(x, t.detach())
     assert chosen == automatic
+
+
+def _tv_sum(x):
+    return lambda t: tv_sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0, reduction="sum")
+
+
+def test_forward_mode_target_tangent_runs_on_reference(monkeypatch):
+    import torch.autograd.forward_ad as fwAD
+
+    g = _gen(6)
+    x, t, v = (torch.randn(5, 4, generator=g), torch.rand(5, 4, generator=g), torch.randn(5, 4, generator=g))
+    x64, t64, v64 = x.double(), t.double(), v.double()
+    _, want = torch.func.jvp(_tv_sum(x64), (t64,), (v64,))
+    chosen = _chosen_backends(monkeypatch)
+    _, got = torch.func.jvp(lambda t: fl.sigmoid_focal(x, t, reduction="sum"), (t,), (v,))
+    assert_rel_close(got, want, TOL[torch.float32], "torch.func.jvp over the target")
+    with fwAD.dual_level():
+        out = fl.sigmoid_focal(x, fwAD.make_dual(t, v), reduction="sum")
+        assert_rel_close(fwAD.unpack_dual(out).tangent, want, TOL[torch.float32], "forward_ad dual target")
+        with pytest.raises(RuntimeError, match="^backend 'cpu' cannot run sigmoid_focal with a target"):
+            fl.sigmoid_focal(x, fwAD.make_dual(t, v), backend="cpu")
+    assert chosen == ["reference", "reference"]
+    # vmap inside jvp: the tangent cannot be read under vmap, so the call counts as dual
+    _, want = torch.func.jvp(lambda t: torch.func.vmap(_tv_sum(x64[0]))(t), (t64,), (v64,))
+    _, got = torch.func.jvp(lambda t: torch.func.vmap(lambda r: fl.sigmoid_focal(x[0], r, reduction="sum"))(t),
+                            (t,), (v,))
+    assert_rel_close(got, want, TOL[torch.float32], "jvp(vmap) over the target")
+
+
+def test_torch_func_grad_over_the_target():
+    g = _gen(7)
+    x, t = torch.randn(5, 4, generator=g), torch.rand(5, 4, generator=g)
+    want = torch.func.grad(_tv_sum(x.double()))(t.double())
+    got = torch.func.grad(lambda t: fl.sigmoid_focal(x, t, reduction="sum"))(t)
+    assert_rel_close(got, want, TOL[torch.float32], "torch.func.grad over the target")
