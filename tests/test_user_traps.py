@@ -343,3 +343,16 @@ def test_torch_func_grad_over_the_target():
     want = torch.func.grad(_tv_sum(x.double()))(t.double())
     got = torch.func.grad(lambda t: fl.sigmoid_focal(x, t, reduction="sum"))(t)
     assert_rel_close(got, want, TOL[torch.float32], "torch.func.grad over the target")
+
+
+def test_torchvision_adapter_differentiates_the_target():
+    from fused_losses.compat import sigmoid_focal_loss
+
+    g = _gen(8)
+    x0, t0 = torch.randn(6, 5, generator=g), torch.rand(6, 5, generator=g)
+    x, t = x0.clone().requires_grad_(), t0.clone().requires_grad_()
+    sigmoid_focal_loss(x, t, 0.25, 2, "mean").backward()
+    x64, t64 = x0.double().requires_grad_(), t0.double().requires_grad_()
+    tv_sigmoid_focal_loss(x64, t64, 0.25, 2, "mean").backward()
+    assert_rel_close(x.grad, x64.grad, TOL[torch.float32], "logits grad")
+    assert_rel_close(t.grad, t64.grad, TOL[torch.float32], "target grad")
