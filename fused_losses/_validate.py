@@ -243,7 +243,7 @@ def _softmax_target_traps(target, logits: torch.Tensor) -> None:
         if shape == lshape:
             _type_error("target", f"expected class indices as int64 or int32, got a {target.dtype} target of the "
                         f"logits' shape {lshape}, which looks like one-hot or class probabilities; the softmax "
-                        "family takes class indices: pass target.argmax(1)")
+                        "family takes class indices: pass target.argmax(1) (classes in dim 1, as in the logits)")
         if shape == (lshape[0], *lshape[2:]):
             _type_error("target", f"expected class indices as int64 or int32, got {target.dtype} of the right shape "
                         f"{shape}: pass target.long()")

@@ -356,3 +356,21 @@ def test_torchvision_adapter_differentiates_the_target():
     tv_sigmoid_focal_loss(x64, t64, 0.25, 2, "mean").backward()
     assert_rel_close(x.grad, x64.grad, TOL[torch.float32], "logits grad")
     assert_rel_close(t.grad, t64.grad, TOL[torch.float32], "target grad")
+
+
+@pytest.mark.compile
+def test_compiled_call_with_a_target_requiring_grad_differentiates_it():
+    # torch.compile (no fullgraph): the routing is traced (requires_grad and grad mode are guarded)
+    # and the reference runs behind a graph break; a detached target stays on the compiled kernels.
+    g = _gen(9)
+    x0, t0 = torch.randn(6, 5, generator=g), torch.rand(6, 5, generator=g)
+    fn = torch.compile(lambda x, t: fl.sigmoid_focal(x, t, reduction="sum"))
+    x, t = x0.clone().requires_grad_(), t0.clone().requires_grad_()
+    fn(x, t).backward()
+    x64, t64 = x0.double().requires_grad_(), t0.double().requires_grad_()
+    tv_sigmoid_focal_loss(x64, t64, reduction="sum").backward()
+    assert_rel_close(x.grad, x64.grad, TOL[torch.float32], "logits grad")
+    assert_rel_close(t.grad, t64.grad, TOL[torch.float32], "target grad")
+    x.grad = None
+    fn(x, t0).backward()
+    assert_rel_close(x.grad, x64.grad, TOL[torch.float32], "logits grad, detached target")
