@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
+import warnings
 from typing import Any
 
 import torch
@@ -160,6 +162,39 @@ def _check_range(target: torch.Tensor, ignore_index: int, high: int, validate) -
         _value_error("target", f"value {bad} is out of range [0, {high}] (ignore_index={ignore_index})")
 
 
+def _user_stacklevel() -> int:
+    """warnings.warn stacklevel of the first frame outside fused_losses and torch.nn's Module
+    call machinery: the user's call site (their ghmc(...) call or their loss_module(...) call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    module_py = os.path.join("torch", "nn", "modules", "module.py")
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep)
+                                 or frame.f_code.co_filename.endswith(module_py)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_labels_without_background(target: torch.Tensor, ignore_index: int, c: int, validate) -> None:
+    """ghmc(use_sigmoid=True) reads integer labels as detection labels (label == C: background,
+    all C outputs negative). A classifier's labels, all in [0, C), then give every row exactly one
+    positive: almost always a forgotten use_sigmoid=False. Warn (UserWarning; Python's default
+    filter shows it once per call site) when the non-ignored labels never equal C. Runs where
+    _check_range runs (validate=None: CPU tensors, not while torch.compile traces; True: also on
+    CUDA, a host sync; False: never) and after it, so the labels are known to be in [0, C]."""
+    if validate is None:
+        validate = target.device.type == "cpu" and not torch.compiler.is_compiling()
+    if not validate or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(target):
+        return
+    kept = target[target != ignore_index]
+    if kept.numel() == 0 or bool((kept == c).any()):
+        return
+    warnings.warn(f"ghmc: use_sigmoid=True (the default) reads integer targets as detection labels with label == "
+                  f"C = {c} meaning background, but no target here is {c}: every row gets one positive class and "
+                  f"C - 1 negatives (independent sigmoids). For a softmax classifier over C classes pass "
+                  f"use_sigmoid=False (see the ghmc docstring).",
+                  UserWarning, stacklevel=_user_stacklevel())
+
+
 def _class_vector(arg: str, value, c: int, logits: torch.Tensor, validate=None) -> torch.Tensor:
     """A length-C sequence/tensor of per-class factors -> tensor on the logits' device.
     Finite values are checked like target ranges (_check_range): validate=None checks where the
@@ -195,6 +230,31 @@ def _alpha(alpha, c: int, logits: torch.Tensor, validate=None):
     return _class_vector("alpha", alpha, c, logits, validate)
 
 
+def _softmax_target_traps(target, logits: torch.Tensor) -> None:
+    """Clearer errors for the two common wrong calls of the softmax family, raised where
+    _index_target would raise anyway (same exception type), with the fix in the message:
+    a float one-hot/probability target of the logits' shape (TypeError: target.argmax(1)), and
+    channel-last logits (N, d1, ..., C) with an (N, d1, ...) target (ValueError naming the
+    logits: logits.movedim(-1, 1))."""
+    if not isinstance(target, torch.Tensor):
+        return
+    shape, lshape = tuple(target.shape), tuple(logits.shape)
+    if target.is_floating_point():
+        if shape == lshape:
+            _type_error("target", f"expected class indices as int64 or int32, got a {target.dtype} target of the "
+                        f"logits' shape {lshape}, which looks like one-hot or class probabilities; the softmax "
+                        "family takes class indices: pass target.argmax(1) (classes in dim 1, as in the logits)")
+        if shape == (lshape[0], *lshape[2:]):
+            _type_error("target", f"expected class indices as int64 or int32, got {target.dtype} of the right shape "
+                        f"{shape}: pass target.long()")
+        return
+    if (target.dtype in _INDEX_DTYPES and target.device == logits.device and logits.dim() >= 3
+            and shape == lshape[:-1] and shape != (lshape[0], *lshape[2:])):
+        _value_error("logits", f"shape {lshape} with a target of shape {shape} looks channel-last (classes in the "
+                     f"last dim, C={lshape[-1]}); the softmax family takes channel-second logits (N, C, d1, ...): "
+                     "pass logits.movedim(-1, 1)")
+
+
 def _softmax_inputs(logits, target, ignore_index, validate):
     """Shared by the softmax family: (N, C, d...) logits and (N, d...) index target."""
     _logits(logits, 2, "(N, C) or (N, C, d1, ...)")
@@ -202,6 +262,7 @@ def _softmax_inputs(logits, target, ignore_index, validate):
     if c == 0:
         _value_error("logits", "the class dimension (dim 1) is empty (C=0)")
     ignore_index = _int("ignore_index", ignore_index)
+    _softmax_target_traps(target, logits)
     _index_target(target, logits, (logits.shape[0], *logits.shape[2:]), "(N,) or (N, d1, ...) class indices")
     _check_range(target, ignore_index, c - 1, validate)
     return c, ignore_index
@@ -289,6 +350,8 @@ def ghmc_args(logits, target, *, bins, momentum, state, use_sigmoid, ignore_inde
         if state.requires_grad:
             _value_error("state", "must not require grad (it is updated in place, like batch norm's running stats; "
                          "pass a buffer or state.detach())")
+    if use_sigmoid and not target.is_floating_point():
+        _warn_labels_without_background(target, ignore_index, logits.shape[-1], validate)
     if _vmap_active():
         raise RuntimeError("ghmc: torch.func.vmap is not supported (the bins are counted over the whole batch and the "
                            "EMA state is updated in place); call it once per batch element")
@@ -317,6 +380,40 @@ def ib_args(logits, target, features, *, alpha, epsilon, weight, gamma, detach_f
                 weight=None if weight is None else _class_vector("weight", weight, c, logits, validate),
                 gamma=_real("gamma", gamma, low=0.0), detach_factor=_bool("detach_factor", detach_factor),
                 reduction=reduction_arg(reduction))
+
+
+def target_grad_backend(loss: str, target: torch.Tensor, requested: str | None) -> str | None:
+    """The backend for a call whose float target must be differentiated (sigmoid_focal, sigmoid
+    ghmc).
+
+    The compiled backends (cuda, triton, cpu) compute no derivative for the target: their result
+    would require grad while target.grad stays None (or drop a forward-mode tangent), silently
+    wrong. Such calls (grad mode on and a float target with requires_grad, or a float target
+    with a forward-mode tangent) run on 'reference' (plain autograd, differentiates the
+    target) when the backend is chosen automatically; a compiled backend asked for explicitly
+    (argument or FUSED_LOSSES_BACKEND) is a RuntimeError. Otherwise `requested` is returned."""
+    if not (target.is_floating_point()
+            and ((torch.is_grad_enabled() and target.requires_grad) or _has_forward_tangent(target))):
+        return requested
+    if requested is None or requested == "reference":
+        return "reference"
+    raise RuntimeError(f"backend {requested!r} cannot run {loss} with a target that requires grad (or carries a "
+                       "forward-mode tangent): its kernels compute no derivative for the target (target.grad "
+                       "would stay None); pass backend=None or 'reference' to differentiate the target, or "
+                       "target.detach() if no target derivative is wanted")
+
+
+def _has_forward_tangent(tensor: torch.Tensor) -> bool:
+    """True when forward-mode AD (torch.autograd.forward_ad dual tensors, torch.func.jvp) gives
+    `tensor` a tangent at the current level. Not while torch.compile traces (forward AD is not
+    traced there); a tensor whose tangent cannot be read (vmap nested in jvp) counts as dual."""
+    from torch.autograd import forward_ad
+    if torch.compiler.is_compiling() or forward_ad._current_level < 0:
+        return False
+    try:
+        return forward_ad.unpack_dual(tensor).tangent is not None
+    except RuntimeError:
+        return True
 
 
 def class_weights_args(counts, scheme, beta) -> tuple[torch.Tensor, str, float]:

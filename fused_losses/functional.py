@@ -26,7 +26,10 @@ __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights"]
 
 
 def _run(loss: str, backend, logits: torch.Tensor, *tensors, **kwargs) -> torch.Tensor:
-    chosen = _backends.select(loss, logits, _validate.backend_arg(backend))
+    requested = _validate.backend_arg(backend)
+    if loss in ("sigmoid_focal", "ghmc"):  # float targets: only 'reference' differentiates them
+        requested = _validate.target_grad_backend(loss, tensors[0], requested)
+    chosen = _backends.select(loss, logits, requested)
     return chosen.losses[loss](logits, *tensors, **kwargs)
 
 
@@ -66,6 +69,10 @@ def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 
         reduction: 'none' (default, like torchvision) | 'mean' (over elements; with integer labels
             over non-ignored rows x C) | 'sum'. Detection heads usually want
             ``sigmoid_focal(..., reduction='sum') / num_pos``.
+
+    A float target that requires grad (grad mode on, e.g. distillation targets) runs on the
+    'reference' backend, the only one that differentiates the target (the compiled kernels write
+    no target gradient); asking for 'cpu', 'triton' or 'cuda' explicitly then raises RuntimeError.
     """
     kwargs = _validate.sigmoid_focal_args(logits, target, alpha=alpha, gamma=gamma, ignore_index=ignore_index,
                                           reduction=reduction, validate=validate)
@@ -94,6 +101,13 @@ def ghmc(logits: torch.Tensor, target: torch.Tensor, *, bins: int = 10, momentum
          reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None) -> torch.Tensor:
     """Gradient harmonized classification loss (GHM-C, Li et al. 2019).
 
+    NOTE the default use_sigmoid=True is mmdet's detection variant: C independent sigmoids, and
+    integer targets are detection labels in [0, C] where label == C is BACKGROUND (all C outputs
+    negative). A softmax classifier with labels in [0, C) must pass use_sigmoid=False; with the
+    default, every row would get one positive class and C - 1 sigmoid negatives. On CPU targets
+    (validate=None; any device with validate=True) a UserWarning says so when the non-ignored
+    integer labels never contain C (Python's default filter: once per call site).
+
     use_sigmoid=True: sigmoid-family targets (float, or integer labels with C = background);
     g = |sigmoid(x) - y| per element. use_sigmoid=False: softmax class indices, g = 1 - p_t per
     sample. Bin = min(floor(g * bins), bins - 1) (g in float32). weight = n_valid / count(bin)
@@ -101,6 +115,8 @@ def ghmc(logits: torch.Tensor, target: torch.Tensor, *, bins: int = 10, momentum
     state: float32 (bins,) EMA of bin counts, updated in place (first, then used) for bins
     non-empty in this batch: state = momentum * state + (1 - momentum) * count. momentum > 0
     needs a state; fused_losses.nn.GHMCLoss owns one.
+    A float target that requires grad (grad mode on) runs on the 'reference' backend, the only one
+    that differentiates the target; an explicit compiled backend then raises RuntimeError.
     """
     kwargs = _validate.ghmc_args(logits, target, bins=bins, momentum=momentum, state=state, use_sigmoid=use_sigmoid,
                                  ignore_index=ignore_index, reduction=reduction, validate=validate)

@@ -28,6 +28,22 @@ def _class_buffer(module: nn.Module, name: str, value):
         module.register_buffer(name, torch.as_tensor(value, dtype=torch.float32).detach().clone())
 
 
+def _repr_value(value) -> str:
+    """A constructor argument as extra_repr shows it: per-class buffers as their values (the
+    first 8 and the count beyond that), everything else as repr()."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            return f"<{value.numel()} values on meta>"
+        values = [round(v, 6) for v in value.detach().cpu().double().flatten().tolist()[:8]]
+        more = f", ... ({value.numel()} values)" if value.numel() > 8 else ""
+        return f"[{', '.join(repr(v) for v in values)}{more}]"
+    return repr(value)
+
+
+def _extra_repr(module: nn.Module, names) -> str:
+    return ", ".join(f"{name}={_repr_value(getattr(module, name))}" for name in names)
+
+
 class _Float32Buffers(nn.Module):
     """Buffers that dtype casts of the owning model must not round (``Module._apply`` runs the
     cast on each buffer): a cast to a lower precision (``.half()``, ``.to(torch.bfloat16)``)
@@ -79,7 +95,7 @@ class FocalLoss(_Float32Buffers):
                        reduction=self.reduction, from_logits=self.from_logits, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        return _extra_repr(self, ("gamma", "alpha", "ignore_index", "reduction", "from_logits", "backend"))
 
 
 class SigmoidFocalLoss(nn.Module):
@@ -107,7 +123,7 @@ class SigmoidFocalLoss(nn.Module):
                                reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+        return _extra_repr(self, ("alpha", "gamma", "ignore_index", "reduction", "backend"))
 
 
 class OHEMLoss(nn.Module):
@@ -135,7 +151,7 @@ class OHEMLoss(nn.Module):
                       ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"keep={self.keep}, thresh={self.thresh}, min_kept={self.min_kept}, reduction={self.reduction!r}"
+        return _extra_repr(self, ("keep", "thresh", "min_kept", "ignore_index", "reduction", "backend"))
 
 
 class GHMCLoss(_Float32Buffers):
@@ -149,8 +165,10 @@ class GHMCLoss(_Float32Buffers):
     Args:
         bins: number of gradient-norm bins >= 1. Default 10.
         momentum: EMA momentum in [0, 1); 0 uses this batch's counts only. Default 0.75.
-        use_sigmoid: True: sigmoid-family targets (float or integer labels, C = background);
-            False: softmax class indices. Default True.
+        use_sigmoid: True (default, mmdet's detection variant): C independent sigmoids; integer
+            labels in [0, C] with label == C = BACKGROUND, or float targets of the logits' shape.
+            False: softmax over C with class indices in [0, C) -- what a classifier wants. With
+            the default and labels that never contain C, a UserWarning says so (CPU targets).
         ignore_index: target value to ignore. Default -100.
         reduction: 'none' | 'mean' (over valid entries) | 'sum'. Default 'mean'.
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
@@ -174,7 +192,7 @@ class GHMCLoss(_Float32Buffers):
                       ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"bins={self.bins}, momentum={self.momentum}, use_sigmoid={self.use_sigmoid}"
+        return _extra_repr(self, ("bins", "momentum", "use_sigmoid", "ignore_index", "reduction", "backend"))
 
 
 class IBLoss(_Float32Buffers):
@@ -205,7 +223,7 @@ class IBLoss(_Float32Buffers):
                     gamma=self.gamma, detach_factor=self.detach_factor, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, epsilon={self.epsilon}, gamma={self.gamma}, detach_factor={self.detach_factor}"
+        return _extra_repr(self, ("alpha", "epsilon", "weight", "gamma", "detach_factor", "reduction", "backend"))
 
 
 class IBFocalLoss(IBLoss):
