@@ -3,7 +3,7 @@ torch.compile(reference) and peers, on workload-shaped cases.
 
     python -m benchmarks.bench --size small                  # CPU, a few minutes
     python -m benchmarks.bench --size large --device cuda    # GPU (benchmarks/gpu_suite.sh runs this)
-    python -m benchmarks.bench --suite cpu                   # the CPU-kernel issue's four cases
+    python -m benchmarks.bench --suite cpu --threads 2       # the CPU-kernel issues' six cases
     python -m benchmarks.bench --cases retinanet_labels --providers eager,compile --dtype float32
 
 Providers (``--providers``, comma separated; default: all that apply):

@@ -18,7 +18,7 @@ namespace cpu {
 // "avx512f", "avx2+fma" or "baseline": the variant the dispatcher picked.
 const char* simd_isa();
 
-constexpr int64_t kMaxTile = 64;  // most lanes of a channel-second tile
+constexpr int64_t kMaxTile = 512;  // most lanes (spatial positions) of a channel-second tile
 
 struct SoftmaxRowStats {
   float max;         // max_c x[c]
