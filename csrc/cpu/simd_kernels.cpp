@@ -292,7 +292,8 @@ FL_ALWAYS_INLINE void multiply_to_impl(float* __restrict out, const float* __res
 // ------------------------------------------------------------------------------------------
 template <int W, int kGamma, bool kLabels, bool kGrad, bool kLoss, bool kFull>
 FL_ALWAYS_INLINE typename Vec<W>::F sigmoid_focal_group(const float* __restrict x, const float* __restrict y,
-                                                        typename Vec<W>::I idx, typename Vec<W>::I label, int64_t i,
+                                                        const typename Vec<W>::I& idx,
+                                                        const typename Vec<W>::I& label, int64_t i,
                                                         int64_t nl, float a_pos, float a_neg, float gamma,
                                                         float grad_scale, float* __restrict loss,
                                                         float* __restrict grad) {
