@@ -260,6 +260,21 @@ FL_INLINE LossGrad<T> sigmoid_focal_element(T x, T y, T alpha, T gamma, T exp_ne
 //   dfactor/dl = factor / (g f + eps) * 2 p_t f   (0 with detach_factor),
 //   dloss/df   = -per_sample * factor * g / (g f + eps)   (0 with detach_factor).
 // ------------------------------------------------------------------------------------------
+// (1 - p) + p log p for q = 1 - p in [0, 1] and log_p = log p, without cancellation: below
+// q = 1/4 the series sum_{k >= 2} q^k / (k (k - 1)) (every term positive; float: k <= 13, double:
+// k <= 28, the first term left out below 2^-24 resp. 2^-53 of the sum), above it the formula
+// itself (cancels by at most a factor 8; p log p -> 0 as p -> 0).
+template <typename T>
+FL_INLINE T one_minus_p_plus_p_log_p(T q, T log_p) {
+  if (q < T(0.25)) {
+    const int top = sizeof(T) == 4 ? 13 : 28;
+    T acc = T(1) / static_cast<T>(top * (top - 1));
+    for (int k = top - 1; k >= 2; --k) acc = T(1) / static_cast<T>(k * (k - 1)) + q * acc;
+    return q * q * acc;
+  }
+  return q + exp_(log_p) * log_p;
+}
+
 template <typename T>
 struct IBRow {
   T loss;
@@ -286,7 +301,15 @@ FL_INLINE IBRow<T> ib_row(T log_pt, T class_weight, T feature, T alpha, T epsilo
   out.dloss_dlogpt = factor * dper_sample;
   out.dloss_dfeature = T(0);
   if (!detach_factor) {
-    out.dloss_dlogpt += per_sample * (factor / denom) * (T(2) * exp_(log_pt) * feature);
+    if (gamma > T(0)) {
+      out.dloss_dlogpt += per_sample * (factor / denom) * (T(2) * exp_(log_pt) * feature);
+    } else {
+      // factor dCE_w/dl + CE_w dfactor/dl = -(factor w / denom) (2 f ((1 - p_t) + p_t l) + eps): the two
+      // terms nearly cancel for a confident sample with a large f; (1 - p_t) + p_t l >= 0 is summed
+      // without cancellation (one_minus_p_plus_p_log_p).
+      out.dloss_dlogpt = -(factor * class_weight / denom) *
+                         (T(2) * feature * one_minus_p_plus_p_log_p(g / T(2), log_pt) + epsilon);
+    }
     out.dloss_dfeature = -per_sample * factor * g / denom;
   }
   return out;
