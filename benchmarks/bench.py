@@ -3,7 +3,7 @@ torch.compile(reference) and peers, on workload-shaped cases.
 
     python -m benchmarks.bench --size small                  # CPU, a few minutes
     python -m benchmarks.bench --size large --device cuda    # GPU (benchmarks/gpu_suite.sh runs this)
-    python -m benchmarks.bench --suite cpu                   # the CPU-kernel issue's four cases
+    python -m benchmarks.bench --suite cpu --threads 2       # the CPU-kernel issues' six cases
     python -m benchmarks.bench --cases retinanet_labels --providers eager,compile --dtype float32
 
 Providers (``--providers``, comma separated; default: all that apply):
@@ -88,7 +88,7 @@ CSV_COLUMNS = [
     "threads", "loadavg_1m", "size", "case", "workload", "loss", "shape", "dtype", "provider", "mode",
     "ms_median", "ms_p25", "ms_p75", "ms_min", "repeats", "timer", "peak_extra_mb", "mem_method",
     "floor_bytes", "gbps", "copy_gbps", "pct_copy_bw", "speedup_vs_eager", "speedup_vs_compile",
-    "compile_s", "rel_err_vs_eager", "note",
+    "compile_s", "rel_err_vs_eager", "note", "isa", "fused_bytes", "ms_1thread", "thread_scaling",
 ]
 
 
@@ -113,10 +113,19 @@ class Case:
     build: Callable           # (shape, device, dtype, generator) -> Inputs
     peers: tuple = ()         # 'torchvision' and/or 'cross_entropy'
     ce_same_function: bool = False   # F.cross_entropy computes exactly this loss (gamma=0)
+    fused_logit_reads: int = 1       # passes over the logits of the fused kernels (OHEM and softmax GHM-C: 2)
 
 
 def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def fused_bytes(case: "Case", inp: Inputs) -> int:
+    """Bytes the fused CPU kernels are designed to move in fwd+bwd: the floor plus the extra
+    passes over the logits of the two-pass losses (OHEM: statistics, selection, gradient;
+    softmax GHM-C: the bin histogram, then loss and gradient), with their targets."""
+    x, target = inp.args[0], inp.args[1]
+    return inp.floor_fwdbwd + (case.fused_logit_reads - 1) * _nbytes(x, target)
 
 
 def _randn(shape, device, dtype, gen, scale=2.0, shift=0.0):
@@ -237,22 +246,25 @@ CASES = [
     Case("longtail_ib_8142", "ib", "influence-balanced loss, batch 256 x 8142",
          {"small": (256, 8142), "large": (256, 8142)}, _longtail_case("ib"), peers=("cross_entropy",)),
     Case("cityscapes_ohem", "ohem", "OHEM on the segmentation case: mmseg OHEMPixelSampler thresh=0.7, "
-         "min_kept=100000 per 512x1024 image (scaled by pixels), ignore 255",
-         {"small": _SEG_SMALL, "large": _SEG_LARGE}, _segmentation_case("ohem", thresh=0.7, ignore_index=255),
-         peers=("cross_entropy",)),
+         "min_kept=100000 per 512x1024 image (scaled by pixels: 25000 in all for the cpu shape), ignore 255",
+         {"small": _SEG_SMALL, "large": _SEG_LARGE, "cpu": (4, 19, 128, 256)},
+         _segmentation_case("ohem", thresh=0.7, ignore_index=255), peers=("cross_entropy",), fused_logit_reads=2),
     Case("cityscapes_ghmc", "ghmc", "GHM-C on the segmentation case: softmax (use_sigmoid=False), 10 bins, "
-         "ignore 255", {"small": _SEG_SMALL, "large": _SEG_LARGE},
-         _segmentation_case("ghmc", bins=10, use_sigmoid=False, ignore_index=255), peers=("cross_entropy",)),
+         "ignore 255", {"small": _SEG_SMALL, "large": _SEG_LARGE, "cpu": (4, 19, 128, 256)},
+         _segmentation_case("ghmc", bins=10, use_sigmoid=False, ignore_index=255), peers=("cross_entropy",),
+         fused_logit_reads=2),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
-# --suite cpu: exactly the CPU-kernel issue's cases (focal 262144 x 80 fp32; sigmoid_focal 262144 x 80
-# with float targets and with integer labels; segmentation 4 x 19 x 128 x 256 ignore 255), fwd+bwd,
-# cpu backend vs eager reference vs torch.compile(reference).
+# --suite cpu: exactly the CPU-kernel issues' cases (focal 262144 x 80 fp32 mean; sigmoid_focal 262144 x 80
+# with float targets and with integer labels (8% ignored), sum; segmentation 4 x 19 x 128 x 256 ignore 255:
+# focal, OHEM thresh 0.7 min_kept 25000, softmax GHM-C 10 bins), fwd+bwd, cpu backend vs eager reference vs
+# torch.compile(reference), and the fused and compiled fwd+bwd also at 1 thread (thread scaling).
 SUITES = {
     "cpu": dict(size="cpu", device="cpu", dtypes=["float32"],
-                cases=["classify_focal_80", "retinanet_float", "retinanet_labels", "cityscapes_focal"],
-                providers=["fused-cpu", "compile", "eager"]),
+                cases=["classify_focal_80", "retinanet_float", "retinanet_labels", "cityscapes_focal",
+                       "cityscapes_ohem", "cityscapes_ghmc"],
+                providers=["fused-cpu", "compile", "eager"], scaling=True),
 }
 
 
@@ -563,6 +575,28 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} logical CPUs)"
 
 
+def cpu_isa() -> str:
+    """The CPU's vector instruction sets that matter to the kernels (from /proc/cpuinfo's flags,
+    x86 or aarch64) and ATen's own CPU capability (torch.backends.cpu.get_cpu_capability())."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    have = [name for name in ("avx512f", "avx2", "fma", "asimd", "sve") if name in flags]
+    if flags and "avx512f" not in flags and "avx2" in flags:
+        have.append("no avx512f")
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - older torch
+        capability = "n/a"
+    return f"{' '.join(have) or platform.machine()}; ATen CPU capability {capability}"
+
+
 def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
@@ -612,12 +646,20 @@ def _order(rows):
     return sorted(rows, key=lambda r: (r["_dtype_i"], r["_case_i"], pos.get(r["provider"], 99)))
 
 
+def _mb_moved(row: dict) -> str:
+    try:
+        return f"{int(row['floor_bytes']) / 1e6:.0f} / {int(row['fused_bytes']) / 1e6:.0f}"
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
 def markdown(rows: list, meta: dict, skipped: list) -> str:
     out = [f"## fused_losses benchmark: {meta['title']}", ""]
     out += [f"- date: {meta['date']} (UTC); wall time of the run: {meta['wall_s']:.0f} s",
             f"- command: `{meta['command']}`",
             f"- device: {meta['device_name']}; threads: {meta['threads']}; torch {meta['torch']}, "
             f"triton {meta['triton']}, torchvision {meta['torchvision']}; git {meta['git_commit']}",
+            f"- CPU ISA: {meta['isa']}",
             f"- fused backends: {meta['backends']}",
             f"- measured copy bandwidth (read + write): {meta['copy_gbps']:.1f} GB/s",
             f"- 1-minute load average: {meta['load_start']} at the start, {meta['load_end']} at the end "
@@ -631,12 +673,15 @@ def markdown(rows: list, meta: dict, skipped: list) -> str:
             "(> 1 is faster). GB/s = the floor bytes (inputs read once, gradients written once: 2 x N x C x "
             "sizeof(dtype) plus targets) over the fwd+bwd time; % copy = that over the measured copy bandwidth, "
             "i.e. the time the floor bytes take at copy speed over the measured time. rel err = max over loss and "
-            "gradients of the relative L2 error against the eager reference.",
+            "gradients of the relative L2 error against the eager reference. MB floor / fused = the floor bytes "
+            "and the bytes the fused CPU kernels are designed to move (OHEM and softmax GHM-C read the logits "
+            "twice). 1-thread ms / scaling (fused and compile, fwd+bwd, when measured) = the same call with 1 torch "
+            "thread, and that time over the time at the run's thread count.",
             ""]
     if meta.get("stopped"):
         out += [f"**Run stopped early: {meta['stopped']}. Only the rows below were measured.**", ""]
     head = ["case", "shape", "dtype", "provider", "fwd ms", "fwd+bwd ms", "IQR %", "vs eager", "vs compile",
-            "peak extra MB", "GB/s", "% copy", "rel err", "note"]
+            "peak extra MB", "GB/s", "% copy", "rel err", "MB floor / fused", "1-thread ms", "scaling", "note"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     by_key = {}
     for r in rows:
@@ -654,7 +699,8 @@ def markdown(rows: list, meta: dict, skipped: list) -> str:
             _fmt(fb.get("ms_median"), ".3f", "-"), _fmt(_iqr_pct(fb), ".0f"), _times(fb.get("speedup_vs_eager")),
             _times(fb.get("speedup_vs_compile")),
             _fmt(fb.get("peak_extra_mb"), ".1f"), _fmt(fb.get("gbps"), ".1f"), _fmt(fb.get("pct_copy_bw"), ".1f"),
-            _fmt(both.get("rel_err_vs_eager"), ".1e"), both.get("note", "")]) + " |")
+            _fmt(both.get("rel_err_vs_eager"), ".1e"), _mb_moved(fb), _fmt(fb.get("ms_1thread"), ".3f"),
+            _times(fb.get("thread_scaling")), both.get("note", "")]) + " |")
     if skipped:
         out += ["", "Not measured:"]
         out += [f"- {s}" for s in skipped]
@@ -730,6 +776,8 @@ def parse_args(argv):
                    "seconds and write what was measured")
     p.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the CSV, Markdown and PNG go")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--scaling", action="store_true", help="CPU: also time the fused and compiled fwd+bwd with 1 "
+                   "thread (thread scaling; on by default for --suite cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="print the cases as a Markdown table and exit")
     return p.parse_args(argv)
@@ -780,6 +828,7 @@ def main(argv=None) -> dict:
     if missing:
         raise SystemExit(f"cases {missing} have no {size!r} shape")
     threads = args.threads or (1 if device.type == "cpu" else None)
+    scaling = device.type == "cpu" and (args.scaling or bool(suite and suite.get("scaling"))) and (threads or 1) > 1
     if threads:
         torch.set_num_threads(threads)
     warmup_s = args.warmup_s if args.warmup_s is not None else (0.1 if device.type == "cuda" else 0.2)
@@ -795,7 +844,8 @@ def main(argv=None) -> dict:
     meta = dict(
         run_id=now.strftime("%Y-%m-%dT%H:%M:%SZ"), date=now.strftime("%Y-%m-%d %H:%M"),
         command="python -m benchmarks.bench " + " ".join(argv), git_commit=git_commit(), device=device.type,
-        device_name=device_name(device), torch=torch.__version__, triton=_version("triton"),
+        device_name=device_name(device), isa=cpu_isa() if device.type == "cpu" else "n/a (GPU run)",
+        torch=torch.__version__, triton=_version("triton"),
         torchvision=_version("torchvision"), threads=torch.get_num_threads(),
         backends="; ".join(f"{n}: {'available' if s.available else 'unavailable (' + s.reason + ')'}"
                            for n, s in status.items() if n != "reference"),
@@ -829,7 +879,7 @@ def main(argv=None) -> dict:
                 gen.manual_seed(args.seed)
                 try:
                     group = _run_group(case, shape, device, dtype, dname, run_order, gen, warmup_s, rep_s,
-                                       args.repeats, rss, bar, skipped)
+                                       args.repeats, rss, bar, skipped, scaling=scaling)
                 except (_Stop, KeyboardInterrupt):
                     raise
                 except Exception as exc:  # noqa: BLE001 - e.g. inputs that do not fit: skip the case
@@ -841,7 +891,7 @@ def main(argv=None) -> dict:
                 for r in group:
                     r.update(_dtype_i=di, _case_i=ci, size=args.suite or size, **{k: meta[k] for k in (
                         "run_id", "command", "git_commit", "device", "device_name", "torch", "triton",
-                        "torchvision", "threads")}, date=meta["run_id"], copy_gbps=meta["copy_gbps"],
+                        "torchvision", "threads", "isa")}, date=meta["run_id"], copy_gbps=meta["copy_gbps"],
                         mem_method=meta["mem_method"])
                     r["loadavg_1m"] = _loadavg()
                     if r["gbps"] == r["gbps"]:
@@ -871,7 +921,8 @@ def main(argv=None) -> dict:
 CPU_ROUNDS = 5
 
 
-def _run_group(case, shape, device, dtype, dname, providers, gen, warmup_s, rep_s, repeats, rss, bar, skipped):
+def _run_group(case, shape, device, dtype, dname, providers, gen, warmup_s, rep_s, repeats, rss, bar, skipped,
+               scaling=False):
     """Every provider on one case x dtype; returns the CSV rows with ratios filled in.
 
     On CPU the timed calls of all providers are interleaved in CPU_ROUNDS rounds (a share of each
@@ -935,6 +986,21 @@ def _run_group(case, shape, device, dtype, dname, providers, gen, warmup_s, rep_
         for plan in plans:
             plan["stats"] = (*_stats(plan["samples"]), plan["n"], "perf_counter, interleaved" if rounds > 1
                              else "perf_counter")
+        if scaling:  # the same fwd+bwd calls with 1 thread, interleaved the same way
+            threads = torch.get_num_threads()
+            scaled = [p for p in plans if p["mode"] == "fwdbwd" and (p["base"]["provider"].startswith("fused-") or
+                                                                     p["base"]["provider"] == "compile")]
+            torch.set_num_threads(1)
+            try:
+                for p in scaled:
+                    p["samples_1t"] = []
+                    warm_cpu(p["fn"], warmup_s)
+                for rd in range(rounds):
+                    for p in scaled:
+                        k = p["n"] // rounds + (1 if rd < p["n"] % rounds else 0)
+                        p["samples_1t"] += time_calls(p["fn"], k)
+            finally:
+                torch.set_num_threads(threads)
 
     for plan in plans:
         med, p25, p75, low, n, tname = plan["stats"]
@@ -949,7 +1015,11 @@ def _run_group(case, shape, device, dtype, dname, providers, gen, warmup_s, rep_
                          repeats=n, timer=tname, peak_extra_mb=mem, floor_bytes=plan["floor"],
                          gbps=plan["floor"] / (med * 1e-3) / 1e9, pct_copy_bw=float("nan"),
                          speedup_vs_eager=float("nan"), speedup_vs_compile=float("nan"),
-                         compile_s=plan["prov"].compile_s, rel_err_vs_eager=plan["err"], note=plan["prov"].note))
+                         compile_s=plan["prov"].compile_s, rel_err_vs_eager=plan["err"], note=plan["prov"].note,
+                         fused_bytes=fused_bytes(case, inp) if plan["mode"] == "fwdbwd" else plan["floor"],
+                         ms_1thread=statistics.median(plan["samples_1t"]) if plan.get("samples_1t") else float("nan"),
+                         thread_scaling=(statistics.median(plan["samples_1t"]) / med if plan.get("samples_1t")
+                                         else float("nan"))))
     plans.clear()
     for mode in MODES:
         t = {r["provider"]: r["ms_median"] for r in rows if r["mode"] == mode}
@@ -979,8 +1049,12 @@ def _after_error(device):
 
 def _append_csv(path: Path, rows: list) -> None:
     new = not path.exists() or path.stat().st_size == 0
+    columns = CSV_COLUMNS
+    if not new:  # a file written by an older version keeps its header (columns it lacks are left out)
+        with open(path, newline="") as f:
+            columns = next(csv.reader(f), None) or CSV_COLUMNS
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             w.writeheader()
         for r in rows:

@@ -51,15 +51,17 @@ FL_INLINE bool isnan_(T x) { return x != x; }
 
 // exp(x) for x <= 88 in a form compilers vectorise (no calls, no branches): Cody-Waite range
 // reduction x = n ln2 + r, a degree-6 polynomial for e^r (Cephes expf, < 2 ulp) and 2^n
-// built in the exponent bits. x < -87.3 gives 0, NaN gives NaN. The CPU softmax loops use it;
-// device code uses the hardware-accurate expf instead.
+// built in the exponent bits as 2^(n - n/2) * 2^(n/2), so that results down to the smallest
+// subnormal are right (-103.97 < x < -87.34: a subnormal, rounded once; the softmax of a
+// confident sample needs them). x < -103.97 gives 0, NaN gives NaN. The CPU loops use it
+// (csrc/cpu/simd_kernels.cpp has the same steps lane-wise); device code uses expf.
 FL_INLINE float exp_vectorizable(float x) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return expf(x);
 #else
   const float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const bool underflow = x < -87.33654f;
-  float xc = x < -87.33654f ? -87.33654f : x;
+  const bool underflow = x < -103.972084f;
+  float xc = x < -103.972084f ? -103.972084f : x;
   xc = xc > 88.0f ? 88.0f : xc;
   const float shifted = xc * 1.44269504088896341f + kRoundMagic;
   const float n = shifted - kRoundMagic;
@@ -75,11 +77,13 @@ FL_INLINE float exp_vectorizable(float x) {
   p = p * r2 + r + 1.0f;
   int32_t shifted_bits;
   memcpy(&shifted_bits, &shifted, sizeof(float));
-  const int32_t n_int = shifted_bits - 0x4B400000;  // bits of kRoundMagic
-  const int32_t scale_bits = (n_int + 127) << 23;
-  float scale;
-  memcpy(&scale, &scale_bits, sizeof(float));
-  return underflow ? 0.0f : p * scale;
+  const int32_t n_int = shifted_bits - 0x4B400000;  // bits of kRoundMagic; n in [-150, 127]
+  const int32_t half = n_int >> 1;
+  const int32_t scale1_bits = (half + 127) << 23, scale2_bits = (n_int - half + 127) << 23;
+  float scale1, scale2;
+  memcpy(&scale1, &scale1_bits, sizeof(float));
+  memcpy(&scale2, &scale2_bits, sizeof(float));
+  return underflow ? 0.0f : (p * scale1) * scale2;
 #endif
 }
 FL_INLINE double exp_vectorizable(double x) { return exp(x); }
@@ -130,6 +134,18 @@ FL_INLINE T log_softmax_target(T x_t, T row_max, T log_sum) {
   return (x_t - row_max) - log_sum;
 }
 
+// log p_t from the row's pieces, exact to a few ulp relative at every margin: row_sum =
+// sum_c e^{x_c - m}, sum_others = the same sum without the target column. When t is the row
+// maximum (x_t = m), log p_t = -log(1 + sum_others) = -log1p(sum_others): the rounded row_sum
+// (1 + sum_others in float) would lose sum_others below float resolution, and with it the
+// loss of a confident sample (margin 17: relative error 0.17 in float32, eager fp32 1e-3). Else
+// p_t <= 1/2, |log p_t| >= log 2 and (x_t - m) - log(row_sum) is accurate. 1 - p_t then comes
+// from -expm1(log p_t) (one_minus_pt_from_log), exact as well.
+template <typename T>
+FL_INLINE T log_softmax_target_sums(T x_t, T row_max, T row_sum, T sum_others) {
+  return x_t == row_max ? -log1p_(sum_others) : (x_t - row_max) - log_(row_sum);
+}
+
 // 1 - p_t = -expm1(log p_t): the target-column factor of the gradient, exact when p_t -> 1.
 template <typename T>
 FL_INLINE T one_minus_pt_from_log(T log_pt) { return -expm1_(log_pt); }
@@ -146,19 +162,26 @@ struct FocalTerm {
   T dvalue_dlogpt;
 };
 
+// From l, p_t = e^l and 1 - p_t already in hand (the CPU softmax has them from its sums:
+// p_t = e_t / s, 1 - p_t = sum_others / s, both exact relative): no transcendental call
+// besides pow for a gamma outside {0, 0.5, 1, 2, 3}.
 template <typename T>
-FL_INLINE FocalTerm<T> focal_term(T log_pt, T gamma) {
+FL_INLINE FocalTerm<T> focal_term_parts(T log_pt, T p_t, T one_minus_pt, T gamma) {
   FocalTerm<T> out;
-  const T one_minus_pt = -expm1_(log_pt);
   const T modulation = pow_gamma(one_minus_pt, gamma);
   out.value = modulation * (-log_pt);
   if (gamma == T(0)) {
     out.dvalue_dlogpt = T(-1);
   } else {
     const T r = one_minus_pt > T(0) ? log_pt / one_minus_pt : T(-1);
-    out.dvalue_dlogpt = gamma * exp_(log_pt) * modulation * r - modulation;
+    out.dvalue_dlogpt = gamma * p_t * modulation * r - modulation;
   }
   return out;
+}
+
+template <typename T>
+FL_INLINE FocalTerm<T> focal_term(T log_pt, T gamma) {
+  return focal_term_parts(log_pt, exp_(log_pt), -expm1_(log_pt), gamma);
 }
 
 // alpha_t of the softmax focal loss: per-class vector when given, else the scalar (1 = none).
@@ -170,18 +193,25 @@ FL_INLINE T class_alpha(const T* alpha_per_class, T alpha_scalar, int64_t t) {
 // ------------------------------------------------------------------------------------------
 // Sigmoid family, per element, logsigmoid form. p = sigmoid(x), q = 1 - p = sigmoid(-x),
 // e = e^{-|x|} in (0, 1]:
-//   BCE(x, y) = -y log p - (1 - y) log q = max(x, 0) - x y + log1p(e)
-//   1 - p_t   = p (1 - y) + q y,  d(1 - p_t)/dx = p q (1 - 2y),  dBCE/dx = p - y
+//   BCE(x, y) = (1 - y) x - log sigmoid(x),  log sigmoid(x) = min(x, 0) - log1p(e)
+//             (torch's binary_cross_entropy_with_logits form, so +-inf logits give the
+//             reference's inf / NaN: x = +inf, y = 0 -> +inf; x = -inf, y = 1 -> NaN),
+//             summed as ((1 - y) x - min(x, 0)) + log1p(e)
+//   1 - p_t   = p (1 - y) + q y,  d(1 - p_t)/dx = p q (1 - 2y)
+//   dBCE/dx   = p - y = p (1 - y) - q y   (no cancellation for hard labels: a confident
+//             positive x = 20, y = 1 gives -q = -2.06e-9, not the 0 of sigmoid(x) - 1)
 //   loss = alpha_t * BCE * (1 - p_t)^gamma,  alpha_t = alpha y + (1 - alpha)(1 - y) (alpha >= 0)
 //   dloss/dx = alpha_t * [(p - y) (1 - p_t)^gamma + BCE * gamma (1 - p_t)^gamma p q (1 - 2y) / (1 - p_t)]
 // where the last factor is taken as 0 when 1 - p_t = 0 (reference._PowSafe) and p q / (1 - p_t)
-// <= 1 always, so it never overflows.
+// <= 1 always, so it never overflows; with gamma = 0 the second term is absent (not BCE * 0,
+// which is NaN at x = +-inf where the reference's gradient is finite).
 // ------------------------------------------------------------------------------------------
 template <typename T>
 struct SigmoidParts {
-  T p;    // sigmoid(x)
-  T q;    // sigmoid(-x)
-  T bce;  // binary cross entropy with logits
+  T p;          // sigmoid(x)
+  T q;          // sigmoid(-x)
+  T bce;        // binary cross entropy with logits
+  T p_minus_y;  // dBCE/dx = p - y, as p (1 - y) - q y
 };
 
 // e = exp(-|x|) computed by the caller (so the CPU loop can use exp_vectorizable).
@@ -192,7 +222,10 @@ FL_INLINE SigmoidParts<T> sigmoid_parts(T x, T y, T exp_neg_abs_x) {
   const T small = exp_neg_abs_x * inv;  // sigmoid(-|x|)
   s.p = x >= T(0) ? inv : small;
   s.q = x >= T(0) ? small : inv;
-  s.bce = (x > T(0) ? x : T(0)) - x * y + log1p_unit_vectorizable(exp_neg_abs_x);
+  // ((1 - y) x - min(x, 0)) + log1p(e): the bracket is exact for hard labels (x - x = 0 for a
+  // confident negative), and +-inf give the reference's inf / NaN.
+  s.bce = ((T(1) - y) * x - (x < T(0) ? x : T(0))) + log1p_unit_vectorizable(exp_neg_abs_x);
+  s.p_minus_y = s.p * (T(1) - y) - s.q * y;
   return s;
 }
 
@@ -210,10 +243,11 @@ FL_INLINE LossGrad<T> sigmoid_focal_element(T x, T y, T alpha, T gamma, T exp_ne
   const T alpha_t = alpha >= T(0) ? alpha * y + (T(1) - alpha) * (T(1) - y) : T(1);
   // Computed for every lane, then selected (no division under a branch, so loops vectorise).
   const T pq_over = s.p * s.q / (one_minus_pt > T(0) ? one_minus_pt : T(1));
-  const T dmod = (gamma != T(0) && one_minus_pt > T(0)) ? gamma * modulation * pq_over * (T(1) - T(2) * y) : T(0);
+  const T dmod = one_minus_pt > T(0) ? gamma * modulation * pq_over * (T(1) - T(2) * y) : T(0);
+  const T chain = gamma != T(0) ? s.bce * dmod : T(0);
   LossGrad<T> out;
   out.loss = alpha_t * (s.bce * modulation);
-  out.grad = alpha_t * ((s.p - y) * modulation + s.bce * dmod);
+  out.grad = alpha_t * (s.p_minus_y * modulation + chain);
   return out;
 }
 
@@ -226,6 +260,21 @@ FL_INLINE LossGrad<T> sigmoid_focal_element(T x, T y, T alpha, T gamma, T exp_ne
 //   dfactor/dl = factor / (g f + eps) * 2 p_t f   (0 with detach_factor),
 //   dloss/df   = -per_sample * factor * g / (g f + eps)   (0 with detach_factor).
 // ------------------------------------------------------------------------------------------
+// (1 - p) + p log p for q = 1 - p in [0, 1] and log_p = log p, without cancellation: below
+// q = 1/4 the series sum_{k >= 2} q^k / (k (k - 1)) (every term positive; float: k <= 13, double:
+// k <= 28, the first term left out below 2^-24 resp. 2^-53 of the sum), above it the formula
+// itself (cancels by at most a factor 8; p log p -> 0 as p -> 0).
+template <typename T>
+FL_INLINE T one_minus_p_plus_p_log_p(T q, T log_p) {
+  if (q < T(0.25)) {
+    const int top = sizeof(T) == 4 ? 13 : 28;
+    T acc = T(1) / static_cast<T>(top * (top - 1));
+    for (int k = top - 1; k >= 2; --k) acc = T(1) / static_cast<T>(k * (k - 1)) + q * acc;
+    return q * q * acc;
+  }
+  return q + exp_(log_p) * log_p;
+}
+
 template <typename T>
 struct IBRow {
   T loss;
@@ -252,7 +301,15 @@ FL_INLINE IBRow<T> ib_row(T log_pt, T class_weight, T feature, T alpha, T epsilo
   out.dloss_dlogpt = factor * dper_sample;
   out.dloss_dfeature = T(0);
   if (!detach_factor) {
-    out.dloss_dlogpt += per_sample * (factor / denom) * (T(2) * exp_(log_pt) * feature);
+    if (gamma > T(0)) {
+      out.dloss_dlogpt += per_sample * (factor / denom) * (T(2) * exp_(log_pt) * feature);
+    } else {
+      // factor dCE_w/dl + CE_w dfactor/dl = -(factor w / denom) (2 f ((1 - p_t) + p_t l) + eps): the two
+      // terms nearly cancel for a confident sample with a large f; (1 - p_t) + p_t l >= 0 is summed
+      // without cancellation (one_minus_p_plus_p_log_p).
+      out.dloss_dlogpt = -(factor * class_weight / denom) *
+                         (T(2) * feature * one_minus_p_plus_p_log_p(g / T(2), log_pt) + epsilon);
+    }
     out.dloss_dfeature = -per_sample * factor * g / denom;
   }
   return out;

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import fused_losses as fl
 from benchmarks import bench
 
 
@@ -54,18 +55,54 @@ def test_bench_one_case_writes_csv_markdown_and_plot(tmp_path):
 def test_cpu_suite_is_the_cpu_kernel_issue_cases():
     suite = bench.SUITES["cpu"]
     assert suite["providers"] == ["fused-cpu", "compile", "eager"] and suite["dtypes"] == ["float32"]
+    assert suite["scaling"]  # 1 vs N thread scaling of the fused and compiled fwd+bwd
     shapes = {name: bench.CASES_BY_NAME[name].shapes["cpu"] for name in suite["cases"]}
+    seg = (4, 19, 128, 256)
     assert shapes == {"classify_focal_80": (262144, 80), "retinanet_float": (262144, 80),
-                      "retinanet_labels": (262144, 80), "cityscapes_focal": (4, 19, 128, 256)}
+                      "retinanet_labels": (262144, 80), "cityscapes_focal": seg, "cityscapes_ohem": seg,
+                      "cityscapes_ghmc": seg}
     gen = torch.Generator().manual_seed(0)
     tiny = {"classify_focal_80": (16, 80), "retinanet_float": (16, 80), "retinanet_labels": (16, 80),
             "cityscapes_focal": (1, 19, 4, 8)}
     built = {n: bench.CASES_BY_NAME[n].build(tiny[n], torch.device("cpu"), torch.float32, gen) for n in tiny}
     assert bench.CASES_BY_NAME["classify_focal_80"].loss == "focal"
+    assert built["classify_focal_80"].kwargs == dict(gamma=2.0, reduction="mean")
     assert built["retinanet_float"].args[1].is_floating_point()
-    assert not built["retinanet_labels"].args[1].is_floating_point()
+    labels = bench.CASES_BY_NAME["retinanet_labels"].build((4096, 80), torch.device("cpu"), torch.float32, gen)
+    assert not labels.args[1].is_floating_point() and labels.kwargs["reduction"] == "sum"
+    ignored = (labels.args[1] == labels.kwargs["ignore_index"]).double().mean().item()
+    assert 0.06 < ignored < 0.10  # ~8% of the anchors ignored
     assert bench.CASES_BY_NAME["cityscapes_focal"].loss == "focal"
     assert built["cityscapes_focal"].kwargs["ignore_index"] == 255
+    # the segmentation OHEM / GHM-C cases at the suite's shape: mmseg's thresh 0.7 with min_kept 6250 per
+    # 128 x 256 image (25000 in all), softmax GHM-C with 10 bins; both read the logits twice
+    ohem = bench.CASES_BY_NAME["cityscapes_ohem"].build(seg, torch.device("cpu"), torch.float32, gen)
+    assert ohem.kwargs == dict(thresh=0.7, ignore_index=255, min_kept=6250)
+    assert fl.reference.ohem_min_kept_total(ohem.args[0], ohem.kwargs["min_kept"]) == 25000
+    ghmc = bench.CASES_BY_NAME["cityscapes_ghmc"]
+    assert ghmc.loss == "ghmc" and ghmc.build((1, 19, 4, 8), torch.device("cpu"), torch.float32, gen).kwargs == dict(
+        bins=10, use_sigmoid=False, ignore_index=255)
+    assert bench.fused_bytes(bench.CASES_BY_NAME["cityscapes_ohem"], ohem) == ohem.floor_fwdbwd + ohem.floor_fwd
+    assert bench.fused_bytes(bench.CASES_BY_NAME["classify_focal_80"], built["classify_focal_80"]) == \
+        built["classify_focal_80"].floor_fwdbwd
+
+
+def test_scaling_columns_and_isa_header(tmp_path):
+    """--scaling with 2 threads adds the 1-thread time and the scaling ratio of the timed fused / compiled rows,
+    and every result header names the CPU's instruction sets."""
+    result = bench.main(["--cases", "longtail_focal_1000", "--providers", "eager", "--device", "cpu", "--threads",
+                         "2", "--scaling", "--repeats", "2", "--warmup-s", "0", "--rep-s", "0.01", "--out-dir",
+                         str(tmp_path), "--no-plot"])
+    text = result["md"].read_text()
+    assert "- CPU ISA: " in text and "ATen CPU capability" in text
+    assert "| MB floor / fused | 1-thread ms | scaling | note |" in text
+    assert all(r["isa"] == result["meta"]["isa"] for r in result["rows"])
+    isa = bench.cpu_isa()
+    flags = open("/proc/cpuinfo").read()
+    assert ("avx2" in isa) == (" avx2" in flags) and ("avx512f" in isa.split(";")[0].replace("no avx512f", "")) == (
+        " avx512f" in flags)
+    # eager is not a scaled provider; a fused stand-in is (the reference behind the 'cpu' name)
+    assert all(math.isnan(r["ms_1thread"]) for r in result["rows"])
 
 
 @pytest.mark.parametrize("case", [c.name for c in bench.CASES])
@@ -93,4 +130,12 @@ def test_an_available_fused_backend_is_picked_up(tmp_path, monkeypatch):
     rows = {(r["provider"], r["mode"]): r for r in result["rows"]}
     assert set(rows) == {(p, m) for p in ("fused-cpu", "eager") for m in ("fwd", "fwdbwd")}
     assert rows[("fused-cpu", "fwdbwd")]["rel_err_vs_eager"] == 0.0
+    assert math.isnan(rows[("fused-cpu", "fwdbwd")]["ms_1thread"])  # 1 thread: no scaling measured
+    scaled = bench.main(["--cases", "longtail_ib_1000", "--device", "cpu", "--threads", "2", "--scaling",
+                         "--repeats", "2", "--warmup-s", "0", "--rep-s", "0.01", "--out-dir", str(tmp_path),
+                         "--no-plot", "--providers", "fused,eager"])
+    rows = {(r["provider"], r["mode"]): r for r in scaled["rows"]}
+    fb = rows[("fused-cpu", "fwdbwd")]
+    assert fb["ms_1thread"] > 0 and fb["thread_scaling"] == pytest.approx(fb["ms_1thread"] / fb["ms_median"])
+    assert math.isnan(rows[("fused-cpu", "fwd")]["ms_1thread"]) and math.isnan(rows[("eager", "fwdbwd")]["ms_1thread"])
     assert "| longtail_ib_1000 | 256x1000 | float32 | fused-cpu |" in result["md"].read_text()

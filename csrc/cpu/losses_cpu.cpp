@@ -3,7 +3,7 @@
 // Layout. Softmax-family logits are viewed as (N, C, S) with S = prod(d...) (S = 1 for (N, C)):
 // row r = n * S + s holds classes at offsets n*C*S + c*S + s. For S = 1 a row is contiguous
 // and the loops vectorise over classes; for S > 1 (channel-second segmentation input, no
-// permute copy) a tile of kTile consecutive spatial positions is processed together and the
+// permute copy) a tile of tile_width(C) consecutive spatial positions is processed together and the
 // loops vectorise over the tile. Sigmoid-family logits are (M, C) rows, elementwise.
 //
 // Math runs in T = float for fp16/bf16/fp32 and T = double for fp64 (at::opmath_type), with
@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -63,7 +65,17 @@ Reduction parse_reduction(c10::string_view name) {
   TORCH_CHECK(false, "reduction: expected 'none', 'mean' or 'sum', got '", std::string(name), "'");
 }
 
-constexpr int64_t kTile = 32;         // spatial positions per tile (channel-second input)
+constexpr int64_t kTile = cpu::kMaxTile; // most spatial positions per tile (channel-second input)
+
+// Tile width of channel-second input: as many consecutive positions as keep the tile's logits
+// (and its exponential scratch) within ~64 KiB, in multiples of 64 between 64 and kTile. Long
+// tiles read each class row in long contiguous runs (hardware prefetch follows one stream at a
+// time instead of C short ones: 19 classes x 64 positions measured 4 ms of 12 on the 2-core
+// EPYC), and the tile stays in L2 for its exponential and gradient passes.
+inline int64_t tile_width(int64_t C) {
+  const int64_t w = (int64_t(65536) / (4 * std::max<int64_t>(C, 1))) / 64 * 64;
+  return std::min<int64_t>(kTile, std::max<int64_t>(64, w));
+}
 constexpr int64_t kSumChunk = 4096;   // values per chunk of the ordered sums
 constexpr int64_t kWorkGrain = 32768; // elements of work per parallel_for grain
 
@@ -266,10 +278,12 @@ SoftmaxShape softmax_shape(const at::Tensor& logits) {
 at::Tensor index_target(const at::Tensor& target) { return target.to(at::kLong).contiguous(); }
 
 // Max, exponentials e_c = exp(x_c - max) (kept in `e`, w values per class) and their sums for
-// the w rows of one tile: rows j = 0..w-1 at x[c * class_stride + j]. Unit stride: w = 1.
+// the w rows of one tile: rows j = 0..w-1 at x[c * class_stride + j], target t[j] (-1: none);
+// row_sum over every class, sum_others without the target column (log_softmax_target_sums).
+// Unit stride: w = 1. The generic loops (fp64, bf16, fp16); fp32 takes cpu::softmax_row/tile.
 template <bool kUnitStride, typename scalar_t, typename T>
-inline void tile_exp_sums(const scalar_t* x, int64_t C, int64_t class_stride, int64_t w, T* e, T* row_max,
-                          T* row_sum) {
+inline void tile_exp_sums(const scalar_t* x, int64_t C, int64_t class_stride, int64_t w, const int32_t* t, T* e,
+                          T* row_max, T* row_sum, T* sum_others) {
   if (kUnitStride) {
     T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
@@ -277,19 +291,23 @@ inline void tile_exp_sums(const scalar_t* x, int64_t C, int64_t class_stride, in
       const T v = static_cast<T>(x[c]);
       m = v > m ? v : m;
     }
-    T s = 0;
-#pragma omp simd reduction(+ : s)
+    T s = 0, so = 0;
+    const int64_t tc = t[0];
+#pragma omp simd reduction(+ : s, so)
     for (int64_t c = 0; c < C; ++c) {
       const T v = exp_vectorizable(static_cast<T>(x[c]) - m);
       e[c] = v;
       s += v;
+      so += c == tc ? T(0) : v;
     }
     row_max[0] = m;
     row_sum[0] = s;
+    sum_others[0] = so;
   } else {
     for (int64_t j = 0; j < w; ++j) {
       row_max[j] = -std::numeric_limits<T>::infinity();
       row_sum[j] = 0;
+      sum_others[j] = 0;
     }
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* xr = x + c * class_stride;
@@ -307,32 +325,42 @@ inline void tile_exp_sums(const scalar_t* x, int64_t C, int64_t class_stride, in
         const T v = exp_vectorizable(static_cast<T>(xr[j]) - row_max[j]);
         er[j] = v;
         row_sum[j] += v;
+        sum_others[j] += c == t[j] ? T(0) : v;
       }
     }
   }
 }
 
-// One pass over softmax rows: per row, log p_t and logsumexp, then
-//   k = row_fn(row, t, log_pt, lse) = dLoss/dlog p_t   (row_fn also records the row's loss)
-// and, when grad != nullptr, grad_c = k * ([c == t] - p_c) (d log p_t / dx_c), the target
-// column as k * (1 - p_t) with 1 - p_t = -expm1(log p_t).
+// What a softmax row gives its row function: l = log p_t (exact at every margin:
+// log_softmax_target_sums), p_t = e_t / s and 1 - p_t = sum_others / s (exact relative, no
+// cancellation, no transcendental call), the row max m and s = sum_c e^{x_c - m}.
+template <typename T>
+struct SoftmaxRow {
+  T log_pt, p_t, one_minus_pt, max, sum;
+};
+
+// One pass over softmax rows: per row the SoftmaxRow, then
+//   k = row_fn(row, t, SoftmaxRow) = dLoss/dlog p_t   (row_fn also records the row's loss)
+// and, when grad != nullptr, grad_c = k * ([c == t] - p_c) (d log p_t / dx_c) with p_c =
+// e^{x_c - m} / s, the target column as k * (1 - p_t).
 // Rows with target == ignore_index get no row_fn call and a zero gradient row.
 // Memory traffic: reads the logits once, writes the gradient once (if asked); the row or tile
-// being worked on stays in L1/L2 (scratch of C x kTile values of T).
+// being worked on stays in L1/L2 (scratch of C x tile_width(C) values of T). fp32 runs the SIMD
+// kernels of simd_kernels.cpp (AVX-512 / AVX2+FMA / baseline, picked at load).
 template <typename scalar_t, typename T, bool kUnitStride, typename G, typename RowFn>
 void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
                             G* grad, RowFn&& row_fn) {
   const int64_t C = sh.C, S = sh.S;
-  const int64_t width = kUnitStride ? 1 : kTile;
+  const int64_t width = kUnitStride ? 1 : tile_width(C);
   const int64_t class_stride = kUnitStride ? 1 : S;
-  const int64_t tiles_per_image = kUnitStride ? 1 : ceil_div(S, kTile);
+  const int64_t tiles_per_image = kUnitStride ? 1 : ceil_div(S, width);
   const int64_t tiles = sh.N * tiles_per_image;
   const int64_t grain = std::max<int64_t>(1, kWorkGrain / (C * width));
+  constexpr bool kFloat = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value;
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> e(C * width);
-    T row_max[kTile], row_sum[kTile], log_pt[kTile], k[kTile];
-    int64_t t[kTile];
-    bool active[kTile];
+    T row_max[kTile], row_sum[kTile], sum_others[kTile], coef[kTile], target_value[kTile];
+    int32_t t[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = tile / tiles_per_image;
       const int64_t s0 = (tile % tiles_per_image) * width;
@@ -342,10 +370,11 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
       const scalar_t* xt = x + offset;
       bool any_active = false;
       for (int64_t j = 0; j < w; ++j) {
-        t[j] = target[row0 + j];
-        active[j] = t[j] != ignore_index;
-        if (active[j]) check_class(t[j], C, ignore_index);
-        any_active |= active[j];
+        const int64_t tj = target[row0 + j];
+        const bool active = tj != ignore_index;
+        if (active) check_class(tj, C, ignore_index);
+        t[j] = active ? static_cast<int32_t>(tj) : -1;
+        any_active |= active;
       }
       if (!any_active) {
         if (grad != nullptr) {
@@ -354,48 +383,63 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
         }
         continue;
       }
-      if constexpr (std::is_same<scalar_t, float>::value) {
-        // fp32: the multiversioned (AVX-512 / AVX2 / baseline) loops of simd_kernels.cpp.
+      if constexpr (kFloat) {
         if (kUnitStride) {
-          const cpu::MaxSum ms = cpu::row_exp_sum(xt, C, e.data());
-          row_max[0] = ms.max;
-          row_sum[0] = ms.sum;
+          const cpu::SoftmaxRowStats st = cpu::softmax_row(xt, C, t[0], e.data());
+          row_max[0] = st.max;
+          row_sum[0] = st.sum;
+          sum_others[0] = st.sum_others;
         } else {
-          cpu::tile_exp_sum(xt, C, class_stride, w, e.data(), row_max, row_sum);
+          cpu::softmax_tile(xt, C, class_stride, w, t, e.data(), row_max, row_sum, sum_others);
         }
       } else {
-        tile_exp_sums<kUnitStride>(xt, C, class_stride, w, e.data(), row_max, row_sum);
+        tile_exp_sums<kUnitStride>(xt, C, class_stride, w, t, e.data(), row_max, row_sum, sum_others);
       }
       for (int64_t j = 0; j < w; ++j) {
-        k[j] = 0;
-        log_pt[j] = 0;
-        if (!active[j]) continue;
-        const T log_sum = log_(row_sum[j]);
-        log_pt[j] = log_softmax_target(static_cast<T>(xt[t[j] * class_stride + j]), row_max[j], log_sum);
-        k[j] = row_fn(row0 + j, t[j], log_pt[j], row_max[j] + log_sum);
+        coef[j] = 0;
+        target_value[j] = 0;
+        if (t[j] < 0) continue;
+        SoftmaxRow<T> row;
+        const T x_t = static_cast<T>(xt[t[j] * class_stride + j]);
+        if constexpr (std::is_same<T, double>::value) {
+          // fp64 keeps the log-sum form of the float64 reference (tests/test_reference.py pins it to the
+          // naive autograd form at 1e-6); its rounding (~1e-16 absolute in log p_t) is far below fp32's.
+          row.log_pt = log_softmax_target(x_t, row_max[j], log_(row_sum[j]));
+          row.p_t = exp_(row.log_pt);
+          row.one_minus_pt = one_minus_pt_from_log(row.log_pt);
+        } else {
+          row.log_pt = log_softmax_target_sums(x_t, row_max[j], row_sum[j], sum_others[j]);
+          row.p_t = e[t[j] * w + j] / row_sum[j];
+          row.one_minus_pt = sum_others[j] / row_sum[j];
+        }
+        row.max = row_max[j];
+        row.sum = row_sum[j];
+        const T k = row_fn(row0 + j, static_cast<int64_t>(t[j]), row);
+        coef[j] = -k / row_sum[j];
+        target_value[j] = k * row.one_minus_pt;
       }
       if (grad == nullptr) continue;
       G* gt = grad + offset;
       if (kUnitStride) {
-        const T scale = -k[0] / row_sum[0];
         const T* er = e.data();
-        if constexpr (std::is_same<T, float>::value && std::is_same<G, float>::value) {
-          cpu::scale_to(gt, er, scale, C);
+        if constexpr (kFloat && std::is_same<G, float>::value) {
+          cpu::scale_to(gt, er, coef[0], C);
         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gt[c] = static_cast<G>(scale * er[c]);
+          for (int64_t c = 0; c < C; ++c) gt[c] = static_cast<G>(coef[0] * er[c]);
         }
+        gt[t[0]] = static_cast<G>(target_value[0]);
       } else {
-        T scale[kTile];
-        for (int64_t j = 0; j < w; ++j) scale[j] = -k[j] / row_sum[j];
-        for (int64_t c = 0; c < C; ++c) {
-          G* gr = gt + c * class_stride;
-          const T* er = e.data() + c * w;
-          for (int64_t j = 0; j < w; ++j) gr[j] = active[j] ? static_cast<G>(scale[j] * er[j]) : G(0);
+        if constexpr (kFloat && std::is_same<G, float>::value) {
+          cpu::softmax_grad_tile(gt, C, class_stride, w, t, e.data(), coef, target_value);
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            G* gr = gt + c * class_stride;
+            const T* er = e.data() + c * w;
+            for (int64_t j = 0; j < w; ++j)
+              gr[j] = t[j] < 0 ? G(0) : static_cast<G>(c == t[j] ? target_value[j] : coef[j] * er[j]);
+          }
         }
-      }
-      for (int64_t j = 0; j < w; ++j) {
-        if (active[j]) gt[t[j] * class_stride + j] = static_cast<G>(k[j] * one_minus_pt_from_log(log_pt[j]));
       }
     }
   });
@@ -411,21 +455,33 @@ void softmax_rows_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
   }
 }
 
-// Gradient pass of the two-pass losses (OHEM, GHM-C softmax): from per-row logsumexp and
-// log p_t saved by a stats pass, grad_c = k_r * ([c == t] - exp(x_c - lse_r)) for active rows
-// (active[r] != 0, or target != ignore_index when active == nullptr), 0 elsewhere.
+// Per-row statistics of a stats pass (two-pass losses): log p_t, the max m and s = sum_c
+// e^{x_c - m}, so that the gradient pass computes p_c = e^{x_c - m} / s exactly (not
+// exp(x_c - lse) with the log-sum-exp rounded to the math type: 1e-5 relative error at logits
+// of +1000 in float32).
+template <typename T>
+struct RowStats {
+  std::vector<T> log_pt, p_t, one_minus_pt, max, sum;
+};
+
+// Gradient pass of the two-pass losses (OHEM, GHM-C softmax fp64): from a stats pass's
+// RowStats, grad_c = k_r * ([c == t] - e^{x_c - m_r} / s_r) for active rows (active[r] != 0, or
+// target != ignore_index when active == nullptr), 0 elsewhere.
 // Memory traffic: reads the logits once, writes the gradient once.
 template <typename scalar_t, typename T, typename G>
 void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
-                       const T* lse, const T* log_pt, const T* k, const uint8_t* active_rows, G* grad) {
+                       const RowStats<T>& st, const T* k, const uint8_t* active_rows, G* grad) {
   const int64_t C = sh.C, S = sh.S;
   const bool unit = S == 1;
-  const int64_t width = unit ? 1 : kTile;
+  const int64_t width = unit ? 1 : tile_width(C);
   const int64_t tiles_per_image = ceil_div(S, width);
   const int64_t tiles = sh.N * tiles_per_image;
   const int64_t grain = std::max<int64_t>(1, kWorkGrain / (C * width));
+  constexpr bool kFloat = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value &&
+                          std::is_same<G, float>::value;
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    bool active[kTile];
+    int32_t t[kTile];
+    T coef[kTile], target_value[kTile], mx[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = tile / tiles_per_image;
       const int64_t s0 = (tile % tiles_per_image) * width;
@@ -434,55 +490,62 @@ void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
       const int64_t offset = n * C * S + s0;
       for (int64_t j = 0; j < w; ++j) {
         const int64_t r = row0 + j;
-        active[j] = active_rows != nullptr ? active_rows[r] != 0 : target[r] != ignore_index;
+        const bool active = active_rows != nullptr ? active_rows[r] != 0 : target[r] != ignore_index;
+        t[j] = active ? static_cast<int32_t>(target[r]) : -1;
+        coef[j] = active ? -k[r] / st.sum[r] : T(0);
+        target_value[j] = active ? k[r] * st.one_minus_pt[r] : T(0);
+        mx[j] = st.max[r];
       }
       const scalar_t* xt = x + offset;
       G* gt = grad + offset;
       if (unit) {
-        if (!active[0]) {
+        if (t[0] < 0) {
           for (int64_t c = 0; c < C; ++c) gt[c] = G(0);
           continue;
         }
-        const T kr = -k[row0], lr = lse[row0];
-        if constexpr (std::is_same<scalar_t, float>::value && std::is_same<G, float>::value) {
-          cpu::scaled_exp_to(gt, xt, lr, kr, C);
+        if constexpr (kFloat) {
+          cpu::scaled_exp_to(gt, xt, mx[0], coef[0], C);
         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) gt[c] = static_cast<G>(kr * exp_vectorizable(static_cast<T>(xt[c]) - lr));
+          for (int64_t c = 0; c < C; ++c) gt[c] = static_cast<G>(coef[0] * exp_vectorizable(static_cast<T>(xt[c]) - mx[0]));
         }
+        gt[t[0]] = static_cast<G>(target_value[0]);
+      } else if constexpr (kFloat) {
+        cpu::softmax_grad_tile_exp(gt, xt, C, S, w, t, mx, coef, target_value);
       } else {
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* xr = xt + c * S;
           G* gr = gt + c * S;
           for (int64_t j = 0; j < w; ++j) {
-            const T v = -k[row0 + j] * exp_vectorizable(static_cast<T>(xr[j]) - lse[row0 + j]);
-            gr[j] = active[j] ? static_cast<G>(v) : G(0);
+            const T v = c == t[j] ? target_value[j] : coef[j] * exp_vectorizable(static_cast<T>(xr[j]) - mx[j]);
+            gr[j] = t[j] < 0 ? G(0) : static_cast<G>(v);
           }
         }
-      }
-      const int64_t cs = unit ? 1 : S;
-      for (int64_t j = 0; j < w; ++j) {
-        if (!active[j]) continue;
-        const int64_t r = row0 + j;
-        gt[target[r] * cs + j] = static_cast<G>(k[r] * one_minus_pt_from_log(log_pt[r]));
       }
     }
   });
 }
 
-// Stats pass: per-row log p_t and logsumexp in math type T (0 for ignored rows). Reads the
-// logits once.
+// Stats pass: per-row log p_t, max and exponential sum in math type T (0 for ignored rows).
+// Reads the logits once.
 template <typename scalar_t, typename T>
-void softmax_stats_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
-                        std::vector<T>& log_pt, std::vector<T>& lse) {
-  log_pt.assign(sh.rows(), T(0));
-  lse.assign(sh.rows(), T(0));
+RowStats<T> softmax_stats_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index) {
+  RowStats<T> st;
+  st.log_pt.assign(sh.rows(), T(0));
+  st.p_t.assign(sh.rows(), T(0));
+  st.one_minus_pt.assign(sh.rows(), T(0));
+  st.max.assign(sh.rows(), T(0));
+  st.sum.assign(sh.rows(), T(1));
   softmax_rows_pass<scalar_t, T>(x, target, sh, ignore_index, static_cast<T*>(nullptr),
-                                 [&](int64_t r, int64_t, T lp, T l) {
-                                   log_pt[r] = lp;
-                                   lse[r] = l;
+                                 [&](int64_t r, int64_t, const SoftmaxRow<T>& row) {
+                                   st.log_pt[r] = row.log_pt;
+                                   st.p_t[r] = row.p_t;
+                                   st.one_minus_pt[r] = row.one_minus_pt;
+                                   st.max[r] = row.max;
+                                   st.sum[r] = row.sum;
                                    return T(0);
                                  });
+  return st;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -521,9 +584,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
     using G = std::remove_pointer_t<decltype(g)>;
     if (from_logits) {
-      softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, g, [&](int64_t r, int64_t t, T log_pt, T) {
+      softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, g, [&](int64_t r, int64_t t, const SoftmaxRow<T>& row) {
         const T a = class_alpha(alpha_ptr, alpha_t_scalar, t);
-        const FocalTerm<T> ft = focal_term(log_pt, gamma_t);
+        const FocalTerm<T> ft = focal_term_parts(row.log_pt, row.p_t, row.one_minus_pt, gamma_t);
         row_loss[r] = a * ft.value;
         return scale * a * ft.dvalue_dlogpt;
       });
@@ -554,57 +617,132 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
 }
 
 // ------------------------------------------------------------------------------------------
-// OHEM: stats pass (log p_t, lse per row) -> selection on the N-sized CE array (top-k by
+// OHEM: stats pass (log p_t, max, sum per row) -> selection on the N-sized CE array (top-k by
 // sort rank with ties to the lower index, or the mmseg probability threshold) -> gradient
 // pass for kept rows, grad_c = scale * (p_c - [c == t]). Reads the logits twice.
+// The selection is a radix select (11-bit digits, per-chunk histograms in parallel, merged in
+// chunk order) of the k-th key instead of a sort: O(rows) work, exact, and independent of the
+// thread count.
 // ------------------------------------------------------------------------------------------
+// Unsigned key with the order of the float (-0 and +0 get one key: they compare equal).
+inline uint32_t order_key(float v) {
+  v = v + 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline uint64_t order_key(double v) {
+  v = v + 0.0;
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+}
+template <typename K, typename T>
+T from_order_key(K key) {
+  constexpr K kSign = K(1) << (sizeof(K) * 8 - 1);
+  const K u = (key & kSign) ? (key & ~kSign) : ~key;
+  T v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+// Histogram of bin_of(i) over i < n (a bin of [0, bins), or -1: none): per fixed chunk of kSumChunk
+// entries in parallel, then the chunk histograms added in order (integers: exact, any thread count).
+template <typename BinOf>
+std::vector<int64_t> chunked_histogram(int64_t n, int64_t bins, BinOf&& bin_of) {
+  const int64_t chunks = ceil_div(n, kSumChunk);
+  std::vector<int64_t> per_chunk(chunks * bins, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      int64_t* h = per_chunk.data() + ch * bins;
+      const int64_t hi = std::min(n, (ch + 1) * kSumChunk);
+      for (int64_t i = ch * kSumChunk; i < hi; ++i) {
+        const int64_t b = bin_of(i);
+        if (b >= 0) ++h[b];
+      }
+    }
+  });
+  std::vector<int64_t> counts(bins, 0);
+  for (int64_t ch = 0; ch < chunks; ++ch)
+    for (int64_t b = 0; b < bins; ++b) counts[b] += per_chunk[ch * bins + b];
+  return counts;
+}
+
+// The key of rank `rank` (0-based) in ascending order of keys[0..n): radix select, 11-bit digits
+// from the top, one chunked histogram of the keys that match the digits chosen so far per digit.
+template <typename K>
+K kth_smallest_key(const std::vector<K>& keys, int64_t rank) {
+  constexpr int kDigitBits = 11;
+  const int64_t n = static_cast<int64_t>(keys.size());
+  K prefix = 0, prefix_mask = 0;
+  int shift = static_cast<int>(sizeof(K) * 8);
+  while (shift > 0) {
+    const int bits = std::min(kDigitBits, shift);
+    shift -= bits;
+    const int64_t bins = int64_t(1) << bits;
+    const std::vector<int64_t> counts = chunked_histogram(n, bins, [&](int64_t i) {
+      const K key = keys[i];
+      return (key & prefix_mask) == prefix ? static_cast<int64_t>((key >> shift) & K(bins - 1)) : int64_t(-1);
+    });
+    int64_t digit = 0;
+    for (; digit < bins && rank >= counts[digit]; ++digit) rank -= counts[digit];
+    TORCH_INTERNAL_ASSERT(digit < bins, "kth_smallest_key: rank out of range");
+    prefix |= K(digit) << shift;
+    prefix_mask |= K(bins - 1) << shift;
+  }
+  return prefix;
+}
+
 template <typename T>
-std::vector<uint8_t> ohem_select(const std::vector<T>& log_pt, const int64_t* tgt, int64_t rows, int64_t ignore_index,
+std::vector<uint8_t> ohem_select(const RowStats<T>& st, const int64_t* tgt, int64_t rows, int64_t ignore_index,
                                  double keep_fraction, int64_t keep_count, c10::optional<double> thresh,
                                  int64_t min_kept_total) {
+  using K = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr K kMaxKey = ~K(0);
   std::vector<uint8_t> kept(rows, 0);
-  std::vector<int64_t> valid_rows;
-  valid_rows.reserve(rows);
-  for (int64_t r = 0; r < rows; ++r)
-    if (tgt[r] != ignore_index) valid_rows.push_back(r);
-  const int64_t n_valid = static_cast<int64_t>(valid_rows.size());
+  const int64_t n_valid = count_valid(tgt, rows, ignore_index);
   if (n_valid == 0) return kept;
+  std::vector<K> keys(rows);
   if (!thresh.has_value()) {
-    int64_t k = keep_count > 0 ? std::min(keep_count, n_valid)
-                               : std::max<int64_t>(1, static_cast<int64_t>(std::floor(keep_fraction * static_cast<double>(n_valid))));
+    const int64_t k = keep_count > 0 ? std::min(keep_count, n_valid)
+                                     : std::max<int64_t>(1, static_cast<int64_t>(std::floor(keep_fraction * static_cast<double>(n_valid))));
     if (k >= n_valid) {
-      for (int64_t r : valid_rows) kept[r] = 1;
+      for (int64_t r = 0; r < rows; ++r) kept[r] = tgt[r] != ignore_index;
       return kept;
     }
-    // Descending CE = ascending log p_t; NaN ranks first (torch.sort puts NaN above +inf);
-    // equal keys keep the lower index first (stable sort). A strict total order, so the first
-    // k after nth_element are exactly the rows of sort rank < k.
-    auto before = [&](int64_t a, int64_t b) {
-      const T ka = log_pt[a], kb = log_pt[b];
-      const bool na = isnan_(ka), nb = isnan_(kb);
-      if (na || nb) return na && nb ? a < b : na;
-      if (ka != kb) return ka < kb;
-      return a < b;
-    };
-    std::nth_element(valid_rows.begin(), valid_rows.begin() + (k - 1), valid_rows.end(), before);
-    for (int64_t i = 0; i < k; ++i) kept[valid_rows[i]] = 1;
+    // Descending CE = ascending log p_t; NaN ranks first (torch.sort puts NaN above +inf), key
+    // 0; ignored rows rank last (kMaxKey: no valid key reaches it). Equal keys keep the lower
+    // index first (stable sort): the kept rows are those below the k-th key and the first ones,
+    // in index order, of those equal to it.
+    at::parallel_for(0, rows, kWorkGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T v = st.log_pt[r];
+        keys[r] = tgt[r] == ignore_index ? kMaxKey : isnan_(v) ? K(0) : order_key(v);
+      }
+    });
+    const K kth = kth_smallest_key(keys, k - 1);
+    int64_t below = 0;
+    for (int64_t r = 0; r < rows; ++r) below += keys[r] < kth;
+    int64_t equal_wanted = k - below;
+    for (int64_t r = 0; r < rows; ++r) {
+      const K key = keys[r];
+      if (key < kth || (key == kth && equal_wanted-- > 0)) kept[r] = 1;
+    }
     return kept;
   }
   // mmseg: threshold = max(thresh, sorted_p[min(min_kept_total, n_valid - 1)]), p ascending
-  // with NaN last; keep p_t < threshold.
-  std::vector<T> p(n_valid);
-  for (int64_t i = 0; i < n_valid; ++i) p[i] = exp_(log_pt[valid_rows[i]]);
-  std::vector<T> sorted_p = p;
-  const int64_t idx = std::max<int64_t>(0, std::min(n_valid - 1, min_kept_total));
-  std::nth_element(sorted_p.begin(), sorted_p.begin() + idx, sorted_p.end(), [](T a, T b) {
-    const bool na = isnan_(a), nb = isnan_(b);
-    if (na || nb) return !na && nb;
-    return a < b;
+  // with NaN last (as ignored rows: kMaxKey; the rank is < n_valid, so a rank among the valid
+  // rows or a NaN); keep p_t < threshold. p_t = e_t / s from the stats pass.
+  const std::vector<T>& p = st.p_t;
+  at::parallel_for(0, rows, kWorkGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) keys[r] = tgt[r] == ignore_index || isnan_(p[r]) ? kMaxKey : order_key(p[r]);
   });
-  const T at_idx = sorted_p[idx];
+  const int64_t idx = std::max<int64_t>(0, std::min(n_valid - 1, min_kept_total));
+  const K key = kth_smallest_key(keys, idx);
+  const T at_idx = key == kMaxKey ? std::numeric_limits<T>::quiet_NaN() : from_order_key<K, T>(key);
   const T th = static_cast<T>(*thresh);
   const T threshold = isnan_(at_idx) ? at_idx : (at_idx > th ? at_idx : th);
-  for (int64_t i = 0; i < n_valid; ++i) kept[valid_rows[i]] = p[i] < threshold;
+  for (int64_t r = 0; r < rows; ++r) kept[r] = tgt[r] != ignore_index && p[r] < threshold;
   return kept;
 }
 
@@ -624,22 +762,26 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cpu(const at::Tensor& logits_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ohem_forward", [&] {
     using T = at::opmath_type<scalar_t>;
     const scalar_t* x = logits.data_ptr<scalar_t>();
-    std::vector<T> log_pt, lse;
-    softmax_stats_pass<scalar_t, T>(x, tgt, sh, ignore_index, log_pt, lse);
+    const RowStats<T> st = softmax_stats_pass<scalar_t, T>(x, tgt, sh, ignore_index);
     const std::vector<uint8_t> kept =
-        ohem_select(log_pt, tgt, sh.rows(), ignore_index, keep_fraction, keep_count, thresh, min_kept_total);
-    int64_t n_kept = 0;
-    for (uint8_t v : kept) n_kept += v;
+        ohem_select(st, tgt, sh.rows(), ignore_index, keep_fraction, keep_count, thresh, min_kept_total);
+    const int64_t n_kept = at::parallel_reduce(
+        0, sh.rows(), kWorkGrain, int64_t(0),
+        [&](int64_t begin, int64_t end, int64_t acc) {
+          for (int64_t r = begin; r < end; ++r) acc += kept[r];
+          return acc;
+        },
+        [](int64_t a, int64_t b) { return a + b; });
     const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n_kept, 1)) : T(1);
-    std::vector<T> row_loss(sh.rows(), T(0)), k(sh.rows(), T(0));
-    for (int64_t r = 0; r < sh.rows(); ++r) {
-      if (!kept[r]) continue;
-      row_loss[r] = -log_pt[r];
-      k[r] = -scale;  // d(-log p_t)/dl = -1
-    }
+    std::vector<T> row_loss(sh.rows()), k(sh.rows());
+    at::parallel_for(0, sh.rows(), kWorkGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        row_loss[r] = kept[r] ? -st.log_pt[r] : T(0);
+        k[r] = kept[r] ? -scale : T(0);  // d(-log p_t)/dl = -1
+      }
+    });
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
-      if (g != nullptr)
-        softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, lse.data(), log_pt.data(), k.data(), kept.data(), g);
+      if (g != nullptr) softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, st, k.data(), kept.data(), g);
     });
     loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_kept), reduction);
   });
@@ -670,7 +812,6 @@ double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels,
   const int64_t chunks = ceil_div(M, rows_per_chunk);
   std::vector<double> partial(chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch;  // per-row losses of the fast row when 'none' is not asked for
     for (int64_t ch = begin; ch < end; ++ch) {
       double chunk_sum = 0.0;
       const int64_t r_end = std::min(M, (ch + 1) * rows_per_chunk);
@@ -691,9 +832,8 @@ double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels,
         T row_sum = 0;
         if constexpr (kFloatRow) {
           // fp32 logits and target: the multiversioned vectorised row of simd_kernels.cpp.
-          if (scratch.empty()) scratch.resize(C);
           chunk_sum += static_cast<double>(fast_row(x + base, labels != nullptr ? nullptr : y + base, label, C,
-                                                    loss_out != nullptr ? loss_out + base : scratch.data(),
+                                                    loss_out != nullptr ? loss_out + base : nullptr,
                                                     grad != nullptr ? grad + base : nullptr));
           continue;
         }
@@ -831,34 +971,18 @@ at::Tensor ghm_weights_from_counts(const std::vector<int64_t>& counts, int64_t n
   return out;
 }
 
-// Histogram of the valid entries' bins: per fixed chunk, then added in order (integers).
-template <typename BinOf>
-std::vector<int64_t> ghm_histogram(int64_t n, int64_t bins, BinOf&& bin_of) {
-  const int64_t chunks = ceil_div(n, kSumChunk);
-  std::vector<int64_t> per_chunk(chunks * bins, 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ch = begin; ch < end; ++ch) {
-      int64_t* h = per_chunk.data() + ch * bins;
-      const int64_t hi = std::min(n, (ch + 1) * kSumChunk);
-      for (int64_t i = ch * kSumChunk; i < hi; ++i) {
-        const int64_t b = bin_of(i);
-        if (b >= 0) ++h[b];
-      }
-    }
-  });
-  std::vector<int64_t> counts(bins, 0);
-  for (int64_t ch = 0; ch < chunks; ++ch)
-    for (int64_t b = 0; b < bins; ++b) counts[b] += per_chunk[ch * bins + b];
-  return counts;
-}
-
-// Per-row log p_t of a float32 log-softmax (0 for ignored rows): what GHM-C's softmax bins use.
+// Per-row g = 1 - p_t of a float32 softmax (0 for ignored rows): what GHM-C's softmax bins use,
+// from the row's sums (sum_others / sum: exact relative, the same value ghmc_forward's float
+// rows pass bins with). Reads the logits once.
 template <typename scalar_t>
-std::vector<float> ghm_softmax_log_pt_float(const scalar_t* x, const int64_t* tgt, SoftmaxShape sh,
-                                            int64_t ignore_index) {
-  std::vector<float> log_pt, lse;
-  softmax_stats_pass<scalar_t, float>(x, tgt, sh, ignore_index, log_pt, lse);
-  return log_pt;
+std::vector<float> ghm_softmax_g_float(const scalar_t* x, const int64_t* tgt, SoftmaxShape sh, int64_t ignore_index) {
+  std::vector<float> g(sh.rows(), 0.0f);
+  softmax_rows_pass<scalar_t, float>(x, tgt, sh, ignore_index, static_cast<float*>(nullptr),
+                                     [&](int64_t r, int64_t, const SoftmaxRow<float>& row) {
+                                       g[r] = row.one_minus_pt;
+                                       return 0.0f;
+                                     });
+  return g;
 }
 
 // Sigmoid-family bin of element i (row r = i / C, class c = i % C); -1 = no bin.
@@ -889,7 +1013,7 @@ at::Tensor ghmc_bin_weights_cpu(const at::Tensor& logits_in, const at::Tensor& t
       const scalar_t* x = in.logits.data_ptr<scalar_t>();
       const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
       with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
-        const std::vector<int64_t> counts = ghm_histogram(in.M * in.C, bins, [&](int64_t i) {
+        const std::vector<int64_t> counts = chunked_histogram(in.M * in.C, bins, [&](int64_t i) {
           return ghm_sigmoid_bin(x, y, labels, i, in.C, ignore_index, bins);
         });
         out = ghm_weights_from_counts<T>(counts, static_cast<int64_t>(in.count), state, momentum, in.logits.options());
@@ -903,10 +1027,9 @@ at::Tensor ghmc_bin_weights_cpu(const at::Tensor& logits_in, const at::Tensor& t
     const int64_t* tgt = target.data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ghmc_bin_weights", [&] {
       using T = at::opmath_type<scalar_t>;
-      const std::vector<float> log_pt =
-          ghm_softmax_log_pt_float(logits.data_ptr<scalar_t>(), tgt, sh, ignore_index);
-      const std::vector<int64_t> counts = ghm_histogram(sh.rows(), bins, [&](int64_t r) {
-        return tgt[r] == ignore_index ? int64_t(-1) : ghm_bin(ghm_softmax_g(log_pt[r]), bins);
+      const std::vector<float> g = ghm_softmax_g_float(logits.data_ptr<scalar_t>(), tgt, sh, ignore_index);
+      const std::vector<int64_t> counts = chunked_histogram(sh.rows(), bins, [&](int64_t r) {
+        return tgt[r] == ignore_index ? int64_t(-1) : ghm_bin(g[r], bins);
       });
       out = ghm_weights_from_counts<T>(counts, count_valid(tgt, sh.rows(), ignore_index), state, momentum,
                                        logits.options());
@@ -948,7 +1071,7 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
           const SigmoidParts<T> s = sigmoid_parts(xv, yv, e);
           LossGrad<T> lg;
           lg.loss = wt * s.bce;
-          lg.grad = scale * wt * (s.p - yv);
+          lg.grad = scale * wt * s.p_minus_y;
           return lg;
         });
       });
@@ -976,8 +1099,9 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
       // pass does it all (the same rows pass as ghmc_bin_weights' stats, hence the same bins):
       // reads the logits once, writes the gradient once.
       with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
-        softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, g, [&](int64_t r, int64_t, T lp, T) {
-          const int64_t b = ghm_bin(ghm_softmax_g(lp), bins);
+        softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, g, [&](int64_t r, int64_t, const SoftmaxRow<T>& row) {
+          const T lp = row.log_pt;
+          const int64_t b = ghm_bin(static_cast<float>(row.one_minus_pt), bins);
           const T wt = b >= 0 ? w[b] : T(0);
           row_loss[r] = wt * -lp;
           return -scale * wt;
@@ -987,20 +1111,18 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
       return;
     }
     // fp64: bins from a float32 stats pass (as in ghmc_bin_weights), the CE from a double one.
-    const std::vector<float> log_pt_f = ghm_softmax_log_pt_float(x, tgt, sh, ignore_index);
-    std::vector<T> log_pt, lse;
-    softmax_stats_pass<scalar_t, T>(x, tgt, sh, ignore_index, log_pt, lse);
+    const std::vector<float> g_f = ghm_softmax_g_float(x, tgt, sh, ignore_index);
+    const RowStats<T> st = softmax_stats_pass<scalar_t, T>(x, tgt, sh, ignore_index);
     std::vector<T> k(sh.rows(), T(0));
     for (int64_t r = 0; r < sh.rows(); ++r) {
       if (tgt[r] == ignore_index) continue;
-      const int64_t b = ghm_bin(ghm_softmax_g(log_pt_f[r]), bins);
+      const int64_t b = ghm_bin(g_f[r], bins);
       const T wt = b >= 0 ? w[b] : T(0);
-      row_loss[r] = wt * -log_pt[r];
+      row_loss[r] = wt * -st.log_pt[r];
       k[r] = -scale * wt;
     }
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
-      if (g != nullptr)
-        softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, lse.data(), log_pt.data(), k.data(), nullptr, g);
+      if (g != nullptr) softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, st, k.data(), nullptr, g);
     });
     loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction);
   });
@@ -1049,7 +1171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ib_forward_cpu(const at::Tensor& 
     const int64_t no_ignore = std::numeric_limits<int64_t>::min();
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
       softmax_rows_pass<scalar_t, T>(logits.data_ptr<scalar_t>(), tgt, sh, no_ignore, g,
-                                     [&](int64_t r, int64_t t, T log_pt, T) {
+                                     [&](int64_t r, int64_t t, const SoftmaxRow<T>& softmax_row) {
+                                       const T log_pt = softmax_row.log_pt;
                                        const T w = cw_ptr != nullptr ? cw_ptr[t] : T(1);
                                        const IBRow<T> row = ib_row(log_pt, w, fp[r], a, eps, gm, detach_factor);
                                        row_loss[r] = row.loss;

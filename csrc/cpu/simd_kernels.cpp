@@ -1,122 +1,517 @@
-// Multiversioned float32 inner loops (see simd_kernels.h). The exponential is
-// exp_vectorizable of losses_math.h (branch-free polynomial), so these loops vectorise.
+// Portable SIMD float32 loops of the CPU kernels (see simd_kernels.h).
+//
+// Each kernel is a template on the lane count W, written on GCC/Clang vector types (Vec<W>)
+// so that the same source becomes AVX-512 (W = 16), AVX2+FMA (W = 8), SSE2 (x86-64 baseline,
+// W = 8 as two registers) or NEON (aarch64, W = 8 as two registers) code. The transcendental
+// functions are the branch-free polynomials of losses_math.h, lane-wise:
+//   exp:   Cody-Waite reduction x = n ln2 + r, degree-6 polynomial (Cephes expf, < 2 ulp),
+//          2^n built in the exponent bits in two factors (subnormal results are right),
+//          x < -103.97 gives 0, NaN gives NaN;
+//   log1p: for e in [0, 1] only, 2 atanh(e / (2 + e)) by its odd series to z^17
+//          (truncation < 2e-9 relative).
+// Ragged ends (a row length or tile width not a multiple of W) are loaded into a vector
+// filled with a neutral value (-inf for a max, whose exp is 0) and stored partially, so every
+// element goes through the same lane arithmetic.
 #include "cpu/simd_kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include <limits>
 
 #include "losses_math.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-#define FL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FL_MULTIVERSION
+#if defined(__GNUC__) && !defined(__clang__)
+// Vector arguments of the always-inline helpers: no ABI is ever used (everything is inlined).
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
+
+#define FL_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace fused_losses {
 namespace cpu {
-
-using math::exp_vectorizable;
-
-FL_MULTIVERSION MaxSum row_exp_sum(const float* __restrict x, int64_t n, float* __restrict e) {
-  float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < n; ++c) m = x[c] > m ? x[c] : m;
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < n; ++c) {
-    const float v = exp_vectorizable(x[c] - m);
-    e[c] = v;
-    s += v;
-  }
-  return {m, s};
-}
-
-FL_MULTIVERSION void tile_exp_sum(const float* __restrict x, int64_t classes, int64_t stride, int64_t w,
-                                  float* __restrict e, float* __restrict max, float* __restrict sum) {
-  for (int64_t j = 0; j < w; ++j) {
-    max[j] = -std::numeric_limits<float>::infinity();
-    sum[j] = 0.0f;
-  }
-  for (int64_t c = 0; c < classes; ++c) {
-    const float* xr = x + c * stride;
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) max[j] = xr[j] > max[j] ? xr[j] : max[j];
-  }
-  for (int64_t c = 0; c < classes; ++c) {
-    const float* xr = x + c * stride;
-    float* er = e + c * w;
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) {
-      const float v = exp_vectorizable(xr[j] - max[j]);
-      er[j] = v;
-      sum[j] += v;
-    }
-  }
-}
-
-FL_MULTIVERSION void scale_to(float* __restrict out, const float* __restrict in, float k, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = k * in[i];
-}
-
-FL_MULTIVERSION void scaled_exp_to(float* __restrict out, const float* __restrict x, float shift, float k, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = k * exp_vectorizable(x[i] - shift);
-}
-
-FL_MULTIVERSION void multiply_to(float* __restrict out, const float* __restrict a, const float* __restrict b,
-                                 int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
-}
-
 namespace {
 
-// kGamma >= 0: gamma known at compile time (pow_gamma folds to multiplications); -1: runtime.
-// Two plain loops (elementwise, then the sum) instead of one loop with a reduction: GCC
-// vectorises these, but not the fused version (its omp-simd reduction over the struct
-// returned by sigmoid_focal_element stayed scalar).
-template <int kGamma, bool kLabels, bool kGrad>
-__attribute__((always_inline)) inline float sigmoid_focal_row_impl(const float* __restrict x,
-                                                                    const float* __restrict y, int64_t label,
-                                                                    int64_t n, float alpha, float gamma_runtime,
-                                                                    float grad_scale, float* __restrict loss,
-                                                                    float* __restrict grad) {
-  const float gamma = kGamma >= 0 ? static_cast<float>(kGamma) : gamma_runtime;
-  const int32_t label32 = label < n ? static_cast<int32_t>(label) : -1;
-  for (int32_t i = 0; i < static_cast<int32_t>(n); ++i) {
-    const float xv = x[i];
-    const float yv = kLabels ? (i == label32 ? 1.0f : 0.0f) : y[i];
-    const float e = exp_vectorizable(-(xv < 0.0f ? -xv : xv));
-    const math::LossGrad<float> lg = math::sigmoid_focal_element(xv, yv, alpha, gamma, e);
-    loss[i] = lg.loss;
-    if (kGrad) grad[i] = grad_scale * lg.grad;
+template <int W>
+struct Vec;
+template <>
+struct Vec<8> {
+  typedef float F __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<16> {
+  typedef float F __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+};
+
+template <int W>
+struct Lanes {
+  using F = typename Vec<W>::F;
+  using I = typename Vec<W>::I;
+
+  static FL_ALWAYS_INLINE F splat(float v) {
+    F r = {};
+    return r + v;
   }
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += loss[i];
-  return s;
+  static FL_ALWAYS_INLINE I splat_i(int32_t v) {
+    I r = {};
+    return r + v;
+  }
+  static FL_ALWAYS_INLINE I iota() {
+    I r = {};
+    for (int i = 0; i < W; ++i) r[i] = i;
+    return r;
+  }
+  static FL_ALWAYS_INLINE F load(const float* p) {
+    F v;
+    memcpy(&v, p, sizeof(F));
+    return v;
+  }
+  // n < W values from p, the other lanes `fill`.
+  static FL_ALWAYS_INLINE F load_part(const float* p, int64_t n, float fill) {
+    F v = splat(fill);
+    memcpy(&v, p, static_cast<size_t>(n) * sizeof(float));
+    return v;
+  }
+  static FL_ALWAYS_INLINE I load_part_i(const int32_t* p, int64_t n, int32_t fill) {
+    I v = splat_i(fill);
+    memcpy(&v, p, static_cast<size_t>(n) * sizeof(int32_t));
+    return v;
+  }
+  static FL_ALWAYS_INLINE void store(float* p, F v) { memcpy(p, &v, sizeof(F)); }
+  static FL_ALWAYS_INLINE void store_part(float* p, F v, int64_t n) {
+    memcpy(p, &v, static_cast<size_t>(n) * sizeof(float));
+  }
+  template <bool kFull>
+  static FL_ALWAYS_INLINE F load_n(const float* p, int64_t n, float fill) {
+    return kFull ? load(p) : load_part(p, n, fill);
+  }
+  template <bool kFull>
+  static FL_ALWAYS_INLINE void store_n(float* p, F v, int64_t n) {
+    if (kFull) {
+      store(p, v);
+    } else {
+      store_part(p, v, n);
+    }
+  }
+  // Fixed tree over the lanes (deterministic).
+  static FL_ALWAYS_INLINE float hsum(F v) {
+    float a[W];
+    memcpy(a, &v, sizeof(F));
+    for (int h = W / 2; h >= 1; h /= 2)
+      for (int i = 0; i < h; ++i) a[i] += a[i + h];
+    return a[0];
+  }
+  static FL_ALWAYS_INLINE float hmax(F v) {
+    float a[W];
+    memcpy(a, &v, sizeof(F));
+    for (int h = W / 2; h >= 1; h /= 2)
+      for (int i = 0; i < h; ++i) a[i] = a[i + h] > a[i] ? a[i + h] : a[i];
+    return a[0];
+  }
+  static FL_ALWAYS_INLINE F vmax(F a, F b) { return b > a ? b : a; }  // NaN in b ignored, as the scalar max
+  static FL_ALWAYS_INLINE F abs(F x) { return (F)((I)x & 0x7fffffff); }
+
+  // exp_vectorizable of losses_math.h, lane-wise (subnormal results included).
+  static FL_ALWAYS_INLINE F exp(F x) {
+    const F lo = splat(-103.972084f), hi = splat(88.0f);
+    const I underflow = x < lo;
+    F xc = x < lo ? lo : x;  // NaN stays NaN
+    xc = xc > hi ? hi : xc;
+    const F shifted = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
+    const F n = shifted - 12582912.0f;
+    F r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    const F r2 = r * r;
+    F p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    const I n_int = (I)shifted - 0x4B400000;  // bits of 1.5 * 2^23; n in [-150, 127]
+    const I half = n_int >> 1;
+    const F scale1 = (F)((half + 127) << 23), scale2 = (F)((n_int - half + 127) << 23);
+    return underflow ? splat(0.0f) : (p * scale1) * scale2;
+  }
+
+  // log1p_unit_vectorizable of losses_math.h (e in [0, 1]), lane-wise.
+  static FL_ALWAYS_INLINE F log1p_unit(F e) {
+    const F z = e / (e + 2.0f);
+    const F z2 = z * z;
+    F p = splat(1.0f / 17.0f);
+    p = p * z2 + 1.0f / 15.0f;
+    p = p * z2 + 1.0f / 13.0f;
+    p = p * z2 + 1.0f / 11.0f;
+    p = p * z2 + 1.0f / 9.0f;
+    p = p * z2 + 1.0f / 7.0f;
+    p = p * z2 + 1.0f / 5.0f;
+    p = p * z2 + 1.0f / 3.0f;
+    p = p * z2 + 1.0f;
+    return 2.0f * z * p;
+  }
+};
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ------------------------------------------------------------------------------------------
+// Softmax rows and tiles
+// ------------------------------------------------------------------------------------------
+template <int W>
+FL_ALWAYS_INLINE SoftmaxRowStats softmax_row_impl(const float* __restrict x, int64_t n, int64_t t,
+                                                  float* __restrict e) {
+  using L = Lanes<W>;
+  using F = typename L::F;
+  using I = typename L::I;
+  const int64_t full = n - n % W, rest = n - full;
+  F mv = L::splat(kNegInf);
+  for (int64_t i = 0; i < full; i += W) mv = L::vmax(mv, L::load(x + i));
+  if (rest) mv = L::vmax(mv, L::load_part(x + full, rest, kNegInf));
+  const float m = L::hmax(mv);
+  const I target = L::splat_i(t >= 0 && t < n ? static_cast<int32_t>(t) : -1);
+  I idx = L::iota();
+  F s = L::splat(0.0f), so = L::splat(0.0f);
+  const F zero = L::splat(0.0f);
+  for (int64_t i = 0; i < full; i += W) {
+    const F v = L::exp(L::load(x + i) - m);
+    L::store(e + i, v);
+    s += v;
+    so += idx == target ? zero : v;
+    idx += W;
+  }
+  if (rest) {
+    const F v = L::exp(L::load_part(x + full, rest, kNegInf) - m);
+    L::store_part(e + full, v, rest);
+    s += v;
+    so += idx == target ? zero : v;
+  }
+  return {m, L::hsum(s), L::hsum(so)};
 }
 
-template <int kGamma>
-inline float sigmoid_focal_row_gamma(const float* x, const float* y, int64_t label, int64_t n, float alpha,
-                                     float gamma, float grad_scale, float* loss, float* grad) {
-  const bool labels = y == nullptr, with_grad = grad != nullptr;
-  if (labels && with_grad) return sigmoid_focal_row_impl<kGamma, true, true>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
-  if (labels) return sigmoid_focal_row_impl<kGamma, true, false>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
-  if (with_grad) return sigmoid_focal_row_impl<kGamma, false, true>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
-  return sigmoid_focal_row_impl<kGamma, false, false>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
+template <int W, bool kFull>
+FL_ALWAYS_INLINE void softmax_tile_group(const float* __restrict x, int64_t classes, int64_t stride, int64_t w,
+                                         int64_t j0, int64_t nl, const int32_t* t, float* __restrict e,
+                                         float* max, float* sum, float* sum_others) {
+  using L = Lanes<W>;
+  using F = typename L::F;
+  using I = typename L::I;
+  F mv = L::splat(kNegInf);
+  for (int64_t c = 0; c < classes; ++c) mv = L::vmax(mv, L::template load_n<kFull>(x + c * stride + j0, nl, kNegInf));
+  const I tv = L::load_part_i(t + j0, nl, -1);
+  const F zero = L::splat(0.0f);
+  F s = zero, so = zero;
+  for (int64_t c = 0; c < classes; ++c) {
+    const F v = L::exp(L::template load_n<kFull>(x + c * stride + j0, nl, kNegInf) - mv);
+    L::template store_n<kFull>(e + c * w + j0, v, nl);
+    s += v;
+    so += tv == static_cast<int32_t>(c) ? zero : v;
+  }
+  L::template store_n<kFull>(max + j0, mv, nl);
+  L::template store_n<kFull>(sum + j0, s, nl);
+  L::template store_n<kFull>(sum_others + j0, so, nl);
 }
+
+template <int W>
+FL_ALWAYS_INLINE void softmax_tile_impl(const float* x, int64_t classes, int64_t stride, int64_t w, const int32_t* t,
+                                        float* e, float* max, float* sum, float* sum_others) {
+  int64_t j0 = 0;
+  for (; j0 + W <= w; j0 += W) softmax_tile_group<W, true>(x, classes, stride, w, j0, W, t, e, max, sum, sum_others);
+  if (j0 < w) softmax_tile_group<W, false>(x, classes, stride, w, j0, w - j0, t, e, max, sum, sum_others);
+}
+
+// kFromX: the exponential is recomputed from the logits (two-pass losses); else read from e.
+template <int W, bool kFull, bool kFromX>
+FL_ALWAYS_INLINE void softmax_grad_group(float* __restrict g, const float* __restrict src, int64_t classes,
+                                         int64_t stride, int64_t w, int64_t j0, int64_t nl, const int32_t* t,
+                                         const float* max, const float* coef, const float* target_value) {
+  using L = Lanes<W>;
+  using F = typename L::F;
+  using I = typename L::I;
+  const I tv = L::load_part_i(t + j0, nl, -1);
+  const I active = tv >= 0;
+  const F cf = L::template load_n<kFull>(coef + j0, nl, 0.0f);
+  const F target = L::template load_n<kFull>(target_value + j0, nl, 0.0f);
+  const F mx = kFromX ? L::template load_n<kFull>(max + j0, nl, 0.0f) : L::splat(0.0f);
+  const F zero = L::splat(0.0f);
+  for (int64_t c = 0; c < classes; ++c) {
+    F v;
+    if (kFromX) {
+      v = cf * L::exp(L::template load_n<kFull>(src + c * stride + j0, nl, 0.0f) - mx);
+    } else {
+      v = cf * L::template load_n<kFull>(src + c * w + j0, nl, 0.0f);
+    }
+    v = tv == static_cast<int32_t>(c) ? target : v;
+    v = active ? v : zero;
+    L::template store_n<kFull>(g + c * stride + j0, v, nl);
+  }
+}
+
+template <int W, bool kFromX>
+FL_ALWAYS_INLINE void softmax_grad_tile_impl(float* g, const float* src, int64_t classes, int64_t stride, int64_t w,
+                                             const int32_t* t, const float* max, const float* coef,
+                                             const float* target_value) {
+  int64_t j0 = 0;
+  for (; j0 + W <= w; j0 += W)
+    softmax_grad_group<W, true, kFromX>(g, src, classes, stride, w, j0, W, t, max, coef, target_value);
+  if (j0 < w) softmax_grad_group<W, false, kFromX>(g, src, classes, stride, w, j0, w - j0, t, max, coef, target_value);
+}
+
+template <int W>
+FL_ALWAYS_INLINE void scale_to_impl(float* __restrict out, const float* __restrict in, float k, int64_t n) {
+  using L = Lanes<W>;
+  const int64_t full = n - n % W;
+  for (int64_t i = 0; i < full; i += W) L::store(out + i, L::load(in + i) * k);
+  if (n > full) L::store_part(out + full, L::load_part(in + full, n - full, 0.0f) * k, n - full);
+}
+
+template <int W>
+FL_ALWAYS_INLINE void scaled_exp_to_impl(float* __restrict out, const float* __restrict x, float shift, float k,
+                                         int64_t n) {
+  using L = Lanes<W>;
+  const int64_t full = n - n % W;
+  for (int64_t i = 0; i < full; i += W) L::store(out + i, L::exp(L::load(x + i) - shift) * k);
+  if (n > full) L::store_part(out + full, L::exp(L::load_part(x + full, n - full, 0.0f) - shift) * k, n - full);
+}
+
+template <int W>
+FL_ALWAYS_INLINE void multiply_to_impl(float* __restrict out, const float* __restrict a, const float* __restrict b,
+                                       int64_t n) {
+  using L = Lanes<W>;
+  const int64_t full = n - n % W;
+  for (int64_t i = 0; i < full; i += W) L::store(out + i, L::load(a + i) * L::load(b + i));
+  if (n > full) L::store_part(out + full, L::load_part(a + full, n - full, 0.0f) * L::load_part(b + full, n - full, 0.0f), n - full);
+}
+
+// ------------------------------------------------------------------------------------------
+// Sigmoid focal row: math::sigmoid_focal_element lane-wise (see losses_math.h for the
+// formulas). kGamma >= 0: gamma folded at compile time, the derivative of (1 - p_t)^gamma as
+// gamma (1 - p_t)^(gamma - 1) without a division; -1: runtime gamma, pow_gamma lane by lane.
+// ------------------------------------------------------------------------------------------
+template <int W, int kGamma, bool kLabels, bool kGrad, bool kLoss, bool kFull>
+FL_ALWAYS_INLINE typename Vec<W>::F sigmoid_focal_group(const float* __restrict x, const float* __restrict y,
+                                                        const typename Vec<W>::I& idx,
+                                                        const typename Vec<W>::I& label, int64_t i,
+                                                        int64_t nl, float a_pos, float a_neg, float gamma,
+                                                        float grad_scale, float* __restrict loss,
+                                                        float* __restrict grad) {
+  using L = Lanes<W>;
+  using F = typename L::F;
+  using I = typename L::I;
+  const F zero = L::splat(0.0f), one = L::splat(1.0f);
+  const F xv = L::template load_n<kFull>(x + i, nl, 0.0f);
+  F yv;
+  if (kLabels) {
+    yv = idx == label ? one : zero;
+  } else {
+    yv = L::template load_n<kFull>(y + i, nl, 0.0f);
+  }
+  const F omy = 1.0f - yv;
+  const F e = L::exp(-L::abs(xv));
+  const F inv = 1.0f / (1.0f + e);
+  const F small = e * inv;
+  const I pos = xv >= zero;
+  const F p = pos ? inv : small;
+  const F q = pos ? small : inv;
+  const F bce = (omy * xv - (xv < zero ? xv : zero)) + L::log1p_unit(e);
+  const F omp = p * omy + q * yv;  // 1 - p_t
+  const F alpha_t = a_pos * yv + a_neg * omy;
+  F mod, dmod;  // (1 - p_t)^gamma and its derivative in 1 - p_t
+  if (kGamma == 0) {
+    mod = one;
+    dmod = zero;
+  } else if (kGamma == 1) {
+    mod = omp;
+    dmod = one;
+  } else if (kGamma == 2) {
+    mod = omp * omp;
+    dmod = 2.0f * omp;
+  } else if (kGamma == 3) {
+    const F omp2 = omp * omp;
+    mod = omp2 * omp;
+    dmod = 3.0f * omp2;
+  } else {
+    for (int l = 0; l < W; ++l) mod[l] = math::pow_gamma(omp[l], gamma);
+    dmod = gamma * mod / (omp > zero ? omp : one);
+  }
+  const F lv = alpha_t * (bce * mod);
+  if (kLoss) L::template store_n<kFull>(loss + i, lv, nl);
+  if (kGrad) {
+    F gv = (p * omy - q * yv) * mod;  // (p - y) (1 - p_t)^gamma
+    if (kGamma != 0) {
+      const F chain = dmod * (p * q) * (1.0f - 2.0f * yv);  // d(1 - p_t)^gamma / dx
+      gv += bce * (omp > zero ? chain : zero);
+    }
+    L::template store_n<kFull>(grad + i, grad_scale * (alpha_t * gv), nl);
+  }
+  return kFull ? lv : (idx < static_cast<int32_t>(i + nl) ? lv : zero);
+}
+
+template <int W, int kGamma, bool kLabels, bool kGrad, bool kLoss>
+FL_ALWAYS_INLINE float sigmoid_focal_row_impl(const float* x, const float* y, int64_t label, int64_t n, float a_pos,
+                                              float a_neg, float gamma, float grad_scale, float* loss, float* grad) {
+  using L = Lanes<W>;
+  using F = typename L::F;
+  using I = typename L::I;
+  const I lab = L::splat_i(label >= 0 && label < n ? static_cast<int32_t>(label) : -1);
+  I idx = L::iota();
+  F s = L::splat(0.0f);
+  const int64_t full = n - n % W;
+  for (int64_t i = 0; i < full; i += W) {
+    s += sigmoid_focal_group<W, kGamma, kLabels, kGrad, kLoss, true>(x, y, idx, lab, i, W, a_pos, a_neg, gamma,
+                                                                     grad_scale, loss, grad);
+    idx += W;
+  }
+  if (n > full)
+    s += sigmoid_focal_group<W, kGamma, kLabels, kGrad, kLoss, false>(x, y, idx, lab, full, n - full, a_pos, a_neg,
+                                                                      gamma, grad_scale, loss, grad);
+  return L::hsum(s);
+}
+
+template <int W, int kGamma>
+FL_ALWAYS_INLINE float sigmoid_focal_row_gamma(const float* x, const float* y, int64_t label, int64_t n, float a_pos,
+                                               float a_neg, float gamma, float grad_scale, float* loss, float* grad) {
+#define FL_SIGMOID_ROW(LABELS, GRAD, LOSS) \
+  return sigmoid_focal_row_impl<W, kGamma, LABELS, GRAD, LOSS>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad)
+  const bool labels = y == nullptr, with_grad = grad != nullptr, with_loss = loss != nullptr;
+  if (labels) {
+    if (with_grad) {
+      if (with_loss) FL_SIGMOID_ROW(true, true, true);
+      FL_SIGMOID_ROW(true, true, false);
+    }
+    if (with_loss) FL_SIGMOID_ROW(true, false, true);
+    FL_SIGMOID_ROW(true, false, false);
+  }
+  if (with_grad) {
+    if (with_loss) FL_SIGMOID_ROW(false, true, true);
+    FL_SIGMOID_ROW(false, true, false);
+  }
+  if (with_loss) FL_SIGMOID_ROW(false, false, true);
+  FL_SIGMOID_ROW(false, false, false);
+#undef FL_SIGMOID_ROW
+}
+
+template <int W>
+FL_ALWAYS_INLINE float sigmoid_focal_row_dispatch(const float* x, const float* y, int64_t label, int64_t n,
+                                                  float alpha, float gamma, float grad_scale, float* loss,
+                                                  float* grad) {
+  // alpha_t = a_pos y + a_neg (1 - y); alpha < 0 disables it (1 for every y).
+  const float a_pos = alpha >= 0.0f ? alpha : 1.0f, a_neg = alpha >= 0.0f ? 1.0f - alpha : 1.0f;
+  if (gamma == 2.0f) return sigmoid_focal_row_gamma<W, 2>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad);
+  if (gamma == 0.0f) return sigmoid_focal_row_gamma<W, 0>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad);
+  if (gamma == 1.0f) return sigmoid_focal_row_gamma<W, 1>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad);
+  if (gamma == 3.0f) return sigmoid_focal_row_gamma<W, 3>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad);
+  return sigmoid_focal_row_gamma<W, -1>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad);
+}
+
+// ------------------------------------------------------------------------------------------
+// Variants and dispatch
+// ------------------------------------------------------------------------------------------
+struct KernelTable {
+  const char* isa;
+  SoftmaxRowStats (*softmax_row)(const float*, int64_t, int64_t, float*);
+  void (*softmax_tile)(const float*, int64_t, int64_t, int64_t, const int32_t*, float*, float*, float*, float*);
+  void (*softmax_grad_tile)(float*, int64_t, int64_t, int64_t, const int32_t*, const float*, const float*,
+                            const float*);
+  void (*softmax_grad_tile_exp)(float*, const float*, int64_t, int64_t, int64_t, const int32_t*, const float*,
+                                const float*, const float*);
+  void (*scale_to)(float*, const float*, float, int64_t);
+  void (*scaled_exp_to)(float*, const float*, float, float, int64_t);
+  void (*multiply_to)(float*, const float*, const float*, int64_t);
+  float (*sigmoid_focal_row)(const float*, const float*, int64_t, int64_t, float, float, float, float*, float*);
+};
+
+#define FL_DEFINE_VARIANT(NAME, ATTR, W)                                                                             \
+  ATTR SoftmaxRowStats softmax_row_##NAME(const float* x, int64_t n, int64_t t, float* e) {                          \
+    return softmax_row_impl<W>(x, n, t, e);                                                                          \
+  }                                                                                                                  \
+  ATTR void softmax_tile_##NAME(const float* x, int64_t classes, int64_t stride, int64_t w, const int32_t* t,        \
+                                float* e, float* mx, float* sum, float* so) {                                        \
+    softmax_tile_impl<W>(x, classes, stride, w, t, e, mx, sum, so);                                                  \
+  }                                                                                                                  \
+  ATTR void softmax_grad_tile_##NAME(float* g, int64_t classes, int64_t stride, int64_t w, const int32_t* t,         \
+                                     const float* e, const float* coef, const float* tv) {                           \
+    softmax_grad_tile_impl<W, false>(g, e, classes, stride, w, t, nullptr, coef, tv);                                \
+  }                                                                                                                  \
+  ATTR void softmax_grad_tile_exp_##NAME(float* g, const float* x, int64_t classes, int64_t stride, int64_t w,       \
+                                         const int32_t* t, const float* mx, const float* coef, const float* tv) {    \
+    softmax_grad_tile_impl<W, true>(g, x, classes, stride, w, t, mx, coef, tv);                                      \
+  }                                                                                                                  \
+  ATTR void scale_to_##NAME(float* out, const float* in, float k, int64_t n) { scale_to_impl<W>(out, in, k, n); }    \
+  ATTR void scaled_exp_to_##NAME(float* out, const float* x, float shift, float k, int64_t n) {                      \
+    scaled_exp_to_impl<W>(out, x, shift, k, n);                                                                      \
+  }                                                                                                                  \
+  ATTR void multiply_to_##NAME(float* out, const float* a, const float* b, int64_t n) {                              \
+    multiply_to_impl<W>(out, a, b, n);                                                                               \
+  }                                                                                                                  \
+  ATTR float sigmoid_focal_row_##NAME(const float* x, const float* y, int64_t label, int64_t n, float alpha,         \
+                                      float gamma, float grad_scale, float* loss, float* grad) {                     \
+    return sigmoid_focal_row_dispatch<W>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);                      \
+  }                                                                                                                  \
+  const KernelTable kTable_##NAME = {#NAME,                   softmax_row_##NAME,   softmax_tile_##NAME,             \
+                                     softmax_grad_tile_##NAME, softmax_grad_tile_exp_##NAME, scale_to_##NAME,       \
+                                     scaled_exp_to_##NAME,     multiply_to_##NAME,   sigmoid_focal_row_##NAME};
+
+FL_DEFINE_VARIANT(baseline, , 8)
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FL_X86_VARIANTS 1
+FL_DEFINE_VARIANT(avx2, __attribute__((target("avx2,fma"))), 8)
+FL_DEFINE_VARIANT(avx512, __attribute__((target("avx512f,avx2,fma"))), 16)
+#endif
+
+// The best variant for this CPU, once at load. FUSED_LOSSES_SIMD=baseline|avx2 picks a lower
+// one (tests run every variant the machine can execute; an unsupported request is ignored).
+const KernelTable* pick_table() {
+  const char* want = getenv("FUSED_LOSSES_SIMD");
+  const bool any = want == nullptr || want[0] == '\0';
+  auto allowed = [&](const char* name) { return any || strcmp(want, name) == 0; };
+#if defined(FL_X86_VARIANTS)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f") && allowed("avx512")) return &kTable_avx512;
+  if (avx2 && (allowed("avx2") || (!any && strcmp(want, "avx512") == 0))) return &kTable_avx2;
+#endif
+  (void)allowed;
+  return &kTable_baseline;
+}
+
+const KernelTable* const kKernels = pick_table();
 
 }  // namespace
 
-FL_MULTIVERSION float sigmoid_focal_row(const float* x, const float* y, int64_t label, int64_t n, float alpha,
-                                        float gamma, float grad_scale, float* loss, float* grad) {
-  if (gamma == 2.0f) return sigmoid_focal_row_gamma<2>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
-  if (gamma == 0.0f) return sigmoid_focal_row_gamma<0>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
-  if (gamma == 1.0f) return sigmoid_focal_row_gamma<1>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
-  if (gamma == 3.0f) return sigmoid_focal_row_gamma<3>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
-  return sigmoid_focal_row_gamma<-1>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
+const char* simd_isa() { return kKernels->isa; }
+
+SoftmaxRowStats softmax_row(const float* x, int64_t n, int64_t t, float* e) { return kKernels->softmax_row(x, n, t, e); }
+
+void softmax_tile(const float* x, int64_t classes, int64_t stride, int64_t w, const int32_t* t, float* e, float* max,
+                  float* sum, float* sum_others) {
+  kKernels->softmax_tile(x, classes, stride, w, t, e, max, sum, sum_others);
+}
+
+void softmax_grad_tile(float* g, int64_t classes, int64_t stride, int64_t w, const int32_t* t, const float* e,
+                       const float* coef, const float* target_value) {
+  kKernels->softmax_grad_tile(g, classes, stride, w, t, e, coef, target_value);
+}
+
+void softmax_grad_tile_exp(float* g, const float* x, int64_t classes, int64_t stride, int64_t w, const int32_t* t,
+                           const float* max, const float* coef, const float* target_value) {
+  kKernels->softmax_grad_tile_exp(g, x, classes, stride, w, t, max, coef, target_value);
+}
+
+void scale_to(float* out, const float* in, float k, int64_t n) { kKernels->scale_to(out, in, k, n); }
+
+void scaled_exp_to(float* out, const float* x, float shift, float k, int64_t n) {
+  kKernels->scaled_exp_to(out, x, shift, k, n);
+}
+
+void multiply_to(float* out, const float* a, const float* b, int64_t n) { kKernels->multiply_to(out, a, b, n); }
+
+float sigmoid_focal_row(const float* x, const float* y, int64_t label, int64_t n, float alpha, float gamma,
+                        float grad_scale, float* loss, float* grad) {
+  return kKernels->sigmoid_focal_row(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
 }
 
 }  // namespace cpu

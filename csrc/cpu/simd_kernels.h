@@ -1,7 +1,13 @@
-// Inner float32 loops of the CPU kernels, compiled for several instruction sets (AVX-512,
-// AVX2, baseline x86-64) with GCC/Clang function multiversioning: the loader picks the best
-// one for the running CPU, so the extension stays portable while the hot loops run 16 or 8
-// lanes wide. Plain functions on raw pointers; no ATen here (csrc/cpu/simd_kernels.cpp).
+// Inner float32 loops of the CPU kernels, written once on portable SIMD vectors (GCC/Clang
+// vector extensions: 8 or 16 float lanes, lowered to AVX-512, AVX2+FMA, SSE2 or NEON by the
+// compiler) with branch-free polynomial exp / log1p (losses_math.h's formulas, lane-wise).
+// On x86-64 each kernel is compiled three times (AVX-512 with 16 lanes, AVX2+FMA with 8,
+// baseline SSE2 with 8) and the best one for the running CPU is picked once at load; other
+// architectures (aarch64: NEON is baseline) get the portable build. Plain functions on raw
+// pointers; no ATen here (csrc/cpu/simd_kernels.cpp).
+//
+// Every sum below is taken in a fixed lane order (vector accumulators, then a fixed tree), so a
+// result depends only on the row and the instruction set, never on the thread count.
 #pragma once
 
 #include <stdint.h>
@@ -9,17 +15,36 @@
 namespace fused_losses {
 namespace cpu {
 
-struct MaxSum {
-  float max;
-  float sum;
+// "avx512f", "avx2+fma" or "baseline": the variant the dispatcher picked.
+const char* simd_isa();
+
+constexpr int64_t kMaxTile = 512;  // most lanes (spatial positions) of a channel-second tile
+
+struct SoftmaxRowStats {
+  float max;         // max_c x[c]
+  float sum;         // sum_c e[c]
+  float sum_others;  // sum_{c != t} e[c] (== sum when t is outside [0, n))
 };
 
-// One contiguous row: max_c x[c], e[c] = exp(x[c] - max), sum_c e[c].
-MaxSum row_exp_sum(const float* x, int64_t n, float* e);
+// One contiguous row: e[c] = exp(x[c] - max) and the sums (losses_math.h
+// log_softmax_target_sums turns them into an exact log p_t).
+SoftmaxRowStats softmax_row(const float* x, int64_t n, int64_t t, float* e);
 
-// A tile of w rows stored class-major (x[c * stride + j], j < w): per row max, exp, sum;
-// e[c * w + j] = exp(x[c * stride + j] - max[j]).
-void tile_exp_sum(const float* x, int64_t classes, int64_t stride, int64_t w, float* e, float* max, float* sum);
+// A tile of w <= kMaxTile rows stored class-major (x[c * stride + j], j < w) with targets t[j]
+// (-1: ignored; its values are computed but never used): per row max[j], sum[j],
+// sum_others[j] and e[c * w + j] = exp(x[c * stride + j] - max[j]).
+void softmax_tile(const float* x, int64_t classes, int64_t stride, int64_t w, const int32_t* t, float* e,
+                  float* max, float* sum, float* sum_others);
+
+// Gradient of a tile from the exponentials of softmax_tile:
+// g[c * stride + j] = t[j] < 0 ? 0 : c == t[j] ? target_value[j] : coef[j] * e[c * w + j].
+void softmax_grad_tile(float* g, int64_t classes, int64_t stride, int64_t w, const int32_t* t, const float* e,
+                       const float* coef, const float* target_value);
+
+// Gradient of a tile of the two-pass losses, from the logits and the row max:
+// g[c * stride + j] = t[j] < 0 ? 0 : c == t[j] ? target_value[j] : coef[j] * exp(x[c * stride + j] - max[j]).
+void softmax_grad_tile_exp(float* g, const float* x, int64_t classes, int64_t stride, int64_t w, const int32_t* t,
+                           const float* max, const float* coef, const float* target_value);
 
 // out[i] = k * in[i]
 void scale_to(float* out, const float* in, float k, int64_t n);
@@ -32,9 +57,9 @@ void multiply_to(float* out, const float* a, const float* b, int64_t n);
 
 // Sigmoid focal loss over one row of n classes (math::sigmoid_focal_element): target y[i], or,
 // when y == nullptr, y_i = [i == label] (label >= n: background); n < 2^31. Writes loss[i]
-// (always: pass a scratch row if the losses are not wanted) and grad[i] = grad_scale *
-// dloss/dx_i when grad is not null; returns the row's loss sum. Vectorised for gamma in
-// {0, 1, 2, 3}; other gammas go through powf lane by lane.
+// when loss is not null and grad[i] = grad_scale * dloss/dx_i when grad is not null; returns
+// the row's loss sum. gamma in {0, 1, 2, 3} is folded at compile time; other gammas take powf
+// lane by lane.
 float sigmoid_focal_row(const float* x, const float* y, int64_t label, int64_t n, float alpha, float gamma,
                         float grad_scale, float* loss, float* grad);
 

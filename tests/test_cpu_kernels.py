@@ -1,0 +1,179 @@
+"""CPU-kernel specifics (csrc/cpu): every SIMD variant this machine can run, the OHEM radix
+selection, ragged row and tile ends.
+
+The fp32 loops of the 'cpu' backend are compiled per instruction set (csrc/cpu/simd_kernels.cpp:
+AVX-512 with 16 lanes, AVX2+FMA with 8, a portable baseline with 8 lanes that is also what
+aarch64 builds run) and one is picked at load; FUSED_LOSSES_SIMD=baseline|avx2 picks a lower
+one. The portable baseline never runs on an AVX2 machine otherwise, so it is checked here in a
+subprocess against the float64 reference, on shapes whose rows and tiles end ragged (C = 19 and
+80 rows; spatial sizes that are no multiple of 8 or of the 64-wide tile).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fused_losses as fl
+from tests.utils import TOL, assert_rel_close, loss_and_grad, sigmoid_case, softmax_case
+
+pytestmark = pytest.mark.skipif(not fl.backends()["cpu"].available, reason="cpu backend unavailable")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _variants():
+    flags = _cpu_flags()
+    out = ["baseline"]
+    if {"avx2", "fma"} <= flags:
+        out.append("avx2")
+    if {"avx2", "fma", "avx512f"} <= flags:
+        out.append("avx512")
+    return out
+
+
+# The cases each variant runs (inside the subprocess): name -> (loss, logits shape, kwargs, target kind).
+CASES = {
+    "focal_rows_80": ("focal", (37, 80), dict(gamma=2.0), "index"),
+    "focal_rows_19_ragged": ("focal", (37, 19), dict(gamma=0.5, alpha=0.25), "index"),
+    "focal_channel_second_ragged": ("focal", (2, 19, 5, 27), dict(gamma=2.0, ignore_index=255), "index"),
+    "ohem_topk_rows": ("ohem", (41, 19), dict(keep=0.3), "index"),
+    "ohem_thresh_channel_second": ("ohem", (2, 19, 9, 13), dict(thresh=0.7, min_kept=20, ignore_index=255), "index"),
+    "ghmc_softmax_channel_second": ("ghmc", (2, 19, 7, 11), dict(use_sigmoid=False, bins=10, ignore_index=255),
+                                    "index"),
+    "ib_rows": ("ib", (33, 21), dict(alpha=100.0), "index"),
+    "sigmoid_labels_gamma2": ("sigmoid_focal", (29, 83), dict(gamma=2.0, ignore_index=-1, reduction="sum"), "labels"),
+    "sigmoid_float_gamma1.5": ("sigmoid_focal", (29, 13), dict(gamma=1.5, alpha=-1.0, reduction="mean"), "soft"),
+    "sigmoid_labels_gamma0_none": ("sigmoid_focal", (17, 9), dict(gamma=0.0, reduction="none"), "labels"),
+    "sigmoid_float_gamma3": ("sigmoid_focal", (17, 24), dict(gamma=3.0, reduction="sum"), "float"),
+    "sigmoid_labels_gamma1_mean": ("sigmoid_focal", (17, 10), dict(gamma=1.0, ignore_index=-1, reduction="mean"),
+                                   "labels"),
+}
+
+
+def _inputs(name):
+    loss, shape, kwargs, kind = CASES[name]
+    seed = sum(map(ord, name))
+    if kind == "index":
+        ignore = kwargs.get("ignore_index", -100)
+        x, t = softmax_case(shape, torch.float32, ignore_frac=0.0 if loss == "ib" else 0.15, ignore_index=ignore,
+                            seed=seed)
+    else:
+        x, t = sigmoid_case(shape, torch.float32, kind=kind, ignore_frac=0.1 if kind == "labels" else 0.0,
+                            ignore_index=kwargs.get("ignore_index", -100), seed=seed)
+    extra = (torch.rand(shape[0], generator=torch.Generator().manual_seed(seed)) + 0.5,) if loss == "ib" else ()
+    return loss, x, t, extra, kwargs
+
+
+def _errors(name) -> dict:
+    """Relative errors of the cpu backend against the float64 reference (loss, grad) for one case."""
+    loss, x, t, extra, kwargs = _inputs(name)
+    fn = getattr(fl, loss)
+    out, grad = loss_and_grad(fn, x, t, *extra, backend="cpu", **kwargs)
+    ref, ref_grad = loss_and_grad(fn, x.double(), t, *[e.double() for e in extra], backend="reference", **kwargs)
+    from tests.utils import rel_error
+    return {"loss": rel_error(out, ref), "grad": rel_error(grad, ref_grad)}
+
+
+_CHILD = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from tests import test_cpu_kernels as m
+print(json.dumps({{name: m._errors(name) for name in m.CASES}}))
+"""
+
+
+@pytest.mark.parametrize("variant", _variants())
+def test_every_simd_variant_matches_the_float64_reference(variant):
+    env = dict(os.environ, FUSED_LOSSES_SIMD=variant, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _CHILD.format(repo=str(REPO))], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    bad = {name: e for name, e in errors.items() if not (e["loss"] <= TOL[torch.float32] and
+                                                           e["grad"] <= TOL[torch.float32])}
+    assert not bad, f"{variant}: relative errors above 1e-5: {bad}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cases_in_process(name):
+    """The same cases in this process (the variant picked for this CPU), with a readable failure."""
+    e = _errors(name)
+    assert e["loss"] <= TOL[torch.float32] and e["grad"] <= TOL[torch.float32], e
+
+
+def _ohem_kept(x, t, **kwargs):
+    out = fl.ohem(x, t, reduction="none", backend="cpu", **kwargs)
+    ref = fl.ohem(x.double(), t, reduction="none", backend="reference", **kwargs)
+    return out != 0, ref != 0
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.5, 7, 1])
+def test_ohem_radix_selection_ties_go_to_the_lower_index(keep):
+    """Many rows with bit-identical CE (repeated rows): the kept set is the reference's stable-sort
+    rank < k, i.e. among equal keys the lower indices, at every cut through a run of ties."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 7, generator=g)
+    x = base.repeat_interleave(40, dim=0)            # 200 rows, 5 distinct CE values, runs of 40 ties
+    t = torch.randint(0, 7, (5,), generator=g).repeat_interleave(40)
+    perm = torch.randperm(200, generator=g)          # interleave the runs
+    x, t = x[perm].contiguous(), t[perm].contiguous()
+    t[::17] = -100
+    got, ref = _ohem_kept(x, t, keep=keep)
+    assert torch.equal(got, ref)
+
+
+def test_ohem_nan_rows_rank_first_and_thresh_mode_with_nan():
+    x, t = softmax_case((300, 11), seed=8, ignore_frac=0.1)
+    x[5, 3] = float("nan")
+    x[77] = float("nan")
+    got, ref = _ohem_kept(x, t, keep=0.1)
+    assert torch.equal(got, ref) and got[5] and got[77]
+    got, ref = _ohem_kept(x, t, thresh=0.6, min_kept=40)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("min_kept", [0, 1, 150, 10_000])
+def test_ohem_threshold_rank_is_exact(min_kept):
+    """The mmseg threshold sorted_p[min(min_kept, n_valid - 1)] from the radix select: the kept mask
+    equals the reference's for thresholds below, inside and above the p distribution."""
+    x, t = softmax_case((4, 13, 16, 17), seed=9, ignore_frac=0.2, ignore_index=255)
+    for thresh in (0.05, 0.7, 1.0):
+        got, ref = _ohem_kept(x, t, thresh=thresh, min_kept=min_kept, ignore_index=255)
+        assert torch.equal(got, ref), (thresh, min_kept)
+
+
+def test_confident_rows_keep_their_loss_in_every_simd_path():
+    """Targets far above the rest (margins 17 .. 100, ragged C): the loss is -log1p(sum of the
+    others) and 1 - p_t is sum_others / sum, so focal's loss keeps full relative accuracy where
+    1 + sum_others rounds to 1 in float32."""
+    for c in (5, 80):
+        x, t = softmax_case((64, c), seed=c)
+        rows = torch.arange(64)
+        margin = torch.linspace(17.0, 100.0, 64)
+        others = x.scatter(1, t[:, None], float("-inf")).max(dim=1).values
+        x[rows, t] = others + margin
+        out = fl.focal(x, t, gamma=0.0, reduction="none", backend="cpu")
+        x64 = x.double()
+        ref = -(x64.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(x64, dim=1))
+        others_exp = torch.exp(x64 - x64.gather(1, t[:, None]))
+        others_exp[rows, t] = 0.0
+        exact = torch.log1p(others_exp.sum(dim=1))  # -log p_t from the sum over j != t, in float64
+        assert_rel_close(out[margin < 80], exact[margin < 80], 1e-5, f"C={c} confident CE")
+        assert ref.shape == out.shape
