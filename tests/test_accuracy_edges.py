@@ -73,7 +73,7 @@ SOFTMAX_LOSSES = {
     "focal_gamma0": ("focal", dict(gamma=0.0)),
     "focal_gamma0.5_alpha": ("focal", dict(gamma=0.5, alpha=0.25)),
     "focal_gamma2": ("focal", dict(gamma=2.0)),
-    "ohem": ("ohem", dict(keep=0.5)),
+    "ohem": ("ohem", dict(keep=0.75)),  # mixed batches: the 8 ordinary rows and 4 confident ones kept
     "ghmc_softmax": ("ghmc", dict(use_sigmoid=False, bins=10)),
     "ib": ("ib", dict()),
     "ib_focal": ("ib", dict(gamma=1.0)),
