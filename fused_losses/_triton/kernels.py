@@ -160,22 +160,11 @@ def _one_minus_p_plus_p_log_p(q, logp):
     """(1 - p) + p log p for q = 1 - p in [0, 1] and logp = log p, without cancellation: the series
     sum_{k >= 2} q^k / (k (k - 1)) (every term positive) below q = 1/4, the formula itself above
     (where it cancels by at most a factor 8; p log p -> 0 as p -> 0, never 0 * inf)."""
-    # Horner on the series q^2 (1/2 + q (1/6 + q (1/12 + ...))), 15 terms: 0.25^15 / 210 < 2^-24 q^2 / 2.
-    acc = tl.zeros_like(q) + 1.0 / 240.0
-    acc = 1.0 / 210.0 + q * acc
-    acc = 1.0 / 182.0 + q * acc
-    acc = 1.0 / 156.0 + q * acc
-    acc = 1.0 / 132.0 + q * acc
-    acc = 1.0 / 110.0 + q * acc
-    acc = 1.0 / 90.0 + q * acc
-    acc = 1.0 / 72.0 + q * acc
-    acc = 1.0 / 56.0 + q * acc
-    acc = 1.0 / 42.0 + q * acc
-    acc = 1.0 / 30.0 + q * acc
-    acc = 1.0 / 20.0 + q * acc
-    acc = 1.0 / 12.0 + q * acc
-    acc = 1.0 / 6.0 + q * acc
-    acc = 0.5 + q * acc
+    # Horner on q^2 (1/2 + q (1/6 + q (1/12 + ...))), k = 2..13: the first term left out, q^14 / 182,
+    # is below 0.25^12 * 2 / 182 < 2^-30 of the first, q^2 / 2.
+    acc = tl.zeros_like(q) + 1.0 / 156.0
+    for k in tl.static_range(12, 1, -1):
+        acc = 1.0 / (k * (k - 1)) + q * acc
     series = q * q * acc
     direct = q + tl.exp(logp) * logp
     return tl.where(q < 0.25, series, direct)
