@@ -124,3 +124,93 @@ def opcheck_loss_op(op, args) -> None:
         return
     torch.library.opcheck(op, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy at the edges (tests/test_accuracy_edges.py; README "Accuracy")
+# --------------------------------------------------------------------------------------------
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # 2^-126: below it float32 carries no full relative precision
+
+
+def assert_close_per_sample(out: torch.Tensor, ref: torch.Tensor, what: str, *, rtol: float,
+                            atol: float = FLOAT32_TINY) -> None:
+    """Every sample within rtol of the reference: ||out_s - ref_s|| <= rtol ||ref_s|| + atol.
+
+    out, ref: (S, K) = S samples of K values each (a softmax row's gradient, one loss value, one
+    element of a sigmoid loss); the norm is the L2 norm over the sample's K values. atol (float32's
+    smallest normal by default) only matters where the reference itself is below float32's normal
+    range. NaN must match NaN; equal infinities match."""
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    assert out.shape == ref.shape and out.dim() == 2, f"{what}: shapes {tuple(out.shape)} / {tuple(ref.shape)}"
+    nan_out, nan_ref = torch.isnan(out), torch.isnan(ref)
+    assert torch.equal(nan_out, nan_ref), f"{what}: NaN at {nan_out.nonzero().tolist()}, reference at " \
+                                          f"{nan_ref.nonzero().tolist()}"
+    inf_ref = torch.isinf(ref)
+    assert torch.equal(torch.isinf(out), inf_ref) and torch.equal(out[inf_ref], ref[inf_ref]), \
+        f"{what}: infinities differ from the reference's"
+    keep = ~(nan_ref | inf_ref)
+    diff = torch.linalg.vector_norm(torch.where(keep, out - ref, 0.0), dim=1)
+    scale = torch.linalg.vector_norm(torch.where(keep, ref, 0.0), dim=1)
+    bad = (diff > rtol * scale + atol).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[torch.argmax((diff / scale.clamp_min(atol))[bad])])
+        raise AssertionError(
+            f"{what}: {bad.numel()} of {out.shape[0]} samples above rtol {rtol:.0e} (+ atol {atol:.1e}); worst: sample "
+            f"{i}, relative error {float(diff[i] / scale[i]) if scale[i] > 0 else float('inf'):.3e}, got "
+            f"{out[i, :4].tolist()}, reference {ref[i, :4].tolist()}")
+
+
+class _LogSoftmaxFloat64(torch.autograd.Function):
+    """log_softmax along `dim` without the one rounding that float64 torch cannot avoid:
+    log p_argmax = -log1p(sum_{j != argmax} e^(x_j - m)) instead of -log(1 + that sum), and
+    1 - p_argmax = that sum / (1 + that sum) in the backward instead of 1 - p_argmax. torch's
+    float64 log_softmax has an absolute error of ~1e-16 in log p_t, i.e. a *relative* error of
+    1e-16 / (1 - p_t) in a confident sample's loss (1e-4 at a margin of 30 logits), so it is no
+    ground truth for the fp32 kernels there; this form stays at a few float64 ulps."""
+
+    @staticmethod
+    def forward(ctx, x, dim):
+        xm = x.movedim(dim, -1)
+        m, arg = xm.max(dim=-1, keepdim=True)
+        shifted = xm - m
+        e = torch.exp(shifted)
+        rest = e.scatter(-1, arg, 0.0).sum(-1, keepdim=True)  # sum over j != argmax
+        log_s = torch.log1p(rest)
+        ctx.save_for_backward(e / (1.0 + rest), rest / (1.0 + rest), arg)
+        ctx.dim = dim
+        return (shifted - log_s).movedim(-1, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, one_minus_p_max, arg = ctx.saved_tensors
+        g = grad.movedim(ctx.dim, -1)
+        total = g.sum(-1, keepdim=True)
+        out = g - p * total
+        g_max = g.gather(-1, arg)
+        # g_a - p_a total = g_a (1 - p_a) - p_a (total - g_a), without the cancellation of 1 - p_a.
+        out = out.scatter(-1, arg, g_max * one_minus_p_max - p.gather(-1, arg) * (total - g_max))
+        return out.movedim(-1, ctx.dim), None
+
+
+class accurate_float64_log_softmax:
+    """Context manager: while active, torch.log_softmax of float64 tensors (which the reference
+    calls for every softmax loss) is _LogSoftmaxFloat64; other dtypes are untouched (so the
+    reference's float32 GHM-C bins stay as they are). Makes the float64 reference a ground
+    truth for confident samples (tests/test_accuracy_edges.py)."""
+
+    def __enter__(self):
+        self._original = torch.log_softmax
+        original = self._original
+
+        def log_softmax(x, dim=None, *args, **kwargs):
+            if isinstance(x, torch.Tensor) and x.dtype == torch.float64 and dim is not None and not args and not kwargs:
+                return _LogSoftmaxFloat64.apply(x, dim)
+            return original(x, dim, *args, **kwargs)
+
+        torch.log_softmax = log_softmax
+        return self
+
+    def __exit__(self, *exc):
+        torch.log_softmax = self._original
+        return False

@@ -103,7 +103,8 @@ def _softmax_launch(kind, logits, target, *, scale, class_w=None, feat=None, gam
     store_rows = not stats and reduction == "none"
     reduce = not stats and reduction != "none"
     if stats:
-        out["logpt"], out["omp"], out["lse"] = (torch.empty(m, **f32) for _ in range(3))
+        out["logpt"], out["omp"] = (torch.empty(m, **f32) for _ in range(2))
+        out["lse"] = torch.empty((m, 2), **f32)  # log-sum-exp as float32 (hi, lo) pairs
     if store_rows:
         out["rows"] = torch.empty(m, dtype=loss_dtype, device=dev)
     if reduce:
@@ -129,7 +130,8 @@ def _softmax_launch(kind, logits, target, *, scale, class_w=None, feat=None, gam
 
 
 def _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, skip_zero_coef):
-    """Second pass of OHEM / GHM-C softmax: grad = coef_i (softmax_i - onehot_i)."""
+    """Second pass of OHEM / GHM-C softmax: grad = coef_i (softmax_i - onehot_i); lse: the (M, 2)
+    float32 (hi, lo) log-sum-exp pairs of the STATS pass."""
     grad = _grad_like(logits, need_grad, reduction)
     if not need_grad:
         return grad
