@@ -98,7 +98,8 @@ def extensions():
     # -fno-trapping-math: lets GCC if-convert (and so vectorise) the selects of the CPU loss
     # loops; the kernels never rely on floating-point exception flags. Rounding is unchanged
     # (this is not -ffast-math).
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math",
+           "-Wno-psabi"]  # GCC's note that vector-argument passing changed in GCC 4.6: not our ABI
     include_dirs = [os.path.join(HERE, "csrc")]
     modules = [cpp_extension.CppExtension(
         "fused_losses._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},

@@ -153,10 +153,10 @@ def _check_range(target: torch.Tensor, ignore_index: int, high: int, validate) -
     # are refused): check the values of every batch element on the tensor underneath.
     while torch._C._functorch.is_functorch_wrapped_tensor(target):
         target = torch._C._functorch.get_unwrapped(target)
-    kept = target[target != ignore_index]
-    if kept.numel() == 0:
-        return
-    lo, hi = int(kept.min()), int(kept.max())
+    # Ignored entries are mapped to 0 (always in range): one elementwise pass and one reduction,
+    # no boolean-mask gather (which cost about a quarter of the fused kernel's time on
+    # segmentation shapes).
+    lo, hi = (int(v) for v in torch.aminmax(torch.where(target == ignore_index, 0, target)))
     bad = lo if lo < 0 else hi
     if lo < 0 or hi > high:
         _value_error("target", f"value {bad} is out of range [0, {high}] (ignore_index={ignore_index})")
@@ -185,8 +185,8 @@ def _warn_labels_without_background(target: torch.Tensor, ignore_index: int, c: 
         validate = target.device.type == "cpu" and not torch.compiler.is_compiling()
     if not validate or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(target):
         return
-    kept = target[target != ignore_index]
-    if kept.numel() == 0 or bool((kept == c).any()):
+    valid = target != ignore_index
+    if not bool(valid.any()) or bool((valid & (target == c)).any()):
         return
     warnings.warn(f"ghmc: use_sigmoid=True (the default) reads integer targets as detection labels with label == "
                   f"C = {c} meaning background, but no target here is {c}: every row gets one positive class and "
