@@ -15,7 +15,7 @@ export MAX_JOBS ?= 2
 SOURCES     := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 PYTEST_ARGS ?=
 
-.PHONY: venv build test demo bench clean
+.PHONY: venv build test demo bench clean test-cuda-emu
 .DEFAULT_GOAL := test
 
 $(VENV)/.installed: Makefile
@@ -39,6 +39,19 @@ test: build
 
 demo: build
 	$(PY) -m fused_losses.demo
+
+# The CUDA kernels on the CPU emulator (README "CUDA emulator"): builds the emulated extension
+# (build/cuda_emu, incremental), then runs the cuda_emu half of the compiled-backend tests under
+# two schedules and the emulator's self-tests. Exits non-zero on any failure.
+EMU_SCHEDULES := threads=forward,blocks=forward,sms=132 threads=random,seed=1,blocks=reverse,sms=1
+EMU_TESTS     := tests/test_compiled_backends.py tests/test_backward.py
+test-cuda-emu: build
+	$(PY) -m tests.cuda_emu.build
+	set -e; for schedule in $(EMU_SCHEDULES); do \
+	  echo "== cuda_emu schedule $$schedule"; \
+	  FL_CUDA_EMU=$$schedule $(PY) -m pytest -n 2 -q -p no:cacheprovider -k cuda_emu $(EMU_TESTS) $(PYTEST_ARGS); \
+	done
+	FL_CUDA_EMU=threads=forward $(PY) -m pytest -n 2 -q -p no:cacheprovider tests/cuda_emu $(PYTEST_ARGS)
 
 bench: build
 	$(PY) -m benchmarks.bench --size small
