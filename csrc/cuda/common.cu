@@ -32,14 +32,18 @@ __global__ void __launch_bounds__(kThreads) finish_loss_kernel(const double* __r
   }
 }
 
-// count[0] += number of i < n with target[i] != ignore_index (count zeroed by the caller).
+// count[0] += number of i < n with target[i] a valid index: != ignore_index and in [0, upper)
+// (count zeroed by the caller). Out-of-range targets are not counted: the loss kernels assert on
+// them and treat the row as ignored, so the 'mean' denominator and GHM-C's n_valid must too.
 // Per block an integer sum, then one integer atomic per block (exact). Traffic: 8 bytes per row.
 __global__ void __launch_bounds__(kThreads) count_valid_kernel(const int64_t* __restrict__ target, int64_t n,
-                                                               int64_t ignore_index, int64_t* __restrict__ count) {
+                                                               int64_t ignore_index, int64_t upper,
+                                                               int64_t* __restrict__ count) {
   long long local = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
-    local += target[i] != ignore_index;
+    const int64_t t = target[i];
+    local += t != ignore_index && t >= 0 && t < upper;
   }
   const long long total = block_sum(local);
   if (threadIdx.x == 0 && total != 0) {
@@ -47,14 +51,13 @@ __global__ void __launch_bounds__(kThreads) count_valid_kernel(const int64_t* __
   }
 }
 
-// Number of valid rows (target != ignore_index) as a device int64 (1,) tensor, no host read.
-at::Tensor count_valid(const at::Tensor& target, int64_t ignore_index) {
+at::Tensor count_valid(const at::Tensor& target, int64_t ignore_index, int64_t upper) {
   at::Tensor count = at::zeros({1}, target.options().dtype(at::kLong));
   const int64_t n = target.numel();
   if (n == 0) return count;
   const int64_t blocks = grid_for(count_valid_kernel, n, kThreads * 4);
   FL_LAUNCH(blocks, kThreads, 0, current_stream(), count_valid_kernel)(target.data_ptr<int64_t>(), n, ignore_index,
-                                                                count.data_ptr<int64_t>());
+                                                                upper, count.data_ptr<int64_t>());
   FL_KERNEL_LAUNCH_CHECK();
   return count;
 }

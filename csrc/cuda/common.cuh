@@ -30,7 +30,9 @@
 // .item(), no sync).
 //
 // Out-of-range targets: a device-side assert (like torch's own kernels), and the row is treated
-// as ignored, so there is never an out-of-bounds access even with asserts compiled out.
+// as ignored, so there is never an out-of-bounds access even with asserts compiled out: no loss,
+// a zero gradient row, not counted in the 'mean' denominator (count_valid), not in GHM-C's
+// n_valid nor its histogram, never kept by OHEM.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -103,8 +105,10 @@ int64_t grid_for(Kernel kernel, int64_t work, int64_t per_block) {
   return std::max<int64_t>(1, std::min(wanted, resident));
 }
 
-// Number of valid rows (target != ignore_index) as a device int64 (1,) tensor, no host read.
-at::Tensor count_valid(const at::Tensor& target, int64_t ignore_index);
+// Number of valid rows as a device int64 (1,) tensor, no host read: target != ignore_index and
+// in [0, upper) (upper = C for class indices, C + 1 for sigmoid labels, C meaning background).
+// An out-of-range target is treated as ignored everywhere (the kernels assert on it).
+at::Tensor count_valid(const at::Tensor& target, int64_t ignore_index, int64_t upper);
 
 // Loss output of a reduced ('mean'/'sum') call: sums the partials and writes the 0-dim float32.
 void finish_loss(const at::Tensor& partials, const MeanCount& count, Reduction reduction, const at::Tensor& out);

@@ -76,13 +76,16 @@ __global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const S
 __global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const float* __restrict__ log_pt,
                                                                          const int64_t* __restrict__ target,
                                                                          int64_t rows, int64_t ignore_index,
-                                                                         int64_t bins,
+                                                                         int64_t C, int64_t bins,
                                                                          unsigned long long* __restrict__ counts) {
   FL_SHARED(unsigned int, hist, kSharedBins);
   BlockHistogram histogram(hist, counts, bins);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < rows; r += stride) {
-    if (target[r] == ignore_index) continue;
+    const int64_t t = target[r];
+    // Ignored rows, and out-of-range targets (asserted on by the stats pass, treated as ignored:
+    // their log p_t of 0 would otherwise land in bin 0).
+    if (t == ignore_index || t < 0 || t >= C) continue;
     const int64_t b = lm::ghm_bin(lm::ghm_softmax_g(log_pt[r]), bins);
     if (b >= 0) histogram.add(b);
   }
@@ -171,7 +174,7 @@ at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& 
     // "sum": the call's loss output is then a 0-dim tensor this op does not use (no rows buffer).
     const SoftmaxCall call = softmax_call(logits_in, target_in, "sum", false, false, "ghmc_bin_weights");
     const int64_t rows = call.sh.N * call.sh.S;
-    valid_rows = count_valid(call.target, ignore_index);
+    valid_rows = count_valid(call.target, ignore_index, call.sh.C);
     valid.count_dev = valid_rows.data_ptr<int64_t>();
     if (rows > 0) {
       const at::Tensor log_pt = at::empty({rows}, call.logits.options().dtype(at::kFloat));
@@ -183,7 +186,7 @@ at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& 
         softmax_pass(a, false, at::Tensor());
       });
       FL_LAUNCH(grid_for(ghm_softmax_histogram_kernel, rows, kThreads * 4), kThreads, 0, current_stream(), ghm_softmax_histogram_kernel)(
-          log_pt.data_ptr<float>(), call.target.data_ptr<int64_t>(), rows, ignore_index, bins, counts_ptr);
+          log_pt.data_ptr<float>(), call.target.data_ptr<int64_t>(), rows, ignore_index, call.sh.C, bins, counts_ptr);
       FL_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -219,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cuda(const at::Tensor& logits_in
   }
   const SoftmaxCall call = softmax_call(logits_in, target_in, reduction_name, compute_grad, false, "ghmc_forward");
   at::Tensor count;
-  if (call.reduction == Reduction::Mean) count = count_valid(call.target, ignore_index);
+  if (call.reduction == Reduction::Mean) count = count_valid(call.target, ignore_index, call.sh.C);
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ghmc_forward_cuda", [&] {
     dispatch_grad_t<scalar_t>(call.grad, [&](auto grad_tag) {
       using grad_t = typename decltype(grad_tag)::type;

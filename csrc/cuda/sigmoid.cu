@@ -125,7 +125,7 @@ SigmoidCall sigmoid_call(const at::Tensor& logits_in, const at::Tensor& target_i
   } else {
     call.labels = index_target(target_in, logits_in);
     TORCH_CHECK(call.labels.numel() == call.M, "target: integer labels must have shape logits.shape[:-1]");
-    if (need_count) call.count = count_valid(call.labels, ignore_index);
+    if (need_count) call.count = count_valid(call.labels, ignore_index, call.C + 1);
   }
   return call;
 }

@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& 
       softmax_call(logits_in, target_in, reduction, compute_grad, /*zero_grad=*/!from_logits, "softmax_focal_forward");
   at::Tensor alpha_vec, count;
   if (alpha_per_class.has_value()) alpha_vec = float_vector(*alpha_per_class, call.logits, call.sh.C, "alpha");
-  if (call.reduction == Reduction::Mean) count = count_valid(call.target, ignore_index);
+  if (call.reduction == Reduction::Mean) count = count_valid(call.target, ignore_index, call.sh.C);
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "softmax_focal_forward_cuda", [&] {
     dispatch_grad_t<scalar_t>(call.grad, [&](auto grad_tag) {
       using grad_t = typename decltype(grad_tag)::type;
@@ -54,7 +54,12 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cuda(const at::Tensor& logits_in
     a.log_pt_rows = log_pt.data_ptr<float>();
     softmax_pass(a, false, at::Tensor());
   });
-  const at::Tensor valid = call.target.ne(ignore_index);
+  // Valid rows: not ignored and a class index in [0, C) (an out-of-range target is asserted on by
+  // the stats pass and treated as ignored: never kept, not counted). The target is (N, d...):
+  // flattened to the rows of log_pt.
+  const at::Tensor target_rows = call.target.reshape({-1});
+  const at::Tensor valid =
+      target_rows.ne(ignore_index).logical_and_(target_rows.ge(0)).logical_and_(target_rows.lt(call.sh.C));
   const at::Tensor n_valid = valid.sum();  // int64, on the device
   at::Tensor kept;
   if (!thresh.has_value()) {

@@ -104,8 +104,9 @@ def _rebound(fn):
 def _probe() -> tuple[bool, str]:
     if ENV not in os.environ:
         return False, f"the CUDA emulator runs only when {ENV} is set (`make test-cuda-emu`)"
-    path = os.path.join(build.build_dir(_asan()),
-                        "fused_losses_emu_asan.so" if _asan() else "fused_losses_emu.so")
+    # FL_CUDA_EMU_LIBRARY: another build of the library (tests/cuda_emu/mutants.py).
+    path = os.environ.get("FL_CUDA_EMU_LIBRARY") or os.path.join(
+        build.build_dir(_asan()), "fused_losses_emu_asan.so" if _asan() else "fused_losses_emu.so")
     if not os.path.exists(path):
         return False, f"{path} is not built (`make test-cuda-emu`, or python -m tests.cuda_emu.build)"
     try:
