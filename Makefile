@@ -42,8 +42,8 @@ demo: build
 
 # The CUDA kernels on the CPU emulator (README "CUDA emulator"): builds the emulated extension
 # (build/cuda_emu, incremental), then runs the cuda_emu half of the compiled-backend tests under
-# two schedules, the kernel regressions and the emulator's self-tests. Exits non-zero on any
-# failure. EMU_ASAN=1: the AddressSanitizer + UBSan build instead (build/cuda_emu_asan), on a
+# two schedules, the kernel regressions and the emulator's self-tests, then (with nvcc) the ptxas
+# resource check of every kernel (fails on register spills). Exits non-zero on any failure. EMU_ASAN=1: the AddressSanitizer + UBSan build instead (build/cuda_emu_asan), on a
 # subset (EMU_ASAN_TESTS; about 10x slower), with the sanitizer runtime preloaded into python.
 EMU_SCHEDULES  := threads=forward,blocks=forward,sms=132 threads=random,seed=1,blocks=reverse,sms=1
 EMU_TESTS      := tests/test_compiled_backends.py tests/test_backward.py
@@ -67,6 +67,7 @@ else
 	  FL_CUDA_EMU=$$schedule $(PY) -m pytest -n 2 -q -p no:cacheprovider -k cuda_emu $(EMU_TESTS) $(PYTEST_ARGS); \
 	done
 	FL_CUDA_EMU=threads=forward $(PY) -m pytest -n 2 -q -p no:cacheprovider tests/cuda_emu $(PYTEST_ARGS)
+	if [ -n "$(CUDA_HOME)" ]; then $(PY) -m tests.cuda_emu.resource_check; fi
 endif
 
 bench: build

@@ -173,6 +173,9 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
 // over the row (max; sum of e_c; gradient with e_c recomputed), VEC-value packs. The second and
 // third sweeps re-read the row just read, from L1/L2: device-memory traffic stays one read and
 // one write per element (rows up to ~100 KB per warp stay cached). Gradient in grad_t, as above.
+// The three sweeps are not unrolled (#pragma unroll 1; each iteration is already VEC values):
+// unrolled, the <float, float, 4> instance grew enough that ptxas spilled on the per-row path
+// (24 B stack, 40 B spill stores; tests/cuda_emu/resource_check.py fails on any spill).
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t, typename grad_t, int VEC>
 __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
@@ -191,6 +194,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
     RowResult res{0.0f, 0.0f, 0.0f};
     float log_pt = 0.0f;
     if (rt.active) {
+#pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
         const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
 #pragma unroll
@@ -200,6 +204,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
         }
       }
       row_max = group_max<32>(row_max);
+#pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
         const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
 #pragma unroll
@@ -213,6 +218,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
       grad_t* g = a.grad + row * C;
       const float p_scale = -res.k / row_sum;
       const float target_grad = res.k * lm::one_minus_pt_from_log(log_pt);
+#pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
         Pack<grad_t, VEC> out;
         if (rt.active) {

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -58,9 +57,19 @@ def mutants(csrc: str):
 
 
 def _sync_tree() -> str:
+    """build/cuda_emu_mutants/src = csrc/, rewriting only files whose content differs (so the
+    incremental build recompiles only what a mutant touched, and what the previous one did)."""
     src = os.path.join(WORK, "src")
-    os.makedirs(src, exist_ok=True)
-    subprocess.run(["rsync", "-a", "--checksum", "--delete", os.path.join(ROOT, "csrc") + "/", src + "/"], check=True)
+    origin = os.path.join(ROOT, "csrc")
+    for directory, _, files in os.walk(origin):
+        target_dir = os.path.join(src, os.path.relpath(directory, origin))
+        os.makedirs(target_dir, exist_ok=True)
+        for name in files:
+            a, b = os.path.join(directory, name), os.path.join(target_dir, name)
+            data = open(a, "rb").read()
+            if not os.path.exists(b) or open(b, "rb").read() != data:
+                with open(b, "wb") as f:
+                    f.write(data)
     return src
 
 

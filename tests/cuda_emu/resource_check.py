@@ -5,6 +5,8 @@ resident blocks of 256 threads per multiprocessor the register count allows (wha
 occupancy calculator gives grid_for, csrc/cuda/common.cuh).
 
     python -m tests.cuda_emu.resource_check [--arch sm_90] [--jobs 2] [--out FILE]
+    python -m tests.cuda_emu.resource_check --from-log BUILD_LOG   # a build run with
+        NVCC_APPEND_FLAGS="-Xptxas -v" (the ptxas lines of every file, no second compile)
 
 Exit status 1 on a spill, 2 when nvcc is missing.
 """
@@ -79,18 +81,24 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", "2")))
     parser.add_argument("--out", help="also write the report here")
+    parser.add_argument("--from-log", help="parse the ptxas -v lines of this build log instead of compiling")
     args = parser.parse_args(argv)
-    if not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        print(f"resource check: no nvcc under {CUDA_HOME}", file=sys.stderr)
-        return 2
-    sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        outputs = dict(zip(sources, pool.map(lambda s: compile_one(s, args.arch), sources)))
+    if args.from_log:
+        sources = ["build log " + os.path.basename(args.from_log)]
+        outputs = {sources[0]: open(args.from_log, errors="replace").read()}
+    else:
+        if not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+            print(f"resource check: no nvcc under {CUDA_HOME}", file=sys.stderr)
+            return 2
+        sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            outputs = dict(zip(sources, pool.map(lambda s: compile_one(s, args.arch), sources)))
     lines, spills = [], 0
     for source in sources:
         kernels = parse(outputs[source])
         names = _demangle([k["name"] for k in kernels])
-        lines.append(f"== {os.path.relpath(source, ROOT)} ({args.arch}): {len(kernels)} kernels")
+        label = os.path.relpath(source, ROOT) if os.path.isabs(source) else source
+        lines.append(f"== {label} ({args.arch}): {len(kernels)} kernels")
         for k in sorted(kernels, key=lambda k: names[k["name"]]):
             regs = max(k["regs"], 1)
             blocks = min(8, 65536 // (((regs + 7) // 8 * 8) * 256)) if regs else 8
