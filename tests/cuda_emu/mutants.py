@@ -87,8 +87,6 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*")
     parser.add_argument("--log", default=os.path.join(HERE, "mutants.log"))
     args = parser.parse_args(argv)
-    from tests.cuda_emu import build
-
     src = _sync_tree()
     todo = [m for m in mutants(src) if not args.only or m[0] in args.only]
     if args.list:
@@ -104,7 +102,13 @@ def main(argv=None) -> int:
             with open(os.path.join(src, rel), "w") as f:
                 f.write(text)
             start = time.time()
-            library = build.build(csrc=src, directory=os.path.join(WORK, "build"))
+            # A fresh process per build: torch's builder skips a second build of the same
+            # extension name in one process when its listed sources (the wrappers) are unchanged.
+            directory = os.path.join(WORK, "build")
+            subprocess.run([sys.executable, "-c", "import sys; from tests.cuda_emu import build; "
+                            f"build.build(csrc={src!r}, directory={directory!r})"], cwd=ROOT, check=True,
+                           capture_output=True)
+            library = os.path.join(directory, "fused_losses_emu.so")
             built = time.time() - start
             killed, detail = False, ""
             for schedule in SCHEDULES:
