@@ -42,8 +42,9 @@ def _program(asan: bool) -> str:
         flags = ["-std=c++17", "-O1", "-g", "-ffp-contract=off", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc")]
         if asan:
             flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
-        subprocess.run(["g++", *flags, *sources[:2], "-o", exe + ".tmp"], check=True)
-        os.replace(exe + ".tmp", exe)
+        tmp = f"{exe}.{os.getpid()}.tmp"  # pytest-xdist workers may build it at the same time
+        subprocess.run(["g++", *flags, *sources[:2], "-o", tmp], check=True)
+        os.replace(tmp, exe)
     return exe
 
 
