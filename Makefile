@@ -39,7 +39,7 @@ NINJA_FILTER := sed -u -E -e 's|^(\[[0-9]+/[0-9]+\]) .* -c ($(CURDIR)/)?([^ ]+) 
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: venv build build-cpu test demo bench clean
+.PHONY: venv build build-cpu test demo bench clean test-cuda-emu
 .DEFAULT_GOAL := test
 
 $(VENV)/.installed: Makefile
@@ -91,6 +91,36 @@ test: build
 demo: build-cpu
 	@echo "make: running the demo: 8 LeNets on 4000 MNIST digits (about 1 min)"
 	$(PY) -m fused_losses.demo
+
+# The CUDA kernels on the CPU emulator (README "CUDA emulator"): builds the emulated extension
+# (build/cuda_emu, incremental), then runs the cuda_emu half of the compiled-backend tests under
+# two schedules, the kernel regressions and the emulator's self-tests, then (with nvcc) the ptxas
+# resource check of every kernel (fails on register spills). Exits non-zero on any failure. EMU_ASAN=1: the AddressSanitizer + UBSan build instead (build/cuda_emu_asan), on a
+# subset (EMU_ASAN_TESTS; about 10x slower), with the sanitizer runtime preloaded into python.
+EMU_SCHEDULES  := threads=forward,blocks=forward,sms=132 threads=random,seed=1,blocks=reverse,sms=1
+EMU_TESTS      := tests/test_compiled_backends.py tests/test_backward.py
+EMU_ASAN       ?= 0
+EMU_ASAN_TESTS ?= tests/cuda_emu/test_kernels.py tests/test_backward.py \
+                  tests/test_compiled_backends.py::test_focal_every_row_kernel \
+                  tests/test_compiled_backends.py::test_misaligned_views \
+                  tests/test_compiled_backends.py::test_ghmc_large_spatial_and_many_bins \
+                  tests/test_compiled_backends.py::test_sigmoid_focal_shapes_tails_layouts_and_mixed_targets
+EMU_ASAN_ENV   := LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+                  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FL_CUDA_EMU_ASAN=1
+test-cuda-emu: build
+ifeq ($(EMU_ASAN),1)
+	$(EMU_ASAN_ENV) $(PY) -m tests.cuda_emu.build --asan
+	$(EMU_ASAN_ENV) FL_CUDA_EMU=threads=random,seed=2,sms=1 $(PY) -m pytest -n 2 -q -p no:cacheprovider \
+	  -k cuda_emu $(EMU_ASAN_TESTS) $(PYTEST_ARGS)
+else
+	$(PY) -m tests.cuda_emu.build
+	set -e; for schedule in $(EMU_SCHEDULES); do \
+	  echo "== cuda_emu schedule $$schedule"; \
+	  FL_CUDA_EMU=$$schedule $(PY) -m pytest -n 2 -q -p no:cacheprovider -k cuda_emu $(EMU_TESTS) $(PYTEST_ARGS); \
+	done
+	FL_CUDA_EMU=threads=forward $(PY) -m pytest -n 2 -q -p no:cacheprovider tests/cuda_emu $(PYTEST_ARGS)
+	if [ -n "$(CUDA_HOME)" ]; then $(PY) -m tests.cuda_emu.resource_check; fi
+endif
 
 bench: build
 	$(PY) -m benchmarks.bench --size small

@@ -3,7 +3,8 @@ saved, what `loss.backward()` costs, retain_graph, torch.compile and the scale_g
 
 Runs for every compiled backend on the tensors it serves: 'cpu' on CPU tensors, 'triton' on CPU
 tensors under TRITON_INTERPRET=1 (the CI set-up, tests/conftest.py) and on CUDA tensors, 'cuda'
-on CUDA tensors; a pair whose backend is unavailable here is skipped with the reason.
+on CUDA tensors, 'cuda_emu' (the CUDA kernels on the CPU emulator, tests/cuda_emu; under `make
+test-cuda-emu`) on CPU tensors; a pair whose backend is unavailable here is skipped with the reason.
 
 * A reduced loss ('mean'/'sum') with bf16/fp32/fp64 logits saves its gradient in the logits
   dtype; `loss.backward()` then dispatches exactly one op, fused_losses::scale_grad_, which
@@ -21,19 +22,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fused_losses as fl
 from fused_losses import _ops
 from tests.conftest import DEVICES
+from tests.cuda_emu import backend as cuda_emu
 from tests.utils import TOL, UNIT_ROUNDOFF, assert_rel_close, sigmoid_case, softmax_case
 
-OPS = torch.ops.fused_losses
 
-
-PAIRS = [("cpu", "cpu"), ("triton", "cpu")] + [("cuda", "cuda"), ("triton", "cuda")] * ("cuda" in DEVICES)
+PAIRS = [("cpu", "cpu"), ("triton", "cpu"), ("cuda_emu", "cpu")] + [("cuda", "cuda"), ("triton", "cuda")] * ("cuda" in DEVICES)
 PAIR_IDS = [f"{b}-{d}" for b, d in PAIRS]
 
 
 def _require(backend: str) -> str:
-    status = fl.backends()[backend]
-    if not status.available:
-        pytest.skip(f"{backend} backend unavailable: {status.reason}")
+    available, reason = cuda_emu.BACKEND.availability() if backend == "cuda_emu" else fl.backends()[backend]
+    if not available:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
     return backend
 
 
@@ -73,12 +73,15 @@ CASES = {
 }
 
 
+_NAMESPACES = {"triton": "fused_losses_triton", "cuda_emu": cuda_emu.NAMESPACE}
+
+
 def _inplace_op_name(backend: str) -> str:
-    return "fused_losses_triton.scale_grad_" if backend == "triton" else "fused_losses.scale_grad_"
+    return f"{_NAMESPACES.get(backend, 'fused_losses')}.scale_grad_"
 
 
 def _inplace_op(backend: str):
-    return torch.ops.fused_losses_triton.scale_grad_ if backend == "triton" else OPS.scale_grad_
+    return getattr(torch.ops, _NAMESPACES.get(backend, "fused_losses")).scale_grad_
 
 
 class _OpLog(TorchDispatchMode):

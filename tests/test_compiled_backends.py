@@ -4,13 +4,19 @@ What runs where. Every test takes a ``dev`` parameter, one of
 
   cpu   backend='cpu' (fused C++ kernels, csrc/cpu) on CPU tensors. Runs wherever the extension
         is built, i.e. in every CI run. Matrix dtypes float32, bfloat16, float64; N in {0, 1, 7}.
-  cuda  backend='cuda' (hand-written kernels, csrc/cuda/losses_cuda.cu) on CUDA tensors. Runs
+  cuda  backend='cuda' (hand-written kernels, csrc/cuda/*.cu) on CUDA tensors. Runs
         only where fl.backends()['cuda'].available (extension built with its CUDA part, every op
         with a CUDA kernel, a GPU visible). Elsewhere its cases are not collected and the one test
         test_backend_unavailable[cuda] is skipped with the backend's reason and the number of
         cases left out (the CUDA object is still compiled by every build that finds nvcc, and
         tests/test_api.py checks compiled_with_cuda()). Matrix dtypes float32, bfloat16, float16;
         N in {0, 1, 7, 4096} (4096 for every third configuration of a matrix).
+  cuda_emu  backend='cuda_emu' (tests/cuda_emu/backend.py): the same CUDA kernels compiled for
+        the CPU emulator (csrc/cuda_emu), on CPU tensors; runs under `make test-cuda-emu` (which
+        sets FL_CUDA_EMU to a schedule). Every test of the cuda side except the ones that need a
+        real GPU (no host sync, numel > 2^31) and the automatic choice; sizes as cuda except
+        N = 1024 for the big cases (CI time). Determinism is also checked across emulator
+        schedules (thread order, block order, multiprocessor count).
 
 On both: the loss matrices and the special shapes/inputs of every loss against the reference,
 torch.library.opcheck on every op, torch.compile(fullgraph=True), bitwise determinism, GHM-C EMA
@@ -43,6 +49,7 @@ import torch
 
 import fused_losses as fl
 from fused_losses import _backends, _validate, reference
+from tests.cuda_emu import backend as cuda_emu
 from tests.utils import (LOW_PRECISION, TOL, UNIT_ROUNDOFF, assert_matches_reference, assert_rel_close, loss_and_grad,
                          opcheck_loss_op, rel_error, sigmoid_case, softmax_case)
 
@@ -62,6 +69,7 @@ class Device:
     wide: torch.dtype  # the widest logits dtype the backend takes
     available: bool
     reason: str
+    ops: object = OPS  # the op namespace of its kernels (direct op calls)
 
 
 def _device(name, dtypes, ns, wide):
@@ -71,6 +79,10 @@ def _device(name, dtypes, ns, wide):
 
 CPU = _device("cpu", (torch.float32, torch.bfloat16, torch.float64), (0, 1, 7), torch.float64)
 CUDA = _device("cuda", (torch.float32, torch.bfloat16, torch.float16), (0, 1, 7, BIG_N), torch.float32)
+EMU_BIG_N = 1024
+CUDA_EMU = Device("cuda_emu", "cuda_emu", "cpu", (torch.float32, torch.bfloat16, torch.float16), (0, 1, 7, EMU_BIG_N),
+                  torch.float32, cuda_emu.available(), f"cuda_emu backend unavailable: {cuda_emu.reason()}",
+                  cuda_emu.ops() if cuda_emu.available() else None)
 
 
 def _id(value) -> str:
@@ -81,7 +93,7 @@ def _id(value) -> str:
     return str(value)
 
 
-_NOT_RUN = {"cpu": 0, "cuda": 0}  # cases left out because the device's backend is unavailable
+_NOT_RUN = {"cpu": 0, "cuda": 0, "cuda_emu": 0}  # cases left out because the device's backend is unavailable
 
 
 def on(*devices: Device, args: str = "", cases=None):
@@ -168,7 +180,7 @@ def check(dev, loss, logits, target, *extra, what="", **kwargs):
     assert grad.dtype == dtype and grad.shape == logits.shape
     _assert_accurate(out, ref, dtype, f"{label} loss", eager_out)
     _assert_accurate(grad, ref_grad, dtype, f"{label} grad", eager_grad)
-    if dev.name == "cuda" and CPU.available and "state" not in kwargs:
+    if dev.name != "cpu" and CPU.available and "state" not in kwargs:
         kw_cpu = {k: _to("cpu", v) for k, v in kwargs.items()}
         cpu_out, cpu_grad = loss_and_grad(fn, logits.cpu(), target.cpu(), *[e.cpu() for e in extra], backend="cpu",
                                           **kw_cpu)
@@ -194,11 +206,11 @@ def _assert_accurate(out, ref, dtype, what, eager):
 
 
 def _matrix(dev, configs, *axes, ns=None):
-    """(dtype, c, n, *axes, *config) over dev.dtypes x CLASSES x N x axes x configs; N = 4096
-    (cuda) only for every third configuration."""
+    """(dtype, c, n, *axes, *config) over dev.dtypes x CLASSES x N x axes x configs; the largest
+    N (cuda 4096, cuda_emu 1024) only for every third configuration."""
     for dtype, c, n, *rest, (index, config) in itertools.product(dev.dtypes, CLASSES, dev.ns if ns is None else ns,
                                                                  *axes, enumerate(configs)):
-        if n < BIG_N or index % 3 == 0:
+        if n < min(BIG_N, EMU_BIG_N) or index % 3 == 0:
             yield (dtype, c, n, *rest, *config)
 
 
@@ -216,7 +228,7 @@ def _alpha_value(kind, c):
 _FOCAL_CONFIGS = [(0.0, "none"), (0.5, "per_class"), (2.0, "float"), (2.0, "none"), (0.5, "float"), (0.0, "per_class")]
 
 
-@on(CPU, CUDA, args="dtype, c, n, reduction, gamma, alpha_kind",
+@on(CPU, CUDA, CUDA_EMU, args="dtype, c, n, reduction, gamma, alpha_kind",
     cases=lambda dev: _matrix(dev, _FOCAL_CONFIGS, ["mean", "sum", "none"]))
 def test_focal_matrix(dev, dtype, c, n, reduction, gamma, alpha_kind):
     logits, target = softmax_case((n, c), dtype, ignore_frac=0.2, seed=n * 7 + c)
@@ -226,7 +238,7 @@ def test_focal_matrix(dev, dtype, c, n, reduction, gamma, alpha_kind):
 _ROW_LENGTHS = [4, 5, 8, 16, 17, 32, 33, 40, 64, 128, 129, 256, 512, 1000, 1024, 1032, 4096, 5000]
 
 
-@on(CUDA, args="dtype, c", cases=lambda dev: itertools.product(dev.dtypes, _ROW_LENGTHS))
+@on(CUDA, CUDA_EMU, args="dtype, c", cases=lambda dev: itertools.product(dev.dtypes, _ROW_LENGTHS))
 def test_focal_every_row_kernel(dev, dtype, c):
     """Row lengths on both sides of every register layout (packs of 16 bytes when C is a
     multiple of 8 (fp16/bf16) or 4 (fp32), single values otherwise; boundaries at 4, 16, 32 and
@@ -243,9 +255,10 @@ _SPATIAL = {  # shapes, reductions
     "cuda": (_SPATIAL_SHAPES + [(2, 32, 17, 3), (2, 33, 17, 3), (2, 150, 8, 9), (0, 4, 3, 3), (2, 4, 0)],
              ["mean", "none", "sum"]),
 }
+_SPATIAL["cuda_emu"] = _SPATIAL["cuda"]
 
 
-@on(CPU, CUDA, args="dtype, shape, reduction", cases=lambda dev: itertools.product(dev.dtypes, *_SPATIAL[dev.name]))
+@on(CPU, CUDA, CUDA_EMU, args="dtype, shape, reduction", cases=lambda dev: itertools.product(dev.dtypes, *_SPATIAL[dev.name]))
 def test_focal_spatial(dev, dtype, shape, reduction):
     logits, target = softmax_case(shape, dtype, ignore_frac=0.15, ignore_index=255, seed=sum(shape))
     check(dev, "focal", logits, target, gamma=2.0, alpha=0.5, ignore_index=255, reduction=reduction)
@@ -257,7 +270,7 @@ def test_focal_large(dev):
     check(dev, "focal", logits, target, gamma=2.0, alpha=torch.rand(80).tolist())
 
 
-@on(CPU, CUDA)
+@on(CPU, CUDA, CUDA_EMU)
 def test_focal_int32_target_and_non_contiguous_logits(dev):
     base, target = softmax_case((80, 37), torch.float32, seed=5)
     logits = base.t()  # (37, 80) non-contiguous view
@@ -269,7 +282,7 @@ def test_focal_int32_target_and_non_contiguous_logits(dev):
     check(dev, "focal", channels_last, torch.randint(0, 7, (2, 5, 6)), gamma=2.0)
 
 
-@on(CUDA)
+@on(CUDA, CUDA_EMU)
 def test_misaligned_views(dev):
     """Views that start off a 16-byte boundary (the public API would copy them in the test
     helpers, so the ops are called directly): softmax rows take the unpacked kernel, sigmoid
@@ -279,18 +292,18 @@ def test_misaligned_views(dev):
     assert view.is_contiguous() and view.data_ptr() % 16 != 0
     t = torch.randint(0, 64, (8,), device=dev.device)
     for reduction in ("none", "sum"):
-        loss_v, grad_v = OPS.softmax_focal_forward(view, t, None, 1.0, 2.0, -100, reduction, True, True)
-        loss_c, grad_c = OPS.softmax_focal_forward(view.clone(), t, None, 1.0, 2.0, -100, reduction, True, True)
+        loss_v, grad_v = dev.ops.softmax_focal_forward(view, t, None, 1.0, 2.0, -100, reduction, True, True)
+        loss_c, grad_c = dev.ops.softmax_focal_forward(view.clone(), t, None, 1.0, 2.0, -100, reduction, True, True)
         assert_rel_close(loss_v, loss_c, 1e-2, "focal loss, misaligned view")  # bf16 'none' output
         assert_rel_close(grad_v, grad_c, 1e-5, "focal grad, misaligned view")
     labels = torch.randint(0, 65, (8,), device=dev.device)
     for target in (labels, (torch.rand(8, 64, device=dev.device) < 0.2).bfloat16()):
-        loss_v, grad_v = OPS.sigmoid_focal_forward(view, target, 0.25, 2.0, -100, "none", True)
-        loss_c, grad_c = OPS.sigmoid_focal_forward(view.clone(), target, 0.25, 2.0, -100, "none", True)
+        loss_v, grad_v = dev.ops.sigmoid_focal_forward(view, target, 0.25, 2.0, -100, "none", True)
+        loss_c, grad_c = dev.ops.sigmoid_focal_forward(view.clone(), target, 0.25, 2.0, -100, "none", True)
         assert torch.equal(loss_v, loss_c) and torch.equal(grad_v, grad_c)
 
 
-@on(CPU, CUDA)
+@on(CPU, CUDA, CUDA_EMU)
 def test_focal_from_probabilities(dev):
     logits, target = softmax_case((7, 5), torch.float32, ignore_frac=0.2, seed=9)
     probs = torch.softmax(logits, dim=1)
@@ -300,7 +313,7 @@ def test_focal_from_probabilities(dev):
     check(dev, "focal", torch.softmax(probs4, 1), target4, from_logits=False, reduction="none")
 
 
-@on(CPU, CUDA, args="gamma", cases=lambda dev: [0.0, 0.25, 0.5, 2.0])
+@on(CPU, CUDA, CUDA_EMU, args="gamma", cases=lambda dev: [0.0, 0.25, 0.5, 2.0])
 def test_focal_gradient_finite_as_pt_goes_to_one(dev, gamma):
     # p_t rounds to 1 in fp32 for margins over ~17 and in fp64 over ~37; the gradient must be
     # finite (the limit), equal to the reference's explicit formula.
@@ -313,7 +326,7 @@ def test_focal_gradient_finite_as_pt_goes_to_one(dev, gamma):
         assert torch.isfinite(grad).all()
 
 
-@on(CPU, CUDA)
+@on(CPU, CUDA, CUDA_EMU)
 def test_all_ignored_gives_zero_and_zero_grad(dev):
     logits, target = softmax_case((5, 3), torch.float32, dev.device, seed=1)
     target[:] = -100
@@ -322,7 +335,7 @@ def test_all_ignored_gives_zero_and_zero_grad(dev):
         assert out.item() == 0.0 and torch.count_nonzero(grad) == 0
 
 
-@on(CPU, CUDA)
+@on(CPU, CUDA, CUDA_EMU)
 def test_nan_logits_propagate_like_the_reference(dev):
     logits, target = softmax_case((6, 4), torch.float32, seed=2)
     logits[1, 2] = float("nan")
@@ -340,14 +353,14 @@ def test_nan_logits_propagate_like_the_reference(dev):
 _SIGMOID_CONFIGS = [(2.0, 0.25, "none"), (0.5, -1.0, "mean"), (0.0, 0.75, "sum"), (0.5, 0.25, "none")]
 
 
-@on(CPU, CUDA, args="dtype, c, n, kind, gamma, alpha, reduction",
+@on(CPU, CUDA, CUDA_EMU, args="dtype, c, n, kind, gamma, alpha, reduction",
     cases=lambda dev: _matrix(dev, _SIGMOID_CONFIGS, ["labels", "float", "soft"]))
 def test_sigmoid_focal_matrix(dev, dtype, c, n, kind, gamma, alpha, reduction):
     logits, target = sigmoid_case((n, c), dtype, kind=kind, ignore_frac=0.2, seed=n * 11 + c)
     check(dev, "sigmoid_focal", logits, target, gamma=gamma, alpha=alpha, reduction=reduction)
 
 
-@on(CPU, CUDA)
+@on(CPU, CUDA, CUDA_EMU)
 def test_sigmoid_focal_shapes_tails_layouts_and_mixed_targets(dev):
     logits, labels = sigmoid_case((4096, 80), torch.float32, kind="labels", ignore_frac=0.05, seed=4)
     check(dev, "sigmoid_focal", logits, labels, reduction="sum")
@@ -376,13 +389,13 @@ def test_sigmoid_focal_shapes_tails_layouts_and_mixed_targets(dev):
 _OHEM_CONFIGS = [(0.25, "mean"), (3, "none"), (1.0, "sum"), (100, "mean")]
 
 
-@on(CPU, CUDA, args="dtype, c, n, keep, reduction", cases=lambda dev: _matrix(dev, _OHEM_CONFIGS))
+@on(CPU, CUDA, CUDA_EMU, args="dtype, c, n, keep, reduction", cases=lambda dev: _matrix(dev, _OHEM_CONFIGS))
 def test_ohem_matrix(dev, dtype, c, n, keep, reduction):
     logits, target = softmax_case((n, c), dtype, ignore_frac=0.2, seed=n * 13 + c)
     check(dev, "ohem", logits, target, keep=keep, reduction=reduction)
 
 
-@on(CPU, CUDA, args="dtype, thresh, min_kept",
+@on(CPU, CUDA, CUDA_EMU, args="dtype, thresh, min_kept",
     cases=lambda dev: [(dtype, *pair) for dtype in dev.dtypes for pair in [(0.7, 0), (0.7, 50), (0.05, 10), (1.1, 5)]])
 def test_ohem_threshold_mode(dev, dtype, thresh, min_kept):
     logits, target = softmax_case((2, 19, 6, 11), dtype, ignore_frac=0.1, ignore_index=255, seed=21)
@@ -391,7 +404,7 @@ def test_ohem_threshold_mode(dev, dtype, thresh, min_kept):
     check(dev, "ohem", logits, target, thresh=thresh, min_kept=min_kept, reduction="none")
 
 
-@on(CPU, CUDA)
+@on(CPU, CUDA, CUDA_EMU)
 def test_ohem_ties_go_to_the_lower_index_and_large(dev):
     logits = torch.zeros(12, 4)
     target = torch.zeros(12, dtype=torch.long)  # every CE equal: kept = the first k rows
@@ -411,7 +424,7 @@ def test_ohem_ties_go_to_the_lower_index_and_large(dev):
 _GHMC_CONFIGS = [(10, "mean"), (1, "sum"), (30, "none")]
 
 
-@on(CPU, CUDA, args="dtype, c, n, mode, bins, reduction",
+@on(CPU, CUDA, CUDA_EMU, args="dtype, c, n, mode, bins, reduction",
     cases=lambda dev: _matrix(dev, _GHMC_CONFIGS, ["labels", "float", "softmax"]))
 def test_ghmc_matrix(dev, dtype, c, n, mode, bins, reduction):
     if mode == "softmax":
@@ -421,7 +434,7 @@ def test_ghmc_matrix(dev, dtype, c, n, mode, bins, reduction):
     check(dev, "ghmc", logits, target, bins=bins, use_sigmoid=mode != "softmax", reduction=reduction)
 
 
-@on(CPU, CUDA)
+@on(CPU, CUDA, CUDA_EMU)
 def test_ghmc_large_spatial_and_many_bins(dev):
     logits, labels = sigmoid_case((4096, 80), torch.float32, kind="labels", ignore_frac=0.05, seed=31)
     check(dev, "ghmc", logits, labels)
@@ -432,7 +445,7 @@ def test_ghmc_large_spatial_and_many_bins(dev):
     check(dev, "ghmc", logits, labels, bins=5000)
 
 
-@on(CPU, CUDA, args="use_sigmoid", cases=lambda dev: [True, False])
+@on(CPU, CUDA, CUDA_EMU, args="use_sigmoid", cases=lambda dev: [True, False])
 def test_ghmc_ema_state(dev, use_sigmoid):
     """state: updated in place on the device first (only bins non-empty in this batch), then
     used; bitwise the reference's state after every step."""
@@ -487,7 +500,7 @@ _IB_CONFIGS = [(0.0, False, False, "mean"), (2.0, True, False, "sum"), (0.5, Fal
                (0.0, True, True, "mean")]
 
 
-@on(CPU, CUDA, args="dtype, c, n, feature_kind, gamma, weighted, detach, reduction",
+@on(CPU, CUDA, CUDA_EMU, args="dtype, c, n, feature_kind, gamma, weighted, detach, reduction",
     cases=lambda dev: _matrix(dev, _IB_CONFIGS, ["norm", "norm_col", "raw"], ns=[n for n in dev.ns if n > 0]))
 def test_ib_matrix(dev, dtype, c, n, feature_kind, gamma, weighted, detach, reduction):
     logits, target = softmax_case((n, c), dtype, seed=n * 19 + c, scale=1.0)
@@ -497,7 +510,7 @@ def test_ib_matrix(dev, dtype, c, n, feature_kind, gamma, weighted, detach, redu
           reduction=reduction)
 
 
-@on(CPU, CUDA)
+@on(CPU, CUDA, CUDA_EMU)
 def test_ib_empty_large_and_feature_gradient(dev):
     logits, target = softmax_case((0, 5), torch.float32)
     check(dev, "ib", logits, target, torch.rand(0))
@@ -630,12 +643,12 @@ def _opcheck_ids(dev):
     return [f"{name}-{i}" for i, (name, _) in enumerate(_opcheck_samples(dev, "cpu"))]
 
 
-@on(CPU, CUDA, args="sample", cases=_opcheck_ids)
+@on(CPU, CUDA, CUDA_EMU, args="sample", cases=_opcheck_ids)
 def test_opcheck(dev, sample):
     name, index = sample.rsplit("-", 1)
     op_name, args = _opcheck_samples(dev, dev.device)[int(index)]
     assert op_name == name
-    opcheck_loss_op(getattr(OPS, name).default, args)
+    opcheck_loss_op(getattr(dev.ops, name).default, args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,11 +657,12 @@ def test_opcheck(dev, sample):
 _COMPILE_CASES = {
     "cpu": ["focal", "sigmoid_focal", "ghmc_no_state"],
     "cuda": ["focal", "sigmoid_focal", "ohem", "ghmc", "ghmc_no_state", "ib"],
+    "cuda_emu": ["focal", "ohem", "ghmc", "ib"],
 }
 
 
 @pytest.mark.compile
-@on(CPU, CUDA, args="case", cases=lambda dev: _COMPILE_CASES[dev.name])
+@on(CPU, CUDA, CUDA_EMU, args="case", cases=lambda dev: _COMPILE_CASES[dev.name])
 def test_torch_compile_fullgraph(dev, case):
     """Compiled forward + backward bitwise equal to eager; focal and sigmoid_focal also on a
     second shape (recompile or dynamic shapes). ghmc_no_state: state=None once failed in
@@ -700,7 +714,12 @@ def test_torch_compile_fullgraph(dev, case):
 # --------------------------------------------------------------------------------------------
 # Determinism, no host sync, retain_graph, double backward, direct-op calls, automatic choice
 # --------------------------------------------------------------------------------------------
-_DETERMINISM_INPUTS = {"cpu": (3000, torch.float32), "cuda": (30000, torch.bfloat16)}  # rows, focal/ib dtype
+_DETERMINISM_INPUTS = {"cpu": (3000, torch.float32), "cuda": (30000, torch.bfloat16),
+                       "cuda_emu": (3000, torch.bfloat16)}  # rows, focal/ib dtype
+# cuda_emu: the same result under every schedule of the emulator (thread and block order,
+# multiprocessor count and so grid size; csrc/cuda_emu/cuda_emu.h).
+_EMU_SCHEDULES = ("threads=forward,blocks=forward,sms=132", "threads=reverse,blocks=reverse,sms=1",
+                  "threads=random,seed=7,sms=3,blocks_per_sm=1")
 
 
 def _determinism_cases(dev):
@@ -720,13 +739,18 @@ def _determinism_cases(dev):
     ]
 
 
-@on(CPU, CUDA, args="case", cases=lambda dev: range(7))
+@on(CPU, CUDA, CUDA_EMU, args="case", cases=lambda dev: range(7))
 def test_bitwise_deterministic(dev, case):
-    """Bitwise equal results run to run; on cpu for any thread count (1, 2, 1, 3 threads)."""
+    """Bitwise equal results run to run; on cpu for any thread count (1, 2, 1, 3 threads), on
+    cuda_emu under every emulator schedule."""
     fn, x, rest, kwargs = _determinism_cases(dev)[case]
     runs = []
     before = torch.get_num_threads()
     try:
+        if dev.name == "cuda_emu":
+            for spec in _EMU_SCHEDULES:
+                with cuda_emu.configured(spec):
+                    runs.append(loss_and_grad(fn, x, *rest, backend=dev.backend, **kwargs))
         for threads in ((1, 2, 1, 3) if dev.name == "cpu" else (None, None, None)):
             if threads is not None:
                 torch.set_num_threads(threads)
@@ -767,7 +791,7 @@ def test_no_host_sync_in_forward_and_backward(dev, loss):
     assert xr.grad is not None and torch.isfinite(xr.grad).all()
 
 
-@on(CPU, CUDA)
+@on(CPU, CUDA, CUDA_EMU)
 def test_retain_graph_backward_twice_gives_the_same_gradient(dev):
     logits, target = softmax_case((7, 5), torch.float32, dev.device, seed=95)
     x = logits.clone().requires_grad_(True)
@@ -782,7 +806,7 @@ def test_retain_graph_backward_twice_gives_the_same_gradient(dev):
     assert_matches_reference(g1, ref, torch.float32, "focal grad after retain_graph")
 
 
-@on(CPU, CUDA)
+@on(CPU, CUDA, CUDA_EMU)
 def test_double_backward_raises_a_clear_error(dev):
     logits, target = softmax_case((4, 3), dev.wide, dev.device, seed=96)
     x = logits.clone().requires_grad_(True)
@@ -844,14 +868,14 @@ def test_reused_output_buffers_are_never_visible_to_the_caller(dev):
     assert torch.equal(loss_none, loss_copy)
 
 
-@on(CUDA)
+@on(CUDA, CUDA_EMU)
 def test_fresh_outputs_never_alias_the_inputs(dev):
     logits, target = softmax_case((8, 5), torch.float32, dev.device, seed=98)
     before = logits.clone()
-    loss, grad = OPS.softmax_focal_forward(logits, target, None, 1.0, 2.0, -100, "none", True, True)
+    loss, grad = dev.ops.softmax_focal_forward(logits, target, None, 1.0, 2.0, -100, "none", True, True)
     assert torch.equal(logits, before)
     assert grad.data_ptr() != logits.data_ptr() and loss.data_ptr() != logits.data_ptr()
-    scaled = OPS.scale_grad(grad, torch.ones((), device=dev.device), torch.float32)
+    scaled = dev.ops.scale_grad(grad, torch.ones((), device=dev.device), torch.float32)
     assert scaled.data_ptr() != grad.data_ptr() and torch.equal(scaled, grad)
 
 
@@ -894,7 +918,7 @@ def test_more_than_2_pow_31_elements_bf16(dev, loss):
 # --------------------------------------------------------------------------------------------
 # One skip per unavailable device, for all its cases (counted by `on` above)
 # --------------------------------------------------------------------------------------------
-_UNAVAILABLE = [dev for dev in (CPU, CUDA) if not dev.available]
+_UNAVAILABLE = [dev for dev in (CPU, CUDA, CUDA_EMU) if not dev.available]
 if _UNAVAILABLE:
     @pytest.mark.parametrize("dev", _UNAVAILABLE, ids=lambda dev: dev.name)
     def test_backend_unavailable(dev):

@@ -7,7 +7,7 @@
 // atomics anywhere; the only atomics are integer additions (exact, order-free).
 #pragma once
 
-#include <cuda_runtime.h>
+#include "cuda/platform.cuh"
 #include <stdint.h>
 
 namespace fused_losses {
@@ -61,7 +61,7 @@ __device__ __forceinline__ float group_sum(float v) {
 // thread of the block must call it. Fixed order: shuffle tree per warp, then warps in order.
 template <typename T>
 __device__ __forceinline__ T block_sum(T v) {
-  __shared__ T warp_sums[kWarps];
+  FL_SHARED(T, warp_sums, kWarps);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
   const int warp = threadIdx.x / 32;

@@ -1,0 +1,240 @@
+// GHM-C of fused_losses: the gradient-norm histogram (shared-memory bins per block, integer
+// atomics), the bin weights and EMA state update, and the forward (the sigmoid or softmax pass
+// with the GHM-C loss). Conventions: common.cuh.
+#include "cuda/sigmoid.cuh"
+#include "cuda/softmax.cuh"
+
+namespace fused_losses {
+namespace cuda {
+
+// Histogram of the sigmoid-family bins bin(|sigmoid(x) - y|) over the valid elements: per block
+// in shared memory (bins <= kSharedBins), then one integer atomic per non-empty bin per block
+// into counts (int64, zeroed). Traffic per element: one logits read (+ a float target read).
+constexpr int64_t kSharedBins = 4096;
+
+// One block's bin counts: in shared memory when bins <= kSharedBins (then one global integer
+// atomic per non-empty bin per block in flush()), else straight into the global int64 counts.
+// Integer atomics only, so the counts are exact and deterministic. `bins` is the same for every
+// thread of the block, so the __syncthreads() calls are reached uniformly.
+struct BlockHistogram {
+  unsigned int* hist;
+  unsigned long long* counts;
+  int64_t bins;
+  bool in_shared;
+
+  __device__ BlockHistogram(unsigned int* shared_hist, unsigned long long* global_counts, int64_t num_bins)
+      : hist(shared_hist), counts(global_counts), bins(num_bins), in_shared(num_bins <= kSharedBins) {
+    if (in_shared) {
+      for (int64_t b = threadIdx.x; b < bins; b += kThreads) hist[b] = 0u;
+      __syncthreads();
+    }
+  }
+
+  __device__ void add(int64_t b) {
+    if (in_shared) {
+      atomicAdd(&hist[b], 1u);
+    } else {
+      atomicAdd(&counts[b], 1ull);
+    }
+  }
+
+  __device__ void flush() {
+    if (!in_shared) return;
+    __syncthreads();
+    for (int64_t b = threadIdx.x; b < bins; b += kThreads) {
+      if (hist[b] != 0u) atomicAdd(&counts[b], static_cast<unsigned long long>(hist[b]));
+    }
+  }
+};
+
+template <typename scalar_t, typename target_t, bool kLabels>
+__global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const SigmoidArgs<scalar_t, target_t> a,
+                                                                         unsigned long long* __restrict__ counts) {
+  FL_SHARED(unsigned int, hist, kSharedBins);
+  BlockHistogram histogram(hist, counts, a.bins);
+  const bool small = a.numel <= static_cast<int64_t>(UINT32_MAX);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < a.numel; i += stride) {
+    float y;
+    bool valid = true;
+    if constexpr (kLabels) {
+      const int64_t r = row_of(i, a.C, small);
+      const int64_t label = row_label(a, r, valid);
+      y = label == i - r * a.C ? 1.0f : 0.0f;
+    } else {
+      y = static_cast<float>(a.target[i]);
+    }
+    if (!valid) continue;
+    const int64_t b = lm::ghm_bin(lm::ghm_sigmoid_g(static_cast<float>(a.logits[i]), y), a.bins);
+    if (b >= 0) histogram.add(b);
+  }
+  histogram.flush();
+}
+
+// Histogram of the softmax bins bin(1 - p_t) = bin(-expm1(log p_t)) of the valid rows, from
+// the float32 log p_t of a stats pass. Traffic per row: 4 + 8 bytes.
+__global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const float* __restrict__ log_pt,
+                                                                         const int64_t* __restrict__ target,
+                                                                         int64_t rows, int64_t ignore_index,
+                                                                         int64_t C, int64_t bins,
+                                                                         unsigned long long* __restrict__ counts) {
+  FL_SHARED(unsigned int, hist, kSharedBins);
+  BlockHistogram histogram(hist, counts, bins);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < rows; r += stride) {
+    const int64_t t = target[r];
+    // Ignored rows, and out-of-range targets (asserted on by the stats pass, treated as ignored:
+    // their log p_t of 0 would otherwise land in bin 0).
+    if (t == ignore_index || t < 0 || t >= C) continue;
+    const int64_t b = lm::ghm_bin(lm::ghm_softmax_g(log_pt[r]), bins);
+    if (b >= 0) histogram.add(b);
+  }
+  histogram.flush();
+}
+
+// Bin weights from the counts (reference.ghmc, the CPU's ghm_weights_from_counts): EMA update
+// of `state` first (bins non-empty in this batch: acc = m * acc + (1 - m) * count, float32),
+// divisor = state or count, weight_b = n_valid / max(divisor_b, 1e-12) / n_nonempty for
+// non-empty bins, 0 otherwise. One thread: bins-sized work.
+__global__ void ghm_weights_kernel(const int64_t* __restrict__ counts, int64_t bins, MeanCount valid,
+                                   float* __restrict__ state, float momentum, float one_minus_momentum,
+                                   float* __restrict__ weights) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  int64_t nonempty = 0;
+  for (int64_t b = 0; b < bins; ++b) nonempty += counts[b] > 0;
+  const float nv = static_cast<float>(mean_count(valid));
+  const float ne = static_cast<float>(nonempty > 1 ? nonempty : int64_t(1));
+  for (int64_t b = 0; b < bins; ++b) {
+    float divisor = static_cast<float>(counts[b]);
+    if (state != nullptr) {
+      if (counts[b] > 0) state[b] = lm::ghm_ema(state[b], static_cast<float>(counts[b]), momentum, one_minus_momentum);
+      divisor = state[b];
+    }
+    const float d = divisor > 1e-12f ? divisor : 1e-12f;
+    weights[b] = counts[b] > 0 ? (nv / d) / ne : 0.0f;
+  }
+}
+
+at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                 const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
+                                 bool use_sigmoid, int64_t ignore_index) {
+  const DeviceGuard guard(logits_in.device());
+  TORCH_CHECK(bins >= 1, "bins: must be >= 1, got ", bins);
+  if (state.has_value()) {
+    check_same_device(*state, logits_in, "state");
+    TORCH_CHECK(state->scalar_type() == at::kFloat && state->numel() == bins && state->is_contiguous(),
+                "state: expected a contiguous float32 tensor of shape (", bins, ",)");
+  }
+  at::Tensor counts = at::zeros({bins}, logits_in.options().dtype(at::kLong));
+  auto* counts_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  MeanCount valid;
+  at::Tensor valid_rows;
+  if (use_sigmoid) {
+    const SigmoidCall call = sigmoid_call(logits_in, target_in, ignore_index, /*need_count=*/true, "ghmc_bin_weights");
+    valid = sigmoid_mean_count(call);
+    valid_rows = call.count;
+    const int64_t numel = call.logits.numel();
+    if (numel > 0) {
+      FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ghm_histogram_cuda", [&] {
+        auto fill = [&](auto& a) {
+          a.logits = call.logits.data_ptr<scalar_t>();
+          a.M = call.M;
+          a.C = call.C;
+          a.numel = numel;
+          a.ignore_index = ignore_index;
+          a.bins = bins;
+        };
+        const cudaStream_t stream = current_stream();
+        auto blocks = [&](auto kernel) { return grid_for(kernel, numel, kThreads * 4); };
+        if (call.labels.defined()) {
+          SigmoidArgs<scalar_t, float> a;
+          fill(a);
+          a.labels = call.labels.data_ptr<int64_t>();
+          FL_LAUNCH(blocks(ghm_sigmoid_histogram_kernel<scalar_t, float, true>), kThreads, 0, stream,
+                    ghm_sigmoid_histogram_kernel<scalar_t, float, true>)(a, counts_ptr);
+        } else if (call.float_target.scalar_type() == call.logits.scalar_type()) {
+          SigmoidArgs<scalar_t, scalar_t> a;
+          fill(a);
+          a.target = call.float_target.data_ptr<scalar_t>();
+          FL_LAUNCH(blocks(ghm_sigmoid_histogram_kernel<scalar_t, scalar_t, false>), kThreads, 0, stream,
+                    ghm_sigmoid_histogram_kernel<scalar_t, scalar_t, false>)(a, counts_ptr);
+        } else {
+          if constexpr (!std::is_same_v<scalar_t, float>) {
+            SigmoidArgs<scalar_t, float> a;
+            fill(a);
+            a.target = call.float_target.data_ptr<float>();
+            FL_LAUNCH(blocks(ghm_sigmoid_histogram_kernel<scalar_t, float, false>), kThreads, 0, stream,
+                    ghm_sigmoid_histogram_kernel<scalar_t, float, false>)(a, counts_ptr);
+          }
+        }
+        FL_KERNEL_LAUNCH_CHECK();
+      });
+    }
+  } else {
+    // "sum": the call's loss output is then a 0-dim tensor this op does not use (no rows buffer).
+    const SoftmaxCall call = softmax_call(logits_in, target_in, "sum", false, false, "ghmc_bin_weights");
+    const int64_t rows = call.sh.N * call.sh.S;
+    valid_rows = count_valid(call.target, ignore_index, call.sh.C);
+    valid.count_dev = valid_rows.data_ptr<int64_t>();
+    if (rows > 0) {
+      const at::Tensor log_pt = at::empty({rows}, call.logits.options().dtype(at::kFloat));
+      FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ghm_stats_cuda", [&] {
+        SoftmaxArgs<scalar_t> a = softmax_args<scalar_t>(call, ignore_index, SoftmaxLoss::Stats);
+        a.reduction = Reduction::None;
+        a.loss_rows = nullptr;
+        a.log_pt_rows = log_pt.data_ptr<float>();
+        softmax_pass(a, false, at::Tensor());
+      });
+      FL_LAUNCH(grid_for(ghm_softmax_histogram_kernel, rows, kThreads * 4), kThreads, 0, current_stream(), ghm_softmax_histogram_kernel)(
+          log_pt.data_ptr<float>(), call.target.data_ptr<int64_t>(), rows, ignore_index, call.sh.C, bins, counts_ptr);
+      FL_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  at::Tensor weights = at::empty({bins}, logits_in.options().dtype(at::kFloat));
+  FL_LAUNCH(1, 1, 0, current_stream(), ghm_weights_kernel)(
+      counts.data_ptr<int64_t>(), bins, valid, state.has_value() ? state->data_ptr<float>() : nullptr,
+      static_cast<float>(momentum), static_cast<float>(1.0 - momentum), weights.data_ptr<float>());
+  FL_KERNEL_LAUNCH_CHECK();
+  return weights;
+}
+
+// ghmc_forward: sigmoid: one elementwise pass; softmax: one softmax pass (the weight of a row
+// depends only on its own g and the bin weights). Traffic per element: one read, one gradient
+// write (+ a float target read).
+std::tuple<at::Tensor, at::Tensor> ghmc_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                   const at::Tensor& bin_weights_in, bool use_sigmoid,
+                                                   int64_t ignore_index, c10::string_view reduction_name,
+                                                   bool compute_grad) {
+  const DeviceGuard guard(logits_in.device());
+  const int64_t bins = bin_weights_in.numel();
+  TORCH_CHECK(bins >= 1, "bin_weights: expected at least one bin");
+  check_logits(logits_in, "ghmc_forward");
+  const at::Tensor bin_weights = float_vector(bin_weights_in, logits_in, bins, "bin_weights");
+  const Reduction reduction = parse_reduction(reduction_name);
+  if (use_sigmoid) {
+    const SigmoidCall call =
+        sigmoid_call(logits_in, target_in, ignore_index, reduction == Reduction::Mean, "ghmc_forward");
+    SigmoidLossParams params;
+    params.loss = SigmoidLoss::Ghmc;
+    params.bin_weights = bin_weights.data_ptr<float>();
+    params.bins = bins;
+    return sigmoid_forward(call, logits_in, ignore_index, reduction, compute_grad, params);
+  }
+  const SoftmaxCall call = softmax_call(logits_in, target_in, reduction_name, compute_grad, false, "ghmc_forward");
+  at::Tensor count;
+  if (call.reduction == Reduction::Mean) count = count_valid(call.target, ignore_index, call.sh.C);
+  FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ghmc_forward_cuda", [&] {
+    dispatch_grad_t<scalar_t>(call.grad, [&](auto grad_tag) {
+      using grad_t = typename decltype(grad_tag)::type;
+      SoftmaxArgs<scalar_t, grad_t> a = softmax_args<scalar_t, grad_t>(call, ignore_index, SoftmaxLoss::Ghmc);
+      a.bin_weights = bin_weights.data_ptr<float>();
+      a.bins = bins;
+      if (count.defined()) a.count.count_dev = count.data_ptr<int64_t>();
+      softmax_pass(a, false, reduced_output(call));
+    });
+  });
+  return {call.loss, call.grad};
+}
+
+}  // namespace cuda
+}  // namespace fused_losses

@@ -1,0 +1,447 @@
+// Softmax-family kernels of fused_losses (row kernels for (N, C) logits, the channel-second
+// kernel, the probabilities kernel) and softmax_pass, which picks and launches one of them.
+// Conventions: common.cuh; the per-loss host code: softmax_losses.cu, ghmc.cu.
+#include "cuda/softmax.cuh"
+
+namespace fused_losses {
+namespace cuda {
+
+struct RowTarget {
+  int64_t t;
+  bool in_range;  // row < rows
+  bool active;    // not ignored (and kept, for OHEM) and a valid class
+};
+
+template <typename A>
+__device__ __forceinline__ RowTarget row_target(const A& a, int64_t row, int64_t rows) {
+  RowTarget r{0, row < rows, false};
+  if (!r.in_range) return r;
+  r.t = a.target[row];
+  r.active = r.t != a.ignore_index && (a.kept == nullptr || a.kept[row]);
+  if (r.active && (r.t < 0 || r.t >= a.C)) {
+    CUDA_KERNEL_ASSERT_MSG(false, "fused_losses: target class index out of range [0, C)");
+    r.active = false;
+  }
+  return r;
+}
+
+struct RowResult {
+  float loss;
+  float k;               // dLoss/dlog p_t, already scaled
+  float dloss_dfeature;  // IB only
+};
+
+template <typename A>
+__device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row, int64_t t, float log_pt, float scale) {
+  RowResult out{0.0f, 0.0f, 0.0f};
+  switch (a.loss) {
+    case SoftmaxLoss::Focal: {
+      const float alpha_t = lm::class_alpha(a.alpha_per_class, a.alpha, t);
+      const lm::FocalTerm<float> ft = lm::focal_term(log_pt, a.gamma);
+      out.loss = alpha_t * ft.value;
+      out.k = scale * alpha_t * ft.dvalue_dlogpt;
+      break;
+    }
+    case SoftmaxLoss::IB: {
+      const float w = a.class_weight != nullptr ? a.class_weight[t] : 1.0f;
+      const lm::IBRow<float> ib =
+          lm::ib_row(log_pt, w, a.feature_norm[row], a.ib_alpha, a.ib_epsilon, a.gamma, a.detach_factor);
+      out.loss = ib.loss;
+      out.k = scale * ib.dloss_dlogpt;
+      out.dloss_dfeature = scale * ib.dloss_dfeature;
+      break;
+    }
+    case SoftmaxLoss::OhemKept:
+      out.loss = -log_pt;
+      out.k = -scale;
+      break;
+    case SoftmaxLoss::Ghmc: {
+      const int64_t b = lm::ghm_bin(lm::ghm_softmax_g(log_pt), a.bins);
+      const float w = b >= 0 ? a.bin_weights[b] : 0.0f;
+      out.loss = w * -log_pt;
+      out.k = -scale * w;
+      break;
+    }
+    case SoftmaxLoss::Stats:
+      break;
+  }
+  return out;
+}
+
+// Per-row outputs, written once per row by one thread; returns the loss to accumulate.
+template <typename scalar_t, typename grad_t>
+__device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t, grad_t>& a, int64_t row,
+                                                   const RowResult& res, float log_pt) {
+  if (a.loss_rows != nullptr) a.loss_rows[row] = static_cast<scalar_t>(res.loss);
+  if (a.log_pt_rows != nullptr) a.log_pt_rows[row] = log_pt;
+  if (a.grad_feature != nullptr) a.grad_feature[row] = res.dloss_dfeature;
+  return res.loss;
+}
+
+// ------------------------------------------------------------------------------------------
+// softmax_rows_kernel: (N, C) rows (S = 1), C <= G * ITEMS * VEC. A group of G lanes per row
+// (32 / G rows per warp); lane j of the group holds packs j, j + G, ... (VEC values each) in
+// registers, so the row is read once and its exponentials are computed once:
+//   m = max_c x_c (group shuffle), e_c = exp(x_c - m), s = sum_c e_c (group shuffle),
+//   log p_t = x_t - m - log s, (loss, k) = softmax_row_result(...),
+//   grad_c = -k e_c / s for c != t, grad_{c=t} = k (1 - p_t) = k * -expm1(log p_t),
+// each computed in float32 and rounded once to the gradient's element type grad_t. Memory traffic per element:
+// sizeof(scalar_t) read + sizeof(grad_t) written (VEC-value packs: 16 bytes of bf16 gradient
+// for bf16 'mean'/'sum', 4 * VEC bytes of float32 otherwise); per row: 8 bytes of target
+// (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t). Ignored rows skip the logits
+// read and write a zero gradient row.
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t, typename grad_t, int VEC, int G, int ITEMS>
+__global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
+  constexpr int kRowsPerWarp = 32 / G;
+  const int lane = threadIdx.x % 32;
+  const int group = lane / G;
+  const int member = lane % G;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int64_t rows = a.N;
+  const int64_t C = a.C;
+  const float scale = grad_scale(a.reduction, a.count);
+  double acc = 0.0;
+  // The loop bound is the same for every lane of the warp (the shuffles need all 32 lanes).
+  for (int64_t first = warp * kRowsPerWarp; first < rows; first += warps * kRowsPerWarp) {
+    const int64_t row = first + group;
+    const RowTarget rt = row_target(a, row, rows);
+    const int64_t row_offset = (rt.in_range ? row : int64_t(0)) * C;
+    const scalar_t* x = a.logits + row_offset;
+    float v[ITEMS][VEC];
+    float row_max = -std::numeric_limits<float>::infinity();
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t c0 = static_cast<int64_t>(member + i * G) * VEC;
+      if (rt.active && c0 < C) {
+        const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          v[i][e] = static_cast<float>(p.v[e]);
+          row_max = v[i][e] > row_max ? v[i][e] : row_max;
+        }
+      }
+    }
+    row_max = group_max<G>(row_max);
+    float row_sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t c0 = static_cast<int64_t>(member + i * G) * VEC;
+      if (rt.active && c0 < C) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          v[i][e] = lm::exp_(v[i][e] - row_max);
+          row_sum += v[i][e];
+        }
+      }
+    }
+    row_sum = group_sum<G>(row_sum);
+    RowResult res{0.0f, 0.0f, 0.0f};
+    float log_pt = 0.0f;
+    if (rt.active) {
+      log_pt = lm::log_softmax_target(static_cast<float>(x[rt.t]), row_max, lm::log_(row_sum));
+      res = softmax_row_result(a, row, rt.t, log_pt, scale);
+    }
+    if (a.grad != nullptr && rt.in_range) {
+      grad_t* g = a.grad + row_offset;
+      const float p_scale = -res.k / row_sum;
+      const float target_grad = res.k * lm::one_minus_pt_from_log(log_pt);
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int64_t c0 = static_cast<int64_t>(member + i * G) * VEC;
+        if (c0 < C) {
+          Pack<grad_t, VEC> out;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            out.v[e] = static_cast<grad_t>(!rt.active ? 0.0f : (c0 + e == rt.t ? target_grad : p_scale * v[i][e]));
+          }
+          store_pack<VEC>(g + c0, out);
+        }
+      }
+    }
+    if (member == 0 && rt.in_range) acc += write_row_outputs(a, row, res, log_pt);
+  }
+  if (a.partials != nullptr) {
+    const double total = block_sum(acc);
+    if (threadIdx.x == 0) a.partials[blockIdx.x] = total;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// softmax_rows_large_kernel: (N, C) rows too long for registers. A warp per row, three sweeps
+// over the row (max; sum of e_c; gradient with e_c recomputed), VEC-value packs. The second and
+// third sweeps re-read the row just read, from L1/L2: device-memory traffic stays one read and
+// one write per element (rows up to ~100 KB per warp stay cached). Gradient in grad_t, as above.
+// The three sweeps are not unrolled (#pragma unroll 1; each iteration is already VEC values):
+// unrolled, the <float, float, 4> instance grew enough that ptxas spilled on the per-row path
+// (24 B stack, 40 B spill stores; tests/cuda_emu/resource_check.py fails on any spill).
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t, typename grad_t, int VEC>
+__global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int64_t rows = a.N;
+  const int64_t C = a.C;
+  const float scale = grad_scale(a.reduction, a.count);
+  double acc = 0.0;
+  for (int64_t row = warp; row < rows; row += warps) {  // one row per warp: warp-uniform branches
+    const RowTarget rt = row_target(a, row, rows);
+    const scalar_t* x = a.logits + row * C;
+    float row_max = -std::numeric_limits<float>::infinity();
+    float row_sum = 0.0f;
+    RowResult res{0.0f, 0.0f, 0.0f};
+    float log_pt = 0.0f;
+    if (rt.active) {
+#pragma unroll 1
+      for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
+        const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float value = static_cast<float>(p.v[e]);
+          row_max = value > row_max ? value : row_max;
+        }
+      }
+      row_max = group_max<32>(row_max);
+#pragma unroll 1
+      for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
+        const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) row_sum += lm::exp_(static_cast<float>(p.v[e]) - row_max);
+      }
+      row_sum = group_sum<32>(row_sum);
+      log_pt = lm::log_softmax_target(static_cast<float>(x[rt.t]), row_max, lm::log_(row_sum));
+      res = softmax_row_result(a, row, rt.t, log_pt, scale);
+    }
+    if (a.grad != nullptr) {
+      grad_t* g = a.grad + row * C;
+      const float p_scale = -res.k / row_sum;
+      const float target_grad = res.k * lm::one_minus_pt_from_log(log_pt);
+#pragma unroll 1
+      for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
+        Pack<grad_t, VEC> out;
+        if (rt.active) {
+          const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            out.v[e] = static_cast<grad_t>(c0 + e == rt.t ? target_grad
+                                                           : p_scale * lm::exp_(static_cast<float>(p.v[e]) - row_max));
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) out.v[e] = static_cast<grad_t>(0.0f);
+        }
+        store_pack<VEC>(g + c0, out);
+      }
+    }
+    if (lane == 0) acc += write_row_outputs(a, row, res, log_pt);
+  }
+  if (a.partials != nullptr) {
+    const double total = block_sum(acc);
+    if (threadIdx.x == 0) a.partials[blockIdx.x] = total;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// softmax_spatial_kernel: channel-second (N, C, S) logits, S > 1, read in place. A thread per
+// row r = n * S + s; consecutive threads take consecutive s, so for each class c a warp reads
+// 32 consecutive values (coalesced) at n*C*S + c*S + s. kRegs > 0 (C <= kRegs): the row lives
+// in registers (one read, exponentials once). kRegs == 0: three sweeps over the row (max, sum,
+// gradient), the later two from L1/L2 (a block's rows are 256 * C * sizeof(scalar_t) bytes).
+// Same formulas as softmax_rows_kernel. Memory traffic per element: sizeof(scalar_t) read,
+// sizeof(grad_t) gradient written (single values, coalesced across the warp); per row 8 bytes
+// of target.
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t, typename grad_t, int kRegs>
+__global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
+  const int64_t rows = a.N * a.S;
+  const int64_t C = a.C, S = a.S;
+  const float scale = grad_scale(a.reduction, a.count);
+  double acc = 0.0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; row < rows; row += stride) {
+    const RowTarget rt = row_target(a, row, rows);
+    const int64_t n = row / S;
+    const int64_t base = n * C * S + (row - n * S);
+    const scalar_t* x = a.logits + base;
+    constexpr int kSlots = kRegs > 0 ? kRegs : 1;
+    [[maybe_unused]] float v[kSlots];
+    float row_max = -std::numeric_limits<float>::infinity();
+    float row_sum = 0.0f;
+    RowResult res{0.0f, 0.0f, 0.0f};
+    float log_pt = 0.0f;
+    if (rt.active) {
+      if constexpr (kRegs > 0) {
+#pragma unroll
+        for (int c = 0; c < kRegs; ++c) {
+          if (c < C) {
+            v[c] = static_cast<float>(x[c * S]);
+            row_max = v[c] > row_max ? v[c] : row_max;
+          }
+        }
+#pragma unroll
+        for (int c = 0; c < kRegs; ++c) {
+          if (c < C) {
+            v[c] = lm::exp_(v[c] - row_max);
+            row_sum += v[c];
+          }
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const float value = static_cast<float>(x[c * S]);
+          row_max = value > row_max ? value : row_max;
+        }
+        for (int64_t c = 0; c < C; ++c) row_sum += lm::exp_(static_cast<float>(x[c * S]) - row_max);
+      }
+      log_pt = lm::log_softmax_target(static_cast<float>(x[rt.t * S]), row_max, lm::log_(row_sum));
+      res = softmax_row_result(a, row, rt.t, log_pt, scale);
+    }
+    if (a.grad != nullptr) {
+      grad_t* g = a.grad + base;
+      const float p_scale = -res.k / row_sum;
+      const float target_grad = res.k * lm::one_minus_pt_from_log(log_pt);
+      if constexpr (kRegs > 0) {
+#pragma unroll
+        for (int c = 0; c < kRegs; ++c) {
+          if (c < C) {
+            g[c * S] = static_cast<grad_t>(!rt.active ? 0.0f : (c == rt.t ? target_grad : p_scale * v[c]));
+          }
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          g[c * S] = static_cast<grad_t>(
+              !rt.active ? 0.0f
+                         : (c == rt.t ? target_grad : p_scale * lm::exp_(static_cast<float>(x[c * S]) - row_max)));
+        }
+      }
+    }
+    acc += write_row_outputs(a, row, res, log_pt);
+  }
+  if (a.partials != nullptr) {
+    const double total = block_sum(acc);
+    if (threadIdx.x == 0) a.partials[blockIdx.x] = total;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// focal_probs_kernel: focal with from_logits=False (the input holds probabilities). A thread
+// per row reads only x_t: loss = alpha_t (1 - x_t)^gamma (-log x_t), and writes the one
+// nonzero gradient value grad_{c=t} = scale * alpha_t * dFocal/dl / x_t (rounded once to the
+// gradient's element type grad_t) into a gradient the host zeroed in that type. Traffic: per row 8
+// bytes of target + one scattered logit read + one gradient write, plus the zero fill of the
+// gradient (sizeof(grad_t) per element).
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t, typename grad_t>
+__global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
+  const int64_t rows = a.N * a.S;
+  const int64_t C = a.C, S = a.S;
+  const float scale = grad_scale(a.reduction, a.count);
+  double acc = 0.0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; row < rows; row += stride) {
+    const RowTarget rt = row_target(a, row, rows);
+    RowResult res{0.0f, 0.0f, 0.0f};
+    if (rt.active) {
+      const int64_t n = row / S;
+      const int64_t at_t = n * C * S + (row - n * S) + rt.t * S;
+      const float p_t = static_cast<float>(a.logits[at_t]);
+      const float alpha_t = lm::class_alpha(a.alpha_per_class, a.alpha, rt.t);
+      const lm::FocalTerm<float> ft = lm::focal_term(lm::log_(p_t), a.gamma);
+      res.loss = alpha_t * ft.value;
+      if (a.grad != nullptr) a.grad[at_t] = static_cast<grad_t>(scale * alpha_t * ft.dvalue_dlogpt / p_t);
+    }
+    acc += write_row_outputs(a, row, res, 0.0f);
+  }
+  if (a.partials != nullptr) {
+    const double total = block_sum(acc);
+    if (threadIdx.x == 0) a.partials[blockIdx.x] = total;
+  }
+}
+
+template <typename scalar_t, typename grad_t>
+struct SoftmaxLaunch {
+  void (*kernel)(const SoftmaxArgs<scalar_t, grad_t>);
+  int64_t rows_per_block;
+};
+
+// The kernel instance for (N, C) rows with VEC-value packs: the smallest register layout that
+// holds the row, or the three-sweep kernel for long rows.
+template <typename scalar_t, typename grad_t, int VEC>
+SoftmaxLaunch<scalar_t, grad_t> pick_rows_kernel(int64_t C) {
+  const int64_t packs = (C + VEC - 1) / VEC;
+  if (packs <= 4) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 4, 1>, kWarps * 8};
+  if (packs <= 16) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 16, 1>, kWarps * 2};
+  if (packs <= 32) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 32, 1>, kWarps};
+  if (packs <= 128) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 32, 4>, kWarps};
+  return {softmax_rows_large_kernel<scalar_t, grad_t, VEC>, kWarps};
+}
+
+constexpr int kSpatialRegs = 32;  // channel-second rows of up to 32 classes stay in registers
+
+template <typename scalar_t, typename grad_t>
+void softmax_pass(SoftmaxArgs<scalar_t, grad_t> a, bool from_probs, const at::Tensor& reduced) {
+  using Launch = SoftmaxLaunch<scalar_t, grad_t>;
+  const int64_t rows = a.N * a.S;
+  if (rows == 0) {
+    if (reduced.defined()) reduced.zero_();
+    return;
+  }
+  Launch launch;
+  if (from_probs) {
+    launch = {focal_probs_kernel<scalar_t, grad_t>, kThreads};
+  } else if (a.S > 1) {
+    launch = a.C <= kSpatialRegs ? Launch{softmax_spatial_kernel<scalar_t, grad_t, kSpatialRegs>, kThreads}
+                                 : Launch{softmax_spatial_kernel<scalar_t, grad_t, 0>, kThreads};
+  } else {
+    // Packs of kVec values: 16 bytes of logits, kVec * sizeof(grad_t) bytes of gradient (16 for
+    // a gradient in the logits dtype, 32 = two stores for a float32 gradient of fp16/bf16).
+    // Row offsets are multiples of kVec values, so aligned base pointers keep every pack aligned.
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool packed = a.C % kVec == 0 && aligned_to(a.logits, 16) &&
+                        (a.grad == nullptr || aligned_to(a.grad, kVec * sizeof(grad_t)));
+    launch = packed ? pick_rows_kernel<scalar_t, grad_t, kVec>(a.C) : pick_rows_kernel<scalar_t, grad_t, 1>(a.C);
+  }
+  const int64_t blocks = grid_for(launch.kernel, rows, launch.rows_per_block);
+  at::Tensor partials;
+  if (reduced.defined()) {
+    partials = at::empty({blocks}, reduced.options().dtype(at::kDouble));
+    a.partials = partials.data_ptr<double>();
+  }
+  FL_LAUNCH(blocks, kThreads, 0, current_stream(), launch.kernel)(a);
+  FL_KERNEL_LAUNCH_CHECK();
+  if (reduced.defined()) finish_loss(partials, a.count, a.reduction, reduced);
+}
+
+SoftmaxShape softmax_shape(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() >= 2, "logits: expected (N, C) or (N, C, d...), got ", logits.sizes());
+  int64_t s = 1;
+  for (int64_t d = 2; d < logits.dim(); ++d) s *= logits.size(d);
+  return {logits.size(0), logits.size(1), s};
+}
+
+SoftmaxCall softmax_call(const at::Tensor& logits_in, const at::Tensor& target_in, c10::string_view reduction_name,
+                         bool compute_grad, bool zero_grad, const char* op) {
+  SoftmaxCall call;
+  check_logits(logits_in, op);
+  call.reduction = parse_reduction(reduction_name);
+  call.logits = logits_in.contiguous();
+  call.sh = softmax_shape(call.logits);
+  call.target = index_target(target_in, logits_in);
+  TORCH_CHECK(call.target.numel() == call.sh.N * call.sh.S, "target: expected ", call.sh.N * call.sh.S,
+              " class indices, got ", call.target.numel());
+  call.grad = saved_grad_buffer(call.logits, compute_grad, zero_grad, call.reduction);
+  call.loss = call.reduction == Reduction::None
+                  ? at::empty(target_in.sizes(), call.logits.options())
+                  : at::empty({}, call.logits.options().dtype(at::promote_types(call.logits.scalar_type(), at::kFloat)));
+  return call;
+}
+
+template void softmax_pass<float, float>(SoftmaxArgs<float, float>, bool, const at::Tensor&);
+template void softmax_pass<at::Half, float>(SoftmaxArgs<at::Half, float>, bool, const at::Tensor&);
+template void softmax_pass<at::BFloat16, float>(SoftmaxArgs<at::BFloat16, float>, bool, const at::Tensor&);
+template void softmax_pass<at::BFloat16, at::BFloat16>(SoftmaxArgs<at::BFloat16, at::BFloat16>, bool,
+                                                       const at::Tensor&);
+
+}  // namespace cuda
+}  // namespace fused_losses

@@ -1,0 +1,82 @@
+// The operator schemas of the fused_losses library, in one place: csrc/ops.cpp defines them in
+// the `fused_losses` namespace (TORCH_LIBRARY) for every user build; the emulated CUDA build of
+// the tests (tests/cuda_emu) defines the same schemas in its own `fused_losses_emu` namespace.
+// Each backend file only adds a TORCH_LIBRARY_IMPL for its dispatch key.
+#pragma once
+
+#include <torch/library.h>
+
+namespace fused_losses {
+
+inline void define_op_schemas(torch::Library& m) {
+  // A trivial elementwise op (2 * x + 1, float32) implemented by the CPU and the CUDA
+  // kernel files: proves that compiling, linking and dispatcher registration work end to end.
+  m.def("build_probe(Tensor x) -> Tensor");
+
+  // Loss kernels. Each *_forward op computes the loss and, when compute_grad, the gradient of
+  // the reduced loss w.r.t. its differentiable inputs in the same pass (for grad_output = 1;
+  // 'mean' already divides by its count). compute_grad=False returns empty (0,) gradients.
+  // reduction: 'none' | 'mean' | 'sum'. Loss dtype: logits dtype for 'none', else
+  // promote_types(logits dtype, float32). Semantics: fused_losses/reference.py.
+  //
+  // dtype of grad_logits (the "saved gradient dtype", fused_losses/_ops.py saved_grad_dtype):
+  //   'mean' / 'sum' with bf16, fp32 or fp64 logits: the logits dtype. The autograd formula
+  //     returns this very tensor as the logits' gradient after scale_grad_ (in place; free when
+  //     grad_output == 1), so forward + backward write the gradient once, in the logits dtype.
+  //   'none', or fp16 logits: the math dtype (float32; float64 for fp64), and the backward is the
+  //     out-of-place scale_grad, which rounds saved * grad_output once. fp16 stays float32
+  //     because a GradScaler's grad_output (2^16 and up) must multiply the float32 gradient:
+  //     rounded to fp16 first, a 'mean' gradient of a large batch underflows to zero.
+  // grad_feature_norm (IB) is always in the math dtype (it is (N,)-sized).
+  //
+  // Softmax focal over (N, C) or channel-second (N, C, d...) logits; target (N, d...) int64/int32.
+  // alpha_per_class (C,) in the math dtype when given, else the scalar alpha (1.0 = no alpha).
+  m.def(
+      "softmax_focal_forward(Tensor logits, Tensor target, Tensor? alpha_per_class, float alpha, "
+      "float gamma, int ignore_index, str reduction, bool from_logits, bool compute_grad) "
+      "-> (Tensor loss, Tensor grad_logits)");
+  // Sigmoid focal over (..., C) logits; target float of the logits' shape, or integer labels of
+  // shape logits.shape[:-1] (label == C: background, label == ignore_index: ignored row).
+  m.def(
+      "sigmoid_focal_forward(Tensor logits, Tensor target, float alpha, float gamma, int ignore_index, "
+      "str reduction, bool compute_grad) -> (Tensor loss, Tensor grad_logits)");
+  // OHEM over per-sample cross entropy. keep_count > 0: keep min(keep_count, n_valid) hardest;
+  // else keep max(1, floor(keep_fraction * n_valid)). thresh given: mmseg mode with
+  // min_kept_total (= min_kept x images), keep_* ignored.
+  m.def(
+      "ohem_forward(Tensor logits, Tensor target, float keep_fraction, int keep_count, float? thresh, "
+      "int min_kept_total, int ignore_index, str reduction, bool compute_grad) -> (Tensor loss, Tensor grad_logits)");
+  // GHM-C, step 1 (no gradient): histogram of g over the valid entries, EMA update of `state`
+  // in place when given (float32 (bins,)), and the per-bin weights
+  // n_valid / divisor[b] / n_nonempty (0 for empty bins) in the math dtype.
+  m.def(
+      "ghmc_bin_weights(Tensor logits, Tensor target, Tensor(a!)? state, int bins, float momentum, "
+      "bool use_sigmoid, int ignore_index) -> Tensor");
+  // GHM-C, step 2: loss = bin_weights[bin(g)] * CE per element (sigmoid) or row (softmax).
+  m.def(
+      "ghmc_forward(Tensor logits, Tensor target, Tensor bin_weights, bool use_sigmoid, int ignore_index, "
+      "str reduction, bool compute_grad) -> (Tensor loss, Tensor grad_logits)");
+  // Influence-balanced loss on (N, C) logits; feature_norm (N,) in the math dtype (the caller
+  // reduces (N, D) features); class_weight (C,) or None.
+  m.def(
+      "ib_forward(Tensor logits, Tensor target, Tensor feature_norm, Tensor? class_weight, float alpha, "
+      "float epsilon, float gamma, bool detach_factor, str reduction, bool compute_grad) "
+      "-> (Tensor loss, Tensor grad_logits, Tensor grad_feature_norm)");
+  // Backward of every *_forward op: a fresh tensor saved_grad * grad_output of `dtype` (the
+  // input's dtype; saved_grad is in its math dtype, so the product is rounded once),
+  // grad_output being a scalar (mean/sum), of saved_grad's shape (elementwise 'none'), or of
+  // saved_grad's shape without dim 1 (softmax 'none': broadcast over the class dim).
+  m.def("scale_grad(Tensor saved_grad, Tensor grad_output, ScalarType dtype) -> Tensor");
+  // Backward of a reduced ('mean' / 'sum') loss whose gradient is saved in the logits dtype:
+  // `grad` holds saved * applied_scale; afterwards it holds saved * grad_output, and
+  // applied_scale = grad_output. Both scalars are 0-dim tensors in the math dtype, read by the
+  // kernel on the device (no host sync). grad_output == applied_scale (the common
+  // loss.backward(): both 1): nothing is read or written beyond the two scalars. Otherwise one
+  // pass grad *= grad_output / applied_scale (a retained graph's second backward rescales from
+  // what the first one applied, so nothing is ever scaled twice). The version counters are
+  // not bumped: `grad` is a saved tensor of the forward op, mutated only by this op, and
+  // applied_scale records what was done to it.
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor(b!) applied_scale) -> ()");
+}
+
+}  // namespace fused_losses
