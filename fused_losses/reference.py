@@ -50,11 +50,25 @@ def _reduce(loss: torch.Tensor, reduction: str, count: torch.Tensor | int, out_d
     return total / count
 
 
+class _Pointwise:
+    """apply() picks the autograd.Function variant for the context: the one with a jvp in
+    eager mode (torch.func and forward-mode AD need it); the one without while torch.compile
+    traces, because dynamo cannot trace a custom jvp ("Unsupported") and would otherwise break
+    the graph (torch.compile(fullgraph=True) of the reference failed)."""
+
+    def __init__(self, eager, traced):
+        self.eager, self.traced = eager, traced
+
+    def apply(self, x, gamma):
+        return (self.traced if torch.compiler.is_compiling() else self.eager).apply(x, gamma)
+
+
 def _pointwise_function(name: str, doc: str, value, derivative):
     """An autograd.Function computing value(x, gamma) with the explicit derivative(x, gamma),
     in the forward/setup_context/jvp form with generate_vmap_rule, so that torch.func (grad,
     jvp, vmap) and forward-mode AD work; derivative is made of differentiable torch ops of the
-    saved input, so higher orders work too."""
+    saved input, so higher orders work too. Returns a _Pointwise (see there: a variant without
+    the jvp serves torch.compile)."""
 
     def setup_context(ctx, inputs, output):
         x, gamma = inputs
@@ -70,9 +84,12 @@ def _pointwise_function(name: str, doc: str, value, derivative):
         (x,) = ctx.saved_tensors
         return x_tangent * derivative(x, ctx.gamma)
 
-    return type(name, (torch.autograd.Function,), dict(
-        __doc__=doc, generate_vmap_rule=True, forward=staticmethod(value),
-        setup_context=staticmethod(setup_context), backward=staticmethod(backward), jvp=staticmethod(jvp)))
+    def make(suffix, **extra):
+        return type(name + suffix, (torch.autograd.Function,), dict(
+            __doc__=doc, generate_vmap_rule=True, forward=staticmethod(value),
+            setup_context=staticmethod(setup_context), backward=staticmethod(backward), **extra))
+
+    return _Pointwise(make("", jvp=staticmethod(jvp)), make("Traced"))
 
 
 def _focal_term_value(logpt: torch.Tensor, gamma: float) -> torch.Tensor:
