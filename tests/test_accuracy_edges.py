@@ -66,8 +66,8 @@ def _backends(with_reference: bool):
         status = fl.backends()[name]
         marks = [] if status.available else [pytest.mark.skip(reason=f"{name} unavailable: {status.reason}")]
         params.append(pytest.param((name, device), id=name, marks=marks))
-    status = cuda_emu.BACKEND.availability()
-    marks = [] if status.available else [pytest.mark.skip(reason=f"cuda_emu unavailable: {status.reason}")]
+    emu_available, emu_reason = cuda_emu.BACKEND.availability()  # (bool, reason), not a BackendStatus
+    marks = [] if emu_available else [pytest.mark.skip(reason=f"cuda_emu unavailable: {emu_reason}")]
     params.append(pytest.param(("cuda_emu", "cpu"), id="cuda_emu", marks=marks))
     if fl.backends()["cuda"].available:
         params.append(pytest.param(("cuda", "cuda"), id="cuda"))
