@@ -2,8 +2,10 @@
 
 Backends (parameter `backend`): 'reference' (the plain-PyTorch reference run in the inputs' dtype:
 the eager baseline; class 4 only, see below), 'cpu' (fused C++ kernels), 'triton' (CPU tensors
-through the Triton interpreter, CUDA tensors where a GPU is visible) and 'cuda' (collected only
-where fl.backends()['cuda'].available, as in tests/test_compiled_backends.py). Sizes stay small
+through the Triton interpreter, CUDA tensors where a GPU is visible), 'cuda_emu' (the CUDA kernels
+csrc/cuda on the CPU emulator, tests/cuda_emu/backend.py; a skip where the emulated extension is
+not built; `make test-cuda-emu` runs it) and 'cuda' (collected only where
+fl.backends()['cuda'].available, as in tests/test_compiled_backends.py). Sizes stay small
 (16 x 17): the interpreter is slow.
 
 Ground truth: the reference backend in float64 on the same (fp32/bf16/fp16) values upcast. For
@@ -40,6 +42,7 @@ import torch
 
 import fused_losses as fl
 from fused_losses import _validate, reference
+from tests.cuda_emu import backend as cuda_emu
 from tests.utils import (FLOAT32_TINY, LOW_PRECISION, UNIT_ROUNDOFF, accurate_float64_log_softmax, assert_close_per_sample,
                          assert_matches_reference, assert_rel_close, rel_error)
 
@@ -63,6 +66,9 @@ def _backends(with_reference: bool):
         status = fl.backends()[name]
         marks = [] if status.available else [pytest.mark.skip(reason=f"{name} unavailable: {status.reason}")]
         params.append(pytest.param((name, device), id=name, marks=marks))
+    emu_available, emu_reason = cuda_emu.BACKEND.availability()  # (bool, reason), not a BackendStatus
+    marks = [] if emu_available else [pytest.mark.skip(reason=f"cuda_emu unavailable: {emu_reason}")]
+    params.append(pytest.param(("cuda_emu", "cpu"), id="cuda_emu", marks=marks))
     if fl.backends()["cuda"].available:
         params.append(pytest.param(("cuda", "cuda"), id="cuda"))
     return params

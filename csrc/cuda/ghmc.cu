@@ -71,9 +71,10 @@ __global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const S
   histogram.flush();
 }
 
-// Histogram of the softmax bins bin(1 - p_t) = bin(-expm1(log p_t)) of the valid rows, from
-// the float32 log p_t of a stats pass. Traffic per row: 4 + 8 bytes.
-__global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const float* __restrict__ log_pt,
+// Histogram of the softmax bins bin(g), g = 1 - p_t = sum_others / s (float32, exact relative
+// at every margin), of the valid rows, from the g of a stats pass: the value ghmc_forward's
+// softmax pass bins with, so both pick the same bin. Traffic per row: 4 + 8 bytes.
+__global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const float* __restrict__ one_minus_pt,
                                                                          const int64_t* __restrict__ target,
                                                                          int64_t rows, int64_t ignore_index,
                                                                          int64_t C, int64_t bins,
@@ -84,9 +85,9 @@ __global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const f
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < rows; r += stride) {
     const int64_t t = target[r];
     // Ignored rows, and out-of-range targets (asserted on by the stats pass, treated as ignored:
-    // their log p_t of 0 would otherwise land in bin 0).
+    // their g of 0 would otherwise land in bin 0).
     if (t == ignore_index || t < 0 || t >= C) continue;
-    const int64_t b = lm::ghm_bin(lm::ghm_softmax_g(log_pt[r]), bins);
+    const int64_t b = lm::ghm_bin(one_minus_pt[r], bins);
     if (b >= 0) histogram.add(b);
   }
   histogram.flush();
@@ -177,16 +178,16 @@ at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& 
     valid_rows = count_valid(call.target, ignore_index, call.sh.C);
     valid.count_dev = valid_rows.data_ptr<int64_t>();
     if (rows > 0) {
-      const at::Tensor log_pt = at::empty({rows}, call.logits.options().dtype(at::kFloat));
+      const at::Tensor one_minus_pt = at::empty({rows}, call.logits.options().dtype(at::kFloat));
       FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ghm_stats_cuda", [&] {
         SoftmaxArgs<scalar_t> a = softmax_args<scalar_t>(call, ignore_index, SoftmaxLoss::Stats);
         a.reduction = Reduction::None;
         a.loss_rows = nullptr;
-        a.log_pt_rows = log_pt.data_ptr<float>();
+        a.one_minus_pt_rows = one_minus_pt.data_ptr<float>();
         softmax_pass(a, false, at::Tensor());
       });
       FL_LAUNCH(grid_for(ghm_softmax_histogram_kernel, rows, kThreads * 4), kThreads, 0, current_stream(), ghm_softmax_histogram_kernel)(
-          log_pt.data_ptr<float>(), call.target.data_ptr<int64_t>(), rows, ignore_index, call.sh.C, bins, counts_ptr);
+          one_minus_pt.data_ptr<float>(), call.target.data_ptr<int64_t>(), rows, ignore_index, call.sh.C, bins, counts_ptr);
       FL_KERNEL_LAUNCH_CHECK();
     }
   }

@@ -9,13 +9,16 @@
 namespace fused_losses {
 namespace cuda {
 
-// What a softmax-row kernel computes per active row from log p_t (l):
+// What a softmax-row kernel computes per active row from l = log p_t, p_t and 1 - p_t (each
+// from the row's sums: log p_t = math::log_softmax_target_sums, 1 - p_t = sum_others / s):
 //   Focal:    loss = alpha_t (1 - p_t)^gamma (-l),  k = scale * alpha_t * dFocal/dl
+//             (math::focal_term_parts)
 //   IB:       loss, k = scale * dloss/dl, d/dfeature from math::ib_row
 //   OhemKept: loss = -l, k = -scale                      (rows of the `kept` mask only)
 //   Ghmc:     loss = w[bin(1 - p_t)] (-l), k = -scale * w
-//   Stats:    no loss; log p_t per row is the output
-// and the gradient of every one is grad_c = k * ([c == t] - p_c) (losses_math.h).
+//   Stats:    no loss; log p_t (and 1 - p_t) per row are the outputs
+// and the gradient of every one is grad_c = k * ([c == t] - p_c) (losses_math.h), its target
+// column k * (1 - p_t).
 enum class SoftmaxLoss : int { Focal, IB, OhemKept, Ghmc, Stats };
 
 // grad_t: element type of the gradient output (float, or at::BFloat16 for bf16 logits with a
@@ -46,6 +49,7 @@ struct SoftmaxArgs {
   grad_t* grad = nullptr;          // (N, C, S), the saved gradient (saved_grad_dtype)
   scalar_t* loss_rows = nullptr;   // 'none': (N * S,)
   float* log_pt_rows = nullptr;    // Stats: (N * S,), 0 for inactive rows
+  float* one_minus_pt_rows = nullptr;  // Stats: (N * S,) 1 - p_t = sum_others / s, 0 for inactive rows
   float* grad_feature = nullptr;   // IB: (N,)
   double* partials = nullptr;      // 'mean'/'sum': one per block
 };

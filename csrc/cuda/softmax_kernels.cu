@@ -25,6 +25,28 @@ __device__ __forceinline__ RowTarget row_target(const A& a, int64_t row, int64_t
   return r;
 }
 
+// What a softmax row gives the per-loss math (as the CPU's SoftmaxRow): l = log p_t, exact at
+// every margin (lm::log_softmax_target_sums: -log1p(sum_others) when the target is the row max,
+// where the rounded row sum 1 + sum_others would lose the loss of a confident sample), p_t = e_t
+// / s and 1 - p_t = sum_others / s (exact relative, no cancellation; never 1 - p_t from p_t).
+// Inactive rows keep the zeros (the Stats outputs of an ignored row).
+struct RowValues {
+  float log_pt;
+  float p_t;
+  float one_minus_pt;
+};
+
+// From the row's max m, s = sum_c e^{x_c - m} and sum_others = the same sum without the target
+// column. e_t = exp(x_t - m) is the value the exponential sweep computed for the target column
+// (same inputs, same expf), recomputed here by the thread that finishes the row.
+__device__ __forceinline__ RowValues softmax_row_values(float x_t, float row_max, float row_sum, float sum_others) {
+  RowValues r;
+  r.log_pt = lm::log_softmax_target_sums(x_t, row_max, row_sum, sum_others);
+  r.p_t = lm::exp_(x_t - row_max) / row_sum;
+  r.one_minus_pt = sum_others / row_sum;
+  return r;
+}
+
 struct RowResult {
   float loss;
   float k;               // dLoss/dlog p_t, already scaled
@@ -32,12 +54,14 @@ struct RowResult {
 };
 
 template <typename A>
-__device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row, int64_t t, float log_pt, float scale) {
+__device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row, int64_t t, const RowValues& rv,
+                                                        float scale) {
   RowResult out{0.0f, 0.0f, 0.0f};
+  const float log_pt = rv.log_pt;
   switch (a.loss) {
     case SoftmaxLoss::Focal: {
       const float alpha_t = lm::class_alpha(a.alpha_per_class, a.alpha, t);
-      const lm::FocalTerm<float> ft = lm::focal_term(log_pt, a.gamma);
+      const lm::FocalTerm<float> ft = lm::focal_term_parts(log_pt, rv.p_t, rv.one_minus_pt, a.gamma);
       out.loss = alpha_t * ft.value;
       out.k = scale * alpha_t * ft.dvalue_dlogpt;
       break;
@@ -56,7 +80,8 @@ __device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row,
       out.k = -scale;
       break;
     case SoftmaxLoss::Ghmc: {
-      const int64_t b = lm::ghm_bin(lm::ghm_softmax_g(log_pt), a.bins);
+      // g = 1 - p_t as sum_others / s, the value the Stats pass of ghmc_bin_weights bins with.
+      const int64_t b = lm::ghm_bin(rv.one_minus_pt, a.bins);
       const float w = b >= 0 ? a.bin_weights[b] : 0.0f;
       out.loss = w * -log_pt;
       out.k = -scale * w;
@@ -71,9 +96,10 @@ __device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row,
 // Per-row outputs, written once per row by one thread; returns the loss to accumulate.
 template <typename scalar_t, typename grad_t>
 __device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t, grad_t>& a, int64_t row,
-                                                   const RowResult& res, float log_pt) {
+                                                   const RowResult& res, const RowValues& rv) {
   if (a.loss_rows != nullptr) a.loss_rows[row] = static_cast<scalar_t>(res.loss);
-  if (a.log_pt_rows != nullptr) a.log_pt_rows[row] = log_pt;
+  if (a.log_pt_rows != nullptr) a.log_pt_rows[row] = rv.log_pt;
+  if (a.one_minus_pt_rows != nullptr) a.one_minus_pt_rows[row] = rv.one_minus_pt;
   if (a.grad_feature != nullptr) a.grad_feature[row] = res.dloss_dfeature;
   return res.loss;
 }
@@ -82,9 +108,10 @@ __device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t, g
 // softmax_rows_kernel: (N, C) rows (S = 1), C <= G * ITEMS * VEC. A group of G lanes per row
 // (32 / G rows per warp); lane j of the group holds packs j, j + G, ... (VEC values each) in
 // registers, so the row is read once and its exponentials are computed once:
-//   m = max_c x_c (group shuffle), e_c = exp(x_c - m), s = sum_c e_c (group shuffle),
-//   log p_t = x_t - m - log s, (loss, k) = softmax_row_result(...),
-//   grad_c = -k e_c / s for c != t, grad_{c=t} = k (1 - p_t) = k * -expm1(log p_t),
+//   m = max_c x_c (group shuffle), e_c = exp(x_c - m), s = sum_c e_c and sum_others =
+//   sum_{c != t} e_c (two group shuffles, the same butterfly), RowValues (log p_t, p_t,
+//   1 - p_t = sum_others / s), (loss, k) = softmax_row_result(...),
+//   grad_c = -k e_c / s for c != t, grad_{c=t} = k (1 - p_t) (sum_others / s: 1 - e_t / s would cancel as p_t -> 1),
 // each computed in float32 and rounded once to the gradient's element type grad_t. Memory traffic per element:
 // sizeof(scalar_t) read + sizeof(grad_t) written (VEC-value packs: 16 bytes of bf16 gradient
 // for bf16 'mean'/'sum', 4 * VEC bytes of float32 otherwise); per row: 8 bytes of target
@@ -124,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
       }
     }
     row_max = group_max<G>(row_max);
-    float row_sum = 0.0f;
+    float row_sum = 0.0f, sum_others = 0.0f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int64_t c0 = static_cast<int64_t>(member + i * G) * VEC;
@@ -133,20 +160,22 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
         for (int e = 0; e < VEC; ++e) {
           v[i][e] = lm::exp_(v[i][e] - row_max);
           row_sum += v[i][e];
+          sum_others += c0 + e == rt.t ? 0.0f : v[i][e];
         }
       }
     }
     row_sum = group_sum<G>(row_sum);
+    sum_others = group_sum<G>(sum_others);
     RowResult res{0.0f, 0.0f, 0.0f};
-    float log_pt = 0.0f;
+    RowValues rv{0.0f, 0.0f, 0.0f};
     if (rt.active) {
-      log_pt = lm::log_softmax_target(static_cast<float>(x[rt.t]), row_max, lm::log_(row_sum));
-      res = softmax_row_result(a, row, rt.t, log_pt, scale);
+      rv = softmax_row_values(static_cast<float>(x[rt.t]), row_max, row_sum, sum_others);
+      res = softmax_row_result(a, row, rt.t, rv, scale);
     }
     if (a.grad != nullptr && rt.in_range) {
       grad_t* g = a.grad + row_offset;
       const float p_scale = -res.k / row_sum;
-      const float target_grad = res.k * lm::one_minus_pt_from_log(log_pt);
+      const float target_grad = res.k * rv.one_minus_pt;
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         const int64_t c0 = static_cast<int64_t>(member + i * G) * VEC;
@@ -160,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
         }
       }
     }
-    if (member == 0 && rt.in_range) acc += write_row_outputs(a, row, res, log_pt);
+    if (member == 0 && rt.in_range) acc += write_row_outputs(a, row, res, rv);
   }
   if (a.partials != nullptr) {
     const double total = block_sum(acc);
@@ -170,7 +199,8 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
 
 // ------------------------------------------------------------------------------------------
 // softmax_rows_large_kernel: (N, C) rows too long for registers. A warp per row, three sweeps
-// over the row (max; sum of e_c; gradient with e_c recomputed), VEC-value packs. The second and
+// over the row (max; s and sum_others of e_c; gradient with e_c recomputed from the row's m and
+// s, never as exp(x_c - lse)), VEC-value packs. Same RowValues as softmax_rows_kernel. The second and
 // third sweeps re-read the row just read, from L1/L2: device-memory traffic stays one read and
 // one write per element (rows up to ~100 KB per warp stay cached). Gradient in grad_t, as above.
 // The three sweeps are not unrolled (#pragma unroll 1; each iteration is already VEC values):
@@ -190,9 +220,9 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
     const RowTarget rt = row_target(a, row, rows);
     const scalar_t* x = a.logits + row * C;
     float row_max = -std::numeric_limits<float>::infinity();
-    float row_sum = 0.0f;
+    float row_sum = 0.0f, sum_others = 0.0f;
     RowResult res{0.0f, 0.0f, 0.0f};
-    float log_pt = 0.0f;
+    RowValues rv{0.0f, 0.0f, 0.0f};
     if (rt.active) {
 #pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
@@ -208,16 +238,21 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
         const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) row_sum += lm::exp_(static_cast<float>(p.v[e]) - row_max);
+        for (int e = 0; e < VEC; ++e) {
+          const float ex = lm::exp_(static_cast<float>(p.v[e]) - row_max);
+          row_sum += ex;
+          sum_others += c0 + e == rt.t ? 0.0f : ex;
+        }
       }
       row_sum = group_sum<32>(row_sum);
-      log_pt = lm::log_softmax_target(static_cast<float>(x[rt.t]), row_max, lm::log_(row_sum));
-      res = softmax_row_result(a, row, rt.t, log_pt, scale);
+      sum_others = group_sum<32>(sum_others);
+      rv = softmax_row_values(static_cast<float>(x[rt.t]), row_max, row_sum, sum_others);
+      res = softmax_row_result(a, row, rt.t, rv, scale);
     }
     if (a.grad != nullptr) {
       grad_t* g = a.grad + row * C;
       const float p_scale = -res.k / row_sum;
-      const float target_grad = res.k * lm::one_minus_pt_from_log(log_pt);
+      const float target_grad = res.k * rv.one_minus_pt;
 #pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
         Pack<grad_t, VEC> out;
@@ -235,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
         store_pack<VEC>(g + c0, out);
       }
     }
-    if (lane == 0) acc += write_row_outputs(a, row, res, log_pt);
+    if (lane == 0) acc += write_row_outputs(a, row, res, rv);
   }
   if (a.partials != nullptr) {
     const double total = block_sum(acc);
@@ -249,7 +284,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
 // 32 consecutive values (coalesced) at n*C*S + c*S + s. kRegs > 0 (C <= kRegs): the row lives
 // in registers (one read, exponentials once). kRegs == 0: three sweeps over the row (max, sum,
 // gradient), the later two from L1/L2 (a block's rows are 256 * C * sizeof(scalar_t) bytes).
-// Same formulas as softmax_rows_kernel. Memory traffic per element: sizeof(scalar_t) read,
+// Same formulas as softmax_rows_kernel (s and sum_others summed in class order by the row's thread). Memory traffic per element: sizeof(scalar_t) read,
 // sizeof(grad_t) gradient written (single values, coalesced across the warp); per row 8 bytes
 // of target.
 // ------------------------------------------------------------------------------------------
@@ -268,9 +303,9 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
     constexpr int kSlots = kRegs > 0 ? kRegs : 1;
     [[maybe_unused]] float v[kSlots];
     float row_max = -std::numeric_limits<float>::infinity();
-    float row_sum = 0.0f;
+    float row_sum = 0.0f, sum_others = 0.0f;
     RowResult res{0.0f, 0.0f, 0.0f};
-    float log_pt = 0.0f;
+    RowValues rv{0.0f, 0.0f, 0.0f};
     if (rt.active) {
       if constexpr (kRegs > 0) {
 #pragma unroll
@@ -285,6 +320,7 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
           if (c < C) {
             v[c] = lm::exp_(v[c] - row_max);
             row_sum += v[c];
+            sum_others += c == rt.t ? 0.0f : v[c];
           }
         }
       } else {
@@ -292,15 +328,19 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
           const float value = static_cast<float>(x[c * S]);
           row_max = value > row_max ? value : row_max;
         }
-        for (int64_t c = 0; c < C; ++c) row_sum += lm::exp_(static_cast<float>(x[c * S]) - row_max);
+        for (int64_t c = 0; c < C; ++c) {
+          const float ex = lm::exp_(static_cast<float>(x[c * S]) - row_max);
+          row_sum += ex;
+          sum_others += c == rt.t ? 0.0f : ex;
+        }
       }
-      log_pt = lm::log_softmax_target(static_cast<float>(x[rt.t * S]), row_max, lm::log_(row_sum));
-      res = softmax_row_result(a, row, rt.t, log_pt, scale);
+      rv = softmax_row_values(static_cast<float>(x[rt.t * S]), row_max, row_sum, sum_others);
+      res = softmax_row_result(a, row, rt.t, rv, scale);
     }
     if (a.grad != nullptr) {
       grad_t* g = a.grad + base;
       const float p_scale = -res.k / row_sum;
-      const float target_grad = res.k * lm::one_minus_pt_from_log(log_pt);
+      const float target_grad = res.k * rv.one_minus_pt;
       if constexpr (kRegs > 0) {
 #pragma unroll
         for (int c = 0; c < kRegs; ++c) {
@@ -316,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
         }
       }
     }
-    acc += write_row_outputs(a, row, res, log_pt);
+    acc += write_row_outputs(a, row, res, rv);
   }
   if (a.partials != nullptr) {
     const double total = block_sum(acc);
@@ -351,7 +391,7 @@ __global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs
       res.loss = alpha_t * ft.value;
       if (a.grad != nullptr) a.grad[at_t] = static_cast<grad_t>(scale * alpha_t * ft.dvalue_dlogpt / p_t);
     }
-    acc += write_row_outputs(a, row, res, 0.0f);
+    acc += write_row_outputs(a, row, res, RowValues{0.0f, 0.0f, 0.0f});
   }
   if (a.partials != nullptr) {
     const double total = block_sum(acc);
