@@ -140,13 +140,20 @@ def _index_target(target, logits: torch.Tensor, expected_shape, what: str) -> to
     return target
 
 
+def _host_check_default(tensor: torch.Tensor, validate) -> bool:
+    """validate=None means: read values on the host only for CPU tensors (on CUDA it would cost a
+    host sync) and not while torch.compile traces (a host read would break the graph)."""
+    if validate is None:
+        return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+    return bool(validate)
+
+
 def _check_range(target: torch.Tensor, ignore_index: int, high: int, validate) -> None:
     """Valid entries of target must lie in [0, high] (ignore_index excluded first).
     validate=None checks on CPU only (on CUDA it would cost a host sync), and not while
     torch.compile traces the call (reading values on the host would break the graph; the CPU
     kernels and the reference check the range themselves and raise RuntimeError)."""
-    if validate is None:
-        validate = target.device.type == "cpu" and not torch.compiler.is_compiling()
+    validate = _host_check_default(target, validate)
     if not validate or target.numel() == 0:
         return
     # Under torch.func.vmap the target is a batched wrapper (boolean-mask indexing and host reads
@@ -181,8 +188,7 @@ def _warn_labels_without_background(target: torch.Tensor, ignore_index: int, c: 
     filter shows it once per call site) when the non-ignored labels never equal C. Runs where
     _check_range runs (validate=None: CPU tensors, not while torch.compile traces; True: also on
     CUDA, a host sync; False: never) and after it, so the labels are known to be in [0, C]."""
-    if validate is None:
-        validate = target.device.type == "cpu" and not torch.compiler.is_compiling()
+    validate = _host_check_default(target, validate)
     if not validate or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(target):
         return
     valid = target != ignore_index
@@ -212,8 +218,7 @@ def _class_vector(arg: str, value, c: int, logits: torch.Tensor, validate=None) 
             _type_error(arg, f"expected None, a float or a length-C sequence, got {type(value).__name__}")
     if tensor.dim() != 1 or tensor.numel() != c:
         _value_error(arg, f"expected {c} values (one per class), got shape {tuple(tensor.shape)}")
-    if validate is None:
-        validate = tensor.device.type == "cpu"
+    validate = _host_check_default(tensor, validate)
     if validate and not torch.compiler.is_compiling() and tensor.is_floating_point():
         finite = torch.isfinite(tensor)
         if not bool(finite.all()):
