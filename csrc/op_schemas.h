@@ -29,33 +29,56 @@ inline void define_op_schemas(torch::Library& m) {
   //     rounded to fp16 first, a 'mean' gradient of a large batch underflows to zero.
   // grad_feature_norm (IB) is always in the math dtype (it is (N,)-sized).
   //
+  // Drop-in extras (README "Sample weights, avg_factor, label smoothing"), trailing arguments
+  // with defaults so that a call without them is the plain loss:
+  //   weight: None, or a contiguous tensor in the math dtype: softmax family (N, d...) flattened
+  //     (one value per row, the target's numel); sigmoid family one value per row
+  //     (logits.numel() / C values) or per element (logits.numel() values). loss and gradient
+  //     are multiplied by it; a zero weight gives exactly 0 loss and 0 gradient (a NaN logit
+  //     there does not leak). 'mean' denominators are unchanged, except GHM-C, where a zero
+  //     weight marks the entry invalid (excluded from the histogram and n_valid, as mmdet's
+  //     label_weight).
+  //   label_smoothing eps in [0, 1]: q_c = (1 - eps) [c == t] + eps / C; softmax focal loss =
+  //     sum_c q_c a_c (1 - p_c)^gamma (-log p_c) (a_c: alpha_per_class[c], or the scalar alpha);
+  //     OHEM and GHM-C (softmax): the smoothed cross entropy (gamma 0, a_c 1); their selection
+  //     and bins use the unsmoothed CE / p_t. Only with from_logits.
+  //   alpha_per_class (sigmoid): (C,) in the math dtype; alpha_t = a_c y + (1 - a_c)(1 - y);
+  //     replaces the scalar alpha.
   // Softmax focal over (N, C) or channel-second (N, C, d...) logits; target (N, d...) int64/int32.
   // alpha_per_class (C,) in the math dtype when given, else the scalar alpha (1.0 = no alpha).
   m.def(
       "softmax_focal_forward(Tensor logits, Tensor target, Tensor? alpha_per_class, float alpha, "
-      "float gamma, int ignore_index, str reduction, bool from_logits, bool compute_grad) "
-      "-> (Tensor loss, Tensor grad_logits)");
+      "float gamma, int ignore_index, str reduction, bool from_logits, bool compute_grad, Tensor? weight=None, "
+      "float label_smoothing=0.0) -> (Tensor loss, Tensor grad_logits)");
   // Sigmoid focal over (..., C) logits; target float of the logits' shape, or integer labels of
   // shape logits.shape[:-1] (label == C: background, label == ignore_index: ignored row).
   m.def(
       "sigmoid_focal_forward(Tensor logits, Tensor target, float alpha, float gamma, int ignore_index, "
-      "str reduction, bool compute_grad) -> (Tensor loss, Tensor grad_logits)");
+      "str reduction, bool compute_grad, Tensor? alpha_per_class=None, Tensor? weight=None) "
+      "-> (Tensor loss, Tensor grad_logits)");
   // OHEM over per-sample cross entropy. keep_count > 0: keep min(keep_count, n_valid) hardest;
   // else keep max(1, floor(keep_fraction * n_valid)). thresh given: mmseg mode with
   // min_kept_total (= min_kept x images), keep_* ignored.
   m.def(
       "ohem_forward(Tensor logits, Tensor target, float keep_fraction, int keep_count, float? thresh, "
-      "int min_kept_total, int ignore_index, str reduction, bool compute_grad) -> (Tensor loss, Tensor grad_logits)");
+      "int min_kept_total, int ignore_index, str reduction, bool compute_grad, Tensor? weight=None, "
+      "float label_smoothing=0.0) -> (Tensor loss, Tensor grad_logits)");
   // GHM-C, step 1 (no gradient): histogram of g over the valid entries, EMA update of `state`
   // in place when given (float32 (bins,)), and the per-bin weights
   // n_valid / divisor[b] / n_nonempty (0 for empty bins) in the math dtype.
   m.def(
       "ghmc_bin_weights(Tensor logits, Tensor target, Tensor(a!)? state, int bins, float momentum, "
-      "bool use_sigmoid, int ignore_index) -> Tensor");
+      "bool use_sigmoid, int ignore_index, Tensor? weight=None) -> Tensor");
+  // GHM-C histogram only (for a histogram all-reduced across ranks before the weights):
+  // int64 (bins + 1,): the count of valid entries in each bin, then n_valid.
+  m.def(
+      "ghmc_bin_counts(Tensor logits, Tensor target, int bins, bool use_sigmoid, int ignore_index, "
+      "Tensor? weight=None) -> Tensor");
   // GHM-C, step 2: loss = bin_weights[bin(g)] * CE per element (sigmoid) or row (softmax).
   m.def(
       "ghmc_forward(Tensor logits, Tensor target, Tensor bin_weights, bool use_sigmoid, int ignore_index, "
-      "str reduction, bool compute_grad) -> (Tensor loss, Tensor grad_logits)");
+      "str reduction, bool compute_grad, Tensor? weight=None, float label_smoothing=0.0) "
+      "-> (Tensor loss, Tensor grad_logits)");
   // Influence-balanced loss on (N, C) logits; feature_norm (N,) in the math dtype (the caller
   // reduces (N, D) features); class_weight (C,) or None.
   m.def(

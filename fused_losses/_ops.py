@@ -163,9 +163,21 @@ def logits_gradient(ctx, saved, grad_loss, applied_scale, scale_in_place, scale_
     return scale_fresh(saved, grad_loss, ctx.logits_dtype)
 
 
-def _setup_saved_grads(ctx, inputs, output):
-    save_gradients(ctx, output[0], output[1:], inputs[0], inputs[-1])
-    ctx.num_inputs = len(inputs)
+# Position of `compute_grad` in each forward op's schema (csrc/op_schemas.h): optional extras
+# (weight, label_smoothing, ...) follow it.
+COMPUTE_GRAD_POS = {"softmax_focal_forward": 8, "sigmoid_focal_forward": 6, "ohem_forward": 8, "ghmc_forward": 6,
+                    "ib_forward": 9}
+
+
+def setup_saved_grads_for(name: str):
+    """The setup_context of forward op `name`: saves its gradients (save_gradients)."""
+    pos = COMPUTE_GRAD_POS[name]
+
+    def setup(ctx, inputs, output):
+        save_gradients(ctx, output[0], output[1:], inputs[0], inputs[pos])
+        ctx.num_inputs = len(inputs)
+
+    return setup
 
 
 def _logits_grad(ctx, saved, grad_loss, applied_scale=None):
@@ -316,24 +328,30 @@ def call_loss(run, logits: torch.Tensor, features, *aux, channel_dim):
 
 # ---- fake (meta) kernels ----------------------------------------------------------------------
 def _fake_softmax_focal(logits, target, alpha_per_class, alpha, gamma, ignore_index, reduction, from_logits,
-                        compute_grad):
+                        compute_grad, weight=None, label_smoothing=0.0):
     return _loss_like(logits, _softmax_none_shape(logits), reduction), _grad_like(logits, compute_grad, reduction)
 
 
-def _fake_sigmoid_focal(logits, target, alpha, gamma, ignore_index, reduction, compute_grad):
+def _fake_sigmoid_focal(logits, target, alpha, gamma, ignore_index, reduction, compute_grad, alpha_per_class=None,
+                        weight=None):
     return _loss_like(logits, logits.shape, reduction), _grad_like(logits, compute_grad, reduction)
 
 
 def _fake_ohem(logits, target, keep_fraction, keep_count, thresh, min_kept_total, ignore_index, reduction,
-               compute_grad):
+               compute_grad, weight=None, label_smoothing=0.0):
     return _loss_like(logits, _softmax_none_shape(logits), reduction), _grad_like(logits, compute_grad, reduction)
 
 
-def _fake_ghmc_bin_weights(logits, target, state, bins, momentum, use_sigmoid, ignore_index):
+def _fake_ghmc_bin_weights(logits, target, state, bins, momentum, use_sigmoid, ignore_index, weight=None):
     return logits.new_empty((bins,), dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
-def _fake_ghmc(logits, target, bin_weights, use_sigmoid, ignore_index, reduction, compute_grad):
+def _fake_ghmc_bin_counts(logits, target, bins, use_sigmoid, ignore_index, weight=None):
+    return logits.new_empty((bins + 1,), dtype=torch.int64)
+
+
+def _fake_ghmc(logits, target, bin_weights, use_sigmoid, ignore_index, reduction, compute_grad, weight=None,
+               label_smoothing=0.0):
     shape = logits.shape if use_sigmoid else _softmax_none_shape(logits)
     return _loss_like(logits, shape, reduction), _grad_like(logits, compute_grad, reduction)
 
@@ -377,8 +395,9 @@ def register() -> None:
     for name, (fake, backward) in _FORWARD_OPS.items():
         qualname = f"fused_losses::{name}"
         torch.library.register_fake(qualname)(fake)
-        torch.library.register_autograd(qualname, backward, setup_context=_setup_saved_grads)
+        torch.library.register_autograd(qualname, backward, setup_context=setup_saved_grads_for(name))
     torch.library.register_fake("fused_losses::ghmc_bin_weights")(_fake_ghmc_bin_weights)
+    torch.library.register_fake("fused_losses::ghmc_bin_counts")(_fake_ghmc_bin_counts)
     torch.library.register_fake("fused_losses::scale_grad")(_fake_scale_grad)
     torch.library.register_fake("fused_losses::scale_grad_")(_fake_scale_grad_)
     torch.library.register_autograd("fused_losses::scale_grad", _backward_scale_grad, setup_context=_setup_scale_grad)

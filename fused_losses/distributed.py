@@ -10,6 +10,10 @@ or each rank divides by a different count. mmdet averages it over ranks with red
 
 With DDP's gradient averaging, every rank's gradient is then that of sum over all ranks /
 sum of num_pos over all ranks, i.e. the single-process loss on the whole batch.
+
+GHM-C's bin counts are the other batch-global statistic: ``ghmc(..., process_group=group)``
+all-reduces them (global_bin_weights) so that every rank weights its samples by the histogram of
+the global batch and every rank's EMA state stays identical.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["reduce_mean"]
+__all__ = ["reduce_mean", "global_bin_weights"]
 
 
 def reduce_mean(tensor: torch.Tensor, group: Optional["dist.ProcessGroup"] = None) -> torch.Tensor:
@@ -40,3 +44,27 @@ def reduce_mean(tensor: torch.Tensor, group: Optional["dist.ProcessGroup"] = Non
     mean = tensor.detach() / world_size  # a new tensor: the caller's is never written
     dist.all_reduce(mean, op=dist.ReduceOp.SUM, group=group)
     return mean
+
+
+def global_bin_weights(counts: torch.Tensor, state: Optional[torch.Tensor], momentum: float, dtype: torch.dtype,
+                       group: Optional["dist.ProcessGroup"]) -> torch.Tensor:
+    """GHM-C per-bin weights from the histogram of the global batch.
+
+    counts: this rank's int64 (bins + 1,) from the ghmc_bin_counts op (valid entries per bin, then
+    n_valid). They are summed over the ranks of `group` (all_reduce on the device: no host sync),
+    then the EMA `state` (float32 (bins,), when given) is updated in place and the weights
+    n_valid / divisor_b / n_nonempty are returned in `dtype` (fused_losses.reference's formula,
+    so a single process gives the same numbers as without a group). Every rank computes the same
+    weights and the same new state.
+    """
+    from fused_losses.reference import ghm_bin_weights  # noqa: PLC0415 - reference imports torch only
+
+    counts = counts.clone()  # the op's output is ours, but never all-reduce a tensor in place twice
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    bins = counts.numel() - 1
+    weights, new_state = ghm_bin_weights(counts[:bins].to(torch.float32), counts[bins], state, float(momentum), dtype)
+    if state is not None:
+        with torch.no_grad():
+            state.copy_(new_state)
+    return weights

@@ -79,6 +79,14 @@ inline int64_t tile_width(int64_t C) {
 constexpr int64_t kSumChunk = 4096;   // values per chunk of the ordered sums
 constexpr int64_t kWorkGrain = 32768; // elements of work per parallel_for grain
 
+// Drop-in extras (weight, label_smoothing, per-class sigmoid alpha; csrc/op_schemas.h) that this
+// file does not implement yet: refused, never ignored.
+void check_no_extras(const char* op, const c10::optional<at::Tensor>& weight, double label_smoothing,
+                     const c10::optional<at::Tensor>& alpha_per_class = c10::nullopt) {
+  TORCH_CHECK(!weight.has_value() && label_smoothing == 0.0 && !alpha_per_class.has_value(), op,
+              ": weight, label_smoothing and per-class alpha are not implemented by the CPU kernels yet");
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // sum_i v[i] in double: chunks of kSumChunk summed in parallel, chunk sums added in order.
@@ -558,7 +566,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
                                                            const c10::optional<at::Tensor>& alpha_per_class_in,
                                                            double alpha, double gamma, int64_t ignore_index,
                                                            c10::string_view reduction_name, bool from_logits,
-                                                           bool compute_grad) {
+                                                           bool compute_grad, const c10::optional<at::Tensor>& weight,
+                                                           double label_smoothing) {
+  check_no_extras("softmax_focal_forward", weight, label_smoothing);
   const Reduction reduction = parse_reduction(reduction_name);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = index_target(target_in);
@@ -750,7 +760,8 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cpu(const at::Tensor& logits_in,
                                                   double keep_fraction, int64_t keep_count,
                                                   c10::optional<double> thresh, int64_t min_kept_total,
                                                   int64_t ignore_index, c10::string_view reduction_name,
-                                                  bool compute_grad) {
+                                                  bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing) {
+  check_no_extras("ohem_forward", weight, label_smoothing);
   const Reduction reduction = parse_reduction(reduction_name);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = index_target(target_in);
@@ -898,7 +909,10 @@ void with_sigmoid_target(const SigmoidInputs& in, Body&& body) {
 // Sigmoid focal: loss = alpha_t * BCE * (1 - p_t)^gamma elementwise (losses_math.h).
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                            double alpha, double gamma, int64_t ignore_index,
-                                                           c10::string_view reduction_name, bool compute_grad) {
+                                                           c10::string_view reduction_name, bool compute_grad,
+                                                           const c10::optional<at::Tensor>& alpha_per_class,
+                                                           const c10::optional<at::Tensor>& weight) {
+  check_no_extras("sigmoid_focal_forward", weight, 0.0, alpha_per_class);
   const Reduction reduction = parse_reduction(reduction_name);
   const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
   at::Tensor grad = grad_buffer(in.logits, compute_grad, reduction);
@@ -1003,7 +1017,8 @@ inline int64_t ghm_sigmoid_bin(const scalar_t* x, const target_t* y, const int64
 
 at::Tensor ghmc_bin_weights_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
                                 const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
-                                bool use_sigmoid, int64_t ignore_index) {
+                                bool use_sigmoid, int64_t ignore_index, const c10::optional<at::Tensor>& weight) {
+  check_no_extras("ghmc_bin_weights", weight, 0.0);
   TORCH_CHECK(bins >= 1, "bins: must be >= 1, got ", bins);
   at::Tensor out;
   if (use_sigmoid) {
@@ -1045,7 +1060,8 @@ at::Tensor ghmc_bin_weights_cpu(const at::Tensor& logits_in, const at::Tensor& t
 std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                   const at::Tensor& bin_weights_in, bool use_sigmoid,
                                                   int64_t ignore_index, c10::string_view reduction_name,
-                                                  bool compute_grad) {
+                                                  bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing) {
+  check_no_extras("ghmc_forward", weight, label_smoothing);
   const Reduction reduction = parse_reduction(reduction_name);
   const int64_t bins = bin_weights_in.numel();
   TORCH_CHECK(bins >= 1, "bin_weights: expected at least one bin");

@@ -188,17 +188,26 @@ inline at::Tensor aligned_contiguous(const at::Tensor& t, size_t bytes) {
   return c;
 }
 
+// Drop-in extras (weight, label_smoothing, per-class sigmoid alpha; csrc/op_schemas.h) that the
+// CUDA kernels do not implement yet: refused, never ignored.
+inline void check_no_extras(const char* op, const c10::optional<at::Tensor>& weight, double label_smoothing,
+                            const c10::optional<at::Tensor>& alpha_per_class = c10::nullopt) {
+  TORCH_CHECK(!weight.has_value() && label_smoothing == 0.0 && !alpha_per_class.has_value(), op,
+              ": weight, label_smoothing and per-class alpha are not implemented by the CUDA kernels yet");
+}
+
 // The host functions of the ops (one per schema of csrc/ops.cpp), registered in common.cu.
 at::Tensor build_probe_cuda(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                             const c10::optional<at::Tensor>& alpha_per_class,
                                                             double alpha, double gamma, int64_t ignore_index,
                                                             c10::string_view reduction, bool from_logits,
-                                                            bool compute_grad);
+                                                            bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing);
 std::tuple<at::Tensor, at::Tensor> ohem_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                    double keep_fraction, int64_t keep_count,
                                                    c10::optional<double> thresh, int64_t min_kept_total,
-                                                   int64_t ignore_index, c10::string_view reduction, bool compute_grad);
+                                                   int64_t ignore_index, c10::string_view reduction, bool compute_grad,
+                                                   const c10::optional<at::Tensor>& weight, double label_smoothing);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ib_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                            const at::Tensor& feature_norm_in,
                                                            const c10::optional<at::Tensor>& class_weight_in,
@@ -207,14 +216,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ib_forward_cuda(const at::Tensor&
                                                            bool compute_grad);
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                             double alpha, double gamma, int64_t ignore_index,
-                                                            c10::string_view reduction_name, bool compute_grad);
+                                                            c10::string_view reduction_name, bool compute_grad,
+                                                            const c10::optional<at::Tensor>& alpha_per_class,
+                                                            const c10::optional<at::Tensor>& weight);
 at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                  const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
-                                 bool use_sigmoid, int64_t ignore_index);
+                                 bool use_sigmoid, int64_t ignore_index, const c10::optional<at::Tensor>& weight);
 std::tuple<at::Tensor, at::Tensor> ghmc_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                    const at::Tensor& bin_weights_in, bool use_sigmoid,
                                                    int64_t ignore_index, c10::string_view reduction_name,
-                                                   bool compute_grad);
+                                                   bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing);
 at::Tensor scale_grad_cuda(const at::Tensor& saved_in, const at::Tensor& grad_output_in, at::ScalarType dtype);
 void scale_grad_inplace_cuda(const at::Tensor& grad, const at::Tensor& grad_output, const at::Tensor& applied_scale);
 

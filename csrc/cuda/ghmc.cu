@@ -118,7 +118,8 @@ __global__ void ghm_weights_kernel(const int64_t* __restrict__ counts, int64_t b
 
 at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                  const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
-                                 bool use_sigmoid, int64_t ignore_index) {
+                                 bool use_sigmoid, int64_t ignore_index, const c10::optional<at::Tensor>& weight) {
+  check_no_extras("ghmc_bin_weights", weight, 0.0);
   const DeviceGuard guard(logits_in.device());
   TORCH_CHECK(bins >= 1, "bins: must be >= 1, got ", bins);
   if (state.has_value()) {
@@ -205,7 +206,8 @@ at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> ghmc_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                    const at::Tensor& bin_weights_in, bool use_sigmoid,
                                                    int64_t ignore_index, c10::string_view reduction_name,
-                                                   bool compute_grad) {
+                                                   bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing) {
+  check_no_extras("ghmc_forward", weight, label_smoothing);
   const DeviceGuard guard(logits_in.device());
   const int64_t bins = bin_weights_in.numel();
   TORCH_CHECK(bins >= 1, "bin_weights: expected at least one bin");

@@ -216,7 +216,10 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_forward(const SigmoidCall& call, cons
 // sigmoid_focal_forward: one elementwise pass (+ the label count for 'mean').
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                             double alpha, double gamma, int64_t ignore_index,
-                                                            c10::string_view reduction_name, bool compute_grad) {
+                                                            c10::string_view reduction_name, bool compute_grad,
+                                                            const c10::optional<at::Tensor>& alpha_per_class,
+                                                            const c10::optional<at::Tensor>& weight) {
+  check_no_extras("sigmoid_focal_forward", weight, 0.0, alpha_per_class);
   const DeviceGuard guard(logits_in.device());
   const Reduction reduction = parse_reduction(reduction_name);
   const SigmoidCall call =

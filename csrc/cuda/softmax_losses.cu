@@ -13,7 +13,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& 
                                                             const c10::optional<at::Tensor>& alpha_per_class,
                                                             double alpha, double gamma, int64_t ignore_index,
                                                             c10::string_view reduction, bool from_logits,
-                                                            bool compute_grad) {
+                                                            bool compute_grad, const c10::optional<at::Tensor>& weight,
+                                                            double label_smoothing) {
+  check_no_extras("softmax_focal_forward", weight, label_smoothing);
   const DeviceGuard guard(logits_in.device());
   const SoftmaxCall call =
       softmax_call(logits_in, target_in, reduction, compute_grad, /*zero_grad=*/!from_logits, "softmax_focal_forward");
@@ -41,7 +43,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> ohem_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                    double keep_fraction, int64_t keep_count,
                                                    c10::optional<double> thresh, int64_t min_kept_total,
-                                                   int64_t ignore_index, c10::string_view reduction, bool compute_grad) {
+                                                   int64_t ignore_index, c10::string_view reduction, bool compute_grad,
+                                                   const c10::optional<at::Tensor>& weight, double label_smoothing) {
+  check_no_extras("ohem_forward", weight, label_smoothing);
   const DeviceGuard guard(logits_in.device());
   const SoftmaxCall call = softmax_call(logits_in, target_in, reduction, compute_grad, false, "ohem_forward");
   const int64_t rows = call.sh.N * call.sh.S;

@@ -10,6 +10,7 @@ import torch
 
 from fused_losses import _ext, _ops
 from fused_losses._backends import Backend
+from fused_losses.distributed import global_bin_weights
 from fused_losses.reference import ohem_min_kept_total
 
 _REQUIRED_OPS = ("softmax_focal_forward", "sigmoid_focal_forward", "ohem_forward", "ghmc_bin_weights",
@@ -45,55 +46,73 @@ def _ops_ns():
 # directly (the op's own autograd formula) or, under functorch transforms / forward AD, through
 # the transform-aware path. The run functions take (compute_grad, logits, features, *tensors)
 # and return (loss, grad_logits, grad_features or None).
-def focal(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits):
+# Drop-in extras (README "Sample weights, avg_factor, label smoothing"): `weight` arrives
+# normalised by fused_losses._validate (None, or contiguous in the math dtype: the target's shape
+# for the softmax family; logits.shape[:-1] or logits.shape for the sigmoid family) and is passed
+# as an auxiliary tensor (no gradient); `label_smoothing` is a float; avg_factor never reaches a
+# backend (the functional layer runs 'sum' and divides).
+def focal(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits, weight=None, label_smoothing=0.0):
     alpha_per_class = alpha if isinstance(alpha, torch.Tensor) else None
     alpha_scalar = 1.0 if alpha is None or alpha_per_class is not None else float(alpha)
 
-    def run(compute_grad, x, _features, t, a):
+    def run(compute_grad, x, _features, t, a, w):
         loss, grad = _ops_ns().softmax_focal_forward(x, t, a, alpha_scalar, float(gamma), ignore_index, reduction,
-                                                     from_logits, compute_grad)
+                                                     from_logits, compute_grad, w, float(label_smoothing))
         return loss, grad, None
 
-    return _ops.call_loss(run, logits, None, target, alpha_per_class, channel_dim=1)
+    return _ops.call_loss(run, logits, None, target, alpha_per_class, weight, channel_dim=1)
 
 
-def sigmoid_focal(logits, target, *, alpha, gamma, ignore_index, reduction):
-    def run(compute_grad, x, _features, t):
-        loss, grad = _ops_ns().sigmoid_focal_forward(x, t, float(alpha), float(gamma), ignore_index, reduction,
-                                                     compute_grad)
+def sigmoid_focal(logits, target, *, alpha, gamma, ignore_index, reduction, weight=None):
+    # alpha: a float (torchvision's meaning; < 0 disables) or a (C,) tensor of per-class alphas.
+    alpha_per_class = alpha if isinstance(alpha, torch.Tensor) else None
+    alpha_scalar = -1.0 if alpha_per_class is not None else float(alpha)
+
+    def run(compute_grad, x, _features, t, a, w):
+        loss, grad = _ops_ns().sigmoid_focal_forward(x, t, alpha_scalar, float(gamma), ignore_index, reduction,
+                                                     compute_grad, a, w)
         return loss, grad, None
 
-    return _ops.call_loss(run, logits, None, target, channel_dim=None)
+    return _ops.call_loss(run, logits, None, target, alpha_per_class, weight, channel_dim=None)
 
 
-def ohem(logits, target, *, keep, thresh, min_kept, ignore_index, reduction):
+def ohem(logits, target, *, keep, thresh, min_kept, ignore_index, reduction, weight=None, label_smoothing=0.0):
     keep_count = keep if isinstance(keep, int) else 0
     keep_fraction = float(keep) if not isinstance(keep, int) else 0.0
     min_kept_total = ohem_min_kept_total(logits, min_kept)
 
-    def run(compute_grad, x, _features, t):
-        loss, grad = _ops_ns().ohem_forward(x, t, keep_fraction, keep_count, thresh, min_kept_total, ignore_index,
-                                            reduction, compute_grad)
-        return loss, grad, None
-
-    return _ops.call_loss(run, logits, None, target, channel_dim=1)
-
-
-def ghmc(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction):
-    if state is None:
-        # Inductor cannot lower a None passed for the optional mutable `state` ("getitem is not
-        # an OpOverload"). Validation guarantees momentum == 0 here, and a scratch zero state
-        # with momentum 0 becomes 0 * 0 + 1 * count = count: the same divisor, bit for bit.
-        state = torch.zeros(bins, dtype=torch.float32, device=logits.device)
-    # Step 1 (no gradient): histogram, EMA update of `state` in place, per-bin weights.
-    bin_weights = _ops_ns().ghmc_bin_weights(logits.detach(), target, state, bins, float(momentum), use_sigmoid,
-                                             ignore_index)
-
     def run(compute_grad, x, _features, t, w):
-        loss, grad = _ops_ns().ghmc_forward(x, t, w, use_sigmoid, ignore_index, reduction, compute_grad)
+        loss, grad = _ops_ns().ohem_forward(x, t, keep_fraction, keep_count, thresh, min_kept_total, ignore_index,
+                                            reduction, compute_grad, w, float(label_smoothing))
         return loss, grad, None
 
-    return _ops.call_loss(run, logits, None, target, bin_weights, channel_dim=None if use_sigmoid else 1)
+    return _ops.call_loss(run, logits, None, target, weight, channel_dim=1)
+
+
+def ghmc(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction, weight=None,
+         label_smoothing=0.0, process_group=None):
+    if process_group is not None:
+        # The histogram of the global batch: this rank's counts, all-reduced on the device,
+        # then the weights and the EMA update from them (fused_losses.distributed).
+        counts = _ops_ns().ghmc_bin_counts(logits.detach(), target, bins, use_sigmoid, ignore_index, weight)
+        bin_weights = global_bin_weights(counts, state, momentum, torch.promote_types(logits.dtype, torch.float32),
+                                         process_group)
+    else:
+        if state is None:
+            # Inductor cannot lower a None passed for the optional mutable `state` ("getitem is
+            # not an OpOverload"). Validation guarantees momentum == 0 here, and a scratch zero
+            # state with momentum 0 becomes 0 * 0 + 1 * count = count: the same divisor, bit for bit.
+            state = torch.zeros(bins, dtype=torch.float32, device=logits.device)
+        # Step 1 (no gradient): histogram, EMA update of `state` in place, per-bin weights.
+        bin_weights = _ops_ns().ghmc_bin_weights(logits.detach(), target, state, bins, float(momentum), use_sigmoid,
+                                                 ignore_index, weight)
+
+    def run(compute_grad, x, _features, t, bw, w):
+        loss, grad = _ops_ns().ghmc_forward(x, t, bw, use_sigmoid, ignore_index, reduction, compute_grad, w,
+                                            float(label_smoothing))
+        return loss, grad, None
+
+    return _ops.call_loss(run, logits, None, target, bin_weights, weight, channel_dim=None if use_sigmoid else 1)
 
 
 def ib(logits, target, features, *, alpha, epsilon, weight, gamma, detach_factor, reduction):

@@ -48,11 +48,6 @@ def _scale_fresh(saved, grad_loss, dtype):
     return ops().scale_grad(saved, grad_loss, dtype)
 
 
-def _setup(ctx, inputs, output):
-    _ops.save_gradients(ctx, output[0], output[1:], inputs[0], inputs[-1])
-    ctx.num_inputs = len(inputs)
-
-
 def _backward_logits_only(ctx, grad_loss, *unused):
     _ops._check_first_order(ctx)
     saved, *applied_scale = ctx.saved_tensors
@@ -82,8 +77,9 @@ def _register_op_layer() -> None:
         qualname = f"{NAMESPACE}::{name}"
         torch.library.register_fake(qualname)(fake)
         formula = _backward_ib if backward is _ops._backward_ib else _backward_logits_only
-        torch.library.register_autograd(qualname, formula, setup_context=_setup)
+        torch.library.register_autograd(qualname, formula, setup_context=_ops.setup_saved_grads_for(name))
     torch.library.register_fake(f"{NAMESPACE}::ghmc_bin_weights")(_ops._fake_ghmc_bin_weights)
+    torch.library.register_fake(f"{NAMESPACE}::ghmc_bin_counts")(_ops._fake_ghmc_bin_counts)
     torch.library.register_fake(f"{NAMESPACE}::scale_grad")(_ops._fake_scale_grad)
     torch.library.register_fake(f"{NAMESPACE}::scale_grad_")(_ops._fake_scale_grad_)
     torch.library.register_autograd(f"{NAMESPACE}::scale_grad", _ops._backward_scale_grad,
