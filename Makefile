@@ -105,7 +105,11 @@ EMU_ASAN_TESTS ?= tests/cuda_emu/test_kernels.py tests/test_backward.py \
                   tests/test_compiled_backends.py::test_misaligned_views \
                   tests/test_compiled_backends.py::test_ghmc_large_spatial_and_many_bins \
                   tests/test_compiled_backends.py::test_sigmoid_focal_shapes_tails_layouts_and_mixed_targets
-EMU_ASAN_ENV   := LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+# libstdc++ is preloaded right after the sanitizer runtime: otherwise ASan's __cxa_throw
+# interceptor finds no real __cxa_throw (python itself does not link libstdc++) and the first C++
+# exception (a device-side assert turned into a RuntimeError) aborts with "CHECK failed".
+EMU_ASAN_ENV   := LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
+                  ASAN_OPTIONS=detect_leaks=0 \
                   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FL_CUDA_EMU_ASAN=1
 test-cuda-emu: build
 ifeq ($(EMU_ASAN),1)
