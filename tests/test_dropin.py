@@ -373,6 +373,38 @@ def test_reference_avg_factor_is_sum_over_avg_factor(loss):
     assert_rel_close(g, -total / 4.0, EXACT, "d / d avg_factor")
 
 
+def test_reference_nn_modules_take_the_extras():
+    """nn modules: weight/avg_factor per forward call, label_smoothing / per-class alpha /
+    process_group from the constructor; the same numbers as the functions."""
+    x, t = softmax_case((2, 4, 3, 5), F64, ignore_frac=0.2, ignore_index=255, seed=3)
+    w = _weights(t.shape, seed=1).to(F64)
+    af = torch.tensor(6.0, dtype=F64)
+    module = fl.nn.FocalLoss(gamma=1.0, alpha=[1.0, 0.5, 2.0, 1.5], ignore_index=255, label_smoothing=0.1,
+                             backend="reference").double()
+    want = _ref(fl.focal, x, t, gamma=1.0, alpha=[1.0, 0.5, 2.0, 1.5], ignore_index=255, label_smoothing=0.1,
+                weight=w, avg_factor=af)
+    assert_rel_close(module(x, t, weight=w, avg_factor=af), want, EXACT, "FocalLoss")
+    assert_rel_close(module(x, t, w, af), want, EXACT, "FocalLoss, positional")
+    ohem = fl.nn.OHEMLoss(keep=0.5, ignore_index=255, label_smoothing=0.2, backend="reference")
+    assert_rel_close(ohem(x, t, weight=w), _ref(fl.ohem, x, t, keep=0.5, ignore_index=255, label_smoothing=0.2,
+                                                weight=w), EXACT, "OHEMLoss")
+    xs, ls = sigmoid_case((7, 4), F64, kind="labels", seed=2)
+    sig = fl.nn.SigmoidFocalLoss(alpha=[0.1, 0.2, 0.3, 0.4], reduction="mean", backend="reference")
+    assert sig.alpha.dtype == torch.float32 and "alpha" in dict(sig.named_buffers())
+    rows = _weights((7,), seed=4).to(F64)
+    # the buffer holds the float32-rounded alphas (nn module convention)
+    want = _ref(fl.sigmoid_focal, xs, ls, alpha=sig.alpha.double(), reduction="mean", weight=rows, avg_factor=3)
+    assert_rel_close(sig.double()(xs, ls, weight=rows, avg_factor=3), want, EXACT, "SigmoidFocalLoss")
+    ghmc = fl.nn.GHMCLoss(momentum=0.5, use_sigmoid=False, label_smoothing=0.1, backend="reference")
+    state = torch.zeros(10)
+    for _ in range(2):
+        got = ghmc(x, t.masked_fill(t == 255, -100), weight=w)
+        want = _ref(fl.ghmc, x, t.masked_fill(t == 255, -100), momentum=0.5, state=state, use_sigmoid=False,
+                    label_smoothing=0.1, weight=w)
+        assert_rel_close(got, want, EXACT, "GHMCLoss")
+    assert torch.equal(ghmc.acc_sum, state)
+
+
 # ============================================================================================
 # Argument checks
 # ============================================================================================
