@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import fused_losses as fl
 from fused_losses import _validate, reference
+from tests.test_reference import _mmdet_ghmc  # mmdet's GHMC.forward written out (label_weight > 0 mask)
 from tests.test_compiled_backends import _DEFAULTS, CPU, CUDA, CUDA_EMU, Device, _assert_accurate, \
     _reference_loss_and_grad
 from tests.utils import LOW_PRECISION, assert_rel_close, loss_and_grad, sigmoid_case, softmax_case
@@ -206,33 +207,6 @@ def test_reference_per_class_sigmoid_alpha(kind):
     assert_rel_close(same, _ref(fl.sigmoid_focal, logits, target, alpha=0.25, reduction="sum"), EXACT, "constant")
 
 
-def mmdet_ghmc(pred, target, label_weight, bins=10, momentum=0.0, acc_sum=None, reduction="mean"):
-    """mmdet.models.losses.GHMC.forward (3.x), written out (loss_weight 1): label_weight > 0 is
-    the valid mask, bins by edges i / bins (last edge + 1e-6), weights tot / count / n,
-    weight_reduce_loss(..., avg_factor=tot) for 'mean'."""
-    edges = torch.arange(bins + 1, dtype=F64) / bins
-    edges[-1] += 1e-6
-    weights = torch.zeros_like(pred)
-    g = (pred.detach().float().sigmoid() - target.float()).abs().to(F64)  # g in float32, like the fused losses
-    valid = label_weight > 0
-    tot = max(valid.float().sum().item(), 1.0)
-    n = 0
-    for i in range(bins):
-        inds = (g >= edges[i]) & (g < edges[i + 1]) & valid
-        num_in_bin = inds.sum().item()
-        if num_in_bin > 0:
-            if momentum > 0:
-                acc_sum[i] = momentum * acc_sum[i] + (1 - momentum) * num_in_bin
-                weights[inds] = tot / acc_sum[i]
-            else:
-                weights[inds] = tot / num_in_bin
-            n += 1
-    if n > 0:
-        weights = weights / n
-    loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
-    return weight_reduce_loss(loss, weights, reduction, avg_factor=tot if reduction == "mean" else None)
-
-
 @pytest.mark.parametrize("wkind", ["row", "element"])
 @pytest.mark.parametrize("momentum", [0.0, 0.75])
 def test_reference_ghmc_weight_is_mmdet_label_weight(wkind, momentum):
@@ -248,7 +222,7 @@ def test_reference_ghmc_weight_is_mmdet_label_weight(wkind, momentum):
         x = (logits * (1 + step)).clone()
         x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         ours = _ref(fl.ghmc, x1, target, momentum=momentum, state=state if momentum else None, weight=mask)
-        peer = mmdet_ghmc(x2, target, dense_mask, momentum=momentum, acc_sum=acc_sum)
+        peer = _mmdet_ghmc(x2, target, dense_mask, 10, acc_sum=acc_sum, mmt=momentum)
         assert_rel_close(ours, peer, EXACT, f"ghmc(weight) vs mmdet GHMC step {step}")
         (g1,), (g2,) = torch.autograd.grad(ours, x1), torch.autograd.grad(peer, x2)
         assert_rel_close(g1, g2, EXACT, "grad")
