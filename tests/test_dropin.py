@@ -636,3 +636,41 @@ def test_backend_zero_weight_selects_zero(dev, name):
         assert torch.isfinite(out).all() and torch.isfinite(grad).all(), f"{name} {reduction}: NaN leaked"
         assert torch.equal(grad[[1, 4, 6]], torch.zeros_like(grad[[1, 4, 6]]))
         assert torch.equal(out, want) and torch.equal(grad, want_grad), f"{name} {reduction}"
+
+
+def _compile_cases():
+    x, t = _softmax(((6, 5, 2, 3)), seed=1)
+    xs, ls = sigmoid_case((9, 4), kind="labels", seed=2)
+    w, rows = _weights(t.shape, seed=3), _weights((9,), seed=4)
+    return [
+        ("focal", x, t, dict(weight=w, avg_factor=torch.tensor(3.0), label_smoothing=0.1, alpha=[1.0, 2, 1, 1, 0.5],
+                             ignore_index=255)),
+        ("ohem", x, t, dict(weight=w, label_smoothing=0.2, keep=0.5, ignore_index=255)),
+        ("ghmc", x, t, dict(weight=w, use_sigmoid=False, label_smoothing=0.1, ignore_index=255)),
+        ("sigmoid_focal", xs, ls, dict(alpha=torch.tensor([0.1, 0.2, 0.3, 0.4]), weight=rows, reduction="mean",
+                                       avg_factor=2.0)),
+        ("ghmc", xs, ls, dict(weight=rows)),
+    ]
+
+
+_COMPILE_PARAMS = [pytest.param(dev, i, id=f"{dev.name}-{i}-{case[0]}") for dev in (REFERENCE, CPU, CUDA_EMU, CUDA)
+                   if dev.available for i, case in enumerate(_compile_cases())]
+
+
+@pytest.mark.parametrize("dev, index", _COMPILE_PARAMS)
+def test_backend_compile_fullgraph_with_extras(dev, index):
+    """torch.compile(fullgraph=True) of a call with the extras: the same loss and gradient as
+    eager (the weight and avg_factor are graph inputs; no host read while tracing)."""
+    loss, logits, target, kwargs = _compile_cases()[index]
+    fn = getattr(fl, loss)
+    move = lambda v: v.to(dev.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    kw = {k: move(v) for k, v in kwargs.items()}
+    x, t = logits.to(dev.device), target.to(dev.device)
+
+    def call(x, t):
+        return fn(x, t, backend=dev.backend, **kw)
+    torch._dynamo.reset()
+    got, got_grad = loss_and_grad(torch.compile(call, fullgraph=True), x, t)
+    want, want_grad = loss_and_grad(call, x, t)
+    assert_rel_close(got, want, 1e-6, "loss")
+    assert_rel_close(got_grad, want_grad, 1e-6, "grad")
