@@ -64,6 +64,23 @@ CASES = {
     "sigmoid_float_gamma3": ("sigmoid_focal", (17, 24), dict(gamma=3.0, reduction="sum"), "float"),
     "sigmoid_labels_gamma1_mean": ("sigmoid_focal", (17, 10), dict(gamma=1.0, ignore_index=-1, reduction="mean"),
                                    "labels"),
+    # Drop-in extras (weight="rows" / "elements": a random weight with zeros, built by _inputs).
+    "focal_smooth_alpha_vec_weight_rows": ("focal", (37, 19), dict(gamma=2.0, alpha=[0.1 + 0.04 * c for c in range(19)],
+                                                                   label_smoothing=0.1, weight="rows"), "index"),
+    "focal_smooth_gamma0_channel_second": ("focal", (2, 19, 5, 27), dict(gamma=0.0, label_smoothing=0.2,
+                                                                         ignore_index=255, weight="rows"), "index"),
+    "focal_weight_rows_80": ("focal", (37, 80), dict(gamma=2.0, weight="rows"), "index"),
+    "ohem_smooth_weight_rows": ("ohem", (41, 19), dict(keep=0.3, label_smoothing=0.1, weight="rows"), "index"),
+    "ghmc_softmax_smooth_weight": ("ghmc", (2, 19, 7, 11), dict(use_sigmoid=False, bins=10, ignore_index=255,
+                                                                label_smoothing=0.1, weight="rows"), "index"),
+    "sigmoid_alpha_vec_weight_rows": ("sigmoid_focal", (29, 83), dict(gamma=2.0, alpha=[0.05 + 0.01 * c for c in range(83)],
+                                                                      ignore_index=-1, reduction="sum", weight="rows"),
+                                      "labels"),
+    "sigmoid_weight_elements_gamma1.5": ("sigmoid_focal", (29, 13), dict(gamma=1.5, reduction="mean",
+                                                                          weight="elements"), "soft"),
+    "sigmoid_weight_elements_gamma0_none": ("sigmoid_focal", (17, 9), dict(gamma=0.0, alpha=[0.5] * 9,
+                                                                            reduction="none", weight="elements"),
+                                            "labels"),
 }
 
 
@@ -78,6 +95,14 @@ def _inputs(name):
         x, t = sigmoid_case(shape, torch.float32, kind=kind, ignore_frac=0.1 if kind == "labels" else 0.0,
                             ignore_index=kwargs.get("ignore_index", -100), seed=seed)
     extra = (torch.rand(shape[0], generator=torch.Generator().manual_seed(seed)) + 0.5,) if loss == "ib" else ()
+    if "weight" in kwargs:
+        # Per row: the target's shape (softmax) or logits.shape[:-1] (sigmoid); per element: the
+        # logits' shape. About a fifth of the weights are 0, the rest in [0, 2).
+        kwargs = dict(kwargs)
+        sigmoid = kind != "index"
+        wshape = shape if kwargs["weight"] == "elements" else (shape[:-1] if sigmoid else t.shape)
+        w = 2 * torch.rand(wshape, generator=torch.Generator().manual_seed(seed + 1))
+        kwargs["weight"] = torch.where(w < 0.4, torch.zeros(()), w)
     return loss, x, t, extra, kwargs
 
 
