@@ -413,6 +413,44 @@ inline bool row_active(const int64_t* target, int64_t r, int64_t C, int64_t igno
   return (active_rows == nullptr || active_rows[r] != 0) && (weight == nullptr || weight[r] != T(0));
 }
 
+// Tiles of a softmax pass over (N, C, S): unit stride (S = 1) one row per tile, else tile_width(C)
+// consecutive spatial positions of one image; grain = tiles per parallel_for grain.
+struct Tile {
+  int64_t w;       // rows in this tile
+  int64_t row0;    // first row (n * S + s0)
+  int64_t offset;  // element offset of (n, class 0, s0)
+};
+
+struct TileGrid {
+  int64_t width, class_stride, tiles_per_image, tiles, grain, S, C;
+  TileGrid(SoftmaxShape sh, bool unit_stride)
+      : width(unit_stride ? 1 : tile_width(sh.C)),
+        class_stride(unit_stride ? 1 : sh.S),
+        tiles_per_image(unit_stride ? 1 : ceil_div(sh.S, width)),
+        tiles(sh.N * tiles_per_image),
+        grain(std::max<int64_t>(1, kWorkGrain / (sh.C * width))),
+        S(sh.S),
+        C(sh.C) {}
+  Tile tile(int64_t i) const {
+    const int64_t n = i / tiles_per_image;
+    const int64_t s0 = (i % tiles_per_image) * width;
+    return {std::min(width, S - s0), n * S + s0, n * C * S + s0};
+  }
+};
+
+// t[j] = the target of the tile's row j when row_active, else -1; returns whether any row is.
+template <typename T>
+inline bool tile_targets(const int64_t* target, const Tile& tl, int64_t C, int64_t ignore_index,
+                         const uint8_t* active_rows, const T* weight, int32_t* t) {
+  bool any_active = false;
+  for (int64_t j = 0; j < tl.w; ++j) {
+    const bool active = row_active<T>(target, tl.row0 + j, C, ignore_index, active_rows, weight);
+    t[j] = active ? static_cast<int32_t>(target[tl.row0 + j]) : -1;
+    any_active |= active;
+  }
+  return any_active;
+}
+
 // One pass over softmax rows: per row the SoftmaxRow, then
 //   k = row_fn(row, t, SoftmaxRow) = dLoss/dlog p_t   (row_fn also records the row's loss)
 // and, when grad != nullptr, grad_c = k * ([c == t] - p_c) (d log p_t / dx_c) with p_c =
@@ -425,31 +463,18 @@ inline bool row_active(const int64_t* target, int64_t r, int64_t C, int64_t igno
 template <typename scalar_t, typename T, bool kUnitStride, typename G, typename RowFn>
 void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
                             const T* weight, G* grad, RowFn&& row_fn) {
-  const int64_t C = sh.C, S = sh.S;
-  const int64_t width = kUnitStride ? 1 : tile_width(C);
-  const int64_t class_stride = kUnitStride ? 1 : S;
-  const int64_t tiles_per_image = kUnitStride ? 1 : ceil_div(S, width);
-  const int64_t tiles = sh.N * tiles_per_image;
-  const int64_t grain = std::max<int64_t>(1, kWorkGrain / (C * width));
+  const TileGrid grid(sh, kUnitStride);
+  const int64_t C = sh.C, class_stride = grid.class_stride;
   constexpr bool kFloat = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value;
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> e(C * width);
+  at::parallel_for(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> e(C * grid.width);
     T row_max[kTile], row_sum[kTile], sum_others[kTile], coef[kTile], target_value[kTile];
     int32_t t[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = tile / tiles_per_image;
-      const int64_t s0 = (tile % tiles_per_image) * width;
-      const int64_t w = std::min(width, S - s0);
-      const int64_t row0 = n * S + s0;
-      const int64_t offset = n * C * S + s0;
+      const Tile tl = grid.tile(tile);
+      const int64_t w = tl.w, row0 = tl.row0, offset = tl.offset;
       const scalar_t* xt = x + offset;
-      bool any_active = false;
-      for (int64_t j = 0; j < w; ++j) {
-        const bool active = row_active<T>(target, row0 + j, C, ignore_index, nullptr, weight);
-        t[j] = active ? static_cast<int32_t>(target[row0 + j]) : -1;
-        any_active |= active;
-      }
-      if (!any_active) {
+      if (!tile_targets<T>(target, tl, C, ignore_index, nullptr, weight, t)) {
         if (grad != nullptr) {
           for (int64_t c = 0; c < C; ++c)
             for (int64_t j = 0; j < w; ++j) grad[offset + c * class_stride + j] = G(0);
@@ -522,32 +547,19 @@ template <typename scalar_t, typename T, bool kUnitStride, typename G, typename 
 void softmax_smooth_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
                               const uint8_t* active_rows, const T* weight, T eps, T gamma,
                               const T* alpha_per_class, T alpha_scalar, G* grad, RowFn&& row_fn) {
-  const int64_t C = sh.C, S = sh.S;
-  const int64_t width = kUnitStride ? 1 : tile_width(C);
-  const int64_t class_stride = kUnitStride ? 1 : S;
-  const int64_t tiles_per_image = kUnitStride ? 1 : ceil_div(S, width);
-  const int64_t tiles = sh.N * tiles_per_image;
-  const int64_t grain = std::max<int64_t>(1, kWorkGrain / (C * width));
+  const TileGrid grid(sh, kUnitStride);
+  const int64_t C = sh.C, class_stride = grid.class_stride;
   const T q_off = eps / static_cast<T>(C), q_on = (T(1) - eps) + eps / static_cast<T>(C);
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> e(C * width), h(C * width);
+  at::parallel_for(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> e(C * grid.width), h(C * grid.width);
     T row_max[kTile], row_sum[kTile], sum_others[kTile], k[kTile], h_t[kTile], h_others[kTile], p_t[kTile],
         omp_t[kTile];
     int32_t t[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = tile / tiles_per_image;
-      const int64_t s0 = (tile % tiles_per_image) * width;
-      const int64_t w = std::min(width, S - s0);
-      const int64_t row0 = n * S + s0;
-      const int64_t offset = n * C * S + s0;
+      const Tile tl = grid.tile(tile);
+      const int64_t w = tl.w, row0 = tl.row0, offset = tl.offset;
       const scalar_t* xt = x + offset;
-      bool any_active = false;
-      for (int64_t j = 0; j < w; ++j) {
-        const bool active = row_active<T>(target, row0 + j, C, ignore_index, active_rows, weight);
-        t[j] = active ? static_cast<int32_t>(target[row0 + j]) : -1;
-        any_active |= active;
-      }
-      if (any_active) tile_stats<kUnitStride>(xt, C, class_stride, w, t, e.data(), row_max, row_sum, sum_others);
+      if (tile_targets<T>(target, tl, C, ignore_index, active_rows, weight, t)) tile_stats<kUnitStride>(xt, C, class_stride, w, t, e.data(), row_max, row_sum, sum_others);
       for (int64_t j = 0; j < w; ++j) {
         if (t[j] < 0) continue;
         const int64_t tc = t[j];
@@ -626,21 +638,15 @@ void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
                        const RowStats<T>& st, const T* k, const uint8_t* active_rows, G* grad) {
   const int64_t C = sh.C, S = sh.S;
   const bool unit = S == 1;
-  const int64_t width = unit ? 1 : tile_width(C);
-  const int64_t tiles_per_image = ceil_div(S, width);
-  const int64_t tiles = sh.N * tiles_per_image;
-  const int64_t grain = std::max<int64_t>(1, kWorkGrain / (C * width));
+  const TileGrid grid(sh, unit);
   constexpr bool kFloat = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value &&
                           std::is_same<G, float>::value;
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
     int32_t t[kTile];
     T coef[kTile], target_value[kTile], mx[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = tile / tiles_per_image;
-      const int64_t s0 = (tile % tiles_per_image) * width;
-      const int64_t w = std::min(width, S - s0);
-      const int64_t row0 = n * S + s0;
-      const int64_t offset = n * C * S + s0;
+      const Tile tl = grid.tile(tile);
+      const int64_t w = tl.w, row0 = tl.row0, offset = tl.offset;
       for (int64_t j = 0; j < w; ++j) {
         const int64_t r = row0 + j;
         const bool active = active_rows != nullptr ? active_rows[r] != 0 : target[r] != ignore_index;
