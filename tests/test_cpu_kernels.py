@@ -64,6 +64,23 @@ CASES = {
     "sigmoid_float_gamma3": ("sigmoid_focal", (17, 24), dict(gamma=3.0, reduction="sum"), "float"),
     "sigmoid_labels_gamma1_mean": ("sigmoid_focal", (17, 10), dict(gamma=1.0, ignore_index=-1, reduction="mean"),
                                    "labels"),
+    # Drop-in extras (weight="rows" / "elements": a random weight with zeros, built by _inputs).
+    "focal_smooth_alpha_vec_weight_rows": ("focal", (37, 19), dict(gamma=2.0, alpha=[0.1 + 0.04 * c for c in range(19)],
+                                                                   label_smoothing=0.1, weight="rows"), "index"),
+    "focal_smooth_gamma0_channel_second": ("focal", (2, 19, 5, 27), dict(gamma=0.0, label_smoothing=0.2,
+                                                                         ignore_index=255, weight="rows"), "index"),
+    "focal_weight_rows_80": ("focal", (37, 80), dict(gamma=2.0, weight="rows"), "index"),
+    "ohem_smooth_weight_rows": ("ohem", (41, 19), dict(keep=0.3, label_smoothing=0.1, weight="rows"), "index"),
+    "ghmc_softmax_smooth_weight": ("ghmc", (2, 19, 7, 11), dict(use_sigmoid=False, bins=10, ignore_index=255,
+                                                                label_smoothing=0.1, weight="rows"), "index"),
+    "sigmoid_alpha_vec_weight_rows": ("sigmoid_focal", (29, 83), dict(gamma=2.0, alpha=[0.05 + 0.01 * c for c in range(83)],
+                                                                      ignore_index=-1, reduction="sum", weight="rows"),
+                                      "labels"),
+    "sigmoid_weight_elements_gamma1.5": ("sigmoid_focal", (29, 13), dict(gamma=1.5, reduction="mean",
+                                                                          weight="elements"), "soft"),
+    "sigmoid_weight_elements_gamma0_none": ("sigmoid_focal", (17, 9), dict(gamma=0.0, alpha=[0.5] * 9,
+                                                                            reduction="none", weight="elements"),
+                                            "labels"),
 }
 
 
@@ -78,6 +95,14 @@ def _inputs(name):
         x, t = sigmoid_case(shape, torch.float32, kind=kind, ignore_frac=0.1 if kind == "labels" else 0.0,
                             ignore_index=kwargs.get("ignore_index", -100), seed=seed)
     extra = (torch.rand(shape[0], generator=torch.Generator().manual_seed(seed)) + 0.5,) if loss == "ib" else ()
+    if "weight" in kwargs:
+        # Per row: the target's shape (softmax) or logits.shape[:-1] (sigmoid); per element: the
+        # logits' shape. About a fifth of the weights are 0, the rest in [0, 2).
+        kwargs = dict(kwargs)
+        sigmoid = kind != "index"
+        wshape = shape if kwargs["weight"] == "elements" else (shape[:-1] if sigmoid else t.shape)
+        w = 2 * torch.rand(wshape, generator=torch.Generator().manual_seed(seed + 1))
+        kwargs["weight"] = torch.where(w < 0.4, torch.zeros(()), w)
     return loss, x, t, extra, kwargs
 
 
@@ -177,3 +202,161 @@ def test_confident_rows_keep_their_loss_in_every_simd_path():
         exact = torch.log1p(others_exp.sum(dim=1))  # -log p_t from the sum over j != t, in float64
         assert_rel_close(out[margin < 80], exact[margin < 80], 1e-5, f"C={c} confident CE")
         assert ref.shape == out.shape
+
+
+# --------------------------------------------------------------------------------------------
+# Drop-in extras at the op level (weight, label_smoothing, per-class sigmoid alpha,
+# ghmc_bin_counts). Accuracy against the float64 reference is tests/test_dropin.py's matrix; these
+# pin what is specific to the CPU kernels: zero-weight rows are selected away (a NaN there cannot
+# leak), every weighted / smoothed path is bitwise independent of the thread count, and the
+# histogram op is the one ghmc_bin_weights uses.
+# --------------------------------------------------------------------------------------------
+_OPS = torch.ops.fused_losses
+
+
+def _softmax_calls(x, t, w, eps):
+    """(name, loss, grad) of every softmax-family op with weight w and label smoothing eps."""
+    out = [("focal", *_OPS.softmax_focal_forward(x, t, None, 0.25, 2.0, 255, "sum", True, True, w, eps)),
+           ("focal_alpha_vec", *_OPS.softmax_focal_forward(
+               x, t, torch.linspace(0.1, 0.9, x.shape[1], dtype=w.dtype), 1.0, 1.5, 255, "none", True, True, w, eps)),
+           ("ohem", *_OPS.ohem_forward(x, t, 0.5, 0, None, 0, 255, "mean", True, w, eps))]
+    bw = _OPS.ghmc_bin_weights(x, t, None, 10, 0.0, False, 255, w)
+    out.append(("ghmc", *_OPS.ghmc_forward(x, t, bw, False, 255, "mean", True, w, eps)))
+    return out
+
+
+def _sigmoid_calls(x, y, w):
+    out = [("sigmoid_focal", *_OPS.sigmoid_focal_forward(x, y, 0.25, 2.0, -1, "sum", True, None, w)),
+           ("sigmoid_focal_alpha_vec", *_OPS.sigmoid_focal_forward(
+               x, y, -1.0, 1.5, -1, "none", True, torch.linspace(0.1, 0.9, x.shape[-1], dtype=w.dtype), w))]
+    bw = _OPS.ghmc_bin_weights(x, y, None, 10, 0.0, True, -1, w)
+    out.append(("ghmc_sigmoid", *_OPS.ghmc_forward(x, y, bw, True, -1, "mean", True, w, 0.0)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 19), (2, 19, 5, 27)])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_zero_weight_rows_are_selected_away_softmax(dtype, shape, eps):
+    """NaN / inf logits in zero-weight rows: loss and gradient exactly as if those rows held any
+    finite values, and their gradient rows exactly 0 (OHEM: its selection ignores weights, so
+    the NaN row is kept and ranks first; its loss and gradient are still 0 and finite)."""
+    x, t = softmax_case(shape, dtype, ignore_frac=0.1, ignore_index=255, seed=11)
+    md = torch.promote_types(dtype, torch.float32)
+    w = torch.rand(t.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(md) * 2
+    zero_rows = [3, 8, 20]
+    w.view(-1)[zero_rows] = 0
+    t.view(-1)[zero_rows] = 1
+    bad = x.movedim(1, -1).contiguous()
+    bad.view(-1, shape[1])[3, 2] = float("nan")
+    bad.view(-1, shape[1])[8, :] = float("inf")
+    bad.view(-1, shape[1])[20, 0] = -float("inf")
+    bad = bad.movedim(-1, 1).contiguous()
+    for (name, loss_bad, grad_bad), (_, loss_ok, grad_ok) in zip(_softmax_calls(bad, t, w, eps),
+                                                                   _softmax_calls(x, t, w, eps)):
+        g_rows = grad_bad.movedim(1, -1).reshape(-1, shape[1])
+        assert torch.isfinite(loss_bad).all() and torch.isfinite(grad_bad).all(), name
+        assert (g_rows[zero_rows] == 0).all(), name
+        if name != "ohem":
+            assert torch.equal(loss_bad, loss_ok) and torch.equal(grad_bad, grad_ok), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("kind", ["labels", "soft"])
+@pytest.mark.parametrize("per_element", [False, True])
+def test_zero_weight_entries_are_selected_away_sigmoid(dtype, kind, per_element):
+    x, y = sigmoid_case((23, 37), dtype, kind=kind, ignore_frac=0.1 if kind == "labels" else 0.0, ignore_index=-1,
+                        seed=12)
+    md = torch.promote_types(dtype, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    w = (torch.rand((23, 37) if per_element else (23,), generator=g, dtype=torch.float64) * 2).to(md)
+    bad = x.clone()
+    if per_element:
+        w[4, 5] = w[9, 36] = w[10, 0] = 0
+        bad[4, 5], bad[9, 36], bad[10, 0] = float("nan"), float("inf"), -float("inf")
+    else:
+        w[4] = w[9] = 0
+        bad[4, 5], bad[9] = float("nan"), float("inf")
+    zero = (w == 0) if per_element else (w == 0)[:, None].expand(23, 37)
+    for (name, loss_bad, grad_bad), (_, loss_ok, grad_ok) in zip(_sigmoid_calls(bad, y, w), _sigmoid_calls(x, y, w)):
+        assert torch.isfinite(loss_bad).all() and torch.isfinite(grad_bad).all(), name
+        assert (grad_bad[zero] == 0).all(), name
+        assert torch.equal(loss_bad, loss_ok) and torch.equal(grad_bad, grad_ok), name
+
+
+def test_extras_are_bitwise_independent_of_the_thread_count():
+    """Weighted, label-smoothed and per-class-alpha paths over many chunks and tiles: the same
+    bits with 1 and 2 threads."""
+    x, t = softmax_case((3, 19, 61, 67), ignore_frac=0.1, ignore_index=255, seed=13)
+    xr, tr = softmax_case((9000, 21), ignore_frac=0.1, ignore_index=255, seed=14)
+    xs, ys = sigmoid_case((6000, 37), kind="labels", ignore_frac=0.1, ignore_index=-1, seed=15)
+    g = torch.Generator().manual_seed(3)
+    w, wr = torch.rand(t.shape, generator=g) * 2, torch.rand(tr.shape, generator=g) * 2
+    w.view(-1)[::7] = 0
+    ws_row, ws_el = torch.rand(6000, generator=g), torch.rand(6000, 37, generator=g)
+
+    def run():
+        out = []
+        for eps in (0.0, 0.1):
+            out += _softmax_calls(x, t, w, eps) + _softmax_calls(xr, tr, wr, eps)
+        out += _sigmoid_calls(xs, ys, ws_row) + _sigmoid_calls(xs, ys, ws_el)
+        out.append(("counts", _OPS.ghmc_bin_counts(x, t, 10, False, 255, w), torch.empty(0)))
+        return out
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for (name, l1, g1), (_, l2, g2) in zip(one, two):
+        assert torch.equal(l1, l2) and torch.equal(g1, g2), name
+
+
+def _float32_g(x, y, use_sigmoid, ignore_index):
+    """GHM-C's g in float32 (reference.ghmc): |sigmoid(x) - y|, or 1 - p_t of a float32 softmax."""
+    if use_sigmoid:
+        c = x.shape[-1]
+        valid = (y != ignore_index)[:, None].expand(-1, c)
+        yy = torch.nn.functional.one_hot(torch.where(y == ignore_index, c, y), c + 1)[:, :c].float()
+        return (torch.sigmoid(x.float()) - yy).abs(), valid
+    c = x.shape[1]
+    rows = x.float().movedim(1, -1).reshape(-1, c)
+    tf = y.reshape(-1)
+    valid = tf != ignore_index
+    logp = torch.log_softmax(rows, -1).gather(1, torch.where(valid, tf, 0)[:, None])[:, 0]
+    return -torch.expm1(logp), valid
+
+
+@pytest.mark.parametrize("use_sigmoid", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ghmc_bin_counts_is_the_histogram_ghmc_bin_weights_uses(use_sigmoid, weighted):
+    """ghmc_bin_counts = [counts of the valid entries per bin (not ignored, weight != 0), n_valid];
+    the per-bin weights of ghmc_bin_weights (with an EMA state) are reference.ghm_bin_weights of
+    exactly these counts."""
+    from fused_losses.reference import ghm_bin_weights
+    bins = 7
+    if use_sigmoid:
+        x, y = sigmoid_case((300, 9), kind="labels", ignore_frac=0.1, ignore_index=-1, seed=16)
+        w = torch.rand(300, 9, generator=torch.Generator().manual_seed(4))
+        ignore = -1
+    else:
+        x, y = softmax_case((2, 9, 13, 11), ignore_frac=0.1, ignore_index=255, seed=17)
+        w = torch.rand(y.shape, generator=torch.Generator().manual_seed(4))
+        ignore = 255
+    w[w < 0.3] = 0
+    wt = w if weighted else None
+    g, valid = _float32_g(x, y, use_sigmoid, ignore)
+    if weighted:
+        valid = valid & (w.reshape(valid.shape) != 0)
+    b = torch.clamp_max(torch.floor(g * bins), bins - 1).long()
+    expected = torch.cat([torch.bincount(b[valid], minlength=bins), valid.sum().reshape(1)])
+    counts = _OPS.ghmc_bin_counts(x, y, bins, use_sigmoid, ignore, wt)
+    assert counts.dtype == torch.int64 and torch.equal(counts, expected)
+    state = torch.linspace(1.0, 50.0, bins)
+    state_ref = state.clone()
+    weights = _OPS.ghmc_bin_weights(x, y, state, bins, 0.7, use_sigmoid, ignore, wt)
+    ref, new_state = ghm_bin_weights(counts[:bins].float(), counts[bins], state_ref, 0.7, torch.float32)
+    assert torch.equal(weights, ref) and torch.equal(state, new_state)

@@ -79,12 +79,25 @@ inline int64_t tile_width(int64_t C) {
 constexpr int64_t kSumChunk = 4096;   // values per chunk of the ordered sums
 constexpr int64_t kWorkGrain = 32768; // elements of work per parallel_for grain
 
-// Drop-in extras (weight, label_smoothing, per-class sigmoid alpha; csrc/op_schemas.h) that this
-// file does not implement yet: refused, never ignored.
-void check_no_extras(const char* op, const c10::optional<at::Tensor>& weight, double label_smoothing,
-                     const c10::optional<at::Tensor>& alpha_per_class = c10::nullopt) {
-  TORCH_CHECK(!weight.has_value() && label_smoothing == 0.0 && !alpha_per_class.has_value(), op,
-              ": weight, label_smoothing and per-class alpha are not implemented by the CPU kernels yet");
+// Drop-in extras (csrc/op_schemas.h). weight: the tensor in the math dtype `math`, contiguous and
+// flattened, with one of the `allowed` numbers of values; undefined when not given.
+at::Tensor extra_weight(const c10::optional<at::Tensor>& weight, at::ScalarType math,
+                        std::initializer_list<int64_t> allowed) {
+  if (!weight.has_value()) return at::Tensor();
+  const at::Tensor w = weight->to(math).contiguous().reshape({-1});
+  bool ok = false;
+  for (int64_t n : allowed) ok |= w.numel() == n;
+  TORCH_CHECK(ok, "weight: expected ", std::vector<int64_t>(allowed), " values, got ", w.numel());
+  return w;
+}
+
+template <typename T>
+const T* weight_ptr(const at::Tensor& w) {
+  return w.defined() ? w.data_ptr<T>() : nullptr;
+}
+
+void check_label_smoothing(double eps) {
+  TORCH_CHECK(eps >= 0.0 && eps <= 1.0, "label_smoothing: expected a value in [0, 1], got ", eps);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -253,11 +266,14 @@ void with_grad_ptr(const at::Tensor& grad, bool compute_grad, Body&& body) {
   body(grad.data_ptr<T>());
 }
 
-int64_t count_valid(const int64_t* target, int64_t n, int64_t ignore_index) {
+// Rows with target != ignore_index (and weight != 0 when a weight is given: GHM-C's valid rows).
+template <typename T = float>
+int64_t count_valid(const int64_t* target, int64_t n, int64_t ignore_index, const T* weight = nullptr) {
   return at::parallel_reduce(
       0, n, kWorkGrain, int64_t(0),
       [&](int64_t begin, int64_t end, int64_t acc) {
-        for (int64_t i = begin; i < end; ++i) acc += target[i] != ignore_index;
+        for (int64_t i = begin; i < end; ++i)
+          acc += target[i] != ignore_index && (weight == nullptr || weight[i] != T(0));
         return acc;
       },
       [](int64_t a, int64_t b) { return a + b; });
@@ -347,81 +363,131 @@ struct SoftmaxRow {
   T log_pt, p_t, one_minus_pt, max, sum;
 };
 
+// Max, exponentials and sums of a tile (tile_exp_sums; fp32 through the SIMD kernels).
+template <bool kUnitStride, typename scalar_t, typename T>
+inline void tile_stats(const scalar_t* xt, int64_t C, int64_t class_stride, int64_t w, const int32_t* t, T* e,
+                       T* row_max, T* row_sum, T* sum_others) {
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+    if (kUnitStride) {
+      const cpu::SoftmaxRowStats st = cpu::softmax_row(xt, C, t[0], e);
+      row_max[0] = st.max;
+      row_sum[0] = st.sum;
+      sum_others[0] = st.sum_others;
+    } else {
+      cpu::softmax_tile(xt, C, class_stride, w, t, e, row_max, row_sum, sum_others);
+    }
+  } else {
+    tile_exp_sums<kUnitStride>(xt, C, class_stride, w, t, e, row_max, row_sum, sum_others);
+  }
+}
+
+// The SoftmaxRow of row j of a tile with target t (>= 0) from tile_stats' values.
+template <typename T>
+inline SoftmaxRow<T> softmax_row_values(T x_t, T e_t, T row_max, T row_sum, T sum_others) {
+  SoftmaxRow<T> row;
+  if constexpr (std::is_same<T, double>::value) {
+    // fp64 keeps the log-sum form of the float64 reference (tests/test_reference.py pins it to the
+    // naive autograd form at 1e-6); its rounding (~1e-16 absolute in log p_t) is far below fp32's.
+    row.log_pt = log_softmax_target(x_t, row_max, log_(row_sum));
+    row.p_t = exp_(row.log_pt);
+    row.one_minus_pt = one_minus_pt_from_log(row.log_pt);
+  } else {
+    row.log_pt = log_softmax_target_sums(x_t, row_max, row_sum, sum_others);
+    row.p_t = e_t / row_sum;
+    row.one_minus_pt = sum_others / row_sum;
+  }
+  row.max = row_max;
+  row.sum = row_sum;
+  return row;
+}
+
+// Whether row r takes part: target != ignore_index (checked to be a class), and, when given,
+// active_rows[r] != 0 and weight[r] != 0 (a zero weight gives exactly 0 loss and gradient, so a
+// NaN logit there does not leak).
+template <typename T>
+inline bool row_active(const int64_t* target, int64_t r, int64_t C, int64_t ignore_index, const uint8_t* active_rows,
+                       const T* weight) {
+  const int64_t tr = target[r];
+  if (tr == ignore_index) return false;
+  check_class(tr, C, ignore_index);
+  return (active_rows == nullptr || active_rows[r] != 0) && (weight == nullptr || weight[r] != T(0));
+}
+
+// Tiles of a softmax pass over (N, C, S): unit stride (S = 1) one row per tile, else tile_width(C)
+// consecutive spatial positions of one image; grain = tiles per parallel_for grain.
+struct Tile {
+  int64_t w;       // rows in this tile
+  int64_t row0;    // first row (n * S + s0)
+  int64_t offset;  // element offset of (n, class 0, s0)
+};
+
+struct TileGrid {
+  int64_t width, class_stride, tiles_per_image, tiles, grain, S, C;
+  TileGrid(SoftmaxShape sh, bool unit_stride)
+      : width(unit_stride ? 1 : tile_width(sh.C)),
+        class_stride(unit_stride ? 1 : sh.S),
+        tiles_per_image(unit_stride ? 1 : ceil_div(sh.S, width)),
+        tiles(sh.N * tiles_per_image),
+        grain(std::max<int64_t>(1, kWorkGrain / (sh.C * width))),
+        S(sh.S),
+        C(sh.C) {}
+  Tile tile(int64_t i) const {
+    const int64_t n = i / tiles_per_image;
+    const int64_t s0 = (i % tiles_per_image) * width;
+    return {std::min(width, S - s0), n * S + s0, n * C * S + s0};
+  }
+};
+
+// t[j] = the target of the tile's row j when row_active, else -1; returns whether any row is.
+template <typename T>
+inline bool tile_targets(const int64_t* target, const Tile& tl, int64_t C, int64_t ignore_index,
+                         const uint8_t* active_rows, const T* weight, int32_t* t) {
+  bool any_active = false;
+  for (int64_t j = 0; j < tl.w; ++j) {
+    const bool active = row_active<T>(target, tl.row0 + j, C, ignore_index, active_rows, weight);
+    t[j] = active ? static_cast<int32_t>(target[tl.row0 + j]) : -1;
+    any_active |= active;
+  }
+  return any_active;
+}
+
 // One pass over softmax rows: per row the SoftmaxRow, then
 //   k = row_fn(row, t, SoftmaxRow) = dLoss/dlog p_t   (row_fn also records the row's loss)
 // and, when grad != nullptr, grad_c = k * ([c == t] - p_c) (d log p_t / dx_c) with p_c =
 // e^{x_c - m} / s, the target column as k * (1 - p_t).
-// Rows with target == ignore_index get no row_fn call and a zero gradient row.
+// Rows with target == ignore_index, or weight[r] == 0 when a weight is given, get no row_fn call
+// and a zero gradient row.
 // Memory traffic: reads the logits once, writes the gradient once (if asked); the row or tile
 // being worked on stays in L1/L2 (scratch of C x tile_width(C) values of T). fp32 runs the SIMD
 // kernels of simd_kernels.cpp (AVX-512 / AVX2+FMA / baseline, picked at load).
 template <typename scalar_t, typename T, bool kUnitStride, typename G, typename RowFn>
 void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
-                            G* grad, RowFn&& row_fn) {
-  const int64_t C = sh.C, S = sh.S;
-  const int64_t width = kUnitStride ? 1 : tile_width(C);
-  const int64_t class_stride = kUnitStride ? 1 : S;
-  const int64_t tiles_per_image = kUnitStride ? 1 : ceil_div(S, width);
-  const int64_t tiles = sh.N * tiles_per_image;
-  const int64_t grain = std::max<int64_t>(1, kWorkGrain / (C * width));
+                            const T* weight, G* grad, RowFn&& row_fn) {
+  const TileGrid grid(sh, kUnitStride);
+  const int64_t C = sh.C, class_stride = grid.class_stride;
   constexpr bool kFloat = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value;
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> e(C * width);
+  at::parallel_for(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> e(C * grid.width);
     T row_max[kTile], row_sum[kTile], sum_others[kTile], coef[kTile], target_value[kTile];
     int32_t t[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = tile / tiles_per_image;
-      const int64_t s0 = (tile % tiles_per_image) * width;
-      const int64_t w = std::min(width, S - s0);
-      const int64_t row0 = n * S + s0;
-      const int64_t offset = n * C * S + s0;
+      const Tile tl = grid.tile(tile);
+      const int64_t w = tl.w, row0 = tl.row0, offset = tl.offset;
       const scalar_t* xt = x + offset;
-      bool any_active = false;
-      for (int64_t j = 0; j < w; ++j) {
-        const int64_t tj = target[row0 + j];
-        const bool active = tj != ignore_index;
-        if (active) check_class(tj, C, ignore_index);
-        t[j] = active ? static_cast<int32_t>(tj) : -1;
-        any_active |= active;
-      }
-      if (!any_active) {
+      if (!tile_targets<T>(target, tl, C, ignore_index, nullptr, weight, t)) {
         if (grad != nullptr) {
           for (int64_t c = 0; c < C; ++c)
             for (int64_t j = 0; j < w; ++j) grad[offset + c * class_stride + j] = G(0);
         }
         continue;
       }
-      if constexpr (kFloat) {
-        if (kUnitStride) {
-          const cpu::SoftmaxRowStats st = cpu::softmax_row(xt, C, t[0], e.data());
-          row_max[0] = st.max;
-          row_sum[0] = st.sum;
-          sum_others[0] = st.sum_others;
-        } else {
-          cpu::softmax_tile(xt, C, class_stride, w, t, e.data(), row_max, row_sum, sum_others);
-        }
-      } else {
-        tile_exp_sums<kUnitStride>(xt, C, class_stride, w, t, e.data(), row_max, row_sum, sum_others);
-      }
+      tile_stats<kUnitStride>(xt, C, class_stride, w, t, e.data(), row_max, row_sum, sum_others);
       for (int64_t j = 0; j < w; ++j) {
         coef[j] = 0;
         target_value[j] = 0;
         if (t[j] < 0) continue;
-        SoftmaxRow<T> row;
-        const T x_t = static_cast<T>(xt[t[j] * class_stride + j]);
-        if constexpr (std::is_same<T, double>::value) {
-          // fp64 keeps the log-sum form of the float64 reference (tests/test_reference.py pins it to the
-          // naive autograd form at 1e-6); its rounding (~1e-16 absolute in log p_t) is far below fp32's.
-          row.log_pt = log_softmax_target(x_t, row_max[j], log_(row_sum[j]));
-          row.p_t = exp_(row.log_pt);
-          row.one_minus_pt = one_minus_pt_from_log(row.log_pt);
-        } else {
-          row.log_pt = log_softmax_target_sums(x_t, row_max[j], row_sum[j], sum_others[j]);
-          row.p_t = e[t[j] * w + j] / row_sum[j];
-          row.one_minus_pt = sum_others[j] / row_sum[j];
-        }
-        row.max = row_max[j];
-        row.sum = row_sum[j];
+        const SoftmaxRow<T> row = softmax_row_values(static_cast<T>(xt[t[j] * class_stride + j]), e[t[j] * w + j],
+                                                     row_max[j], row_sum[j], sum_others[j]);
         const T k = row_fn(row0 + j, static_cast<int64_t>(t[j]), row);
         coef[j] = -k / row_sum[j];
         target_value[j] = k * row.one_minus_pt;
@@ -455,11 +521,102 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
 
 template <typename scalar_t, typename T, typename G, typename RowFn>
 void softmax_rows_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
-                       G* grad, RowFn&& row_fn) {
+                       const T* weight, G* grad, RowFn&& row_fn) {
   if (sh.S == 1) {
-    softmax_rows_pass_impl<scalar_t, T, true>(x, target, sh, ignore_index, grad, row_fn);
+    softmax_rows_pass_impl<scalar_t, T, true>(x, target, sh, ignore_index, weight, grad, row_fn);
   } else {
-    softmax_rows_pass_impl<scalar_t, T, false>(x, target, sh, ignore_index, grad, row_fn);
+    softmax_rows_pass_impl<scalar_t, T, false>(x, target, sh, ignore_index, weight, grad, row_fn);
+  }
+}
+
+// Label-smoothed softmax rows (label_smoothing eps > 0), q_c = (1 - eps) [c == t] + eps / C,
+// a_c = alpha_per_class[c] or alpha_scalar:
+//   value_r = sum_c q_c a_c F(l_c),  F(l) = (1 - e^l)^gamma (-l),  l_c = log p_c
+//   (OHEM and GHM-C: gamma 0 and a_c = 1, the smoothed cross entropy), then
+//   k = row_fn(r, t, SoftmaxRow, value_r) (row_fn records the row's loss) and
+//   grad_j = k (h_j - p_j H),  h_c = q_c a_c F'(l_c),  H = sum_c h_c
+// with the target column as k (h_t (1 - p_t) - p_t (H - h_t)) (1 - p_t exact from the sums; no
+// cancellation for a confident row). l_t and 1 - p_t of the target are SoftmaxRow's (exact at
+// every margin); for c != t, l_c = (x_c - m) - log s and 1 - p_c = 1 - e_c / s (p_c <= 1/2 unless c
+// is the row max; then the target's own term dominates the row). Rows are active as in
+// row_active (active_rows: OHEM's kept rows); the others get no row_fn call and a zero gradient.
+// One pass per element with a transcendental call or two (pow for a gamma outside {0, 0.5, 1, 2,
+// 3}): reads the logits once, writes the gradient once, no N x C intermediate (the per-class h of
+// a tile stays in a scratch buffer next to the exponentials).
+template <typename scalar_t, typename T, bool kUnitStride, typename G, typename RowFn>
+void softmax_smooth_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
+                              const uint8_t* active_rows, const T* weight, T eps, T gamma,
+                              const T* alpha_per_class, T alpha_scalar, G* grad, RowFn&& row_fn) {
+  const TileGrid grid(sh, kUnitStride);
+  const int64_t C = sh.C, class_stride = grid.class_stride;
+  const T q_off = eps / static_cast<T>(C), q_on = (T(1) - eps) + eps / static_cast<T>(C);
+  at::parallel_for(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> e(C * grid.width), h(C * grid.width);
+    T row_max[kTile], row_sum[kTile], sum_others[kTile], k[kTile], h_t[kTile], h_others[kTile], p_t[kTile],
+        omp_t[kTile];
+    int32_t t[kTile];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const Tile tl = grid.tile(tile);
+      const int64_t w = tl.w, row0 = tl.row0, offset = tl.offset;
+      const scalar_t* xt = x + offset;
+      if (tile_targets<T>(target, tl, C, ignore_index, active_rows, weight, t)) tile_stats<kUnitStride>(xt, C, class_stride, w, t, e.data(), row_max, row_sum, sum_others);
+      for (int64_t j = 0; j < w; ++j) {
+        if (t[j] < 0) continue;
+        const int64_t tc = t[j];
+        const SoftmaxRow<T> row = softmax_row_values(static_cast<T>(xt[tc * class_stride + j]), e[tc * w + j],
+                                                     row_max[j], row_sum[j], sum_others[j]);
+        const T log_s = log_(row_sum[j]);
+        T value = 0, ho = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const T a = alpha_per_class != nullptr ? alpha_per_class[c] : alpha_scalar;
+          if (c == tc) {
+            const FocalTerm<T> ft = focal_term_parts(row.log_pt, row.p_t, row.one_minus_pt, gamma);
+            value += q_on * a * ft.value;
+            h_t[j] = q_on * a * ft.dvalue_dlogpt;
+          } else {
+            const T p = e[c * w + j] / row_sum[j];
+            const T l = (static_cast<T>(xt[c * class_stride + j]) - row_max[j]) - log_s;
+            const FocalTerm<T> ft = focal_term_parts(l, p, T(1) - p, gamma);
+            value += q_off * a * ft.value;
+            const T hc = q_off * a * ft.dvalue_dlogpt;
+            h[c * w + j] = hc;
+            ho += hc;
+          }
+        }
+        h_others[j] = ho;
+        p_t[j] = row.p_t;
+        omp_t[j] = row.one_minus_pt;
+        k[j] = row_fn(row0 + j, tc, row, value);
+      }
+      if (grad == nullptr) continue;
+      G* gt = grad + offset;
+      for (int64_t c = 0; c < C; ++c) {
+        G* gr = gt + c * class_stride;
+        const T* er = e.data() + c * w;
+        const T* hr = h.data() + c * w;
+        for (int64_t j = 0; j < w; ++j) {
+          T v = T(0);
+          if (t[j] >= 0) {
+            v = c == t[j] ? k[j] * (h_t[j] * omp_t[j] - p_t[j] * h_others[j])
+                          : k[j] * (hr[j] - (er[j] / row_sum[j]) * (h_t[j] + h_others[j]));
+          }
+          gr[j] = static_cast<G>(v);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename T, typename G, typename RowFn>
+void softmax_smooth_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
+                         const uint8_t* active_rows, const T* weight, T eps, T gamma, const T* alpha_per_class,
+                         T alpha_scalar, G* grad, RowFn&& row_fn) {
+  if (sh.S == 1) {
+    softmax_smooth_pass_impl<scalar_t, T, true>(x, target, sh, ignore_index, active_rows, weight, eps, gamma,
+                                                alpha_per_class, alpha_scalar, grad, row_fn);
+  } else {
+    softmax_smooth_pass_impl<scalar_t, T, false>(x, target, sh, ignore_index, active_rows, weight, eps, gamma,
+                                                 alpha_per_class, alpha_scalar, grad, row_fn);
   }
 }
 
@@ -481,21 +638,15 @@ void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
                        const RowStats<T>& st, const T* k, const uint8_t* active_rows, G* grad) {
   const int64_t C = sh.C, S = sh.S;
   const bool unit = S == 1;
-  const int64_t width = unit ? 1 : tile_width(C);
-  const int64_t tiles_per_image = ceil_div(S, width);
-  const int64_t tiles = sh.N * tiles_per_image;
-  const int64_t grain = std::max<int64_t>(1, kWorkGrain / (C * width));
+  const TileGrid grid(sh, unit);
   constexpr bool kFloat = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value &&
                           std::is_same<G, float>::value;
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
     int32_t t[kTile];
     T coef[kTile], target_value[kTile], mx[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t n = tile / tiles_per_image;
-      const int64_t s0 = (tile % tiles_per_image) * width;
-      const int64_t w = std::min(width, S - s0);
-      const int64_t row0 = n * S + s0;
-      const int64_t offset = n * C * S + s0;
+      const Tile tl = grid.tile(tile);
+      const int64_t w = tl.w, row0 = tl.row0, offset = tl.offset;
       for (int64_t j = 0; j < w; ++j) {
         const int64_t r = row0 + j;
         const bool active = active_rows != nullptr ? active_rows[r] != 0 : target[r] != ignore_index;
@@ -544,7 +695,7 @@ RowStats<T> softmax_stats_pass(const scalar_t* x, const int64_t* target, Softmax
   st.one_minus_pt.assign(sh.rows(), T(0));
   st.max.assign(sh.rows(), T(0));
   st.sum.assign(sh.rows(), T(1));
-  softmax_rows_pass<scalar_t, T>(x, target, sh, ignore_index, static_cast<T*>(nullptr),
+  softmax_rows_pass<scalar_t, T>(x, target, sh, ignore_index, static_cast<const T*>(nullptr), static_cast<T*>(nullptr),
                                  [&](int64_t r, int64_t, const SoftmaxRow<T>& row) {
                                    st.log_pt[r] = row.log_pt;
                                    st.p_t[r] = row.p_t;
@@ -561,6 +712,8 @@ RowStats<T> softmax_stats_pass(const scalar_t* x, const int64_t* target, Softmax
 //   loss_r = alpha_t * (1 - p_t)^gamma * (-log p_t),  grad_c = scale * alpha_t * dL/dl * ([c == t] - p_c)
 // (from_logits=False: l = log x_t and the gradient is scale * alpha_t * dL/dl / x_t on the
 // target column only). One pass: reads the logits once, writes loss rows and the gradient once.
+// weight w_r: loss and k multiplied by it (w_r == 0: an inactive row, 0 loss and gradient; the
+// 'mean' count is unchanged). label_smoothing > 0: softmax_smooth_pass (per-class terms).
 // ------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                            const c10::optional<at::Tensor>& alpha_per_class_in,
@@ -568,12 +721,14 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
                                                            c10::string_view reduction_name, bool from_logits,
                                                            bool compute_grad, const c10::optional<at::Tensor>& weight,
                                                            double label_smoothing) {
-  check_no_extras("softmax_focal_forward", weight, label_smoothing);
   const Reduction reduction = parse_reduction(reduction_name);
+  check_label_smoothing(label_smoothing);
+  TORCH_CHECK(label_smoothing == 0.0 || from_logits, "label_smoothing: needs from_logits=True");
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = index_target(target_in);
   const SoftmaxShape sh = softmax_shape(logits);
   TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
+  const at::Tensor weight_t = extra_weight(weight, at::toOpMathType(logits.scalar_type()), {sh.rows()});
   const int64_t* tgt = target.data_ptr<int64_t>();
   const int64_t n_valid = count_valid(tgt, sh.rows(), ignore_index);
   at::Tensor grad = grad_buffer(logits, compute_grad, reduction);
@@ -589,16 +744,27 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
     }
     const T alpha_t_scalar = static_cast<T>(alpha), gamma_t = static_cast<T>(gamma);
     const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n_valid, 1)) : T(1);
+    const T* wp = weight_ptr<T>(weight_t);
     std::vector<T> row_loss(sh.rows(), T(0));
     const scalar_t* x = logits.data_ptr<scalar_t>();
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
     using G = std::remove_pointer_t<decltype(g)>;
-    if (from_logits) {
-      softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, g, [&](int64_t r, int64_t t, const SoftmaxRow<T>& row) {
+    if (from_logits && label_smoothing > 0.0) {
+      softmax_smooth_pass<scalar_t, T>(x, tgt, sh, ignore_index, nullptr, wp, static_cast<T>(label_smoothing), gamma_t,
+                                       alpha_ptr, alpha_t_scalar, g,
+                                       [&](int64_t r, int64_t, const SoftmaxRow<T>&, T value) {
+                                         const T wr = wp != nullptr ? wp[r] : T(1);
+                                         row_loss[r] = wr * value;
+                                         return scale * wr;
+                                       });
+    } else if (from_logits) {
+      // wr == 1 without a weight: the products below are then exactly today's.
+      softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, wp, g, [&](int64_t r, int64_t t, const SoftmaxRow<T>& row) {
         const T a = class_alpha(alpha_ptr, alpha_t_scalar, t);
+        const T wr = wp != nullptr ? wp[r] : T(1);
         const FocalTerm<T> ft = focal_term_parts(row.log_pt, row.p_t, row.one_minus_pt, gamma_t);
-        row_loss[r] = a * ft.value;
-        return scale * a * ft.dvalue_dlogpt;
+        row_loss[r] = wr * (a * ft.value);
+        return (scale * wr) * a * ft.dvalue_dlogpt;
       });
     } else {
       // Probabilities: only x_t is read per row; the gradient row is zero but for x_t.
@@ -610,13 +776,13 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
           const int64_t base = n * C * S + s;
           if (g != nullptr)
             for (int64_t c = 0; c < C; ++c) g[base + c * S] = G(0);
-          if (t == ignore_index) continue;
-          check_class(t, C, ignore_index);
+          if (!row_active<T>(tgt, r, C, ignore_index, nullptr, wp)) continue;
           const T p_t = static_cast<T>(x[base + t * S]);
           const T a = class_alpha(alpha_ptr, alpha_t_scalar, t);
+          const T wr = wp != nullptr ? wp[r] : T(1);
           const FocalTerm<T> ft = focal_term(log_(p_t), gamma_t);
-          row_loss[r] = a * ft.value;
-          if (g != nullptr) g[base + t * S] = static_cast<G>(scale * a * ft.dvalue_dlogpt / p_t);
+          row_loss[r] = wr * (a * ft.value);
+          if (g != nullptr) g[base + t * S] = static_cast<G>((scale * wr) * a * ft.dvalue_dlogpt / p_t);
         }
       });
     }
@@ -761,12 +927,13 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cpu(const at::Tensor& logits_in,
                                                   c10::optional<double> thresh, int64_t min_kept_total,
                                                   int64_t ignore_index, c10::string_view reduction_name,
                                                   bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing) {
-  check_no_extras("ohem_forward", weight, label_smoothing);
   const Reduction reduction = parse_reduction(reduction_name);
+  check_label_smoothing(label_smoothing);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = index_target(target_in);
   const SoftmaxShape sh = softmax_shape(logits);
   TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
+  const at::Tensor weight_t = extra_weight(weight, at::toOpMathType(logits.scalar_type()), {sh.rows()});
   const int64_t* tgt = target.data_ptr<int64_t>();
   at::Tensor grad = grad_buffer(logits, compute_grad, reduction);
   at::Tensor loss;
@@ -784,16 +951,38 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cpu(const at::Tensor& logits_in,
         },
         [](int64_t a, int64_t b) { return a + b; });
     const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n_kept, 1)) : T(1);
-    std::vector<T> row_loss(sh.rows()), k(sh.rows());
-    at::parallel_for(0, sh.rows(), kWorkGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        row_loss[r] = kept[r] ? -st.log_pt[r] : T(0);
-        k[r] = kept[r] ? -scale : T(0);  // d(-log p_t)/dl = -1
-      }
-    });
-    with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
-      if (g != nullptr) softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, st, k.data(), kept.data(), g);
-    });
+    const T* wp = weight_ptr<T>(weight_t);
+    std::vector<T> row_loss(sh.rows(), T(0));
+    if (label_smoothing > 0.0) {
+      // Kept rows' loss w * smoothed CE, from a second pass over the kept rows (loss and gradient).
+      with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
+        softmax_smooth_pass<scalar_t, T>(x, tgt, sh, ignore_index, kept.data(), wp, static_cast<T>(label_smoothing),
+                                         T(0), nullptr, T(1), g,
+                                         [&](int64_t r, int64_t, const SoftmaxRow<T>&, T value) {
+                                           const T wr = wp != nullptr ? wp[r] : T(1);
+                                           row_loss[r] = wr * value;
+                                           return scale * wr;
+                                         });
+      });
+    } else {
+      // Kept rows with a zero weight: 0 loss and gradient (inactive in the gradient pass).
+      std::vector<uint8_t> active;
+      if (wp != nullptr) active.assign(sh.rows(), 0);
+      std::vector<T> k(sh.rows());
+      at::parallel_for(0, sh.rows(), kWorkGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const bool on = kept[r] && (wp == nullptr || wp[r] != T(0));
+          const T wr = wp != nullptr ? wp[r] : T(1);
+          row_loss[r] = on ? wr * -st.log_pt[r] : T(0);
+          k[r] = on ? -scale * wr : T(0);  // d(-log p_t)/dl = -1
+          if (wp != nullptr) active[r] = on;
+        }
+      });
+      with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
+        if (g != nullptr)
+          softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, st, k.data(), wp != nullptr ? active.data() : kept.data(), g);
+      });
+    }
     loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_kept), reduction);
   });
   return {loss, grad};
@@ -812,12 +1001,33 @@ struct SigmoidTarget {
 };
 
 // NoFastRow: the generic element loop only. A FastRow (fp32 logits and target) is
-// (x, y or nullptr, label, C, loss or nullptr, grad or nullptr) -> row loss sum.
+// (x, y or nullptr, label, C, loss or nullptr, grad or nullptr, element weights of the row or
+// nullptr, row weight) -> row loss sum (the weights applied).
 struct NoFastRow {};
 
+// The weight of a sigmoid-family call: none (w == nullptr), one value per row or per element.
+template <typename T>
+struct SigmoidWeight {
+  const T* w = nullptr;
+  bool per_element = false;
+};
+
+template <typename T>
+SigmoidWeight<T> sigmoid_weight(const at::Tensor& weight_t, int64_t M) {
+  SigmoidWeight<T> sw;
+  if (weight_t.defined()) {
+    sw.w = weight_t.data_ptr<T>();
+    sw.per_element = weight_t.numel() != M;
+  }
+  return sw;
+}
+
+// elem_fn(x, y, exp(-|x|), c) -> LossGrad<T>, then multiplied by the weight (a zero weight
+// selects 0; a row whose row weight is 0 is written as zeros like an ignored row).
 template <typename T, typename scalar_t, typename target_t, typename G, typename ElemFn, typename FastRow = NoFastRow>
 double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels, int64_t M, int64_t C,
-                    int64_t ignore_index, scalar_t* loss_out, G* grad, ElemFn&& elem_fn, FastRow fast_row = {}) {
+                    int64_t ignore_index, scalar_t* loss_out, G* grad, SigmoidWeight<T> weight, ElemFn&& elem_fn,
+                    FastRow fast_row = {}) {
   constexpr bool kFloatRow = !std::is_same<FastRow, NoFastRow>::value;
   const int64_t rows_per_chunk = std::max<int64_t>(1, kSumChunk / C);
   const int64_t chunks = ceil_div(M, rows_per_chunk);
@@ -828,30 +1038,44 @@ double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels,
       const int64_t r_end = std::min(M, (ch + 1) * rows_per_chunk);
       for (int64_t r = ch * rows_per_chunk; r < r_end; ++r) {
         const int64_t base = r * C;
+        auto zero_row = [&] {
+          for (int64_t c = 0; c < C; ++c) {
+            if (loss_out != nullptr) loss_out[base + c] = scalar_t(0);
+            if (grad != nullptr) grad[base + c] = G(0);
+          }
+        };
         int64_t label = -1;
         if (labels != nullptr) {
           label = labels[r];
           if (label == ignore_index) {
-            for (int64_t c = 0; c < C; ++c) {
-              if (loss_out != nullptr) loss_out[base + c] = scalar_t(0);
-              if (grad != nullptr) grad[base + c] = G(0);
-            }
+            zero_row();
             continue;
           }
           check_class(label, C + 1, ignore_index);
+        }
+        const T* row_w = weight.w != nullptr && weight.per_element ? weight.w + base : nullptr;
+        const T wr = weight.w != nullptr && !weight.per_element ? weight.w[r] : T(1);
+        if (wr == T(0)) {
+          zero_row();
+          continue;
         }
         T row_sum = 0;
         if constexpr (kFloatRow) {
           // fp32 logits and target: the multiversioned vectorised row of simd_kernels.cpp.
           chunk_sum += static_cast<double>(fast_row(x + base, labels != nullptr ? nullptr : y + base, label, C,
                                                     loss_out != nullptr ? loss_out + base : nullptr,
-                                                    grad != nullptr ? grad + base : nullptr));
+                                                    grad != nullptr ? grad + base : nullptr, row_w, wr));
           continue;
         }
         for (int64_t c = 0; c < C; ++c) {
           const T xv = static_cast<T>(x[base + c]);
           const T yv = labels != nullptr ? T(label == c ? 1 : 0) : static_cast<T>(y[base + c]);
-          const LossGrad<T> lg = elem_fn(xv, yv, exp_vectorizable(-abs_(xv)));
+          LossGrad<T> lg = elem_fn(xv, yv, exp_vectorizable(-abs_(xv)), c);
+          if (weight.w != nullptr) {
+            const T wv = row_w != nullptr ? row_w[c] : wr;
+            lg.loss = wv == T(0) ? T(0) : wv * lg.loss;
+            lg.grad = wv == T(0) ? T(0) : wv * lg.grad;
+          }
           row_sum += lg.loss;
           if (loss_out != nullptr) loss_out[base + c] = static_cast<scalar_t>(lg.loss);
           if (grad != nullptr) grad[base + c] = static_cast<G>(lg.grad);
@@ -894,6 +1118,28 @@ SigmoidInputs sigmoid_inputs(const at::Tensor& logits_in, const at::Tensor& targ
   return in;
 }
 
+// Entries (elements) that are not ignored and whose weight is not 0: GHM-C's n_valid.
+template <typename T>
+int64_t sigmoid_valid_count(const SigmoidInputs& in, SigmoidWeight<T> weight, int64_t ignore_index) {
+  if (weight.w == nullptr) return static_cast<int64_t>(in.count);
+  const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
+  const int64_t C = in.C;
+  return at::parallel_reduce(
+      0, in.M, std::max<int64_t>(1, kWorkGrain / std::max<int64_t>(C, 1)), int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t acc) {
+        for (int64_t r = begin; r < end; ++r) {
+          if (labels != nullptr && labels[r] == ignore_index) continue;
+          if (!weight.per_element) {
+            acc += weight.w[r] != T(0) ? C : 0;
+            continue;
+          }
+          for (int64_t c = 0; c < C; ++c) acc += weight.w[r * C + c] != T(0);
+        }
+        return acc;
+      },
+      [](int64_t a, int64_t b) { return a + b; });
+}
+
 // Calls body(float_target_ptr_or_null) with the target pointer typed as scalar_t or T.
 template <typename scalar_t, typename T, typename Body>
 void with_sigmoid_target(const SigmoidInputs& in, Body&& body) {
@@ -912,14 +1158,36 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& l
                                                            c10::string_view reduction_name, bool compute_grad,
                                                            const c10::optional<at::Tensor>& alpha_per_class,
                                                            const c10::optional<at::Tensor>& weight) {
-  check_no_extras("sigmoid_focal_forward", weight, 0.0, alpha_per_class);
   const Reduction reduction = parse_reduction(reduction_name);
   const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
+  const at::ScalarType math = at::toOpMathType(in.logits.scalar_type());
+  const at::Tensor weight_t = extra_weight(weight, math, {in.M, in.M * in.C});
+  at::Tensor alpha_vec;
+  if (alpha_per_class.has_value()) {
+    alpha_vec = alpha_per_class->to(math).contiguous().reshape({-1});
+    TORCH_CHECK(alpha_vec.numel() == in.C, "alpha: expected ", in.C, " per-class values, got ", alpha_vec.numel());
+  }
   at::Tensor grad = grad_buffer(in.logits, compute_grad, reduction);
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sigmoid_focal_forward", [&] {
     using T = at::opmath_type<scalar_t>;
     const T a = static_cast<T>(alpha), gm = static_cast<T>(gamma);
+    const T* apc = weight_ptr<T>(alpha_vec);
+    const SigmoidWeight<T> sw = sigmoid_weight<T>(weight_t, in.M);
+    // The SIMD row with extras takes alpha_t's two factors per class (a_c, 1 - a_c; both 1 when
+    // the scalar alpha < 0 disables it), built once here.
+    const bool extras = apc != nullptr || sw.w != nullptr;
+    std::vector<float> a_pos, a_neg;  // used by the fp32 row only
+    if (extras && std::is_same<T, float>::value) {
+      a_pos.resize(in.C);
+      a_neg.resize(in.C);
+      for (int64_t c = 0; c < in.C; ++c) {
+        const T ac = apc != nullptr ? apc[c] : a;
+        const bool on = apc != nullptr || a >= T(0);
+        a_pos[c] = static_cast<float>(on ? ac : T(1));
+        a_neg[c] = static_cast<float>(on ? T(1) - ac : T(1));
+      }
+    }
     const scalar_t* x = in.logits.data_ptr<scalar_t>();
     at::Tensor loss_none = reduction == Reduction::None ? empty_output(logits_in.sizes(), in.logits.options()) : at::Tensor();
     scalar_t* lo = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
@@ -928,19 +1196,22 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& l
     double total = 0.0;
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
     with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
-      auto elem = [&](T xv, T yv, T e) {
-        LossGrad<T> lg = sigmoid_focal_element(xv, yv, a, gm, e);
+      auto elem = [&](T xv, T yv, T e, int64_t c) {
+        // Per-class alpha: a_c y + (1 - a_c)(1 - y) (sigmoid_focal_element with alpha = a_c >= 0).
+        LossGrad<T> lg = sigmoid_focal_element(xv, yv, apc != nullptr ? apc[c] : a, gm, e);
         lg.grad *= scale;
         return lg;
       };
       using target_t = std::remove_const_t<std::remove_pointer_t<decltype(y)>>;
       if constexpr (std::is_same<scalar_t, float>::value && std::is_same<target_t, float>::value) {
-        auto fast_row = [&](const float* xr, const float* yr, int64_t label, int64_t n, float* lr, float* gr) {
-          return cpu::sigmoid_focal_row(xr, yr, label, n, a, gm, scale, lr, gr);
+        auto fast_row = [&](const float* xr, const float* yr, int64_t label, int64_t n, float* lr, float* gr,
+                            const float* wrow, float wr) {
+          if (!extras) return cpu::sigmoid_focal_row(xr, yr, label, n, a, gm, scale, lr, gr);
+          return cpu::sigmoid_focal_row_ex(xr, yr, label, n, a_pos.data(), a_neg.data(), wrow, wr, gm, scale, lr, gr);
         };
-        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, elem, fast_row);
+        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, sw, elem, fast_row);
       } else {
-        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, elem);
+        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, sw, elem);
       }
     });
     });
@@ -991,7 +1262,7 @@ at::Tensor ghm_weights_from_counts(const std::vector<int64_t>& counts, int64_t n
 template <typename scalar_t>
 std::vector<float> ghm_softmax_g_float(const scalar_t* x, const int64_t* tgt, SoftmaxShape sh, int64_t ignore_index) {
   std::vector<float> g(sh.rows(), 0.0f);
-  softmax_rows_pass<scalar_t, float>(x, tgt, sh, ignore_index, static_cast<float*>(nullptr),
+  softmax_rows_pass<scalar_t, float>(x, tgt, sh, ignore_index, static_cast<const float*>(nullptr), static_cast<float*>(nullptr),
                                      [&](int64_t r, int64_t, const SoftmaxRow<float>& row) {
                                        g[r] = row.one_minus_pt;
                                        return 0.0f;
@@ -1015,41 +1286,76 @@ inline int64_t ghm_sigmoid_bin(const scalar_t* x, const target_t* y, const int64
   return ghm_bin(ghm_sigmoid_g(static_cast<float>(x[i]), yv), bins);
 }
 
-at::Tensor ghmc_bin_weights_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
-                                const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
-                                bool use_sigmoid, int64_t ignore_index, const c10::optional<at::Tensor>& weight) {
-  check_no_extras("ghmc_bin_weights", weight, 0.0);
+// The GHM-C histogram of one call (shared by ghmc_bin_weights and ghmc_bin_counts): counts[b] of
+// the valid entries (not ignored, target in range, weight != 0) whose g falls in bin b (NaN g: no
+// bin), and n_valid, the number of valid entries.
+struct GhmHistogram {
+  std::vector<int64_t> counts;
+  int64_t n_valid = 0;
+};
+
+GhmHistogram ghmc_histogram(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t bins, bool use_sigmoid,
+                            int64_t ignore_index, const c10::optional<at::Tensor>& weight) {
   TORCH_CHECK(bins >= 1, "bins: must be >= 1, got ", bins);
-  at::Tensor out;
+  GhmHistogram out;
   if (use_sigmoid) {
     const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "ghmc_bin_weights", [&] {
+    const at::Tensor weight_t = extra_weight(weight, at::toOpMathType(in.logits.scalar_type()), {in.M, in.M * in.C});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "ghmc_histogram", [&] {
       using T = at::opmath_type<scalar_t>;
       const scalar_t* x = in.logits.data_ptr<scalar_t>();
       const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
+      const SigmoidWeight<T> sw = sigmoid_weight<T>(weight_t, in.M);
       with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
-        const std::vector<int64_t> counts = chunked_histogram(in.M * in.C, bins, [&](int64_t i) {
+        out.counts = chunked_histogram(in.M * in.C, bins, [&](int64_t i) {
+          if (sw.w != nullptr && sw.w[sw.per_element ? i : i / in.C] == T(0)) return int64_t(-1);
           return ghm_sigmoid_bin(x, y, labels, i, in.C, ignore_index, bins);
         });
-        out = ghm_weights_from_counts<T>(counts, static_cast<int64_t>(in.count), state, momentum, in.logits.options());
       });
+      out.n_valid = sigmoid_valid_count(in, sw, ignore_index);
     });
   } else {
     const at::Tensor logits = logits_in.contiguous();
     const at::Tensor target = index_target(target_in);
     const SoftmaxShape sh = softmax_shape(logits);
     TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
+    const at::Tensor weight_t = extra_weight(weight, at::toOpMathType(logits.scalar_type()), {sh.rows()});
     const int64_t* tgt = target.data_ptr<int64_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ghmc_bin_weights", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ghmc_histogram", [&] {
       using T = at::opmath_type<scalar_t>;
+      const T* wp = weight_ptr<T>(weight_t);
       const std::vector<float> g = ghm_softmax_g_float(logits.data_ptr<scalar_t>(), tgt, sh, ignore_index);
-      const std::vector<int64_t> counts = chunked_histogram(sh.rows(), bins, [&](int64_t r) {
-        return tgt[r] == ignore_index ? int64_t(-1) : ghm_bin(g[r], bins);
+      out.counts = chunked_histogram(sh.rows(), bins, [&](int64_t r) {
+        const bool valid = tgt[r] != ignore_index && (wp == nullptr || wp[r] != T(0));
+        return valid ? ghm_bin(g[r], bins) : int64_t(-1);
       });
-      out = ghm_weights_from_counts<T>(counts, count_valid(tgt, sh.rows(), ignore_index), state, momentum,
-                                       logits.options());
+      out.n_valid = count_valid(tgt, sh.rows(), ignore_index, wp);
     });
   }
+  return out;
+}
+
+at::Tensor ghmc_bin_weights_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
+                                bool use_sigmoid, int64_t ignore_index, const c10::optional<at::Tensor>& weight) {
+  const GhmHistogram hist = ghmc_histogram(logits_in, target_in, bins, use_sigmoid, ignore_index, weight);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_in.scalar_type(), "ghmc_bin_weights", [&] {
+    using T = at::opmath_type<scalar_t>;
+    out = ghm_weights_from_counts<T>(hist.counts, hist.n_valid, state, momentum, logits_in.options());
+  });
+  return out;
+}
+
+// int64 (bins + 1,): the histogram of ghmc_bin_weights, then n_valid (for an all-reduce across
+// ranks before the weights: fused_losses.distributed.global_bin_weights).
+at::Tensor ghmc_bin_counts_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t bins,
+                               bool use_sigmoid, int64_t ignore_index, const c10::optional<at::Tensor>& weight) {
+  const GhmHistogram hist = ghmc_histogram(logits_in, target_in, bins, use_sigmoid, ignore_index, weight);
+  at::Tensor out = at::empty({bins + 1}, logits_in.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t b = 0; b < bins; ++b) o[b] = hist.counts[b];
+  o[bins] = hist.n_valid;
   return out;
 }
 
@@ -1057,31 +1363,38 @@ at::Tensor ghmc_bin_weights_cpu(const at::Tensor& logits_in, const at::Tensor& t
 // (grad = scale * w * (p - y)). Softmax, math type float: one rows pass (bin, loss and
 // gradient grad_c = scale * w * (p_c - [c == t]) per row); fp64: a float32 stats pass for g, a
 // double stats pass for the CE, then the gradient pass.
+// weight: zero-weight entries are invalid (0 loss and gradient, not in n_valid); the others'
+// loss and gradient are multiplied by it. label_smoothing (softmax): the smoothed CE through
+// softmax_smooth_pass, binned by the unsmoothed g = 1 - p_t.
 std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                   const at::Tensor& bin_weights_in, bool use_sigmoid,
                                                   int64_t ignore_index, c10::string_view reduction_name,
                                                   bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing) {
-  check_no_extras("ghmc_forward", weight, label_smoothing);
   const Reduction reduction = parse_reduction(reduction_name);
   const int64_t bins = bin_weights_in.numel();
   TORCH_CHECK(bins >= 1, "bin_weights: expected at least one bin");
+  check_label_smoothing(label_smoothing);
+  TORCH_CHECK(label_smoothing == 0.0 || !use_sigmoid, "label_smoothing: only with use_sigmoid=False");
   at::Tensor grad, loss;
   if (use_sigmoid) {
     const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
+    const at::Tensor weight_t = extra_weight(weight, at::toOpMathType(in.logits.scalar_type()), {in.M, in.M * in.C});
     grad = grad_buffer(in.logits, compute_grad, reduction);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "ghmc_forward", [&] {
       using T = at::opmath_type<scalar_t>;
+      const SigmoidWeight<T> sw = sigmoid_weight<T>(weight_t, in.M);
+      const double n_valid = static_cast<double>(sigmoid_valid_count(in, sw, ignore_index));
       const at::Tensor bw = bin_weights_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
       const T* w = bw.data_ptr<T>();
       const scalar_t* x = in.logits.data_ptr<scalar_t>();
       const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
       at::Tensor loss_none = reduction == Reduction::None ? empty_output(logits_in.sizes(), in.logits.options()) : at::Tensor();
       scalar_t* lo = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
-      const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max(in.count, 1.0)) : T(1);
+      const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max(n_valid, 1.0)) : T(1);
       double total = 0.0;
       with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
       with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
-        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, [&](T xv, T yv, T e) {
+        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, sw, [&](T xv, T yv, T e, int64_t) {
           const int64_t b = ghm_bin(ghm_sigmoid_g(static_cast<float>(xv), static_cast<float>(yv)), bins);
           const T wt = b >= 0 ? w[b] : T(0);
           const SigmoidParts<T> s = sigmoid_parts(xv, yv, e);
@@ -1092,7 +1405,7 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
         });
       });
       });
-      loss = loss_none.defined() ? loss_none : reduced_loss(in.logits, total, in.count, reduction);
+      loss = loss_none.defined() ? loss_none : reduced_loss(in.logits, total, n_valid, reduction);
     });
     return {loss, grad};
   }
@@ -1100,25 +1413,47 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
   const at::Tensor target = index_target(target_in);
   const SoftmaxShape sh = softmax_shape(logits);
   TORCH_CHECK(target.numel() == sh.rows(), "target: expected ", sh.rows(), " class indices, got ", target.numel());
+  const at::Tensor weight_t = extra_weight(weight, at::toOpMathType(logits.scalar_type()), {sh.rows()});
   const int64_t* tgt = target.data_ptr<int64_t>();
-  const int64_t n_valid = count_valid(tgt, sh.rows(), ignore_index);
   grad = grad_buffer(logits, compute_grad, reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ghmc_forward", [&] {
     using T = at::opmath_type<scalar_t>;
     const at::Tensor bw = bin_weights_in.to(c10::CppTypeToScalarType<T>::value).contiguous();
     const T* w = bw.data_ptr<T>();
+    const T* wp = weight_ptr<T>(weight_t);
+    const int64_t n_valid = count_valid(tgt, sh.rows(), ignore_index, wp);
     const scalar_t* x = logits.data_ptr<scalar_t>();
     const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n_valid, 1)) : T(1);
     std::vector<T> row_loss(sh.rows(), T(0));
-    if constexpr (std::is_same<T, float>::value) {
+    constexpr bool kFloatMath = std::is_same<T, float>::value;
+    if (label_smoothing > 0.0) {
+      // Bins from the float32 g = 1 - p_t: the smooth pass's own row for float math (the same
+      // rows stats as ghmc_bin_weights), a float32 pass for fp64.
+      std::vector<float> g_f;
+      if (!kFloatMath) g_f = ghm_softmax_g_float(x, tgt, sh, ignore_index);
+      with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
+        softmax_smooth_pass<scalar_t, T>(x, tgt, sh, ignore_index, nullptr, wp, static_cast<T>(label_smoothing), T(0),
+                                         nullptr, T(1), g,
+                                         [&](int64_t r, int64_t, const SoftmaxRow<T>& row, T value) {
+                                           const float gv = kFloatMath ? static_cast<float>(row.one_minus_pt) : g_f[r];
+                                           const int64_t b = ghm_bin(gv, bins);
+                                           const T wt = (b >= 0 ? w[b] : T(0)) * (wp != nullptr ? wp[r] : T(1));
+                                           row_loss[r] = wt * value;
+                                           return scale * wt;
+                                         });
+      });
+      loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction);
+      return;
+    }
+    if constexpr (kFloatMath) {
       // fp32/bf16/fp16: the float32 log p_t that picks the bin is the one of the CE, so one
       // pass does it all (the same rows pass as ghmc_bin_weights' stats, hence the same bins):
       // reads the logits once, writes the gradient once.
       with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
-        softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, g, [&](int64_t r, int64_t, const SoftmaxRow<T>& row) {
+        softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, wp, g, [&](int64_t r, int64_t, const SoftmaxRow<T>& row) {
           const T lp = row.log_pt;
           const int64_t b = ghm_bin(static_cast<float>(row.one_minus_pt), bins);
-          const T wt = b >= 0 ? w[b] : T(0);
+          const T wt = (b >= 0 ? w[b] : T(0)) * (wp != nullptr ? wp[r] : T(1));
           row_loss[r] = wt * -lp;
           return -scale * wt;
         });
@@ -1130,15 +1465,17 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
     const std::vector<float> g_f = ghm_softmax_g_float(x, tgt, sh, ignore_index);
     const RowStats<T> st = softmax_stats_pass<scalar_t, T>(x, tgt, sh, ignore_index);
     std::vector<T> k(sh.rows(), T(0));
+    std::vector<uint8_t> active(sh.rows(), 0);
     for (int64_t r = 0; r < sh.rows(); ++r) {
-      if (tgt[r] == ignore_index) continue;
+      if (tgt[r] == ignore_index || (wp != nullptr && wp[r] == T(0))) continue;
+      active[r] = 1;
       const int64_t b = ghm_bin(g_f[r], bins);
-      const T wt = b >= 0 ? w[b] : T(0);
+      const T wt = (b >= 0 ? w[b] : T(0)) * (wp != nullptr ? wp[r] : T(1));
       row_loss[r] = wt * -st.log_pt[r];
       k[r] = -scale * wt;
     }
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
-      if (g != nullptr) softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, st, k.data(), nullptr, g);
+      if (g != nullptr) softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, st, k.data(), active.data(), g);
     });
     loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction);
   });
@@ -1186,7 +1523,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ib_forward_cpu(const at::Tensor& 
     // No ignore_index in IB: a sentinel no class index can equal.
     const int64_t no_ignore = std::numeric_limits<int64_t>::min();
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
-      softmax_rows_pass<scalar_t, T>(logits.data_ptr<scalar_t>(), tgt, sh, no_ignore, g,
+      softmax_rows_pass<scalar_t, T>(logits.data_ptr<scalar_t>(), tgt, sh, no_ignore, static_cast<const T*>(nullptr), g,
                                      [&](int64_t r, int64_t t, const SoftmaxRow<T>& softmax_row) {
                                        const T log_pt = softmax_row.log_pt;
                                        const T w = cw_ptr != nullptr ? cw_ptr[t] : T(1);
@@ -1308,6 +1645,7 @@ TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
   m.impl("sigmoid_focal_forward", &sigmoid_focal_forward_cpu);
   m.impl("ohem_forward", &ohem_forward_cpu);
   m.impl("ghmc_bin_weights", &ghmc_bin_weights_cpu);
+  m.impl("ghmc_bin_counts", &ghmc_bin_counts_cpu);
   m.impl("ghmc_forward", &ghmc_forward_cpu);
   m.impl("ib_forward", &ib_forward_cpu);
   m.impl("scale_grad", &scale_grad_cpu);

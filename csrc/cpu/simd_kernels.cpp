@@ -290,13 +290,23 @@ FL_ALWAYS_INLINE void multiply_to_impl(float* __restrict out, const float* __res
 // formulas). kGamma >= 0: gamma folded at compile time, the derivative of (1 - p_t)^gamma as
 // gamma (1 - p_t)^(gamma - 1) without a division; -1: runtime gamma, pow_gamma lane by lane.
 // ------------------------------------------------------------------------------------------
-template <int W, int kGamma, bool kLabels, bool kGrad, bool kLoss, bool kFull>
+// kExtras (sigmoid_focal_row_ex): alpha_t from the per-class a_pos[c], a_neg[c] (n values) and
+// every loss and gradient lane multiplied by its weight (weight[c], or row_weight when weight is
+// null), a zero weight selecting 0 (a NaN logit there gives 0, not NaN).
+struct RowExtras {
+  const float* a_pos = nullptr;
+  const float* a_neg = nullptr;
+  const float* weight = nullptr;
+  float row_weight = 1.0f;
+};
+
+template <int W, int kGamma, bool kLabels, bool kGrad, bool kLoss, bool kFull, bool kExtras>
 FL_ALWAYS_INLINE typename Vec<W>::F sigmoid_focal_group(const float* __restrict x, const float* __restrict y,
                                                         const typename Vec<W>::I& idx,
                                                         const typename Vec<W>::I& label, int64_t i,
                                                         int64_t nl, float a_pos, float a_neg, float gamma,
                                                         float grad_scale, float* __restrict loss,
-                                                        float* __restrict grad) {
+                                                        float* __restrict grad, const RowExtras& ex) {
   using L = Lanes<W>;
   using F = typename L::F;
   using I = typename L::I;
@@ -317,7 +327,12 @@ FL_ALWAYS_INLINE typename Vec<W>::F sigmoid_focal_group(const float* __restrict 
   const F q = pos ? small : inv;
   const F bce = (omy * xv - (xv < zero ? xv : zero)) + L::log1p_unit(e);
   const F omp = p * omy + q * yv;  // 1 - p_t
-  const F alpha_t = a_pos * yv + a_neg * omy;
+  F alpha_t;
+  if (kExtras) {
+    alpha_t = L::template load_n<kFull>(ex.a_pos + i, nl, 0.0f) * yv + L::template load_n<kFull>(ex.a_neg + i, nl, 0.0f) * omy;
+  } else {
+    alpha_t = a_pos * yv + a_neg * omy;
+  }
   F mod, dmod;  // (1 - p_t)^gamma and its derivative in 1 - p_t
   if (kGamma == 0) {
     mod = one;
@@ -336,7 +351,14 @@ FL_ALWAYS_INLINE typename Vec<W>::F sigmoid_focal_group(const float* __restrict 
     for (int l = 0; l < W; ++l) mod[l] = math::pow_gamma(omp[l], gamma);
     dmod = gamma * mod / (omp > zero ? omp : one);
   }
-  const F lv = alpha_t * (bce * mod);
+  F lv = alpha_t * (bce * mod);
+  F wv = one;
+  I wzero = {};
+  if (kExtras) {
+    wv = ex.weight != nullptr ? L::template load_n<kFull>(ex.weight + i, nl, 0.0f) : L::splat(ex.row_weight);
+    wzero = wv == zero;
+    lv = wzero ? zero : wv * lv;
+  }
   if (kLoss) L::template store_n<kFull>(loss + i, lv, nl);
   if (kGrad) {
     F gv = (p * omy - q * yv) * mod;  // (p - y) (1 - p_t)^gamma
@@ -344,14 +366,17 @@ FL_ALWAYS_INLINE typename Vec<W>::F sigmoid_focal_group(const float* __restrict 
       const F chain = dmod * (p * q) * (1.0f - 2.0f * yv);  // d(1 - p_t)^gamma / dx
       gv += bce * (omp > zero ? chain : zero);
     }
-    L::template store_n<kFull>(grad + i, grad_scale * (alpha_t * gv), nl);
+    F out = grad_scale * (alpha_t * gv);
+    if (kExtras) out = wzero ? zero : wv * out;
+    L::template store_n<kFull>(grad + i, out, nl);
   }
   return kFull ? lv : (idx < static_cast<int32_t>(i + nl) ? lv : zero);
 }
 
-template <int W, int kGamma, bool kLabels, bool kGrad, bool kLoss>
+template <int W, int kGamma, bool kLabels, bool kGrad, bool kLoss, bool kExtras>
 FL_ALWAYS_INLINE float sigmoid_focal_row_impl(const float* x, const float* y, int64_t label, int64_t n, float a_pos,
-                                              float a_neg, float gamma, float grad_scale, float* loss, float* grad) {
+                                              float a_neg, float gamma, float grad_scale, float* loss, float* grad,
+                                              const RowExtras& ex) {
   using L = Lanes<W>;
   using F = typename L::F;
   using I = typename L::I;
@@ -360,21 +385,23 @@ FL_ALWAYS_INLINE float sigmoid_focal_row_impl(const float* x, const float* y, in
   F s = L::splat(0.0f);
   const int64_t full = n - n % W;
   for (int64_t i = 0; i < full; i += W) {
-    s += sigmoid_focal_group<W, kGamma, kLabels, kGrad, kLoss, true>(x, y, idx, lab, i, W, a_pos, a_neg, gamma,
-                                                                     grad_scale, loss, grad);
+    s += sigmoid_focal_group<W, kGamma, kLabels, kGrad, kLoss, true, kExtras>(x, y, idx, lab, i, W, a_pos, a_neg, gamma,
+                                                                              grad_scale, loss, grad, ex);
     idx += W;
   }
   if (n > full)
-    s += sigmoid_focal_group<W, kGamma, kLabels, kGrad, kLoss, false>(x, y, idx, lab, full, n - full, a_pos, a_neg,
-                                                                      gamma, grad_scale, loss, grad);
+    s += sigmoid_focal_group<W, kGamma, kLabels, kGrad, kLoss, false, kExtras>(x, y, idx, lab, full, n - full, a_pos,
+                                                                               a_neg, gamma, grad_scale, loss, grad, ex);
   return L::hsum(s);
 }
 
-template <int W, int kGamma>
+template <int W, int kGamma, bool kExtras>
 FL_ALWAYS_INLINE float sigmoid_focal_row_gamma(const float* x, const float* y, int64_t label, int64_t n, float a_pos,
-                                               float a_neg, float gamma, float grad_scale, float* loss, float* grad) {
-#define FL_SIGMOID_ROW(LABELS, GRAD, LOSS) \
-  return sigmoid_focal_row_impl<W, kGamma, LABELS, GRAD, LOSS>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad)
+                                               float a_neg, float gamma, float grad_scale, float* loss, float* grad,
+                                               const RowExtras& ex) {
+#define FL_SIGMOID_ROW(LABELS, GRAD, LOSS)                                                                     \
+  return sigmoid_focal_row_impl<W, kGamma, LABELS, GRAD, LOSS, kExtras>(x, y, label, n, a_pos, a_neg, gamma, \
+                                                                        grad_scale, loss, grad, ex)
   const bool labels = y == nullptr, with_grad = grad != nullptr, with_loss = loss != nullptr;
   if (labels) {
     if (with_grad) {
@@ -393,17 +420,20 @@ FL_ALWAYS_INLINE float sigmoid_focal_row_gamma(const float* x, const float* y, i
 #undef FL_SIGMOID_ROW
 }
 
-template <int W>
+template <int W, bool kExtras>
 FL_ALWAYS_INLINE float sigmoid_focal_row_dispatch(const float* x, const float* y, int64_t label, int64_t n,
                                                   float alpha, float gamma, float grad_scale, float* loss,
-                                                  float* grad) {
+                                                  float* grad, const RowExtras& ex) {
   // alpha_t = a_pos y + a_neg (1 - y); alpha < 0 disables it (1 for every y).
   const float a_pos = alpha >= 0.0f ? alpha : 1.0f, a_neg = alpha >= 0.0f ? 1.0f - alpha : 1.0f;
-  if (gamma == 2.0f) return sigmoid_focal_row_gamma<W, 2>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad);
-  if (gamma == 0.0f) return sigmoid_focal_row_gamma<W, 0>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad);
-  if (gamma == 1.0f) return sigmoid_focal_row_gamma<W, 1>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad);
-  if (gamma == 3.0f) return sigmoid_focal_row_gamma<W, 3>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad);
-  return sigmoid_focal_row_gamma<W, -1>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad);
+#define FL_SIGMOID_GAMMA(G) \
+  return sigmoid_focal_row_gamma<W, G, kExtras>(x, y, label, n, a_pos, a_neg, gamma, grad_scale, loss, grad, ex)
+  if (gamma == 2.0f) FL_SIGMOID_GAMMA(2);
+  if (gamma == 0.0f) FL_SIGMOID_GAMMA(0);
+  if (gamma == 1.0f) FL_SIGMOID_GAMMA(1);
+  if (gamma == 3.0f) FL_SIGMOID_GAMMA(3);
+  FL_SIGMOID_GAMMA(-1);
+#undef FL_SIGMOID_GAMMA
 }
 
 // ------------------------------------------------------------------------------------------
@@ -421,6 +451,8 @@ struct KernelTable {
   void (*scaled_exp_to)(float*, const float*, float, float, int64_t);
   void (*multiply_to)(float*, const float*, const float*, int64_t);
   float (*sigmoid_focal_row)(const float*, const float*, int64_t, int64_t, float, float, float, float*, float*);
+  float (*sigmoid_focal_row_ex)(const float*, const float*, int64_t, int64_t, const float*, const float*,
+                                const float*, float, float, float, float*, float*);
 };
 
 #define FL_DEFINE_VARIANT(NAME, ATTR, W)                                                                             \
@@ -448,11 +480,22 @@ struct KernelTable {
   }                                                                                                                  \
   ATTR float sigmoid_focal_row_##NAME(const float* x, const float* y, int64_t label, int64_t n, float alpha,         \
                                       float gamma, float grad_scale, float* loss, float* grad) {                     \
-    return sigmoid_focal_row_dispatch<W>(x, y, label, n, alpha, gamma, grad_scale, loss, grad);                      \
+    return sigmoid_focal_row_dispatch<W, false>(x, y, label, n, alpha, gamma, grad_scale, loss, grad, RowExtras());  \
+  }                                                                                                                  \
+  ATTR float sigmoid_focal_row_ex_##NAME(const float* x, const float* y, int64_t label, int64_t n,                   \
+                                         const float* a_pos, const float* a_neg, const float* weight,                \
+                                         float row_weight, float gamma, float grad_scale, float* loss, float* grad) { \
+    RowExtras ex;                                                                                                    \
+    ex.a_pos = a_pos;                                                                                                \
+    ex.a_neg = a_neg;                                                                                                \
+    ex.weight = weight;                                                                                              \
+    ex.row_weight = row_weight;                                                                                      \
+    return sigmoid_focal_row_dispatch<W, true>(x, y, label, n, 0.0f, gamma, grad_scale, loss, grad, ex);              \
   }                                                                                                                  \
   const KernelTable kTable_##NAME = {#NAME,                   softmax_row_##NAME,   softmax_tile_##NAME,             \
                                      softmax_grad_tile_##NAME, softmax_grad_tile_exp_##NAME, scale_to_##NAME,       \
-                                     scaled_exp_to_##NAME,     multiply_to_##NAME,   sigmoid_focal_row_##NAME};
+                                     scaled_exp_to_##NAME,     multiply_to_##NAME,   sigmoid_focal_row_##NAME,      \
+                                     sigmoid_focal_row_ex_##NAME};
 
 FL_DEFINE_VARIANT(baseline, , 8)
 
@@ -512,6 +555,13 @@ void multiply_to(float* out, const float* a, const float* b, int64_t n) { kKerne
 float sigmoid_focal_row(const float* x, const float* y, int64_t label, int64_t n, float alpha, float gamma,
                         float grad_scale, float* loss, float* grad) {
   return kKernels->sigmoid_focal_row(x, y, label, n, alpha, gamma, grad_scale, loss, grad);
+}
+
+float sigmoid_focal_row_ex(const float* x, const float* y, int64_t label, int64_t n, const float* a_pos,
+                           const float* a_neg, const float* weight, float row_weight, float gamma, float grad_scale,
+                           float* loss, float* grad) {
+  return kKernels->sigmoid_focal_row_ex(x, y, label, n, a_pos, a_neg, weight, row_weight, gamma, grad_scale, loss,
+                                        grad);
 }
 
 }  // namespace cpu

@@ -63,5 +63,13 @@ void multiply_to(float* out, const float* a, const float* b, int64_t n);
 float sigmoid_focal_row(const float* x, const float* y, int64_t label, int64_t n, float alpha, float gamma,
                         float grad_scale, float* loss, float* grad);
 
+// sigmoid_focal_row with the drop-in extras: alpha_t = a_pos[i] y_i + a_neg[i] (1 - y_i) (n
+// per-class values each) and loss and gradient multiplied by the weight (weight[i] when weight is
+// not null, else row_weight); a zero weight gives exactly 0 loss and gradient (a NaN logit there
+// does not leak). A separate compiled variant: the plain row's code is unchanged.
+float sigmoid_focal_row_ex(const float* x, const float* y, int64_t label, int64_t n, const float* a_pos,
+                           const float* a_neg, const float* weight, float row_weight, float gamma, float grad_scale,
+                           float* loss, float* grad);
+
 }  // namespace cpu
 }  // namespace fused_losses
