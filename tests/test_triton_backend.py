@@ -470,6 +470,17 @@ def _every_loss_forward_backward(device):
               lambda x, sx, f: fl.ghmc(sx, labels, momentum=0.75, state=state, **kw),
               lambda x, sx, f: fl.ghmc(sx, soft, reduction="none", **kw),
               lambda x, sx, f: fl.ib(x[:, :, 0], target[:, 0].clamp_min(0), f, gamma=2.0, **kw)]
+    # The drop-in extras, through the backend functions (normalised arguments).
+    w, sw = torch.rand(6, 3, device=device), torch.rand(6, 5, device=device)
+    soft_kw = dict(ignore_index=-100, reduction="mean", weight=w, label_smoothing=0.1)
+    sig_kw = dict(ignore_index=-100, reduction="sum", weight=sw)
+    losses += [lambda x, sx, f: _triton("focal")(x, target, gamma=2.0, alpha=alpha, from_logits=True, **soft_kw),
+               lambda x, sx, f: _triton("ohem")(x, target, keep=0.3, thresh=None, min_kept=None, **soft_kw),
+               lambda x, sx, f: _triton("ghmc")(x, target, bins=10, momentum=0.75, state=state, use_sigmoid=False,
+                                               **soft_kw),
+               lambda x, sx, f: _triton("sigmoid_focal")(sx, labels, alpha=alpha, gamma=2.0, **sig_kw),
+               lambda x, sx, f: _triton("ghmc")(sx, labels, bins=10, momentum=0.75, state=state, use_sigmoid=True,
+                                               process_group=object(), **sig_kw)]
 
     def run(loss):
         leaves = [t.clone().requires_grad_(True) for t in (logits, slogits, features)]
