@@ -561,21 +561,25 @@ def _triton(name):
 def _check_extras(name, logits, target, **kw):
     """Like _check, calling the backend function directly (normalised arguments)."""
     dtype = logits.dtype
+    # Copies of a GHM-C state before any run updates it in place.
+    kw64 = _double_kwargs(kw)
+    kw_eager = {k: (v.clone() if k == "state" and v is not None else v) for k, v in kw.items()}
     out, grad = loss_and_grads(_triton(name), logits, target, cot_dtype=dtype, **kw)
-    out64, grad64 = loss_and_grads(getattr(reference, name), logits.double(), target, cot_dtype=dtype,
-                                   **_double_kwargs(kw))
+    out64, grad64 = loss_and_grads(getattr(reference, name), logits.double(), target, cot_dtype=dtype, **kw64)
     eager = (None, None)
     if dtype in LOW_PRECISION:
-        eager = loss_and_grads(getattr(reference, name), logits, target, upcast=False, cot_dtype=dtype, **kw)
+        eager = loss_and_grads(getattr(reference, name), logits, target, upcast=False, cot_dtype=dtype, **kw_eager)
+    if kw.get("state") is not None:
+        assert_rel_close(kw["state"], kw64["state"], TOL[torch.float32], f"{name} state {kw}")
     assert torch.isfinite(grad).all(), f"{name} {kw}: non-finite gradient"
     assert_matches_reference(out, out64, dtype, f"{name} loss {kw}", eager[0])
     assert_matches_reference(grad, grad64, dtype, f"{name} grad {kw}", eager[1])
 
 
 def _double_kwargs(kw):
-    """The float64 reference's copy of the keyword arguments: tensors (weights, per-class alpha,
-    GHM-C state) in float64 (a state is cloned, so that both runs update their own)."""
-    return {k: (v.double().clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+    """The float64 reference's copy of the keyword arguments: weights and per-class alpha in
+    float64; a GHM-C state cloned (float32, as the reference keeps it), so both runs update their own."""
+    return {k: (v.clone() if k == "state" else v.double()) if isinstance(v, torch.Tensor) else v
             for k, v in kw.items()}
 
 
