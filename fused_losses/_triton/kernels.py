@@ -180,11 +180,18 @@ def _class_alpha(CLASS_W, cols, cmask, alpha, HAS_CLASS_W: tl.constexpr):
 
 
 @triton.jit
-def _smoothed_columns(x, cols, t, lse_hi, lse_lo, logpt, one_minus_pt, a_c, gamma, smoothing, C):
-    """Per (row, column) of a label-smoothed focal row: q_c a_c (q_c = (1 - eps) [c == t] + eps / C),
-    L(l_c) and dL/dl_c (_focal_term) with l_c = log p_c = (x_c - hi) - lo, and p_c. The target
-    column takes the row's log p_t and 1 - p_t (exact for a confident sample); the other columns
+def _smoothed_columns(X, CLASS_W, xbase, c0, t, valid, lse_hi, lse_lo, logpt, one_minus_pt, gamma, alpha, smoothing,
+                      C, sxc, HAS_CLASS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns c0 .. c0 + BLOCK_C of a label-smoothed focal row, read from X (rows in `valid`):
+    q_c a_c (q_c = (1 - eps) [c == t] + eps / C), L(l_c) and dL/dl_c (_focal_term) with l_c =
+    log p_c = (x_c - hi) - lo, and p_c; with the column indices and masks. The target column
+    takes the row's log p_t and 1 - p_t (exact for a confident sample); the other columns
     1 - p_c = -expm1(l_c)."""
+    cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+    cmask = cols < C
+    mask = valid[:, None] & cmask[None, :]
+    x = tl.load(X + xbase[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    a_c = _class_alpha(CLASS_W, cols, cmask, alpha, HAS_CLASS_W)
     is_t = cols[None, :] == t[:, None]
     l = (x - lse_hi[:, None]) - lse_lo[:, None]
     p = tl.exp(l)
@@ -192,7 +199,7 @@ def _smoothed_columns(x, cols, t, lse_hi, lse_lo, logpt, one_minus_pt, a_c, gamm
     omp = tl.where(is_t, one_minus_pt[:, None], -_expm1(l))
     value, dvalue = _focal_term(l, omp, gamma)
     qa = (smoothing / C + tl.where(is_t, 1.0 - smoothing, 0.0)) * a_c[None, :]
-    return qa, value, dvalue, p, is_t
+    return qa, value, dvalue, p, is_t, cols, cmask, mask
 
 
 @triton.jit
@@ -203,13 +210,9 @@ def _smoothed_row_sums(X, CLASS_W, xbase, t, t_safe, valid, lse_hi, lse_lo, logp
     loss = tl.zeros_like(lse_hi)
     h_oth = tl.zeros_like(lse_hi)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        cmask = cols < C
-        mask = valid[:, None] & cmask[None, :]
-        x = tl.load(X + xbase[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
-        a_c = _class_alpha(CLASS_W, cols, cmask, alpha, HAS_CLASS_W)
-        qa, value, dvalue, _p, is_t = _smoothed_columns(x, cols, t, lse_hi, lse_lo, logpt, one_minus_pt, a_c, gamma,
-                                                        smoothing, C)
+        qa, value, dvalue, _p, is_t, _cols, _cmask, mask = _smoothed_columns(
+            X, CLASS_W, xbase, c0, t, valid, lse_hi, lse_lo, logpt, one_minus_pt, gamma, alpha, smoothing, C, sxc,
+            HAS_CLASS_W, BLOCK_C)
         loss += tl.sum(tl.where(mask, qa * value, 0.0), axis=1)
         h_oth += tl.sum(tl.where(mask & (~is_t), qa * dvalue, 0.0), axis=1)
     if HAS_CLASS_W:
@@ -232,13 +235,9 @@ def _store_smoothed_grad(X, GRAD, CLASS_W, xbase, gbase, t, valid, in_range, lse
     big_h = h_t + h_oth
     g_t = h_t * one_minus_pt - tl.exp(logpt) * h_oth
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        cmask = cols < C
-        mask = valid[:, None] & cmask[None, :]
-        x = tl.load(X + xbase[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
-        a_c = _class_alpha(CLASS_W, cols, cmask, alpha, HAS_CLASS_W)
-        qa, _value, dvalue, p, is_t = _smoothed_columns(x, cols, t, lse_hi, lse_lo, logpt, one_minus_pt, a_c, gamma,
-                                                        smoothing, C)
+        qa, _value, dvalue, p, is_t, cols, cmask, mask = _smoothed_columns(
+            X, CLASS_W, xbase, c0, t, valid, lse_hi, lse_lo, logpt, one_minus_pt, gamma, alpha, smoothing, C, sxc,
+            HAS_CLASS_W, BLOCK_C)
         grad = coef[:, None] * tl.where(is_t, g_t[:, None], qa * dvalue - p * big_h[:, None])
         grad = tl.where(mask, grad, 0.0)
         tl.store(GRAD + gbase[:, None] + cols[None, :] * sgc, _cast(grad, GRAD.dtype.element_ty),
