@@ -7,6 +7,7 @@ GPU the interpreter is off and the same tests run on CUDA tensors instead.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -469,6 +470,17 @@ def _every_loss_forward_backward(device):
               lambda x, sx, f: fl.ghmc(sx, labels, momentum=0.75, state=state, **kw),
               lambda x, sx, f: fl.ghmc(sx, soft, reduction="none", **kw),
               lambda x, sx, f: fl.ib(x[:, :, 0], target[:, 0].clamp_min(0), f, gamma=2.0, **kw)]
+    # The drop-in extras, through the backend functions (normalised arguments).
+    w, sw = torch.rand(6, 3, device=device), torch.rand(6, 5, device=device)
+    soft_kw = dict(ignore_index=-100, reduction="mean", weight=w, label_smoothing=0.1)
+    sig_kw = dict(ignore_index=-100, reduction="sum", weight=sw)
+    losses += [lambda x, sx, f: _triton("focal")(x, target, gamma=2.0, alpha=alpha, from_logits=True, **soft_kw),
+               lambda x, sx, f: _triton("ohem")(x, target, keep=0.3, thresh=None, min_kept=None, **soft_kw),
+               lambda x, sx, f: _triton("ghmc")(x, target, bins=10, momentum=0.75, state=state, use_sigmoid=False,
+                                               **soft_kw),
+               lambda x, sx, f: _triton("sigmoid_focal")(sx, labels, alpha=alpha, gamma=2.0, **sig_kw),
+               lambda x, sx, f: _triton("ghmc")(sx, labels, bins=10, momentum=0.75, state=state, use_sigmoid=True,
+                                               process_group=object(), **sig_kw)]
 
     def run(loss):
         leaves = [t.clone().requires_grad_(True) for t in (logits, slogits, features)]
@@ -532,3 +544,216 @@ def test_automatic_choice_and_device_types():
     if torch.cuda.is_available() and not fl.backends()["cuda"].available:
         # CUDA tensors go to triton when the compiled CUDA kernels are unavailable.
         assert fl._backends.select("focal", logits.cuda(), None).name == "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# Drop-in extras (issue #14): sample weights, label smoothing, per-class sigmoid alpha, GHM-C
+# process_group. The cross-backend matrix is tests/test_dropin.py; these cover what is specific
+# to the Triton kernels: several column blocks per row, several histogram programs, the fp32
+# accuracy of confident rows, NaN logits in zero-weight rows, the bin-count path, the op schemas.
+# The backend functions are called with the arguments _validate gives them (weights already
+# materialised in float32).
+# --------------------------------------------------------------------------------------------
+def _triton(name):
+    return fl._backends.get("triton").losses[name]
+
+
+def _check_extras(name, logits, target, **kw):
+    """Like _check, calling the backend function directly (normalised arguments)."""
+    dtype = logits.dtype
+    # Copies of a GHM-C state before any run updates it in place.
+    kw64 = _double_kwargs(kw)
+    kw_eager = {k: (v.clone() if k == "state" and v is not None else v) for k, v in kw.items()}
+    out, grad = loss_and_grads(_triton(name), logits, target, cot_dtype=dtype, **kw)
+    out64, grad64 = loss_and_grads(getattr(reference, name), logits.double(), target, cot_dtype=dtype, **kw64)
+    eager = (None, None)
+    if dtype in LOW_PRECISION:
+        eager = loss_and_grads(getattr(reference, name), logits, target, upcast=False, cot_dtype=dtype, **kw_eager)
+    if kw.get("state") is not None:
+        assert_rel_close(kw["state"], kw64["state"], TOL[torch.float32], f"{name} state {kw}")
+    assert torch.isfinite(grad).all(), f"{name} {kw}: non-finite gradient"
+    assert_matches_reference(out, out64, dtype, f"{name} loss {kw}", eager[0])
+    assert_matches_reference(grad, grad64, dtype, f"{name} grad {kw}", eager[1])
+
+
+def _double_kwargs(kw):
+    """The float64 reference's copy of the keyword arguments: weights and per-class alpha in
+    float64; a GHM-C state cloned (float32, as the reference keeps it), so both runs update their own."""
+    return {k: (v.clone() if k == "state" else v.double()) if isinstance(v, torch.Tensor) else v
+            for k, v in kw.items()}
+
+
+def _row_weights(shape, device, seed=3):
+    """Sample weights in [0, 2) with a few exact zeros and one negative value."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(shape, generator=g, dtype=torch.float32) * 2
+    flat = w.view(-1)
+    flat[1::5] = 0.0
+    if flat.numel() > 3:
+        flat[3] = -0.5
+    return w.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropin_softmax_extras_over_several_column_blocks(device, dtype, monkeypatch):
+    """Forced small tiles: every row spans several BLOCK_C blocks in all three passes of a
+    label-smoothed row (statistics, smoothed sums, gradient), with weights, gamma and per-class
+    alpha; OHEM and GHM-C (softmax) through the statistics/gradient kernels."""
+    from fused_losses._triton import launch
+
+    monkeypatch.setattr(launch, "_row_blocks", lambda m, c, s: (4, 16))
+    for shape in [(7, 80), (2, 37, 2, 3)]:
+        logits, target = softmax_case(shape, dtype, device, ignore_frac=0.2, scale=8.0)
+        c = shape[1]
+        w = _row_weights(target.shape, device)
+        for gamma, alpha, eps, weight in [(2.0, _alpha("class", c, device), 0.1, w), (0.0, None, 0.2, w),
+                                          (0.5, 0.25, 0.05, None), (2.0, None, 0.0, w)]:
+            for reduction in REDUCTIONS:
+                _check_extras("focal", logits, target, gamma=gamma, alpha=alpha, ignore_index=-100,
+                              reduction=reduction, from_logits=True, weight=weight, label_smoothing=eps)
+        for reduction in REDUCTIONS:
+            _check_extras("ohem", logits, target, keep=0.5, thresh=None, min_kept=None, ignore_index=-100,
+                          reduction=reduction, weight=w, label_smoothing=0.1)
+            _check_extras("ghmc", logits, target, bins=10, momentum=0.0, state=None, use_sigmoid=False,
+                          ignore_index=-100, reduction=reduction, weight=w, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_dropin_label_smoothing_confident_rows(device, gamma):
+    """p_t -> 1 with label smoothing: the target column's gradient h_t (1 - p_t) - p_t h_oth keeps
+    fp32 accuracy (no p_t - 1 cancellation); weights and per-class alpha on top."""
+    logits = torch.tensor([[40.0, 0.0, -5.0], [0.0, 30.0, 1.0], [2.0, 1.0, 0.5], [-3.0, 12.0, 11.5]], device=device)
+    target = torch.tensor([0, 1, 2, 1], device=device)
+    weight = torch.tensor([1.5, 0.5, 2.0, 1.0], device=device)
+    for eps in [1e-6, 1e-3, 0.1, 1.0]:
+        for alpha in [None, torch.tensor([0.2, 0.9, 0.6], device=device)]:
+            for reduction in REDUCTIONS:
+                _check_extras("focal", logits, target, gamma=gamma, alpha=alpha, ignore_index=-100,
+                              reduction=reduction, from_logits=True, weight=weight, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropin_sigmoid_extras(device, dtype, monkeypatch):
+    """Per-row and per-element weights, per-class alpha, integer labels and float targets; GHM-C
+    sigmoid with weights over two histogram programs that each loop over several blocks."""
+    from fused_losses._triton import launch
+
+    monkeypatch.setattr(launch, "_HIST_PROGRAMS", 2)
+    for shape in [(64, 80), (2, 5, 7)]:
+        c = shape[-1]
+        alpha_c = torch.linspace(0.1, 0.9, c, device=device)
+        for kind in ["labels", "float"]:
+            logits, target = sigmoid_case(shape, dtype, device, kind=kind, ignore_frac=0.2)
+            for weight in [_row_weights(shape[:-1], device), _row_weights(shape, device)]:
+                for reduction in REDUCTIONS:
+                    for alpha in [alpha_c, 0.25]:
+                        _check_extras("sigmoid_focal", logits, target, alpha=alpha, gamma=2.0, ignore_index=-100,
+                                      reduction=reduction, weight=weight)
+                    state = torch.rand(10, device=device) * 50
+                    _check_extras("ghmc", logits, target, bins=10, momentum=0.75, state=state, use_sigmoid=True,
+                                  ignore_index=-100, reduction=reduction, weight=weight)
+
+
+def _nan_rows_case(device):
+    """Softmax logits (6, 5, 3) and sigmoid logits (12, 4) with NaN in every entry whose weight is 0."""
+    logits, target = softmax_case((6, 5, 3), torch.float32, device, ignore_frac=0.2)
+    w = _row_weights(target.shape, device)
+    logits = torch.where((w == 0)[:, None], torch.full_like(logits, math.nan), logits)
+    slogits, labels = sigmoid_case((12, 4), torch.float32, device, ignore_frac=0.2)
+    sw_row = _row_weights((12,), device)
+    sw_elem = _row_weights((12, 4), device, seed=4)
+    return logits, target, w, slogits, labels, sw_row, sw_elem
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropin_zero_weight_hides_nan(device):
+    """A NaN logit where the weight is 0 gives exactly what a finite logit there gives: loss and
+    gradient of those entries 0, nothing else changed (bitwise), for every loss and reduction
+    (OHEM: finite and 0 there; its selection, which ignores weights, may rank the NaN rows)."""
+    logits, target, w, slogits, labels, sw_row, sw_elem = _nan_rows_case(device)
+    softmax_runs = [("focal", dict(gamma=2.0, alpha=None, ignore_index=-100, from_logits=True, label_smoothing=0.1)),
+                    ("ohem", dict(keep=0.5, thresh=None, min_kept=None, ignore_index=-100, label_smoothing=0.1)),
+                    ("ghmc", dict(bins=10, momentum=0.0, state=None, use_sigmoid=False, ignore_index=-100,
+                                  label_smoothing=0.1))]
+    sigmoid_runs = [("sigmoid_focal", dict(alpha=0.25, gamma=2.0, ignore_index=-100)),
+                    ("ghmc", dict(bins=10, momentum=0.0, state=None, use_sigmoid=True, ignore_index=-100))]
+    cases = [(name, logits, target, w, kw) for name, kw in softmax_runs]
+    for sw in (sw_row, sw_elem):
+        for name, kw in sigmoid_runs:
+            nan_mask = (sw == 0) if sw.dim() == 2 else (sw == 0)[:, None].expand_as(slogits)
+            cases.append((name, torch.where(nan_mask, torch.full_like(slogits, math.nan), slogits), labels, sw, kw))
+    for name, x, t, weight, kw in cases:
+        for reduction in REDUCTIONS:
+            out, grad = loss_and_grad(_triton(name), x, t, reduction=reduction, weight=weight, **kw)
+            assert torch.isfinite(out).all() and torch.isfinite(grad).all(), f"{name} {reduction}: NaN leaked"
+            assert not grad[torch.isnan(x)].any()
+            if name == "ohem":
+                continue  # OHEM's selection ranks every valid row, weights ignored: the kept set may differ
+            clean = torch.nan_to_num(x, nan=0.0)
+            out0, grad0 = loss_and_grad(_triton(name), clean, t, reduction=reduction, weight=weight, **kw)
+            assert torch.equal(out, out0) and torch.equal(grad, grad0), f"{name} {reduction}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropin_ghmc_bin_count_path(device):
+    """The process_group path (ghmc_bin_counts op -> distributed.global_bin_weights -> the op with
+    the given weights; here without torch.distributed initialised, so no all-reduce) gives the
+    same loss, gradient and EMA state as the single-op path; the counts are the histogram of the
+    valid, nonzero-weight entries, then n_valid."""
+    slogits, labels = sigmoid_case((12, 4), torch.float32, device, ignore_frac=0.2)
+    logits, target = softmax_case((6, 5, 3), torch.float32, device, ignore_frac=0.2)
+    group = object()  # stands for a ProcessGroup; only passed on to torch.distributed when initialised
+    cases = [(slogits, labels, True, _row_weights((12, 4), device), 0.0),
+             (slogits, labels, True, None, 0.0),
+             (logits, target, False, _row_weights(target.shape, device), 0.1)]
+    for x, t, use_sigmoid, weight, eps in cases:
+        extra = dict(label_smoothing=eps) if not use_sigmoid else {}
+        counts = torch.ops.fused_losses_triton.ghmc_bin_counts(x, t, 10, use_sigmoid, -100, weight)
+        assert counts.dtype == torch.int64 and counts.shape == (11,)
+        ref_state = torch.zeros(10, device=device)
+        reference.ghmc(x.double(), t, bins=10, momentum=0.0, state=ref_state, use_sigmoid=use_sigmoid,
+                       ignore_index=-100, reduction="sum", weight=None if weight is None else weight.double(), **extra)
+        assert torch.equal(counts[:10].to(torch.float32), ref_state), (counts, ref_state)  # momentum 0: the counts
+        for reduction in REDUCTIONS:
+            s1 = torch.rand(10, device=device) * 20
+            s2 = s1.clone()
+            kw = dict(bins=10, momentum=0.75, use_sigmoid=use_sigmoid, ignore_index=-100, reduction=reduction,
+                      weight=weight, **extra)
+            out, grad = loss_and_grad(_triton("ghmc"), x, t, state=s1, **kw)
+            out_pg, grad_pg = loss_and_grad(_triton("ghmc"), x, t, state=s2, process_group=group, **kw)
+            assert_rel_close(out_pg, out, 1e-6, f"ghmc pg loss {reduction}")
+            assert_rel_close(grad_pg, grad, 1e-6, f"ghmc pg grad {reduction}")
+            assert_rel_close(s2, s1, 1e-6, f"ghmc pg state {reduction}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropin_opcheck(device):
+    """Schemas, fake kernels and autograd of the ops with the trailing extras (need_grad is no
+    longer the last argument: the autograd setup finds it by position)."""
+    ops = torch.ops.fused_losses_triton
+    logits, target = softmax_case((5, 3), torch.float32, device, ignore_frac=0.2)
+    slogits, labels = sigmoid_case((5, 3), torch.float32, device)
+    w = _row_weights((5,), device)
+    we = _row_weights((5, 3), device)
+    x = logits.clone().requires_grad_(True)
+    sx = slogits.clone().requires_grad_(True)
+    counts = ops.ghmc_bin_counts(slogits, labels, 10, True, -100, we)
+    bin_w = torch.rand(10, device=device)
+    samples = [
+        (ops.softmax_focal, (x, target, torch.rand(3, device=device), 1.0, 2.0, -100, "none", True, True, w, 0.1)),
+        (ops.softmax_focal, (logits, target, None, 1.0, 0.0, -100, "mean", True, True, w, 0.2)),
+        (ops.sigmoid_focal, (sx, labels, -1.0, 2.0, -100, "none", True, torch.rand(3, device=device), we)),
+        (ops.ohem, (x, target, 0.5, False, None, 0, -100, "none", True, w, 0.1)),
+        (ops.ghmc, (x, target, torch.zeros(10, device=device), 10, 0.75, False, -100, "none", True, w, 0.1)),
+        (ops.ghmc, (sx, labels, None, 10, 0.0, True, -100, "none", True, we, 0.0, counts, bin_w)),
+        (ops.ghmc_bin_counts, (slogits, labels, 10, True, -100, w)),
+        (ops.ghmc_bin_counts, (logits, target, 10, False, -100, None)),
+    ]
+    for op, args in samples:
+        opcheck_loss_op(op, args)
+    # need_grad=False with trailing extras: no gradient is computed or saved.
+    loss, grad = ops.softmax_focal(x, target, None, 1.0, 2.0, -100, "sum", True, False, w, 0.1)
+    assert grad.numel() == 0

@@ -22,36 +22,47 @@ def _variants(full: bool):
 
     dtypes = ("fp32", "bf16", "fp16")
     rows = []
-    for i, (xdt, kind, from_logits, class_w, grad, reduce) in enumerate(itertools.product(
-            dtypes, (K.FOCAL, K.STATS, K.IB), (True, False), (True, False), (True, False), (True, False))):
+    for i, (xdt, kind, from_logits, class_w, grad, reduce, extras) in enumerate(itertools.product(
+            dtypes, (K.FOCAL, K.STATS, K.IB), (True, False), (True, False), (True, False), (True, False),
+            (False, True))):
         if kind != K.FOCAL and not from_logits:
             continue
-        types = dict(X=f"*{xdt}", T="*i64", CLASS_W="*fp32", FEAT="*fp32", SCALE="*fp32", LOSS=f"*{xdt}",
+        if extras and (kind == K.IB or not from_logits):
+            continue  # the drop-in extras (weight, label smoothing) exist for FOCAL and STATS only
+        types = dict(X=f"*{xdt}", T="*i64", CLASS_W="*fp32", FEAT="*fp32", SCALE="*fp32", W="*fp32",
+                     LOSS="*fp32" if kind == K.STATS else f"*{xdt}",
                      PARTIAL="*fp32", LOGPT="*fp32", OMP="*fp32", LSE="*fp32", GRAD=f"*{xdt}", DFEAT="*fp32",
                      M="i64", C="i32", S="i32", sxn="i64", sxc="i32", sxs="i32", sgn="i64", sgc="i32", sgs="i32",
-                     gamma="fp32", alpha="fp32", epsilon="fp32", ignore_index="i64")
+                     gamma="fp32", alpha="fp32", epsilon="fp32", smoothing="fp32", ignore_index="i64")
         consts = dict(KIND=kind, HAS_CLASS_W=class_w, HAS_IGNORE=kind != K.IB, FROM_LOGITS=from_logits,
                       DETACH_FACTOR=False, IB_FOCAL=kind == K.IB and class_w, WRITE_GRAD=grad, STORE_ROWS=not reduce,
-                      REDUCE=reduce, BLOCK_M=64 if i % 2 else 2, BLOCK_C=64 if i % 2 else 2048)
+                      REDUCE=reduce, HAS_WEIGHT=extras, SMOOTH=extras, BLOCK_M=64 if i % 2 else 2,
+                      BLOCK_C=64 if i % 2 else 2048)
         rows.append((K.softmax_rows_kernel, types, consts))
     grads = [(K.softmax_grad_kernel,
-              dict(X=f"*{xdt}", T="*i32", LSE="*fp32", COEF="*fp32", GRAD=f"*{xdt}", M="i32", C="i32", S="i32",
-                   sxn="i32", sxc="i32", sxs="i32", sgn="i32", sgc="i32", sgs="i32", ignore_index="i32"),
-              dict(SKIP_ZERO_COEF=skip, BLOCK_M=64, BLOCK_C=64)) for xdt, skip in zip(dtypes, (True, False, True))]
+              dict(X=f"*{xdt}", T="*i32", LSE="*fp32", COEF="*fp32", W="*fp32", GRAD=f"*{xdt}", M="i32", C="i32",
+                   S="i32", sxn="i32", sxc="i32", sxs="i32", sgn="i32", sgc="i32", sgs="i32", ignore_index="i32",
+                   smoothing="fp32"),
+              dict(SKIP_ZERO_COEF=skip, HAS_WEIGHT=extras, SMOOTH=extras, BLOCK_M=64, BLOCK_C=64))
+             for xdt, skip, extras in zip(dtypes + dtypes, (True, False, True) * 2, (False,) * 3 + (True,) * 3)]
     sigmoid = []
-    for xdt, labels, kind, grad in itertools.product(dtypes, (True, False), (K.SIGMOID_FOCAL, K.GHMC_SIGMOID),
-                                                     (True, False)):
+    for xdt, labels, kind, grad, extras in itertools.product(dtypes, (True, False), (K.SIGMOID_FOCAL, K.GHMC_SIGMOID),
+                                                             (True, False), (False, True)):
         tdt = "*i64" if labels else f"*{xdt}"
+        # extras: per-element weights and per-class alpha (FOCAL); the plain variant has neither.
         sigmoid.append((K.sigmoid_kernel,
-                        dict(X=f"*{xdt}", T=tdt, BIN_W="*fp32", SCALE="*fp32", LOSS=f"*{xdt}", PARTIAL="*fp32",
-                             GRAD=f"*{xdt}", numel="i64", C="i32", alpha="fp32", gamma="fp32", ignore_index="i32",
-                             bins="i32"),
-                        dict(KIND=kind, LABELS=labels, WRITE_GRAD=grad, STORE_ELEMS=not grad, REDUCE=grad, BLOCK=1024)))
+                        dict(X=f"*{xdt}", T=tdt, BIN_W="*fp32", SCALE="*fp32", W="*fp32", ALPHA_C="*fp32",
+                             LOSS=f"*{xdt}", PARTIAL="*fp32", GRAD=f"*{xdt}", numel="i64", C="i32", alpha="fp32",
+                             gamma="fp32", ignore_index="i32", bins="i32"),
+                        dict(KIND=kind, LABELS=labels, WRITE_GRAD=grad, STORE_ELEMS=not grad, REDUCE=grad,
+                             HAS_WEIGHT=extras, WEIGHT_PER_ELEM=extras and labels,
+                             ALPHA_PER_CLASS=extras and kind == K.SIGMOID_FOCAL, BLOCK=1024)))
         if kind == K.GHMC_SIGMOID and grad:
             sigmoid.append((K.ghm_sigmoid_hist_kernel,
-                            dict(X=f"*{xdt}", T=tdt, HIST="*i32", numel="i64", C="i32", ignore_index="i32", bins="i32",
-                                 num_programs="i32"),
-                            dict(LABELS=labels, NUM_BINS_P2=16, BLOCK=1024)))
+                            dict(X=f"*{xdt}", T=tdt, W="*fp32", HIST="*i32", numel="i64", C="i32", ignore_index="i32",
+                                 bins="i32", num_programs="i32"),
+                            dict(LABELS=labels, HAS_WEIGHT=extras, WEIGHT_PER_ELEM=not labels, NUM_BINS_P2=16,
+                                 BLOCK=1024)))
     rescale = [(K.rescale_grad_kernel, dict(GRAD=f"*{gdt}", GO="*fp32", APPLIED="*fp32", numel="i64", X=f"*{gdt}"),
                 dict(BLOCK=4096)) for gdt in ("fp32", "bf16", "fp16")]
     rescale.append((K.record_scale_kernel, dict(GO="*fp32", APPLIED="*fp32", X="*fp32"), {}))
@@ -61,7 +72,8 @@ def _variants(full: bool):
     # One representative per kernel and kind, the dtypes taking turns.
     groups: dict = {}
     for fn, types, consts in everything:
-        key = (fn.__name__, consts.get("KIND"), consts.get("FROM_LOGITS"), consts.get("LABELS"))
+        key = (fn.__name__, consts.get("KIND"), consts.get("FROM_LOGITS"), consts.get("LABELS"),
+               consts.get("HAS_WEIGHT"))
         groups.setdefault(key, []).append((fn, types, consts))
     picked = []
     for n, group in enumerate(groups.values()):

@@ -171,14 +171,89 @@ def _one_minus_p_plus_p_log_p(q, logp):
 
 
 @triton.jit
+def _class_alpha(CLASS_W, cols, cmask, alpha, HAS_CLASS_W: tl.constexpr):
+    """a_c per column: the per-class vector, or the scalar alpha."""
+    if HAS_CLASS_W:
+        return tl.load(CLASS_W + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros_like(cols).to(tl.float32) + alpha
+
+
+@triton.jit
+def _smoothed_columns(X, CLASS_W, xbase, c0, t, valid, lse_hi, lse_lo, logpt, one_minus_pt, gamma, alpha, smoothing,
+                      C, sxc, HAS_CLASS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns c0 .. c0 + BLOCK_C of a label-smoothed focal row, read from X (rows in `valid`):
+    q_c a_c (q_c = (1 - eps) [c == t] + eps / C), L(l_c) and dL/dl_c (_focal_term) with l_c =
+    log p_c = (x_c - hi) - lo, and p_c; with the column indices and masks. The target column
+    takes the row's log p_t and 1 - p_t (exact for a confident sample); the other columns
+    1 - p_c = -expm1(l_c)."""
+    cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
+    cmask = cols < C
+    mask = valid[:, None] & cmask[None, :]
+    x = tl.load(X + xbase[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    a_c = _class_alpha(CLASS_W, cols, cmask, alpha, HAS_CLASS_W)
+    is_t = cols[None, :] == t[:, None]
+    l = (x - lse_hi[:, None]) - lse_lo[:, None]
+    p = tl.exp(l)
+    l = tl.where(is_t, logpt[:, None], l)
+    omp = tl.where(is_t, one_minus_pt[:, None], -_expm1(l))
+    value, dvalue = _focal_term(l, omp, gamma)
+    qa = (smoothing / C + tl.where(is_t, 1.0 - smoothing, 0.0)) * a_c[None, :]
+    return qa, value, dvalue, p, is_t, cols, cmask, mask
+
+
+@triton.jit
+def _smoothed_row_sums(X, CLASS_W, xbase, t, t_safe, valid, lse_hi, lse_lo, logpt, one_minus_pt, gamma, alpha,
+                       smoothing, C, sxc, HAS_CLASS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Second pass over a row (label smoothing): loss = sum_c q_c a_c L(l_c), and h_t = q_t a_t
+    L'(l_t), h_oth = sum_{c != t} q_c a_c L'(l_c) for the gradient (_store_smoothed_grad)."""
+    loss = tl.zeros_like(lse_hi)
+    h_oth = tl.zeros_like(lse_hi)
+    for c0 in range(0, C, BLOCK_C):
+        qa, value, dvalue, _p, is_t, _cols, _cmask, mask = _smoothed_columns(
+            X, CLASS_W, xbase, c0, t, valid, lse_hi, lse_lo, logpt, one_minus_pt, gamma, alpha, smoothing, C, sxc,
+            HAS_CLASS_W, BLOCK_C)
+        loss += tl.sum(tl.where(mask, qa * value, 0.0), axis=1)
+        h_oth += tl.sum(tl.where(mask & (~is_t), qa * dvalue, 0.0), axis=1)
+    if HAS_CLASS_W:
+        a_t = tl.load(CLASS_W + t_safe, mask=valid, other=0.0).to(tl.float32)
+    else:
+        a_t = tl.zeros_like(lse_hi) + alpha
+    _v, d_t = _focal_term(logpt, one_minus_pt, gamma)
+    h_t = (1.0 - smoothing + smoothing / C) * a_t * d_t
+    return loss, tl.where(valid, h_t, 0.0), tl.where(valid, h_oth, 0.0)
+
+
+@triton.jit
+def _store_smoothed_grad(X, GRAD, CLASS_W, xbase, gbase, t, valid, in_range, lse_hi, lse_lo, logpt, one_minus_pt,
+                         h_t, h_oth, coef, gamma, alpha, smoothing, C, sxc, sgc,
+                         HAS_CLASS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """GRAD[row, j] = coef_row * (h_j - p_j H), H = h_t + h_oth (h_c = q_c a_c L'(l_c)): the
+    gradient of sum_c q_c a_c L(log p_c). The target column is written as h_t (1 - p_t) - p_t h_oth
+    (the same value without the cancellation of h_t - p_t h_t for a confident sample). Invalid
+    rows: 0, logits not read."""
+    big_h = h_t + h_oth
+    g_t = h_t * one_minus_pt - tl.exp(logpt) * h_oth
+    for c0 in range(0, C, BLOCK_C):
+        qa, _value, dvalue, p, is_t, cols, cmask, mask = _smoothed_columns(
+            X, CLASS_W, xbase, c0, t, valid, lse_hi, lse_lo, logpt, one_minus_pt, gamma, alpha, smoothing, C, sxc,
+            HAS_CLASS_W, BLOCK_C)
+        grad = coef[:, None] * tl.where(is_t, g_t[:, None], qa * dvalue - p * big_h[:, None])
+        grad = tl.where(mask, grad, 0.0)
+        tl.store(GRAD + gbase[:, None] + cols[None, :] * sgc, _cast(grad, GRAD.dtype.element_ty),
+                 mask=in_range[:, None] & cmask[None, :])
+
+
+@triton.jit
 def softmax_rows_kernel(
-    X, T, CLASS_W, FEAT, SCALE,  # inputs: logits, targets, per-class alpha/weight, ib feature norms, grad scale
+    X, T, CLASS_W, FEAT, SCALE, W,  # inputs: logits, targets, per-class alpha/weight, ib feature norms, grad scale,
+    #                                 sample weights
     LOSS, PARTIAL, LOGPT, OMP, LSE, GRAD, DFEAT,  # outputs
     M, C, S, sxn, sxc, sxs, sgn, sgc, sgs,
-    gamma, alpha, epsilon, ignore_index,
+    gamma, alpha, epsilon, smoothing, ignore_index,
     KIND: tl.constexpr, HAS_CLASS_W: tl.constexpr, HAS_IGNORE: tl.constexpr, FROM_LOGITS: tl.constexpr,
     DETACH_FACTOR: tl.constexpr, IB_FOCAL: tl.constexpr, WRITE_GRAD: tl.constexpr, STORE_ROWS: tl.constexpr,
-    REDUCE: tl.constexpr,
+    REDUCE: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Row-wise online softmax over C, then a per-row loss l_i and coefficient coef_i.
@@ -190,12 +265,17 @@ def softmax_rows_kernel(
       gradient to a few ulps, down to float32's smallest normal.
     FOCAL: l = alpha_t (1 - p_t)^gamma (-log p_t); coef = -alpha_t dL/dlog p_t.
            from_logits=False: x holds p; log p_t = log x_t, grad only at t: alpha_t dL/dl / x_t.
+           HAS_WEIGHT: l and the gradient times w_row; a row with w = 0 is skipped like an ignored
+           one (0, logits never read: a NaN there cannot leak). SMOOTH (label smoothing eps):
+           l = sum_c q_c a_c L(log p_c), q_c = (1 - eps) [c == t] + eps / C, in a second pass over
+           the row (_smoothed_row_sums) and the gradient in a third (_store_smoothed_grad).
     IB:    g = 2 (1 - p_t), factor = alpha / (g f + eps), h = CE_w or (1 - e^-CE_w)^gamma CE_w,
            l = factor h, coef = -(factor dh/dl + h dfactor/dl); DFEAT = dl/df = -h alpha g / (g f + eps)^2.
            For gamma = 0 the two terms of dl/dl cancel as p_t -> 1 (g f >> eps); they are summed
            in closed form instead: dl/dlog p_t = -(factor w / den) (2 f ((1 - p) + p log p) + eps).
     STATS: writes log p_t, 1 - p_t and lse as (hi, lo) pairs ((M, 2), no loss, no grad); the
-           caller finishes with torch and softmax_grad_kernel.
+           caller finishes with torch and softmax_grad_kernel. SMOOTH: also the smoothed cross
+           entropy sum_c q_c (-log p_c) into LOSS (float32). Weights are the caller's business.
     Pass 2 (WRITE_GRAD): GRAD_ij = SCALE * coef_i * (p_ij - [j == t_i]) (_store_softmax_grad).
     Ignored rows: loss 0, grad 0, their logits are never read.
     Traffic: logits read once (twice with the gradient pass, the second mostly from cache for
@@ -209,6 +289,10 @@ def softmax_rows_kernel(
         valid = in_range & (t != ignore_index)
     else:
         valid = in_range
+    w = tl.zeros([BLOCK_M], tl.float32) + 1.0
+    if HAS_WEIGHT and KIND == _FOCAL:
+        w = tl.load(W + rows, mask=valid, other=0.0).to(tl.float32)
+        valid = valid & (w != 0)
     t = tl.where(valid, t, 0)
     n = rows // S
     s_idx = rows - n * S
@@ -253,20 +337,35 @@ def softmax_rows_kernel(
         lse_lo = tl.zeros([BLOCK_M], tl.float32)
 
     scale = tl.load(SCALE)
+    h_t = tl.zeros([BLOCK_M], tl.float32)
+    h_oth = tl.zeros([BLOCK_M], tl.float32)
     if KIND == _STATS:
         tl.store(LOGPT + rows, logpt, mask=in_range)
         tl.store(OMP + rows, one_minus_pt, mask=in_range)
         tl.store(LSE + 2 * rows, lse_hi, mask=in_range)
         tl.store(LSE + 2 * rows + 1, lse_lo, mask=in_range)
+        if SMOOTH:
+            ce_s, _h_t, _h_oth = _smoothed_row_sums(X, CLASS_W, xbase, t, t_safe, valid, lse_hi, lse_lo, logpt,
+                                                    one_minus_pt, 0.0, 1.0, smoothing, C, sxc, False, BLOCK_C)
+            tl.store(LOSS + rows, tl.where(valid, ce_s, 0.0), mask=in_range)
     else:
         if KIND == _FOCAL:
-            if HAS_CLASS_W:
-                a_t = tl.load(CLASS_W + t_safe, mask=valid, other=0.0).to(tl.float32)
+            if SMOOTH:
+                loss, h_t, h_oth = _smoothed_row_sums(X, CLASS_W, xbase, t, t_safe, valid, lse_hi, lse_lo, logpt,
+                                                      one_minus_pt, gamma, alpha, smoothing, C, sxc, HAS_CLASS_W,
+                                                      BLOCK_C)
+                dl = tl.zeros([BLOCK_M], tl.float32)
             else:
-                a_t = tl.zeros([BLOCK_M], tl.float32) + alpha
-            value, dvalue = _focal_term(logpt, one_minus_pt, gamma)
-            loss = a_t * value
-            dl = a_t * dvalue  # dL/dlog p_t
+                if HAS_CLASS_W:
+                    a_t = tl.load(CLASS_W + t_safe, mask=valid, other=0.0).to(tl.float32)
+                else:
+                    a_t = tl.zeros([BLOCK_M], tl.float32) + alpha
+                value, dvalue = _focal_term(logpt, one_minus_pt, gamma)
+                loss = a_t * value
+                dl = a_t * dvalue  # dL/dlog p_t
+            if HAS_WEIGHT:
+                loss = w * loss
+                dl = w * dl
         else:  # IB
             if HAS_CLASS_W:
                 w_t = tl.load(CLASS_W + t_safe, mask=valid, other=0.0).to(tl.float32)
@@ -309,7 +408,11 @@ def softmax_rows_kernel(
         if REDUCE:
             tl.store(PARTIAL + pid, tl.sum(loss, axis=0))
         if WRITE_GRAD:
-            if FROM_LOGITS:
+            if SMOOTH:
+                _store_smoothed_grad(X, GRAD, CLASS_W, xbase, gbase, t, valid, in_range, lse_hi, lse_lo, logpt,
+                                     one_minus_pt, h_t, h_oth, w * scale, gamma, alpha, smoothing, C, sxc, sgc,
+                                     HAS_CLASS_W, BLOCK_C)
+            elif FROM_LOGITS:
                 _store_softmax_grad(X, GRAD, xbase, gbase, t, lse_hi, lse_lo, -one_minus_pt, -dl * scale, valid,
                                     in_range, C, sxc, sgc, BLOCK_C)
             else:
@@ -325,10 +428,11 @@ def softmax_rows_kernel(
 
 @triton.jit
 def softmax_grad_kernel(
-    X, T, LSE, COEF, GRAD,
+    X, T, LSE, COEF, W, GRAD,
     M, C, S, sxn, sxc, sxs, sgn, sgc, sgs,
-    ignore_index,
-    SKIP_ZERO_COEF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ignore_index, smoothing,
+    SKIP_ZERO_COEF: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """GRAD_ij = COEF_i * (p_ij - [j == t_i]) for non-ignored rows, 0 elsewhere.
 
@@ -339,7 +443,9 @@ def softmax_grad_kernel(
     they are close: no cancellation, _store_softmax_grad). SKIP_ZERO_COEF (OHEM): rows with
     COEF_i = 0 are dropped samples, written as 0 without reading their logits (the reference
     masks them); GHM-C multiplies instead, so a NaN row with weight 0 stays NaN as in the
-    reference.
+    reference. HAS_WEIGHT: rows whose sample weight W_i is 0 are skipped the same way (their
+    loss and gradient are exactly 0; COEF already carries the weights). SMOOTH: the gradient of the
+    label-smoothed cross entropy, COEF_i (p_ij - q_ij) (_store_smoothed_grad with gamma = 0).
     Traffic: logits read once (only rows that carry gradient) plus the target logit, grad
     written once, 3 floats + 1 target per row.
     """
@@ -351,6 +457,8 @@ def softmax_grad_kernel(
     valid = in_range & (t != ignore_index)
     if SKIP_ZERO_COEF:
         valid = valid & (coef != 0)
+    if HAS_WEIGHT:
+        valid = valid & (tl.load(W + rows, mask=valid, other=0.0) != 0)
     t = tl.where(valid, t, 0)
     lse_hi = tl.load(LSE + 2 * rows, mask=valid, other=0.0)
     lse_lo = tl.load(LSE + 2 * rows + 1, mask=valid, other=0.0)
@@ -359,21 +467,33 @@ def softmax_grad_kernel(
     xbase = n * sxn + s_idx * sxs
     gbase = n * sgn + s_idx * sgs
     x_t = tl.load(X + xbase + tl.minimum(tl.maximum(t, 0), C - 1) * sxc, mask=valid, other=0.0).to(tl.float32)
-    pt_minus_1 = _expm1((x_t - lse_hi) - lse_lo)
-    _store_softmax_grad(X, GRAD, xbase, gbase, t, lse_hi, lse_lo, pt_minus_1, coef, valid, in_range, C, sxc, sgc,
-                        BLOCK_C)
+    logpt = (x_t - lse_hi) - lse_lo
+    pt_minus_1 = _expm1(logpt)
+    if SMOOTH:
+        # gamma = 0, a = 1: h_c = -q_c, so h_t = -(1 - eps + eps / C) and h_oth = -eps (C - 1) / C.
+        h_t = tl.zeros([BLOCK_M], tl.float32) - (1.0 - smoothing + smoothing / C)
+        h_oth = tl.zeros([BLOCK_M], tl.float32) - smoothing * (C - 1) / C
+        _store_smoothed_grad(X, GRAD, COEF, xbase, gbase, t, valid, in_range, lse_hi, lse_lo, logpt, -pt_minus_1,
+                             h_t, h_oth, coef, 0.0, 1.0, smoothing, C, sxc, sgc, False, BLOCK_C)
+    else:
+        _store_softmax_grad(X, GRAD, xbase, gbase, t, lse_hi, lse_lo, pt_minus_1, coef, valid, in_range, C, sxc,
+                            sgc, BLOCK_C)
 
 
 # --------------------------------------------------------------------------------------------
 # Sigmoid family: elementwise
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _sigmoid_inputs(X, T, offs, numel, C, ignore_index, LABELS: tl.constexpr):
-    """x (fp32), y in [0, 1] (fp32), valid mask for flat offsets. Integer labels: y = [label == col],
-    label == C (background) gives y = 0 everywhere, label == ignore_index makes the row invalid."""
+def _sigmoid_inputs(X, T, W, offs, numel, C, ignore_index, LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    WEIGHT_PER_ELEM: tl.constexpr):
+    """x (fp32), y in [0, 1] (fp32), sample weight w (1 without), valid mask for flat offsets.
+    Integer labels: y = [label == col], label == C (background) gives y = 0 everywhere, label ==
+    ignore_index makes the row invalid. HAS_WEIGHT: W holds one value per element
+    (WEIGHT_PER_ELEM) or per row (offs // C); w == 0 makes the element invalid (its logit is not
+    read, so a NaN there cannot leak)."""
     in_range = offs < numel
+    row = offs // C
     if LABELS:
-        row = offs // C
         col = offs - row * C
         label = tl.load(T + row, mask=in_range, other=0).to(tl.int64)
         valid = in_range & (label != ignore_index)
@@ -381,8 +501,16 @@ def _sigmoid_inputs(X, T, offs, numel, C, ignore_index, LABELS: tl.constexpr):
     else:
         valid = in_range
         y = tl.load(T + offs, mask=in_range, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        if WEIGHT_PER_ELEM:
+            w = tl.load(W + offs, mask=valid, other=0.0).to(tl.float32)
+        else:
+            w = tl.load(W + row, mask=valid, other=0.0).to(tl.float32)
+        valid = valid & (w != 0)
+    else:
+        w = tl.zeros_like(offs).to(tl.float32) + 1.0
     x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
-    return x, y, valid, in_range
+    return x, y, w, valid, in_range
 
 
 @triton.jit
@@ -397,11 +525,13 @@ def _ghm_bin(x, y, valid, bins):
 
 @triton.jit
 def sigmoid_kernel(
-    X, T, BIN_W, SCALE,  # inputs: logits, targets/labels, GHM-C per-bin weights, grad scale
+    X, T, BIN_W, SCALE, W, ALPHA_C,  # inputs: logits, targets/labels, GHM-C per-bin weights, grad scale,
+    #                                  sample weights, per-class alpha
     LOSS, PARTIAL, GRAD,  # outputs
     numel, C, alpha, gamma, ignore_index, bins,
     KIND: tl.constexpr, LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, STORE_ELEMS: tl.constexpr,
-    REDUCE: tl.constexpr, BLOCK: tl.constexpr,
+    REDUCE: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_PER_ELEM: tl.constexpr, ALPHA_PER_CLASS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Elementwise sigmoid losses. With e = e^-|x|: p = sigmoid(x) and q = 1 - p = sigmoid(-x),
     each 1 / (1 + e) or e / (1 + e) (no 1 - p anywhere); softplus(+-x) = max(+-x, 0) + log1p(e)
@@ -410,17 +540,19 @@ def sigmoid_kernel(
     where its weight y or 1 - y is 0 (so x = +-inf gives 0 or inf, never 0 * inf; and a confident
     positive's gradient is -q, not the cancelled p - 1).
     SIGMOID_FOCAL: l = alpha_t CE (1 - p_t)^gamma, 1 - p_t = p (1 - y) + q y,
-      alpha_t = alpha y + (1 - alpha)(1 - y) (alpha < 0: 1);
+      alpha_t = alpha y + (1 - alpha)(1 - y) (alpha < 0: 1; ALPHA_PER_CLASS: alpha = ALPHA_C[col]);
       dl/dx = alpha_t [(p - y) m + CE gamma (1 - p_t)^(gamma - 1) p q (1 - 2y)], the last term
       taken as 0 where 1 - p_t = 0 or p q = 0 (its limit; at x = +-inf CE is inf and p q = 0).
     GHMC_SIGMOID: l = w[bin(g)] CE, dl/dx = w[bin] (p - y) (weights carry no gradient).
+    HAS_WEIGHT: l and dl/dx times the element's weight; weight 0: invalid (_sigmoid_inputs).
     GRAD = SCALE * dl/dx; ignored rows (integer labels): 0 loss, 0 grad, logits not read.
     Traffic: logits read once, targets once (labels: one int per row, cached), loss written
     once ('none') or one float per program, grad written once.
     """
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    x, y, valid, in_range = _sigmoid_inputs(X, T, offs, numel, C, ignore_index, LABELS)
+    x, y, w, valid, in_range = _sigmoid_inputs(X, T, W, offs, numel, C, ignore_index, LABELS, HAS_WEIGHT,
+                                               WEIGHT_PER_ELEM)
     e = _exp_libm(-tl.abs(x))  # a few ulps at any x (tl.exp: |x| 2^-24, 5e-6 at |x| = 87)
     inv = 1.0 / (1.0 + e)
     p = tl.where(x >= 0, inv, e * inv)
@@ -433,16 +565,23 @@ def sigmoid_kernel(
     if KIND == _SIGMOID_FOCAL:
         one_minus_pt = p * (1.0 - y) + q * y
         mod = _pow(one_minus_pt, gamma)
-        a_t = tl.where(alpha >= 0, alpha * y + (1.0 - alpha) * (1.0 - y), 1.0)
+        if ALPHA_PER_CLASS:
+            a_c = tl.load(ALPHA_C + (offs - (offs // C) * C), mask=in_range, other=0.0).to(tl.float32)
+            a_t = a_c * y + (1.0 - a_c) * (1.0 - y)
+        else:
+            a_t = tl.where(alpha >= 0, alpha * y + (1.0 - alpha) * (1.0 - y), 1.0)
         loss = a_t * ce * mod
         dmod = tl.where((one_minus_pt > 0) & (gamma != 0),
                         gamma * _pow(one_minus_pt, gamma - 1.0) * p * q * (1.0 - 2.0 * y), 0.0)
         dloss = a_t * (dce * mod + tl.where(dmod == 0, 0.0, ce * dmod))
     else:
         idx, in_bin = _ghm_bin(x, y, valid, bins)
-        w = tl.load(BIN_W + idx, mask=in_bin, other=0.0)
-        loss = w * ce
-        dloss = w * dce
+        bw = tl.load(BIN_W + idx, mask=in_bin, other=0.0)
+        loss = bw * ce
+        dloss = bw * dce
+    if HAS_WEIGHT:
+        loss = w * loss
+        dloss = w * dloss
     loss = tl.where(valid, loss, 0.0)
     if STORE_ELEMS:
         tl.store(LOSS + offs, _cast(loss, LOSS.dtype.element_ty), mask=in_range)
@@ -456,22 +595,26 @@ def sigmoid_kernel(
 
 @triton.jit
 def ghm_sigmoid_hist_kernel(
-    X, T, HIST,
+    X, T, W, HIST,
     numel, C, ignore_index, bins, num_programs,
-    LABELS: tl.constexpr, NUM_BINS_P2: tl.constexpr, BLOCK: tl.constexpr,
+    LABELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_PER_ELEM: tl.constexpr, NUM_BINS_P2: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Per-program histogram of the GHM-C bins of g = |sigmoid(x) - y| over a grid-stride range:
-    HIST[pid, b] = #{valid elements e of this program with bin(e) = b}, slot `bins` collects
-    invalid/NaN. torch sums HIST over programs (integers: exact, deterministic).
+    HIST[pid, b] = #{valid elements e of this program with bin(e) = b}, slot `bins` counts the
+    valid elements with NaN g (in no bin, but counted in n_valid), slot `bins + 1` the invalid
+    ones (ignored, zero weight, past the end). torch sums HIST over programs (integers: exact,
+    deterministic).
     Traffic: logits and targets read once, NUM_BINS_P2 ints written per program.
     """
     pid = tl.program_id(0)
     hist = tl.zeros([NUM_BINS_P2], tl.int32)
     for start in range(pid.to(tl.int64) * BLOCK, numel, num_programs * BLOCK):
         offs = start + tl.arange(0, BLOCK).to(tl.int64)
-        x, y, valid, in_range = _sigmoid_inputs(X, T, offs, numel, C, ignore_index, LABELS)
+        x, y, _w, valid, in_range = _sigmoid_inputs(X, T, W, offs, numel, C, ignore_index, LABELS, HAS_WEIGHT,
+                                                    WEIGHT_PER_ELEM)
         idx, in_bin = _ghm_bin(x, y, valid, bins)
-        hist += tl.histogram(idx, NUM_BINS_P2)
+        hist += tl.histogram(tl.where(valid, idx, bins + 1), NUM_BINS_P2)
     tl.store(HIST + pid.to(tl.int64) * NUM_BINS_P2 + tl.arange(0, NUM_BINS_P2), hist)
 
 

@@ -88,8 +88,9 @@ def _empty_result(logits, shape, reduction):
 # --------------------------------------------------------------------------------------------
 def _softmax_launch(kind, logits, target, *, scale, class_w=None, feat=None, gamma=0.0, alpha=1.0, epsilon=1.0,
                     ignore_index=None, from_logits=True, detach_factor=False, ib_focal=False, need_grad=False,
-                    reduction="none", loss_dtype=None):
-    """Runs softmax_rows_kernel; returns dict of its outputs."""
+                    reduction="none", loss_dtype=None, weight=None, label_smoothing=0.0):
+    """Runs softmax_rows_kernel; returns dict of its outputs (STATS with label smoothing: also
+    "ce_smooth", the smoothed cross entropy per row)."""
     x3, n, c, s = _rows3(logits)
     m = n * s
     t = target.reshape(-1)
@@ -102,9 +103,12 @@ def _softmax_launch(kind, logits, target, *, scale, class_w=None, feat=None, gam
     stats = kind == K.STATS
     store_rows = not stats and reduction == "none"
     reduce = not stats and reduction != "none"
+    smooth = label_smoothing > 0
     if stats:
         out["logpt"], out["omp"] = (torch.empty(m, **f32) for _ in range(2))
         out["lse"] = torch.empty((m, 2), **f32)  # log-sum-exp as float32 (hi, lo) pairs
+        if smooth:
+            out["ce_smooth"] = torch.empty(m, **f32)
     if store_rows:
         out["rows"] = torch.empty(m, dtype=loss_dtype, device=dev)
     if reduce:
@@ -118,20 +122,24 @@ def _softmax_launch(kind, logits, target, *, scale, class_w=None, feat=None, gam
         out["dfeat"] = torch.empty(m, **f32)
     K.softmax_rows_kernel[grid](
         x3, t, dummy if class_w is None else class_w, dummy if feat is None else feat, scale,
-        out.get("rows", dummy), out.get("partial", dummy), out.get("logpt", dummy), out.get("omp", dummy),
-        out.get("lse", dummy), grad3, out.get("dfeat", dummy),
+        dummy if weight is None else weight.reshape(-1),
+        out.get("rows", out.get("ce_smooth", dummy)), out.get("partial", dummy), out.get("logpt", dummy),
+        out.get("omp", dummy), out.get("lse", dummy), grad3, out.get("dfeat", dummy),
         m, c, s, x3.stride(0), x3.stride(1), x3.stride(2), grad3.stride(0), grad3.stride(1), grad3.stride(2),
-        float(gamma), float(alpha), float(epsilon), 0 if ignore_index is None else int(ignore_index),
+        float(gamma), float(alpha), float(epsilon), float(label_smoothing),
+        0 if ignore_index is None else int(ignore_index),
         KIND=kind, HAS_CLASS_W=class_w is not None, HAS_IGNORE=ignore_index is not None, FROM_LOGITS=from_logits,
         DETACH_FACTOR=detach_factor, IB_FOCAL=ib_focal, WRITE_GRAD=write_grad, STORE_ROWS=store_rows,
-        REDUCE=reduce, BLOCK_M=block_m, BLOCK_C=block_c,
+        REDUCE=reduce, HAS_WEIGHT=weight is not None, SMOOTH=smooth, BLOCK_M=block_m, BLOCK_C=block_c,
     )
     return out
 
 
-def _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, skip_zero_coef):
-    """Second pass of OHEM / GHM-C softmax: grad = coef_i (softmax_i - onehot_i); lse: the (M, 2)
-    float32 (hi, lo) log-sum-exp pairs of the STATS pass."""
+def _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, skip_zero_coef, weight=None,
+                  label_smoothing=0.0):
+    """Second pass of OHEM / GHM-C softmax: grad = coef_i (softmax_i - q_i) (q_i: the one-hot
+    target, smoothed by label_smoothing); lse: the (M, 2) float32 (hi, lo) log-sum-exp pairs of
+    the STATS pass; rows with weight 0 are written as 0 without reading their logits."""
     grad = _grad_like(logits, need_grad, reduction)
     if not need_grad:
         return grad
@@ -140,15 +148,19 @@ def _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction,
     block_m, block_c = _row_blocks(m, c, s)
     grad3 = grad.view(n, c, s)
     K.softmax_grad_kernel[(triton.cdiv(m, block_m),)](
-        x3, target.reshape(-1), lse, coef, grad3,
+        x3, target.reshape(-1), lse, coef, coef if weight is None else weight.reshape(-1), grad3,
         m, c, s, x3.stride(0), x3.stride(1), x3.stride(2), grad3.stride(0), grad3.stride(1), grad3.stride(2),
-        int(ignore_index), SKIP_ZERO_COEF=skip_zero_coef, BLOCK_M=block_m, BLOCK_C=block_c,
+        int(ignore_index), float(label_smoothing), SKIP_ZERO_COEF=skip_zero_coef, HAS_WEIGHT=weight is not None,
+        SMOOTH=label_smoothing > 0, BLOCK_M=block_m, BLOCK_C=block_c,
     )
     return grad
 
 
-def softmax_focal(logits, target, alpha_t, alpha, gamma, ignore_index, reduction, from_logits, need_grad):
-    """Softmax focal loss (cross entropy at gamma = 0): one fused pass (+ in-kernel gradient pass)."""
+def softmax_focal(logits, target, alpha_t, alpha, gamma, ignore_index, reduction, from_logits, need_grad, weight=None,
+                  label_smoothing=0.0):
+    """Softmax focal loss (cross entropy at gamma = 0): one fused pass (+ in-kernel gradient pass;
+    label smoothing: one more pass over each row). 'mean' counts the non-ignored samples, whatever
+    their weights."""
     if target.numel() == 0:
         return _empty_result(logits, target.shape, reduction), _grad_like(logits, need_grad, reduction)
     count = None
@@ -159,15 +171,21 @@ def softmax_focal(logits, target, alpha_t, alpha, gamma, ignore_index, reduction
         scale = _ones(logits.device)
     out = _softmax_launch(K.FOCAL, logits, target, scale=scale, class_w=alpha_t, gamma=gamma, alpha=alpha,
                           ignore_index=ignore_index, from_logits=from_logits, need_grad=need_grad,
-                          reduction=reduction, loss_dtype=logits.dtype)
+                          reduction=reduction, loss_dtype=logits.dtype, weight=weight,
+                          label_smoothing=label_smoothing)
     loss = _finish(out.get("partial"), out.get("rows"), reduction, count, target.shape)
     return loss, out["grad"]
 
 
-def _softmax_stats(logits, target, ignore_index):
-    out = _softmax_launch(K.STATS, logits, target, scale=_ones(logits.device), ignore_index=ignore_index)
+def _softmax_stats(logits, target, ignore_index, label_smoothing=0.0):
+    """Per row: log p_t, 1 - p_t, the lse pair, the non-ignored mask and the cross entropy (smoothed
+    by label_smoothing; 0 on ignored rows)."""
+    out = _softmax_launch(K.STATS, logits, target, scale=_ones(logits.device), ignore_index=ignore_index,
+                          label_smoothing=label_smoothing)
     valid = target.reshape(-1) != ignore_index
-    return out["logpt"], out["omp"], out["lse"], valid
+    logpt = out["logpt"]
+    ce = out["ce_smooth"] if label_smoothing > 0 else torch.where(valid, -logpt, torch.zeros_like(logpt))
+    return logpt, out["omp"], out["lse"], valid, ce
 
 
 def _coupled_result(logits, target, loss_rows, coef, count, reduction):
@@ -181,42 +199,77 @@ def _coupled_result(logits, target, loss_rows, coef, count, reduction):
     return total / count, coef / count
 
 
-def ohem(logits, target, keep, keep_is_int, thresh, min_kept, ignore_index, reduction, need_grad):
+def ohem(logits, target, keep, keep_is_int, thresh, min_kept, ignore_index, reduction, need_grad, weight=None,
+         label_smoothing=0.0):
     """OHEM over per-sample CE: stats pass, device-side selection by sort rank (or mmseg
-    threshold), gradient pass over kept rows only."""
+    threshold) of the unsmoothed, unweighted CE, gradient pass over kept rows only. A kept row's
+    loss is w_i x its (smoothed) CE; 'mean' divides by the kept count."""
     if target.numel() == 0:
         return _empty_result(logits, target.shape, reduction), _grad_like(logits, need_grad, reduction)
-    logpt, _, lse, valid = _softmax_stats(logits, target, ignore_index)
+    logpt, _, lse, valid, ce_loss = _softmax_stats(logits, target, ignore_index, label_smoothing)
     ce = torch.where(valid, -logpt, torch.zeros_like(logpt))
     kept = ohem_kept_mask(ce, torch.exp(logpt), valid, keep=keep, keep_is_int=keep_is_int, thresh=thresh,
                           min_kept_total=ohem_min_kept_total(logits, min_kept))
-    loss_rows = torch.where(kept, ce, torch.zeros_like(ce))
-    loss, coef = _coupled_result(logits, target, loss_rows, kept.to(torch.float32), kept.sum(), reduction)
-    return loss, _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, True)
+    carried = kept
+    coef = kept.to(torch.float32)
+    if weight is not None:
+        w = weight.reshape(-1)
+        carried = kept & (w != 0)
+        coef = torch.where(carried, w, torch.zeros_like(w))
+        ce_loss = w * ce_loss
+    loss_rows = torch.where(carried, ce_loss, torch.zeros_like(ce_loss))
+    loss, coef = _coupled_result(logits, target, loss_rows, coef, kept.sum(), reduction)
+    return loss, _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, True,
+                               label_smoothing=label_smoothing)
 
 
 def _no_state(logits):
     return torch.empty(0, dtype=torch.float32, device=logits.device)
 
 
-def ghmc_softmax(logits, target, state, bins, momentum, ignore_index, reduction, need_grad):
+def _softmax_ghm_counts(g, valid, bins):
+    """int64 (bins + 1,): the valid rows (not ignored, weight != 0) per bin of g (NaN g: no bin),
+    then n_valid (NaN rows included). Integer scatter_add over rows: exact, deterministic."""
+    in_bin = valid & ~torch.isnan(g)
+    idx = torch.clamp_max(torch.floor(torch.where(in_bin, g, torch.zeros_like(g)) * bins), bins - 1).long()
+    counts = torch.zeros(bins, dtype=torch.int64, device=g.device).scatter_add(0, idx, in_bin.long())
+    return torch.cat([counts, valid.sum().reshape(1)]), idx, in_bin
+
+
+def _ghm_weights(counts, bins, state, momentum, bin_weights):
+    """(per-bin weights, new state or None): from this call's counts, or the given bin_weights
+    (process_group: global_bin_weights already made them and updated the state)."""
+    if bin_weights is not None:
+        return bin_weights.to(torch.float32), None
+    return ghm_bin_weights(counts[:bins].to(torch.float32), counts[bins], state, momentum)
+
+
+def ghmc_softmax(logits, target, state, bins, momentum, ignore_index, reduction, need_grad, weight=None,
+                 label_smoothing=0.0, counts=None, bin_weights=None):
     """GHM-C over softmax samples: stats pass (g = 1 - p_t), bin counts and EMA with torch
-    (integer scatter_add, exact), gradient pass with coef_i = w[bin_i] (/ n_valid)."""
+    (integer scatter_add, exact), gradient pass with coef_i = w_i bw[bin_i] (/ n_valid). A row
+    with weight 0 is invalid (no bin, not in n_valid, loss and grad 0). counts/bin_weights: this
+    rank's counts and the global weights of the process_group path (the state is then not
+    touched here)."""
     new_state = None
     if target.numel() == 0:
         loss, grad = _empty_result(logits, target.shape, reduction), _grad_like(logits, need_grad, reduction)
     else:
-        logpt, g, lse, valid = _softmax_stats(logits, target, ignore_index)
-        in_bin = valid & ~torch.isnan(g)
-        idx = torch.clamp_max(torch.floor(torch.where(in_bin, g, torch.zeros_like(g)) * bins), bins - 1).long()
-        counts = torch.zeros(bins, dtype=torch.int64, device=logits.device)
-        counts = counts.scatter_add(0, idx, in_bin.long()).to(torch.float32)
-        n_valid = valid.sum()
-        bin_weight, new_state = ghm_bin_weights(counts, n_valid, state, momentum)
-        weight = torch.where(in_bin, bin_weight[idx], torch.zeros_like(g))
-        ce = torch.where(valid, -logpt, torch.zeros_like(logpt))
-        loss, coef = _coupled_result(logits, target, weight * ce, weight, n_valid, reduction)
-        grad = _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, False)
+        _, g, lse, valid, ce = _softmax_stats(logits, target, ignore_index, label_smoothing)
+        if weight is not None:
+            w = weight.reshape(-1)
+            valid = valid & (w != 0)
+        local, idx, in_bin = _softmax_ghm_counts(g, valid, bins)
+        if counts is None:
+            counts = local
+        bin_weight, new_state = _ghm_weights(counts, bins, state, momentum, bin_weights)
+        coef = torch.where(in_bin, bin_weight[idx], torch.zeros_like(g))
+        if weight is not None:
+            coef = coef * w
+        loss_rows = torch.where(valid, coef * ce, torch.zeros_like(ce))
+        loss, coef = _coupled_result(logits, target, loss_rows, coef, counts[bins], reduction)
+        grad = _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction, False, weight,
+                             label_smoothing)
     if state is not None and new_state is None:
         new_state = state.clone()
     return loss, grad, _no_state(logits) if new_state is None else new_state
@@ -269,18 +322,29 @@ def _sigmoid_common(logits, target, ignore_index):
     return x, t, c, labels, n_valid
 
 
+def _weight_args(weight, numel):
+    """(flat weight or None, per element?): per row (numel / C values) or per element (numel)."""
+    if weight is None:
+        return None, False
+    w = weight.reshape(-1)
+    return w, w.numel() == numel
+
+
 def _sigmoid_launch(kind, logits, x, t, c, labels, *, scale, bin_w, alpha, gamma, ignore_index, bins, reduction,
-                    need_grad):
+                    need_grad, weight=None, alpha_c=None):
     numel = x.numel()
     grid = (triton.cdiv(numel, _ELEM_BLOCK),)
     rows = torch.empty(numel, dtype=logits.dtype, device=x.device) if reduction == "none" else scale
     partial = torch.empty(grid[0], dtype=torch.float32, device=x.device) if reduction != "none" else scale
     grad = _grad_like(logits, need_grad, reduction)
+    w, per_elem = _weight_args(weight, numel)
     K.sigmoid_kernel[grid](
-        x, t, bin_w, scale, rows, partial, grad if need_grad else x,
+        x, t, bin_w, scale, scale if w is None else w, scale if alpha_c is None else alpha_c,
+        rows, partial, grad if need_grad else x,
         numel, c, float(alpha), float(gamma), int(ignore_index), int(bins),
         KIND=kind, LABELS=labels, WRITE_GRAD=need_grad, STORE_ELEMS=reduction == "none",
-        REDUCE=reduction != "none", BLOCK=_ELEM_BLOCK,
+        REDUCE=reduction != "none", HAS_WEIGHT=w is not None, WEIGHT_PER_ELEM=per_elem,
+        ALPHA_PER_CLASS=alpha_c is not None, BLOCK=_ELEM_BLOCK,
     )
     return rows, partial, grad
 
@@ -292,40 +356,72 @@ def _sigmoid_scale(reduction, n_valid, device):
     return None, _ones(device)
 
 
-def sigmoid_focal(logits, target, alpha, gamma, ignore_index, reduction, need_grad):
-    """Sigmoid focal loss, one elementwise pass writing loss (or partial sums) and gradient."""
+def sigmoid_focal(logits, target, alpha, gamma, ignore_index, reduction, need_grad, alpha_per_class=None,
+                  weight=None):
+    """Sigmoid focal loss, one elementwise pass writing loss (or partial sums) and gradient.
+    alpha_per_class (C,) replaces the scalar alpha; weight: per row or per element. 'mean'
+    counts the non-ignored elements, whatever their weights."""
     if logits.numel() == 0:
         return _empty_result(logits, logits.shape, reduction), _grad_like(logits, need_grad, reduction)
     x, t, c, labels, n_valid = _sigmoid_common(logits, target, ignore_index)
     count, scale = _sigmoid_scale(reduction, n_valid, logits.device)
     rows, partial, grad = _sigmoid_launch(K.SIGMOID_FOCAL, logits, x, t, c, labels, scale=scale, bin_w=scale,
                                           alpha=alpha, gamma=gamma, ignore_index=ignore_index, bins=1,
-                                          reduction=reduction, need_grad=need_grad)
+                                          reduction=reduction, need_grad=need_grad, weight=weight,
+                                          alpha_c=alpha_per_class)
     return _finish(partial, rows, reduction, count, logits.shape), grad
 
 
-def ghmc_sigmoid(logits, target, state, bins, momentum, ignore_index, reduction, need_grad):
+def _sigmoid_ghm_counts(x, t, c, labels, bins, ignore_index, weight):
+    """int64 (bins + 1,): valid elements per bin of g = |sigmoid(x) - y|, then n_valid (valid: not
+    ignored, weight != 0; NaN g counted there but in no bin). Per-program integer histograms
+    (ghm_sigmoid_hist_kernel) summed by torch: exact, deterministic."""
+    numel = x.numel()
+    nb = _pow2(bins + 2)
+    programs = min(triton.cdiv(numel, _ELEM_BLOCK), _HIST_PROGRAMS)
+    hist = torch.empty((programs, nb), dtype=torch.int32, device=x.device)
+    w, per_elem = _weight_args(weight, numel)
+    K.ghm_sigmoid_hist_kernel[(programs,)](
+        x, t, x if w is None else w, hist, numel, c, int(ignore_index), int(bins), programs,
+        LABELS=labels, HAS_WEIGHT=w is not None, WEIGHT_PER_ELEM=per_elem, NUM_BINS_P2=nb, BLOCK=_ELEM_BLOCK,
+    )
+    total = hist.to(torch.int64).sum(dim=0)
+    return torch.cat([total[:bins], total[:bins + 1].sum().reshape(1)])
+
+
+def ghmc_counts(logits, target, bins, use_sigmoid, ignore_index, weight=None):
+    """This rank's int64 (bins + 1,) GHM-C counts (per bin, then n_valid): the ghmc_bin_counts op
+    of the process_group path (fused_losses.distributed.global_bin_weights all-reduces them)."""
+    if (logits.numel() if use_sigmoid else target.numel()) == 0:
+        return torch.zeros(bins + 1, dtype=torch.int64, device=logits.device)
+    if use_sigmoid:
+        x, t, c, labels, _ = _sigmoid_common(logits, target, ignore_index)
+        return _sigmoid_ghm_counts(x, t, c, labels, bins, ignore_index, weight)
+    _, g, _, valid, _ = _softmax_stats(logits, target, ignore_index)
+    if weight is not None:
+        valid = valid & (weight.reshape(-1) != 0)
+    return _softmax_ghm_counts(g, valid, bins)[0]
+
+
+def ghmc_sigmoid(logits, target, state, bins, momentum, ignore_index, reduction, need_grad, weight=None,
+                 counts=None, bin_weights=None):
     """GHM-C sigmoid: histogram pass (per-program integer histograms), bin weights and EMA with
-    torch, then the loss/gradient pass gathering w[bin(g)]."""
+    torch, then the loss/gradient pass gathering bw[bin(g)] (x the element's weight; weight 0:
+    invalid). counts/bin_weights: the process_group path (see ghmc_softmax)."""
     if logits.numel() == 0:
         loss, grad = _empty_result(logits, logits.shape, reduction), _grad_like(logits, need_grad, reduction)
         return loss, grad, _no_state(logits) if state is None else state.clone()
-    x, t, c, labels, n_valid = _sigmoid_common(logits, target, ignore_index)
-    numel = x.numel()
-    nb = _pow2(bins + 1)
-    programs = min(triton.cdiv(numel, _ELEM_BLOCK), _HIST_PROGRAMS)
-    hist = torch.empty((programs, nb), dtype=torch.int32, device=x.device)
-    K.ghm_sigmoid_hist_kernel[(programs,)](
-        x, t, hist, numel, c, int(ignore_index), int(bins), programs,
-        LABELS=labels, NUM_BINS_P2=nb, BLOCK=_ELEM_BLOCK,
-    )
-    counts = hist.sum(dim=0)[:bins].to(torch.float32)
-    bin_weight, new_state = ghm_bin_weights(counts, n_valid, state, momentum)
-    count, scale = _sigmoid_scale(reduction, n_valid, logits.device)
+    x, t, c, labels, _ = _sigmoid_common(logits, target, ignore_index)
+    if counts is None:
+        counts = _sigmoid_ghm_counts(x, t, c, labels, bins, ignore_index, weight)
+    bin_weight, new_state = _ghm_weights(counts, bins, state, momentum, bin_weights)
+    if new_state is None and state is not None:
+        new_state = state.clone()
+    count, scale = _sigmoid_scale(reduction, counts[bins], logits.device)
     rows, partial, grad = _sigmoid_launch(K.GHMC_SIGMOID, logits, x, t, c, labels, scale=scale,
                                           bin_w=bin_weight.contiguous(), alpha=0.0, gamma=0.0,
                                           ignore_index=ignore_index, bins=bins, reduction=reduction,
-                                          need_grad=need_grad)
+                                          need_grad=need_grad, weight=weight)
     loss = _finish(partial, rows, reduction, count, logits.shape)
     return loss, grad, _no_state(logits) if new_state is None else new_state
 
