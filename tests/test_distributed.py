@@ -17,11 +17,15 @@ import torch
 import torch.distributed as dist
 
 import fused_losses as fl
+from fused_losses import _backends
 from fused_losses import distributed
 from tests.utils import TOL, assert_rel_close, sigmoid_case, softmax_case
 
 WORLD = 2
-BACKENDS = ["reference", "cpu"]
+# triton: on CPU tensors through the interpreter (TRITON_INTERPRET=1, set by tests/conftest.py and
+# inherited by the spawned ranks).
+BACKENDS = ["reference", "cpu"] + (["triton"] if fl.backends()["triton"].available
+                                   and "cpu" in _backends.get("triton").device_types else [])
 BINS, MOMENTUM, STEPS = 10, 0.75, 3
 VARIANTS = ["sigmoid", "softmax"]
 

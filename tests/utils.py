@@ -117,7 +117,10 @@ def opcheck_loss_op(op, args) -> None:
     its compiled forward + backward is tested (tests/test_backward.py). So for those samples:
     every check on inputs that need no gradient, and all but test_aot_dispatch_dynamic with them."""
     logits = args[0]
-    in_place = (isinstance(logits, torch.Tensor) and logits.requires_grad and args[-1] is True
+    # compute_grad / need_grad: the last bool before the optional trailing extras (weight,
+    # label_smoothing, ...): the last bool argument of the call.
+    need_grad = [a for a in args if isinstance(a, bool)][-1:] == [True]
+    in_place = (isinstance(logits, torch.Tensor) and logits.requires_grad and need_grad
                 and any(a in ("mean", "sum") for a in args if isinstance(a, str)) and logits.dtype != torch.float16)
     if not in_place:
         torch.library.opcheck(op, args)
