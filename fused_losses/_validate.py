@@ -293,22 +293,157 @@ def _sigmoid_inputs(logits, target, ignore_index, validate):
 
 
 # --------------------------------------------------------------------------------------------
+# Drop-in extras: sample weights, avg_factor, label smoothing, per-class sigmoid alpha
+# --------------------------------------------------------------------------------------------
+_REAL_DTYPES = _FLOAT_DTYPES + (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def _math_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _host_readable(tensor: torch.Tensor, validate) -> bool:
+    """Whether the values of `tensor` may be read on the host now (_host_check_default, and not
+    a functorch-wrapped tensor, whose values cannot be read)."""
+    return (_host_check_default(tensor, validate) and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
+def _weight_tensor(weight, logits: torch.Tensor, validate) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        _type_error("weight", f"expected None or a real tensor, got {type(weight).__name__}")
+    if weight.dtype not in _REAL_DTYPES:
+        _type_error("weight", f"expected a real (floating, integer or bool) tensor, got {weight.dtype}")
+    _same_device("weight", weight, logits)
+    if weight.is_floating_point() and weight.numel() and _host_readable(weight, validate):
+        finite = torch.isfinite(weight.detach())
+        if not bool(finite.all()):
+            first = tuple(int(i) for i in (~finite).nonzero()[0])
+            _value_error("weight", f"must be finite; weight{list(first)} = {weight.detach()[first].item()} (a zero "
+                         "weight, not NaN/inf, drops an entry)")
+    return weight
+
+
+def _weight_shape_error(weight: torch.Tensor, expected: str, hint: str = ""):
+    _value_error("weight", f"shape {tuple(weight.shape)} does not broadcast to {expected}{hint}")
+
+
+def _softmax_weight(weight, logits: torch.Tensor, target: torch.Tensor, validate):
+    """None, or `weight` broadcast to the target's shape (one value per sample), contiguous, in
+    the math dtype (torch's broadcasting: trailing dims align, as mmdet's loss * weight)."""
+    if weight is None:
+        return None
+    w = _weight_tensor(weight, logits, validate)
+    shape = tuple(target.shape)
+    try:
+        ok = tuple(torch.broadcast_shapes(tuple(w.shape), shape)) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        hint = ""
+        if w.dim() == 1 and len(shape) > 1 and w.shape[0] == shape[0]:
+            hint = f"; a per-image weight of (N, d1, ...) targets needs shape {(shape[0],) + (1,) * (len(shape) - 1)}"
+        _weight_shape_error(w, f"the target's shape {shape} (one value per sample)", hint)
+    return w.to(_math_dtype(logits)).expand(shape).contiguous()
+
+
+def _sigmoid_weight(weight, logits: torch.Tensor, validate):
+    """None, or `weight` as one value per ROW (shape logits.shape[:-1], applies to all C outputs
+    of the row; mmdet's (N,) anchor label_weights) or per ELEMENT (logits.shape), contiguous, in
+    the math dtype. Shape logits.shape[:-1] is per row even where torch would broadcast it along
+    the classes (N == C); other shapes broadcast to logits.shape (kept per row when constant
+    along the class dim: shape (..., 1) or 0-dim)."""
+    if weight is None:
+        return None
+    w = _weight_tensor(weight, logits, validate)
+    shape, rows = tuple(logits.shape), tuple(logits.shape[:-1])
+    if tuple(w.shape) not in (rows, shape):
+        try:
+            ok = tuple(torch.broadcast_shapes(tuple(w.shape), shape)) == shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            _weight_shape_error(w, f"the logits' shape {shape}", f" (expected {rows} per row or {shape} per element)")
+        w = w.expand(*rows, 1)[..., 0] if w.dim() == 0 or w.shape[-1] == 1 else w.expand(shape)
+    return w.to(_math_dtype(logits)).contiguous()
+
+
+def avg_factor_arg(avg_factor, reduction: str, logits: torch.Tensor):
+    """None, a Python number (finite, > 0) or a 0-dim real tensor on the logits' device (its value
+    is not read: no host sync). Only with reduction='mean' (mmdet's weight_reduce_loss)."""
+    if avg_factor is None:
+        return None
+    if reduction != "mean":
+        _value_error("avg_factor", f"only applies with reduction='mean' (it replaces the mean's denominator), got "
+                     f"reduction={reduction!r}; as in mmdet's weight_reduce_loss")
+    if isinstance(avg_factor, torch.Tensor):
+        if avg_factor.dtype not in _REAL_DTYPES or avg_factor.dtype == torch.bool:
+            _type_error("avg_factor", f"expected a real tensor, got {avg_factor.dtype}")
+        if avg_factor.dim() != 0:
+            _value_error("avg_factor", f"expected a 0-dim tensor (a number), got shape {tuple(avg_factor.shape)}")
+        _same_device("avg_factor", avg_factor, logits)
+        return avg_factor
+    return _real("avg_factor", avg_factor, low=0.0, low_inclusive=False)
+
+
+def _label_smoothing(value, *, from_logits=True, use_sigmoid=False) -> float:
+    eps = _real("label_smoothing", value, low=0.0, high=1.0)
+    if eps > 0 and not from_logits:
+        _value_error("label_smoothing", f"{eps} needs from_logits=True (the smoothed loss is computed from logits)")
+    if eps > 0 and use_sigmoid:
+        _value_error("label_smoothing", f"{eps} applies to the softmax family only: pass use_sigmoid=False (GHM-C "
+                     "over a softmax) or smooth a float target yourself")
+    return eps
+
+
+def _sigmoid_alpha(alpha, c: int, logits: torch.Tensor, validate):
+    """A float (torchvision's meaning; < 0 disables) or C per-class alphas in [0, 1] (a (C,)
+    tensor in the math dtype on the logits' device; the range is checked where the values are on
+    the host, as _class_vector's finiteness)."""
+    if _is_real(alpha):
+        return _real("alpha", alpha)
+    if alpha is None:
+        _type_error("alpha", "expected a float (< 0 disables it) or C per-class values in [0, 1], got None")
+    tensor = _class_vector("alpha", alpha, c, logits, validate)
+    # a sequence's values are on the host already (no device read); a tensor's where _host_readable says
+    host = alpha.detach() if isinstance(alpha, torch.Tensor) else torch.as_tensor(alpha, dtype=torch.float64)
+    if _host_readable(host, validate):
+        bad = (host < 0) | (host > 1)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            _value_error("alpha", f"per-class alphas must lie in [0, 1]; class {first} has {host[first].item()}")
+    return tensor
+
+
+def _extras(**extras) -> dict[str, Any]:
+    """The extras a backend receives, only where they differ from their defaults (a call without
+    them is the plain loss, and backends that predate them keep working)."""
+    return {k: v for k, v in extras.items() if v is not None and not (k == "label_smoothing" and v == 0.0)}
+
+
+# --------------------------------------------------------------------------------------------
 # Per-loss argument sets
 # --------------------------------------------------------------------------------------------
-def focal_args(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits, validate) -> dict[str, Any]:
+def focal_args(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits, validate, weight=None,
+               label_smoothing=0.0) -> dict[str, Any]:
     c, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
+    from_logits = _bool("from_logits", from_logits)
     return dict(gamma=_real("gamma", gamma, low=0.0), alpha=_alpha(alpha, c, logits, validate),
+                ignore_index=ignore_index, reduction=reduction_arg(reduction), from_logits=from_logits,
+                **_extras(weight=_softmax_weight(weight, logits, target, validate),
+                          label_smoothing=_label_smoothing(label_smoothing, from_logits=from_logits)))
+
+
+def sigmoid_focal_args(logits, target, *, alpha, gamma, ignore_index, reduction, validate,
+                       weight=None) -> dict[str, Any]:
+    c, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate)
+    return dict(alpha=_sigmoid_alpha(alpha, c, logits, validate), gamma=_real("gamma", gamma, low=0.0),
                 ignore_index=ignore_index, reduction=reduction_arg(reduction),
-                from_logits=_bool("from_logits", from_logits))
+                **_extras(weight=_sigmoid_weight(weight, logits, validate)))
 
 
-def sigmoid_focal_args(logits, target, *, alpha, gamma, ignore_index, reduction, validate) -> dict[str, Any]:
-    _, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate)
-    return dict(alpha=_real("alpha", alpha), gamma=_real("gamma", gamma, low=0.0), ignore_index=ignore_index,
-                reduction=reduction_arg(reduction))
-
-
-def ohem_args(logits, target, *, keep, thresh, min_kept, ignore_index, reduction, validate) -> dict[str, Any]:
+def ohem_args(logits, target, *, keep, thresh, min_kept, ignore_index, reduction, validate, weight=None,
+              label_smoothing=0.0) -> dict[str, Any]:
     _, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
     if not _is_real(keep):
         _type_error("keep", f"expected a float in (0, 1] or an int >= 1, got {type(keep).__name__}")
@@ -330,11 +465,13 @@ def ohem_args(logits, target, *, keep, thresh, min_kept, ignore_index, reduction
         if min_kept * images > _INT64_MAX:
             _value_error("min_kept", f"min_kept x N = {min_kept} x {images} (per image, N images) overflows int64")
     return dict(keep=keep, thresh=thresh, min_kept=min_kept, ignore_index=ignore_index,
-                reduction=reduction_arg(reduction))
+                reduction=reduction_arg(reduction),
+                **_extras(weight=_softmax_weight(weight, logits, target, validate),
+                          label_smoothing=_label_smoothing(label_smoothing)))
 
 
-def ghmc_args(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction,
-              validate) -> dict[str, Any]:
+def ghmc_args(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction, validate,
+              weight=None, label_smoothing=0.0, process_group=None) -> dict[str, Any]:
     use_sigmoid = _bool("use_sigmoid", use_sigmoid)
     if use_sigmoid:
         _, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate)
@@ -360,8 +497,12 @@ def ghmc_args(logits, target, *, bins, momentum, state, use_sigmoid, ignore_inde
     if _vmap_active():
         raise RuntimeError("ghmc: torch.func.vmap is not supported (the bins are counted over the whole batch and the "
                            "EMA state is updated in place); call it once per batch element")
+    weight = (_sigmoid_weight(weight, logits, validate) if use_sigmoid
+              else _softmax_weight(weight, logits, target, validate))
     return dict(bins=bins, momentum=momentum, state=state, use_sigmoid=use_sigmoid, ignore_index=ignore_index,
-                reduction=reduction_arg(reduction))
+                reduction=reduction_arg(reduction),
+                **_extras(weight=weight, label_smoothing=_label_smoothing(label_smoothing, use_sigmoid=use_sigmoid),
+                          process_group=process_group))
 
 
 def ib_args(logits, target, features, *, alpha, epsilon, weight, gamma, detach_factor, reduction,
@@ -397,15 +538,29 @@ def target_grad_backend(loss: str, target: torch.Tensor, requested: str | None) 
     with a forward-mode tangent) run on 'reference' (plain autograd, differentiates the
     target) when the backend is chosen automatically; a compiled backend asked for explicitly
     (argument or FUSED_LOSSES_BACKEND) is a RuntimeError. Otherwise `requested` is returned."""
-    if not (target.is_floating_point()
-            and ((torch.is_grad_enabled() and target.requires_grad) or _has_forward_tangent(target))):
+    if not target.is_floating_point():
+        return requested
+    return _differentiated_input_backend(loss, "a target", "target", target, requested)
+
+
+def weight_grad_backend(loss: str, weight: torch.Tensor | None, requested: str | None) -> str | None:
+    """As target_grad_backend, for a sample `weight` that requires grad (learned weights): the
+    compiled kernels take the weight as a constant, so such calls run on 'reference'."""
+    if weight is None:
+        return requested
+    return _differentiated_input_backend(loss, "a weight", "weight", weight, requested)
+
+
+def _differentiated_input_backend(loss: str, what: str, name: str, tensor: torch.Tensor,
+                                  requested: str | None) -> str | None:
+    if not ((torch.is_grad_enabled() and tensor.requires_grad) or _has_forward_tangent(tensor)):
         return requested
     if requested is None or requested == "reference":
         return "reference"
-    raise RuntimeError(f"backend {requested!r} cannot run {loss} with a target that requires grad (or carries a "
-                       "forward-mode tangent): its kernels compute no derivative for the target (target.grad "
-                       "would stay None); pass backend=None or 'reference' to differentiate the target, or "
-                       "target.detach() if no target derivative is wanted")
+    raise RuntimeError(f"backend {requested!r} cannot run {loss} with {what} that requires grad (or carries a "
+                       f"forward-mode tangent): its kernels compute no derivative for the {name} ({name}.grad "
+                       f"would stay None); pass backend=None or 'reference' to differentiate the {name}, or "
+                       f"{name}.detach() if no {name} derivative is wanted")
 
 
 def _has_forward_tangent(tensor: torch.Tensor) -> bool:

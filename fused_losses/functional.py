@@ -7,10 +7,17 @@ torchvision/mmcv/kornia), "Loss details and decisions", "Bad input" (the excepti
 "Autograd contract" (retain_graph, hooks, forward AD, torch.func, torch.compile) and
 "Accuracy".
 
-``validate``: out-of-range target values are a ValueError naming the value. None (default)
-checks on CPU tensors only; on CUDA the check costs a host sync, so it runs only with
-validate=True (without it an out-of-range target never reads out of bounds: a device-side
-assert, as in torch).
+``validate``: out-of-range target values (and non-finite sample weights, per-class values out
+of range) are a ValueError naming the value. None (default) checks on CPU tensors only; on CUDA
+the check costs a host sync, so it runs only with validate=True (without it an out-of-range
+target never reads out of bounds: a device-side assert, as in torch).
+
+Drop-in extras (README "Sample weights, avg_factor, label smoothing, per-class alpha"):
+``weight`` multiplies each sample's (softmax family) or row's/element's (sigmoid family) loss
+and gradient, a zero weight giving exactly 0 (a NaN logit there does not leak); 'mean'
+denominators are unchanged by weights (mmdet's weight_reduce_loss), except GHM-C, where a zero
+weight drops the entry. ``avg_factor`` (reduction='mean' only) replaces the mean's denominator:
+the loss is the backend's 'sum' divided by avg_factor, a device-side division (no host sync).
 """
 from __future__ import annotations
 
@@ -21,21 +28,33 @@ import torch
 from fused_losses import _backends, _validate, reference
 
 Alpha = Union[None, float, Sequence[float], torch.Tensor]
+SigmoidAlpha = Union[float, Sequence[float], torch.Tensor]
+AvgFactor = Union[None, float, torch.Tensor]
 
 __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights"]
 
 
-def _run(loss: str, backend, logits: torch.Tensor, *tensors, **kwargs) -> torch.Tensor:
+def _run(loss: str, backend, logits: torch.Tensor, *tensors, avg_factor=None, **kwargs) -> torch.Tensor:
+    avg_factor = _validate.avg_factor_arg(avg_factor, kwargs["reduction"], logits)
     requested = _validate.backend_arg(backend)
     if loss in ("sigmoid_focal", "ghmc"):  # float targets: only 'reference' differentiates them
         requested = _validate.target_grad_backend(loss, tensors[0], requested)
+    # a weight that requires grad (learned weights): only 'reference' differentiates it
+    requested = _validate.weight_grad_backend(loss, kwargs.get("weight"), requested)
     chosen = _backends.select(loss, logits, requested)
-    return chosen.losses[loss](logits, *tensors, **kwargs)
+    if avg_factor is None:
+        return chosen.losses[loss](logits, *tensors, **kwargs)
+    # mmdet's weight_reduce_loss(reduction='mean', avg_factor=...): sum / avg_factor, on the device.
+    total = chosen.losses[loss](logits, *tensors, **{**kwargs, "reduction": "sum"})
+    if isinstance(avg_factor, torch.Tensor):
+        return total / avg_factor.to(total.dtype)
+    return total / avg_factor
 
 
 def focal(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alpha: Alpha = None,
           ignore_index: int = -100, reduction: str = "mean", from_logits: bool = True,
-          backend: Optional[str] = None, validate: Optional[bool] = None) -> torch.Tensor:
+          backend: Optional[str] = None, validate: Optional[bool] = None, weight: Optional[torch.Tensor] = None,
+          avg_factor: AvgFactor = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Softmax focal loss: loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}.
 
     Args:
@@ -48,15 +67,26 @@ def focal(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alp
         reduction: 'none' (shape of target) | 'mean' (over non-ignored samples; 0 if none) | 'sum'.
         from_logits: False means logits already hold probabilities (no clamping).
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+        weight: per-sample weights broadcastable to the target's shape (torch broadcasting:
+            (N,) for (N,) targets, (N, 1, 1) per image or (N, H, W) per pixel for (N, H, W)):
+            loss_i and its gradient are multiplied by w_i; w_i == 0 gives exactly 0 (a NaN
+            logit there does not leak). 'mean' still divides by the non-ignored count.
+        avg_factor: with reduction='mean' only: sum / avg_factor instead (a number, or a
+            0-dim tensor on the logits' device, e.g. mmdet's num_pos; no host sync).
+        label_smoothing: eps in [0, 1] (from_logits only): the target distribution
+            q_c = (1 - eps) [c == t] + eps / C and loss_i = sum_c q_c a_c (1 - p_c)^gamma
+            (-log p_c); gamma=0 without alpha is F.cross_entropy(..., label_smoothing=eps).
     """
     kwargs = _validate.focal_args(logits, target, gamma=gamma, alpha=alpha, ignore_index=ignore_index,
-                                  reduction=reduction, from_logits=from_logits, validate=validate)
-    return _run("focal", backend, logits, target, **kwargs)
+                                  reduction=reduction, from_logits=from_logits, validate=validate, weight=weight,
+                                  label_smoothing=label_smoothing)
+    return _run("focal", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 
-def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.25, gamma: float = 2.0,
+def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: SigmoidAlpha = 0.25, gamma: float = 2.0,
                   ignore_index: int = -100, reduction: str = "none", backend: Optional[str] = None,
-                  validate: Optional[bool] = None) -> torch.Tensor:
+                  validate: Optional[bool] = None, weight: Optional[torch.Tensor] = None,
+                  avg_factor: AvgFactor = None) -> torch.Tensor:
     """Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss semantics), elementwise.
 
     Args:
@@ -64,24 +94,33 @@ def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 
         target: float tensor of logits' shape (soft targets allowed), or integer labels of shape
             logits.shape[:-1]: label in [0, C) marks that class positive, label == C is background
             (all negatives), label == ignore_index ignores the row (no one-hot is materialised).
-        alpha: weight of positives (negatives get 1 - alpha); alpha < 0 disables it.
+        alpha: weight of positives (negatives get 1 - alpha); alpha < 0 disables it. Or C
+            per-class values in [0, 1] (sequence or tensor): alpha_t = alpha[c] y + (1 - alpha[c])(1 - y).
         gamma: focusing parameter >= 0.
         reduction: 'none' (default, like torchvision) | 'mean' (over elements; with integer labels
             over non-ignored rows x C) | 'sum'. Detection heads usually want
-            ``sigmoid_focal(..., reduction='sum') / num_pos``.
+            ``sigmoid_focal(..., weight=label_weights, reduction='mean', avg_factor=num_pos)``.
+        weight: shape logits.shape[:-1] = one value per ROW (all C outputs; mmdet's (N,) anchor
+            label_weights; taken per row even when N == C), or logits.shape = per ELEMENT, or
+            anything else broadcastable to logits.shape. Multiplies loss and gradient; 0 gives
+            exactly 0 (NaN logits there do not leak). 'mean' denominators are unchanged.
+        avg_factor: with reduction='mean' only: sum / avg_factor (a number or a 0-dim tensor on
+            the logits' device, e.g. num_pos; no host sync).
 
     A float target that requires grad (grad mode on, e.g. distillation targets) runs on the
     'reference' backend, the only one that differentiates the target (the compiled kernels write
     no target gradient); asking for 'cpu', 'triton' or 'cuda' explicitly then raises RuntimeError.
     """
     kwargs = _validate.sigmoid_focal_args(logits, target, alpha=alpha, gamma=gamma, ignore_index=ignore_index,
-                                          reduction=reduction, validate=validate)
-    return _run("sigmoid_focal", backend, logits, target, **kwargs)
+                                          reduction=reduction, validate=validate, weight=weight)
+    return _run("sigmoid_focal", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 
 def ohem(logits: torch.Tensor, target: torch.Tensor, *, keep: Union[float, int] = 0.25,
          thresh: Optional[float] = None, min_kept: Optional[int] = None, ignore_index: int = -100,
-         reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None) -> torch.Tensor:
+         reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None,
+         weight: Optional[torch.Tensor] = None, avg_factor: AvgFactor = None,
+         label_smoothing: float = 0.0) -> torch.Tensor:
     """Online hard example mining over per-sample cross entropy (softmax family shapes).
 
     keep: float in (0, 1] keeps k = max(1, floor(keep * n_valid)) hardest samples; int >= 1 keeps
@@ -90,15 +129,22 @@ def ohem(logits: torch.Tensor, target: torch.Tensor, *, keep: Union[float, int] 
         probability is below max(thresh, sorted_p[min(min_kept_total, n_valid - 1)]), where
         min_kept counts per image (x N for (N, C, d...) inputs; as given for (N, C)).
     Dropped samples get 0 loss ('none') and no gradient; 'mean' divides by the kept count.
+    weight, avg_factor: as :func:`focal`; the selection ignores weights (a zero-weight sample
+        can be kept and then contributes 0, and is counted by 'mean').
+    label_smoothing: a kept sample's loss is the cross entropy against the smoothed target
+        (as :func:`focal` with gamma=0); the selection ranks the unsmoothed CE / p_t.
     """
     kwargs = _validate.ohem_args(logits, target, keep=keep, thresh=thresh, min_kept=min_kept,
-                                 ignore_index=ignore_index, reduction=reduction, validate=validate)
-    return _run("ohem", backend, logits, target, **kwargs)
+                                 ignore_index=ignore_index, reduction=reduction, validate=validate, weight=weight,
+                                 label_smoothing=label_smoothing)
+    return _run("ohem", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 
 def ghmc(logits: torch.Tensor, target: torch.Tensor, *, bins: int = 10, momentum: float = 0.0,
          state: Optional[torch.Tensor] = None, use_sigmoid: bool = True, ignore_index: int = -100,
-         reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None) -> torch.Tensor:
+         reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None,
+         weight: Optional[torch.Tensor] = None, avg_factor: AvgFactor = None, label_smoothing: float = 0.0,
+         process_group=None) -> torch.Tensor:
     """Gradient harmonized classification loss (GHM-C, Li et al. 2019).
 
     NOTE the default use_sigmoid=True is mmdet's detection variant: C independent sigmoids, and
@@ -117,10 +163,22 @@ def ghmc(logits: torch.Tensor, target: torch.Tensor, *, bins: int = 10, momentum
     needs a state; fused_losses.nn.GHMCLoss owns one.
     A float target that requires grad (grad mode on) runs on the 'reference' backend, the only one
     that differentiates the target; an explicit compiled backend then raises RuntimeError.
+
+    weight: shapes as :func:`focal` (use_sigmoid=False) or :func:`sigmoid_focal` (True). Unlike
+        the other losses, a ZERO weight marks the entry invalid, as mmdet's GHMC label_weight:
+        not in the histogram, n_valid or the 'mean' denominator; nonzero weights multiply the
+        loss after the bin weight. avg_factor: as :func:`focal`.
+    label_smoothing: use_sigmoid=False only: CE against the smoothed target; g = 1 - p_t and the
+        bins stay unsmoothed.
+    process_group: a torch.distributed group: the bin counts and n_valid are all-reduced (SUM, on
+        the device) before the weights and the EMA update, so every rank weights by the global
+        batch's histogram and keeps an identical `state`. 'mean' still divides by this rank's
+        n_valid (DDP averages the gradients: equal shards give the single-process loss).
     """
     kwargs = _validate.ghmc_args(logits, target, bins=bins, momentum=momentum, state=state, use_sigmoid=use_sigmoid,
-                                 ignore_index=ignore_index, reduction=reduction, validate=validate)
-    return _run("ghmc", backend, logits, target, **kwargs)
+                                 ignore_index=ignore_index, reduction=reduction, validate=validate, weight=weight,
+                                 label_smoothing=label_smoothing, process_group=process_group)
+    return _run("ghmc", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 
 def ib(logits: torch.Tensor, target: torch.Tensor, features: torch.Tensor, *, alpha: float = 1000.0,

@@ -11,6 +11,17 @@ must beat.
 
 Output dtype: 'none' returns the logits dtype; 'mean' and 'sum' return the compute dtype.
 'mean' never divides by zero: with no counted sample it returns 0 (and zero gradient).
+
+Drop-in extras (README "Sample weights, avg_factor, label smoothing, per-class alpha"):
+``weight`` (already broadcast by fused_losses._validate: the target's shape for the softmax
+family; logits.shape[:-1] (per row) or logits.shape (per element) for the sigmoid family)
+multiplies each entry's loss and gradient. A zero weight SELECTS a zero loss (the entry's input
+is replaced, as for an ignored entry, before any arithmetic), so a NaN/inf logit there gives
+exactly 0 loss and 0 gradient; 'mean' denominators do not change (mmdet's weight_reduce_loss),
+except GHM-C, where a zero weight makes the entry invalid (mmdet's label_weight > 0 mask).
+``weight`` may require grad here (the functional layer routes such calls to this backend).
+``label_smoothing`` (softmax family): the target distribution q_c = (1 - eps)[c == t] + eps / C.
+avg_factor is not an argument here: the functional layer runs 'sum' and divides.
 """
 from __future__ import annotations
 
@@ -148,16 +159,21 @@ def _alpha_t(alpha, target_rows: torch.Tensor, dtype, device):
 # --------------------------------------------------------------------------------------------
 # Softmax family
 # --------------------------------------------------------------------------------------------
-def _softmax_rows(logits, target, ignore_index, dtype, fill=0.0):
-    """Rows in compute dtype with ignored rows replaced by `fill` (so they get exactly zero
-    gradient and a NaN in an ignored row cannot leak), valid mask and a safe (in-range) target.
+def _softmax_rows(logits, target, ignore_index, dtype, fill=0.0, weight=None):
+    """Rows in compute dtype with inactive rows replaced by `fill` (so they get exactly zero
+    gradient and a NaN there cannot leak), a safe (in-range) target, the valid (not ignored)
+    mask, the active mask (valid and weight != 0) and the (M,) row weights (None without).
     fill is 0 for logits and 1 for probabilities (from_logits=False: log(1) is finite)."""
     x, t = _rows(logits, target)
     t = t.long()
     valid = t != ignore_index
+    active, w = valid, None
+    if weight is not None:
+        w = weight.to(device=x.device, dtype=dtype).reshape(-1)
+        active = valid & (w != 0)
     t_safe = torch.where(valid, t, torch.zeros_like(t))
-    x = torch.where(valid[:, None], x.to(dtype), torch.full((), fill, dtype=dtype, device=x.device))
-    return x, t_safe, valid
+    x = torch.where(active[:, None], x.to(dtype), torch.full((), fill, dtype=dtype, device=x.device))
+    return x, t_safe, valid, active, w
 
 
 def _log_pt(x, t_safe, from_logits=True):
@@ -167,27 +183,63 @@ def _log_pt(x, t_safe, from_logits=True):
     return torch.log(x.gather(1, t_safe[:, None]).squeeze(1))
 
 
+def _smoothed_target(t_safe, c, eps, dtype, device):
+    """(M, C) target distribution q_c = (1 - eps) [c == t] + eps / C (no gradient)."""
+    hit = t_safe[:, None] == torch.arange(c, device=device)
+    on, off = (1.0 - eps) + eps / c, eps / c
+    return torch.where(hit, torch.full((), on, dtype=dtype, device=device),
+                       torch.full((), off, dtype=dtype, device=device))
+
+
+def _weighted(loss, active, w):
+    """w * loss where active, exactly 0 elsewhere (a select, so inf/NaN there cannot leak)."""
+    zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    return torch.where(active, loss if w is None else w * loss, zero)
+
+
 def focal(logits, target, *, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean",
-          from_logits=True, upcast=True):
+          from_logits=True, weight=None, label_smoothing=0.0, upcast=True):
     """Softmax focal loss: loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}.
 
     logits (N, C) or (N, C, d...); target (N,) or (N, d...) class indices. 'mean' divides by the
-    number of non-ignored samples.
+    number of non-ignored samples (zero-weight samples included: weights do not change it).
+    label_smoothing eps > 0 (from_logits only): loss_i = sum_c q_c a_c (1 - p_c)^gamma (-log p_c)
+    with q_c = (1 - eps) [c == t_i] + eps / C and a_c = alpha[c] (per-class), alpha (float) or 1;
+    gamma = 0 without alpha is F.cross_entropy(label_smoothing=eps). weight (target's shape):
+    loss_i := w_i loss_i, exactly 0 (loss and gradient) where w_i == 0.
     """
     dtype = _compute_dtype(logits, upcast)
-    x, t, valid = _softmax_rows(logits, target, ignore_index, dtype, 0.0 if from_logits else 1.0)
-    logpt = _log_pt(x, t, from_logits)
-    loss = focal_term(logpt, gamma)
-    a = _alpha_t(alpha, t, dtype, x.device)
-    if a is not None:
-        loss = loss * a
-    loss = torch.where(valid, loss, torch.zeros((), dtype=dtype, device=x.device))
+    x, t, valid, active, w = _softmax_rows(logits, target, ignore_index, dtype, 0.0 if from_logits else 1.0, weight)
+    eps = float(label_smoothing)
+    if eps > 0:
+        logp = torch.log_softmax(x, dim=-1)
+        per_class = _smoothed_target(t, x.shape[-1], eps, dtype, x.device) * focal_term(logp, gamma)
+        if isinstance(alpha, torch.Tensor):
+            per_class = per_class * alpha.to(device=x.device, dtype=dtype)
+        elif alpha is not None:
+            per_class = per_class * float(alpha)
+        loss = per_class.sum(dim=-1)
+    else:
+        logpt = _log_pt(x, t, from_logits)
+        loss = focal_term(logpt, gamma)
+        a = _alpha_t(alpha, t, dtype, x.device)
+        if a is not None:
+            loss = loss * a
+    loss = _weighted(loss, active, w)
     return _reduce(loss, reduction, valid.sum(), logits.dtype, target.shape)
+
+
+def _smoothed_ce(x, t_safe, eps):
+    """Per-row cross entropy against the smoothed target (eps = 0: -log p_t)."""
+    if eps > 0:
+        logp = torch.log_softmax(x, dim=-1)
+        return -(_smoothed_target(t_safe, x.shape[-1], eps, x.dtype, x.device) * logp).sum(dim=-1)
+    return -_log_pt(x, t_safe)
 
 
 def _per_sample_ce(logits, target, ignore_index, dtype):
     """Per-row cross entropy (0 for ignored rows), probability p_t, valid mask."""
-    x, t, valid = _softmax_rows(logits, target, ignore_index, dtype)
+    x, t, valid, _, _ = _softmax_rows(logits, target, ignore_index, dtype)
     logpt = _log_pt(x, t)
     zero = torch.zeros((), dtype=dtype, device=x.device)
     return torch.where(valid, -logpt, zero), torch.exp(logpt), valid
@@ -234,7 +286,7 @@ def ohem_kept_mask(ce: torch.Tensor, pt: torch.Tensor, valid: torch.Tensor, *, k
 
 
 def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=-100,
-         reduction="mean", upcast=True):
+         reduction="mean", weight=None, label_smoothing=0.0, upcast=True):
     """Online hard example mining over per-sample cross entropy.
 
     keep (float in (0, 1]): k = max(1, floor(keep * n_valid)); keep (int >= 1): k = min(keep,
@@ -243,12 +295,15 @@ def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=
     sorted_p[min(min_kept_total, n_valid - 1)]); keep samples with p_t < threshold.
     min_kept counts per image: x N for (N, C, d...) inputs, as given for (N, C).
     Only kept samples contribute; 'mean' divides by the kept count.
+    The selection ranks the unsmoothed CE / p_t of the logits as given and ignores weights; a kept
+    sample's loss is w_i times its cross entropy against the smoothed target (label_smoothing).
     """
     dtype = _compute_dtype(logits, upcast)
-    ce, pt, valid = _per_sample_ce(logits, target, ignore_index, dtype)
-    kept = ohem_kept_mask(ce.detach(), pt.detach(), valid, keep=keep, keep_is_int=not isinstance(keep, float),
+    ce, pt, valid = _per_sample_ce(logits.detach(), target, ignore_index, dtype)
+    kept = ohem_kept_mask(ce, pt, valid, keep=keep, keep_is_int=not isinstance(keep, float),
                           thresh=thresh, min_kept_total=ohem_min_kept_total(logits, min_kept))
-    loss = torch.where(kept, ce, torch.zeros((), dtype=dtype, device=ce.device))
+    x, t, _, active, w = _softmax_rows(logits, target, ignore_index, dtype, weight=weight)
+    loss = _weighted(_smoothed_ce(x, t, float(label_smoothing)), kept & active, w)
     return _reduce(loss, reduction, kept.sum(), logits.dtype, target.shape)
 
 
@@ -269,31 +324,48 @@ def _sigmoid_targets(logits, target, ignore_index, dtype):
     return onehot, valid
 
 
+def _sigmoid_weight(weight, shape, dtype):
+    """Validated sigmoid-family weight (logits.shape[:-1]: per row, or logits.shape: per
+    element; told apart by numel as the kernels do) -> broadcastable to `shape`, in dtype."""
+    if weight is None:
+        return None
+    per_element = weight.numel() == math.prod(shape)
+    return weight.to(dtype).reshape(shape if per_element else (*shape[:-1], 1))
+
+
 def sigmoid_focal(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=-100, reduction="none",
-                  upcast=True):
+                  weight=None, upcast=True):
     """torchvision.ops.sigmoid_focal_loss, elementwise:
     BCE-with-logits(x, t) * (1 - p_t)^gamma * alpha_t, p_t = p t + (1 - p)(1 - t),
-    alpha_t = alpha t + (1 - alpha)(1 - t); alpha < 0 disables alpha. Integer labels: see
+    alpha_t = alpha t + (1 - alpha)(1 - t); alpha < 0 disables alpha; a (C,) tensor alpha is
+    per class: alpha_t = alpha[c] t + (1 - alpha[c])(1 - t). Integer labels: see
     _sigmoid_targets; ignored rows give 0 loss and 0 grad and are not counted in 'mean'.
+    weight (per row or per element) multiplies loss and gradient; zero weight selects 0.
     """
     dtype = _compute_dtype(logits, upcast)
     y, valid = _sigmoid_targets(logits, target, ignore_index, dtype)
     x = logits.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=x.device)
-    if valid is not None:
-        x = torch.where(valid, x, zero)
+    w = _sigmoid_weight(weight, logits.shape, dtype)
+    active = valid
+    if w is not None:
+        active = (w != 0) if valid is None else valid & (w != 0)
+    if active is not None:
+        x = torch.where(active, x, zero)
+        y = torch.where(active, y, zero)
     p = torch.sigmoid(x)
     q = torch.sigmoid(-x)  # 1 - p, exact for large x
     ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
     one_minus_pt = p * (1 - y) + q * y
     loss = ce * _PowSafe.apply(one_minus_pt, float(gamma))
-    if alpha >= 0:
+    if isinstance(alpha, torch.Tensor):
+        a = alpha.to(device=x.device, dtype=dtype)
+        loss = (a * y + (1 - a) * (1 - y)) * loss
+    elif alpha >= 0:
         loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
-    if valid is not None:
-        loss = torch.where(valid, loss, zero)
-        count = valid.sum()
-    else:
-        count = loss.numel()
+    if active is not None:
+        loss = _weighted(loss, active, w)
+    count = valid.sum() if valid is not None else loss.numel()
     return _reduce(loss, reduction, count, logits.dtype, logits.shape)
 
 
@@ -322,7 +394,7 @@ def ghm_bin_weights(counts: torch.Tensor, n_valid: torch.Tensor, state, momentum
 
 
 def ghmc(logits, target, *, bins=10, momentum=0.0, state=None, use_sigmoid=True, ignore_index=-100,
-         reduction="mean", upcast=True):
+         reduction="mean", weight=None, label_smoothing=0.0, process_group=None, upcast=True):
     """Gradient harmonized classification loss (Li et al., AAAI 2019).
 
     g = |sigmoid(x) - y| per element (use_sigmoid) or 1 - p_t per sample (softmax), always in
@@ -331,37 +403,54 @@ def ghmc(logits, target, *, bins=10, momentum=0.0, state=None, use_sigmoid=True,
     (1 - m) * count[b] for non-empty bins and the bin's divisor is state[b], else count[b].
     weight = n_valid / divisor[bin] / n_nonempty_bins (no gradient); loss = weight * CE,
     'mean' = sum / n_valid.
+    Sample weights: an entry with weight 0 is invalid (mmdet's label_weight > 0 mask: not in the
+    histogram, n_valid or the 'mean' denominator; 0 loss and gradient); a nonzero weight w
+    multiplies the entry's loss: w * bin_weight * CE. label_smoothing (softmax only): CE against
+    the smoothed target; g and the bins stay unsmoothed. process_group: the counts (and n_valid)
+    are summed over its ranks (fused_losses.distributed.global_bin_weights) before the weights
+    and the EMA update; 'mean' still divides by this rank's n_valid.
     """
     dtype = _compute_dtype(logits, upcast)
     zero = torch.zeros((), dtype=dtype, device=logits.device)
     if use_sigmoid:
         y, valid = _sigmoid_targets(logits, target, ignore_index, dtype)
         x = logits.to(dtype)
-        if valid is not None:
-            x = torch.where(valid, x, zero)
+        w = _sigmoid_weight(weight, logits.shape, dtype)
+        if valid is None:
+            valid = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+        if w is not None:
+            valid = valid & (w != 0)
+        x = torch.where(valid, x, zero)
+        y = torch.where(valid, y, zero)
         ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
         with torch.no_grad():
-            g = (torch.sigmoid(x.detach().float()) - y.float()).abs()
+            g = (torch.sigmoid(x.detach().float()) - y.detach().float()).abs()
         out_shape = logits.shape
-        if valid is None:
-            valid = torch.ones_like(ce, dtype=torch.bool)
     else:
-        ce, _, valid = _per_sample_ce(logits, target, ignore_index, dtype)
+        x, t, _, valid, w = _softmax_rows(logits, target, ignore_index, dtype, weight=weight)
+        ce = torch.where(valid, _smoothed_ce(x, t, float(label_smoothing)), zero)
         with torch.no_grad():
-            x, t, _ = _softmax_rows(logits.detach(), target, ignore_index, torch.float32)
-            g = -torch.expm1(_log_pt(x, t))
+            xg, tg, _, _, _ = _softmax_rows(logits.detach(), target, ignore_index, torch.float32,
+                                             weight=None if weight is None else weight.detach())
+            g = -torch.expm1(_log_pt(xg, tg))
         out_shape = target.shape
     with torch.no_grad():
         in_bin = valid & ~torch.isnan(g)
         idx = torch.clamp_max(torch.floor(torch.where(in_bin, g, torch.zeros_like(g)) * bins), bins - 1).long()
-        counts = torch.zeros(bins, dtype=torch.float32, device=ce.device)
-        counts.scatter_add_(0, idx[in_bin].reshape(-1), torch.ones_like(g[in_bin]).reshape(-1))
         n_valid = valid.sum()
-        bin_weight, new_state = ghm_bin_weights(counts, n_valid, state, momentum, dtype)
-        if state is not None:
-            state.copy_(new_state)
-        weight = torch.where(in_bin, bin_weight[idx], torch.zeros((), dtype=dtype, device=ce.device))
-    loss = torch.where(valid, weight * ce, zero)
+        if process_group is None:
+            counts = torch.zeros(bins, dtype=torch.float32, device=ce.device)
+            counts.scatter_add_(0, idx[in_bin].reshape(-1), torch.ones_like(g[in_bin]).reshape(-1))
+            bin_weight, new_state = ghm_bin_weights(counts, n_valid, state, momentum, dtype)
+            if state is not None:
+                state.copy_(new_state)
+        else:
+            from fused_losses.distributed import global_bin_weights  # noqa: PLC0415 - only with a group
+            counts = torch.bincount(idx[in_bin].reshape(-1), minlength=bins)
+            bin_weight = global_bin_weights(torch.cat([counts, n_valid.reshape(1)]), state, momentum, dtype,
+                                            process_group)
+        bin_weight_i = torch.where(in_bin, bin_weight[idx], torch.zeros((), dtype=dtype, device=ce.device))
+    loss = _weighted(bin_weight_i * ce, valid, w)
     return _reduce(loss, reduction, n_valid, logits.dtype, out_shape)
 
 
