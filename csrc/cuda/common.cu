@@ -38,18 +38,26 @@ __global__ void __launch_bounds__(kThreads) finish_loss_kernel(const double* __r
 // them and treat the row as ignored, so the 'mean' denominator and GHM-C's n_valid must too.
 // Per block an integer sum, then one integer atomic per block (exact). Traffic: 8 bytes per
 // target value (+ 4 per weight).
+// kGeneral: the instance for every CountSpec; the plain one (a target per entry, no weight, mult
+// 1: the 'mean' count of the no-extras losses) keeps the registers it had before the extras.
+template <bool kGeneral>
 __global__ void __launch_bounds__(kThreads) count_valid_kernel(const CountSpec spec, int64_t n,
                                                                int64_t* __restrict__ count) {
   long long local = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
-    bool valid = true;
-    if (spec.target != nullptr) {
-      const int64_t t = spec.target[spec.per_target == 1 ? i : i / spec.per_target];
-      valid = t != spec.ignore_index && t >= 0 && t < spec.upper;
+    if constexpr (kGeneral) {
+      bool valid = true;
+      if (spec.target != nullptr) {
+        const int64_t t = spec.target[spec.per_target == 1 ? i : i / spec.per_target];
+        valid = t != spec.ignore_index && t >= 0 && t < spec.upper;
+      }
+      if (spec.weight != nullptr) valid = valid && spec.weight[i] != 0.0f;
+      local += valid;
+    } else {
+      const int64_t t = spec.target[i];
+      local += t != spec.ignore_index && t >= 0 && t < spec.upper;
     }
-    if (spec.weight != nullptr) valid = valid && spec.weight[i] != 0.0f;
-    local += valid;
   }
   const long long total = block_sum(local);
   if (threadIdx.x == 0 && total != 0) {
@@ -59,8 +67,10 @@ __global__ void __launch_bounds__(kThreads) count_valid_kernel(const CountSpec s
 
 void count_valid_into(int64_t* out, const CountSpec& spec, int64_t n) {
   if (n == 0) return;
-  const int64_t blocks = grid_for(count_valid_kernel, n, kThreads * 4);
-  FL_LAUNCH(blocks, kThreads, 0, current_stream(), count_valid_kernel)(spec, n, out);
+  const bool plain = spec.target != nullptr && spec.per_target == 1 && spec.weight == nullptr && spec.mult == 1;
+  const auto kernel = plain ? count_valid_kernel<false> : count_valid_kernel<true>;
+  const int64_t blocks = grid_for(kernel, n, kThreads * 4);
+  FL_LAUNCH(blocks, kThreads, 0, current_stream(), kernel)(spec, n, out);
   FL_KERNEL_LAUNCH_CHECK();
 }
 

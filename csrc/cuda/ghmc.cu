@@ -48,7 +48,7 @@ struct BlockHistogram {
   }
 };
 
-template <typename scalar_t, typename target_t, bool kLabels>
+template <typename scalar_t, typename target_t, bool kLabels, bool kWeighted>
 __global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const SigmoidArgs<scalar_t, target_t> a,
                                                                          unsigned long long* __restrict__ counts) {
   FL_SHARED(unsigned int, hist, kSharedBins);
@@ -66,7 +66,9 @@ __global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const S
       y = static_cast<float>(a.target[i]);
     }
     if (!valid) continue;
-    if (a.weight != nullptr && element_weight(a, i, row_of(i, a.C, small)) == 0.0f) continue;  // invalid
+    if constexpr (kWeighted) {  // a zero weight: invalid (not binned)
+      if (element_weight(a, i, row_of(i, a.C, small)) == 0.0f) continue;
+    }
     const int64_t b = lm::ghm_bin(lm::ghm_sigmoid_g(static_cast<float>(a.logits[i]), y), a.bins);
     if (b >= 0) histogram.add(b);
   }
@@ -76,6 +78,7 @@ __global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const S
 // Histogram of the softmax bins bin(g), g = 1 - p_t = sum_others / s (float32, exact relative
 // at every margin), of the valid rows (a valid target, and weight[r] != 0 when given), from the g of a stats pass: the value ghmc_forward's
 // softmax pass bins with, so both pick the same bin. Traffic per row: 4 + 8 bytes.
+template <bool kWeighted>
 __global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const float* __restrict__ one_minus_pt,
                                                                          const int64_t* __restrict__ target,
                                                                          const float* __restrict__ weight,
@@ -90,7 +93,9 @@ __global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const f
     // Ignored rows, and out-of-range targets (asserted on by the stats pass, treated as ignored:
     // their g of 0 would otherwise land in bin 0).
     if (t == ignore_index || t < 0 || t >= C) continue;
-    if (weight != nullptr && weight[r] == 0.0f) continue;  // a zero weight: invalid (not binned)
+    if constexpr (kWeighted) {
+      if (weight[r] == 0.0f) continue;  // a zero weight: invalid (not binned)
+    }
     const int64_t b = lm::ghm_bin(one_minus_pt[r], bins);
     if (b >= 0) histogram.add(b);
   }
@@ -186,27 +191,30 @@ at::Tensor ghm_counts(const at::Tensor& logits_in, const at::Tensor& target_in, 
           a.weight = data_or_null(weight_vec);
           a.weight_per_element = per_element;
         };
-        const cudaStream_t stream = current_stream();
-        auto blocks = [&](auto kernel) { return grid_for(kernel, numel, kThreads * 4); };
+        // The kWeighted instance only with a weight (the plain one keeps its registers).
+        auto launch = [&](auto kernel_weighted, auto kernel_plain, const auto& a) {
+          const auto kernel = weight_vec.defined() ? kernel_weighted : kernel_plain;
+          FL_LAUNCH(grid_for(kernel, numel, kThreads * 4), kThreads, 0, current_stream(), kernel)(a, counts_ptr);
+        };
         if (call.labels.defined()) {
           SigmoidArgs<scalar_t, float> a;
           fill(a);
           a.labels = call.labels.data_ptr<int64_t>();
-          FL_LAUNCH(blocks(ghm_sigmoid_histogram_kernel<scalar_t, float, true>), kThreads, 0, stream,
-                    ghm_sigmoid_histogram_kernel<scalar_t, float, true>)(a, counts_ptr);
+          launch(ghm_sigmoid_histogram_kernel<scalar_t, float, true, true>,
+                 ghm_sigmoid_histogram_kernel<scalar_t, float, true, false>, a);
         } else if (call.float_target.scalar_type() == call.logits.scalar_type()) {
           SigmoidArgs<scalar_t, scalar_t> a;
           fill(a);
           a.target = call.float_target.data_ptr<scalar_t>();
-          FL_LAUNCH(blocks(ghm_sigmoid_histogram_kernel<scalar_t, scalar_t, false>), kThreads, 0, stream,
-                    ghm_sigmoid_histogram_kernel<scalar_t, scalar_t, false>)(a, counts_ptr);
+          launch(ghm_sigmoid_histogram_kernel<scalar_t, scalar_t, false, true>,
+                 ghm_sigmoid_histogram_kernel<scalar_t, scalar_t, false, false>, a);
         } else {
           if constexpr (!std::is_same_v<scalar_t, float>) {
             SigmoidArgs<scalar_t, float> a;
             fill(a);
             a.target = call.float_target.data_ptr<float>();
-            FL_LAUNCH(blocks(ghm_sigmoid_histogram_kernel<scalar_t, float, false>), kThreads, 0, stream,
-                    ghm_sigmoid_histogram_kernel<scalar_t, float, false>)(a, counts_ptr);
+            launch(ghm_sigmoid_histogram_kernel<scalar_t, float, false, true>,
+                   ghm_sigmoid_histogram_kernel<scalar_t, float, false, false>, a);
           }
         }
         FL_KERNEL_LAUNCH_CHECK();
@@ -228,8 +236,9 @@ at::Tensor ghm_counts(const at::Tensor& logits_in, const at::Tensor& target_in, 
         a.one_minus_pt_rows = one_minus_pt.data_ptr<float>();
         softmax_pass(a, false, at::Tensor());
       });
-      FL_LAUNCH(grid_for(ghm_softmax_histogram_kernel, rows, kThreads * 4), kThreads, 0, current_stream(),
-                ghm_softmax_histogram_kernel)(one_minus_pt.data_ptr<float>(), call.target.data_ptr<int64_t>(),
+      const auto histogram = weight_vec.defined() ? ghm_softmax_histogram_kernel<true> : ghm_softmax_histogram_kernel<false>;
+      FL_LAUNCH(grid_for(histogram, rows, kThreads * 4), kThreads, 0, current_stream(),
+                histogram)(one_minus_pt.data_ptr<float>(), call.target.data_ptr<int64_t>(),
                                               data_or_null(weight_vec), rows, ignore_index, call.sh.C, bins, counts_ptr);
       FL_KERNEL_LAUNCH_CHECK();
     }

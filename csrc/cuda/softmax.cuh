@@ -19,11 +19,11 @@ namespace cuda {
 //   Stats:    no loss; log p_t (and 1 - p_t) per row are the outputs
 // and the gradient of every one is grad_c = k * ([c == t] - p_c) (losses_math.h), its target
 // column k * (1 - p_t).
-// Drop-in extras (csrc/op_schemas.h): a per-row `weight` w multiplies loss and k (a cheap
-// per-row branch in every kernel; w == 0 makes the row inactive: exactly 0 loss and gradient,
-// its logits never read); `label_smoothing` eps > 0 (Focal, OhemKept, Ghmc) runs the kSmooth
-// instances of the warp-per-row and the channel-second sweep kernels, whose gradient is not of
-// the k form (softmax_kernels.cu, "Label smoothing").
+// Drop-in extras (csrc/op_schemas.h) run the kExtras instances of the warp-per-row and the
+// channel-second sweep kernels (the plain instances compile them out): a per-row `weight` w
+// multiplies loss and k (w == 0 makes the row inactive: exactly 0 loss and gradient, its
+// logits never read); `label_smoothing` eps > 0 (Focal, OhemKept, Ghmc) adds a sweep, and its
+// gradient is not of the k form (softmax_kernels.cu, "Label smoothing").
 enum class SoftmaxLoss : int { Focal, IB, OhemKept, Ghmc, Stats };
 
 // grad_t: element type of the gradient output (float, or at::BFloat16 for bf16 logits with a

@@ -12,7 +12,9 @@ struct RowTarget {
   bool active;    // not ignored (and kept, for OHEM), a valid class, and a nonzero weight
 };
 
-template <typename A>
+// kWeighted: the kernel instance takes a per-row weight (a.weight, nullptr: none); the plain
+// instances compile the weight out (their registers stay those of the no-extras kernels).
+template <bool kWeighted, typename A>
 __device__ __forceinline__ RowTarget row_target(const A& a, int64_t row, int64_t rows) {
   RowTarget r{0, row < rows, false};
   if (!r.in_range) return r;
@@ -24,7 +26,9 @@ __device__ __forceinline__ RowTarget row_target(const A& a, int64_t row, int64_t
   }
   // A zero weight: exactly 0 loss and gradient (selected, not multiplied: a NaN logit of the
   // row never reaches the sums); the row is not read.
-  if (r.active && a.weight != nullptr && a.weight[row] == 0.0f) r.active = false;
+  if constexpr (kWeighted) {
+    if (r.active && a.weight != nullptr && a.weight[row] == 0.0f) r.active = false;
+  }
   return r;
 }
 
@@ -56,7 +60,7 @@ struct RowResult {
   float dloss_dfeature;  // IB only
 };
 
-template <typename A>
+template <bool kWeighted, typename A>
 __device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row, int64_t t, const RowValues& rv,
                                                         float scale) {
   RowResult out{0.0f, 0.0f, 0.0f};
@@ -93,16 +97,18 @@ __device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row,
     case SoftmaxLoss::Stats:
       break;
   }
-  if (a.weight != nullptr) {  // the row's weight (nonzero: zero-weight rows are inactive)
-    const float w = a.weight[row];
-    out.loss *= w;
-    out.k *= w;
+  if constexpr (kWeighted) {
+    if (a.weight != nullptr) {  // the row's weight (nonzero: zero-weight rows are inactive)
+      const float w = a.weight[row];
+      out.loss *= w;
+      out.k *= w;
+    }
   }
   return out;
 }
 
 // ------------------------------------------------------------------------------------------
-// Label smoothing (the kSmooth kernel instances; reference.focal / ohem / ghmc):
+// Label smoothing (the kExtras kernel instances with eps > 0; reference.focal / ohem / ghmc):
 //   q_c = (1 - eps) [c == t] + eps / C,  a_c = alpha_per_class[c] or the scalar alpha (Focal;
 //   1 for OhemKept and Ghmc),  gamma (Focal; 0 for the others: the smoothed cross entropy),
 //   loss = mult * sum_c q_c a_c F(l_c),  F(l) = (1 - e^l)^gamma (-l),  l_c = log p_c,
@@ -219,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
   // The loop bound is the same for every lane of the warp (the shuffles need all 32 lanes).
   for (int64_t first = warp * kRowsPerWarp; first < rows; first += warps * kRowsPerWarp) {
     const int64_t row = first + group;
-    const RowTarget rt = row_target(a, row, rows);
+    const RowTarget rt = row_target<false>(a, row, rows);
     const int64_t row_offset = (rt.in_range ? row : int64_t(0)) * C;
     const scalar_t* x = a.logits + row_offset;
     float v[ITEMS][VEC];
@@ -256,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
     RowValues rv{0.0f, 0.0f, 0.0f};
     if (rt.active) {
       rv = softmax_row_values(static_cast<float>(x[rt.t]), row_max, row_sum, sum_others);
-      res = softmax_row_result(a, row, rt.t, rv, scale);
+      res = softmax_row_result<false>(a, row, rt.t, rv, scale);
     }
     if (a.grad != nullptr && rt.in_range) {
       grad_t* g = a.grad + row_offset;
@@ -292,11 +298,12 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
 // The three sweeps are not unrolled (#pragma unroll 1; each iteration is already VEC values):
 // unrolled, the <float, float, 4> instance grew enough that ptxas spilled on the per-row path
 // (24 B stack, 40 B spill stores; tests/cuda_emu/resource_check.py fails on any spill).
-// kSmooth (label smoothing, any C): a sweep more between the sums and the gradient, for the
-// sums over the other classes of a_c F(l_c) and a_c D(l_c) ("Label smoothing" above); the
-// gradient sweep then writes mult * (h_j - p_j H).
+// kExtras (drop-in extras, any C; the plain instances compile them out): the per-row weight
+// (row_target, softmax_row_result), and with label smoothing eps > 0 a sweep more between the
+// sums and the gradient, for the sums over the other classes of a_c F(l_c) and a_c D(l_c)
+// ("Label smoothing" above); the gradient sweep then writes mult * (h_j - p_j H).
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t, typename grad_t, int VEC, bool kSmooth>
+template <typename scalar_t, typename grad_t, int VEC, bool kExtras>
 __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   const int lane = threadIdx.x % 32;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
@@ -306,13 +313,14 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
   const float scale = grad_scale(a.reduction, a.count);
   double acc = 0.0;
   for (int64_t row = warp; row < rows; row += warps) {  // one row per warp: warp-uniform branches
-    const RowTarget rt = row_target(a, row, rows);
+    const RowTarget rt = row_target<kExtras>(a, row, rows);
     const scalar_t* x = a.logits + row * C;
     float row_max = -std::numeric_limits<float>::infinity();
     float row_sum = 0.0f, sum_others = 0.0f;
     RowResult res{0.0f, 0.0f, 0.0f};
     RowValues rv{0.0f, 0.0f, 0.0f};
     [[maybe_unused]] SmoothRow sr{};
+    const bool smooth = kExtras && a.label_smoothing > 0.0f;  // uniform over the launch
     if (rt.active) {
 #pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
@@ -337,7 +345,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
       row_sum = group_sum<32>(row_sum);
       sum_others = group_sum<32>(sum_others);
       rv = softmax_row_values(static_cast<float>(x[rt.t]), row_max, row_sum, sum_others);
-      if constexpr (kSmooth) {
+      if (smooth) {
         sr = smooth_row(a, row_sum);
         float sum_f = 0.0f, sum_d = 0.0f;
 #pragma unroll 1
@@ -356,13 +364,13 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
         sum_d = group_sum<32>(sum_d);
         res.loss = smooth_finish(a, row, rt.t, rv, sum_f, sum_d, scale, sr);
       } else {
-        res = softmax_row_result(a, row, rt.t, rv, scale);
+        res = softmax_row_result<kExtras>(a, row, rt.t, rv, scale);
       }
     }
     if (a.grad != nullptr) {
       grad_t* g = a.grad + row * C;
       const float p_scale = -res.k / row_sum;
-      const float target_grad = kSmooth ? sr.target_grad : res.k * rv.one_minus_pt;
+      const float target_grad = smooth ? sr.target_grad : res.k * rv.one_minus_pt;
 #pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
         Pack<grad_t, VEC> out;
@@ -372,7 +380,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
           for (int e = 0; e < VEC; ++e) {
             const float xm = static_cast<float>(p.v[e]) - row_max;
             out.v[e] = static_cast<grad_t>(c0 + e == rt.t ? target_grad
-                                           : kSmooth     ? smooth_class_grad(sr, xm, c0 + e)
+                                           : smooth       ? smooth_class_grad(sr, xm, c0 + e)
                                                          : p_scale * lm::exp_(xm));
           }
         } else {
@@ -398,19 +406,19 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
 // gradient), the later two from L1/L2 (a block's rows are 256 * C * sizeof(scalar_t) bytes).
 // Same formulas as softmax_rows_kernel (s and sum_others summed in class order by the row's thread). Memory traffic per element: sizeof(scalar_t) read,
 // sizeof(grad_t) gradient written (single values, coalesced across the warp); per row 8 bytes
-// of target. kSmooth (label smoothing; kRegs == 0 only): a fourth sweep for the sums over the
-// other classes, as softmax_rows_large_kernel.
+// of target. kExtras (weight, label smoothing; kRegs == 0 only): as softmax_rows_large_kernel
+// (a fourth sweep with eps > 0).
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t, typename grad_t, int kRegs, bool kSmooth>
+template <typename scalar_t, typename grad_t, int kRegs, bool kExtras>
 __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
-  static_assert(!kSmooth || kRegs == 0, "label smoothing runs the sweep variant");
+  static_assert(!kExtras || kRegs == 0, "the drop-in extras run the sweep variant");
   const int64_t rows = a.N * a.S;
   const int64_t C = a.C, S = a.S;
   const float scale = grad_scale(a.reduction, a.count);
   double acc = 0.0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; row < rows; row += stride) {
-    const RowTarget rt = row_target(a, row, rows);
+    const RowTarget rt = row_target<kExtras>(a, row, rows);
     const int64_t n = row / S;
     const int64_t base = n * C * S + (row - n * S);
     const scalar_t* x = a.logits + base;
@@ -421,6 +429,7 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
     RowResult res{0.0f, 0.0f, 0.0f};
     RowValues rv{0.0f, 0.0f, 0.0f};
     [[maybe_unused]] SmoothRow sr{};
+    const bool smooth = kExtras && a.label_smoothing > 0.0f;  // uniform over the launch
     if (rt.active) {
       if constexpr (kRegs > 0) {
 #pragma unroll
@@ -450,7 +459,7 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
         }
       }
       rv = softmax_row_values(static_cast<float>(x[rt.t * S]), row_max, row_sum, sum_others);
-      if constexpr (kSmooth) {
+      if (smooth) {
         sr = smooth_row(a, row_sum);
         float sum_f = 0.0f, sum_d = 0.0f;
         for (int64_t c = 0; c < C; ++c) {
@@ -462,13 +471,13 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
         }
         res.loss = smooth_finish(a, row, rt.t, rv, sum_f, sum_d, scale, sr);
       } else {
-        res = softmax_row_result(a, row, rt.t, rv, scale);
+        res = softmax_row_result<kExtras>(a, row, rt.t, rv, scale);
       }
     }
     if (a.grad != nullptr) {
       grad_t* g = a.grad + base;
       const float p_scale = -res.k / row_sum;
-      const float target_grad = kSmooth ? sr.target_grad : res.k * rv.one_minus_pt;
+      const float target_grad = smooth ? sr.target_grad : res.k * rv.one_minus_pt;
       if constexpr (kRegs > 0) {
 #pragma unroll
         for (int c = 0; c < kRegs; ++c) {
@@ -481,7 +490,7 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
           float value = 0.0f;
           if (rt.active) {
             const float xm = static_cast<float>(x[c * S]) - row_max;
-            value = c == rt.t ? target_grad : kSmooth ? smooth_class_grad(sr, xm, c) : p_scale * lm::exp_(xm);
+            value = c == rt.t ? target_grad : smooth ? smooth_class_grad(sr, xm, c) : p_scale * lm::exp_(xm);
           }
           g[c * S] = static_cast<grad_t>(value);
         }
@@ -497,14 +506,14 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
 
 // ------------------------------------------------------------------------------------------
 // focal_probs_kernel: focal with from_logits=False (the input holds probabilities). A thread
-// per row reads only x_t: loss = w alpha_t (1 - x_t)^gamma (-log x_t) (w: the row's weight, 1
-// without; a zero weight makes the row inactive), and writes the one
+// per row reads only x_t: loss = w alpha_t (1 - x_t)^gamma (-log x_t) (w: the row's weight,
+// kWeighted instances only; a zero weight makes the row inactive), and writes the one
 // nonzero gradient value grad_{c=t} = scale * alpha_t * dFocal/dl / x_t (rounded once to the
 // gradient's element type grad_t) into a gradient the host zeroed in that type. Traffic: per row 8
 // bytes of target + one scattered logit read + one gradient write, plus the zero fill of the
 // gradient (sizeof(grad_t) per element).
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t, typename grad_t>
+template <typename scalar_t, typename grad_t, bool kWeighted>
 __global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   const int64_t rows = a.N * a.S;
   const int64_t C = a.C, S = a.S;
@@ -512,14 +521,14 @@ __global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs
   double acc = 0.0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; row < rows; row += stride) {
-    const RowTarget rt = row_target(a, row, rows);
+    const RowTarget rt = row_target<kWeighted>(a, row, rows);
     RowResult res{0.0f, 0.0f, 0.0f};
     if (rt.active) {
       const int64_t n = row / S;
       const int64_t at_t = n * C * S + (row - n * S) + rt.t * S;
       const float p_t = static_cast<float>(a.logits[at_t]);
-      const float alpha_t =
-          lm::class_alpha(a.alpha_per_class, a.alpha, rt.t) * (a.weight != nullptr ? a.weight[row] : 1.0f);
+      float alpha_t = lm::class_alpha(a.alpha_per_class, a.alpha, rt.t);
+      if constexpr (kWeighted) alpha_t *= a.weight[row];
       const lm::FocalTerm<float> ft = lm::focal_term(lm::log_(p_t), a.gamma);
       res.loss = alpha_t * ft.value;
       if (a.grad != nullptr) a.grad[at_t] = static_cast<grad_t>(scale * alpha_t * ft.dvalue_dlogpt / p_t);
@@ -561,14 +570,17 @@ void softmax_pass(SoftmaxArgs<scalar_t, grad_t> a, bool from_probs, const at::Te
     return;
   }
   Launch launch;
-  // Label smoothing (never with probabilities, nor for a Stats pass): the kSmooth instances of
-  // the sweep kernels, whatever C (one warp per row; fused, one read of the row from memory).
-  const bool smooth = a.label_smoothing > 0.0f && a.loss != SoftmaxLoss::Stats;
-  TORCH_INTERNAL_ASSERT(!(smooth && from_probs), "fused_losses: label smoothing needs logits");
+  // Drop-in extras (a per-row weight, label smoothing; never in a Stats pass, no smoothing with
+  // probabilities): the kExtras instances of the sweep kernels, whatever C (for (N, C) rows one
+  // warp per row; fused, the row read once from memory), so that the plain instances keep the
+  // registers of the no-extras kernels. focal_probs_kernel takes the weight itself.
+  const bool extras = (a.weight != nullptr || a.label_smoothing > 0.0f) && a.loss != SoftmaxLoss::Stats;
+  TORCH_INTERNAL_ASSERT(!(a.label_smoothing > 0.0f && from_probs), "fused_losses: label smoothing needs logits");
   if (from_probs) {
-    launch = {focal_probs_kernel<scalar_t, grad_t>, kThreads};
+    launch = a.weight != nullptr ? Launch{focal_probs_kernel<scalar_t, grad_t, true>, kThreads}
+                                 : Launch{focal_probs_kernel<scalar_t, grad_t, false>, kThreads};
   } else if (a.S > 1) {
-    launch = smooth ? Launch{softmax_spatial_kernel<scalar_t, grad_t, 0, true>, kThreads}
+    launch = extras ? Launch{softmax_spatial_kernel<scalar_t, grad_t, 0, true>, kThreads}
              : a.C <= kSpatialRegs ? Launch{softmax_spatial_kernel<scalar_t, grad_t, kSpatialRegs, false>, kThreads}
                                    : Launch{softmax_spatial_kernel<scalar_t, grad_t, 0, false>, kThreads};
   } else {
@@ -578,7 +590,7 @@ void softmax_pass(SoftmaxArgs<scalar_t, grad_t> a, bool from_probs, const at::Te
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool packed = a.C % kVec == 0 && aligned_to(a.logits, 16) &&
                         (a.grad == nullptr || aligned_to(a.grad, kVec * sizeof(grad_t)));
-    if (smooth) {
+    if (extras) {
       launch = packed ? Launch{softmax_rows_large_kernel<scalar_t, grad_t, kVec, true>, kWarps}
                       : Launch{softmax_rows_large_kernel<scalar_t, grad_t, 1, true>, kWarps};
     } else {
