@@ -161,6 +161,21 @@ def _sigmoid_case(float_targets: bool):
     return build
 
 
+def _weighted_retinanet_case(shape, device, dtype, gen):
+    """mmdet's RetinaNet head as it calls the loss: integer labels (ignored anchors get label C and
+    label_weight 0), per-anchor label_weights (N,), 'mean' with avg_factor = num_pos as a 0-dim
+    device tensor (computed by the assigner, outside the timed call): sum(w * loss) / num_pos."""
+    n, c = shape
+    x = _randn((n, c), device, dtype, gen, scale=2.0, shift=-3.0)
+    labels = _detection_labels(n, c, device, gen, ignore_index=-1)
+    weight = (labels != -1).to(torch.float32)
+    labels = torch.where(labels == -1, c, labels)
+    num_pos = (labels < c).sum().to(torch.float32).clamp(min=1.0)
+    kwargs = dict(alpha=0.25, gamma=2.0, reduction="mean", weight=weight, avg_factor=num_pos)
+    floor = _nbytes(x, labels, weight)
+    return Inputs((x, labels), kwargs, (x,), floor, floor + _nbytes(x))
+
+
 def _segmentation_target(b, c, h, w, device, gen, ignore=255, ignored=0.1):
     t = torch.randint(0, c, (b, h, w), device=device, generator=gen)
     t[torch.rand((b, h, w), device=device, generator=gen) < ignored] = ignore
@@ -224,6 +239,11 @@ CASES = [
     Case("retinanet_float", "sigmoid_focal", "RetinaNet head: anchors x 80, float one-hot targets "
          "(torchvision semantics), reduction='sum'", {"small": (32768, 80), "large": (1048576, 80), "cpu": (262144, 80)},
          _sigmoid_case(True), peers=("torchvision",)),
+    Case("retinanet_weighted", "sigmoid_focal", "RetinaNet head as mmdet calls it: anchors x 80, integer "
+         "labels, per-anchor label_weights (0 on the 8% ignored anchors), 'mean' with avg_factor=num_pos (a 0-dim "
+         "tensor): compare with retinanet_labels (same work plus one weight per row)",
+         {"small": (32768, 80), "large": (1048576, 80), "cpu": (262144, 80)}, _weighted_retinanet_case,
+         peers=("torchvision",)),
     Case("cityscapes_focal", "focal", "Cityscapes-like segmentation: softmax focal gamma=2, 19 classes, "
          "ignore 255 (10% of pixels), mean", {"small": _SEG_SMALL, "large": _SEG_LARGE, "cpu": (4, 19, 128, 256)},
          _segmentation_case("focal", gamma=2.0, ignore_index=255), peers=("cross_entropy",)),
@@ -262,7 +282,8 @@ CASES_BY_NAME = {c.name: c for c in CASES}
 # torch.compile(reference), and the fused and compiled fwd+bwd also at 1 thread (thread scaling).
 SUITES = {
     "cpu": dict(size="cpu", device="cpu", dtypes=["float32"],
-                cases=["classify_focal_80", "retinanet_float", "retinanet_labels", "cityscapes_focal",
+                cases=["classify_focal_80", "retinanet_float", "retinanet_labels", "retinanet_weighted",
+                       "cityscapes_focal",
                        "cityscapes_ohem", "cityscapes_ghmc"],
                 providers=["fused-cpu", "compile", "eager"], scaling=True),
 }
@@ -288,7 +309,21 @@ def _reference_kwargs(loss: str, inp: Inputs) -> dict:
     args = dict(bound.arguments)
     args.pop("backend", None)
     tensors = [args.pop(name) for name in ("logits", "target", "features") if name in args]
-    return getattr(_validate, f"{loss}_args")(*tensors, **args)
+    avg_factor = args.pop("avg_factor", None)
+    kwargs = getattr(_validate, f"{loss}_args")(*tensors, **args)
+    if avg_factor is not None:  # applied by _reference_fn, as the functional layer does: 'sum' / avg_factor
+        kwargs.update(reduction="sum", avg_factor=avg_factor)
+    return kwargs
+
+
+def _reference_fn(loss: str) -> Callable:
+    """reference.<loss>, taking _reference_kwargs's avg_factor (divides its 'sum' by it)."""
+    fn = getattr(reference, loss)
+
+    def with_avg_factor(*args, avg_factor=None, **kwargs):
+        out = fn(*args, **kwargs)
+        return out if avg_factor is None else out / avg_factor
+    return with_avg_factor
 
 
 @dataclass
@@ -306,18 +341,21 @@ def _torchvision_fn(inp: Inputs, c: int):
     if target.is_floating_point():
         return lambda: sigmoid_focal_loss(x, target, alpha=alpha, gamma=gamma, reduction="sum")
     ignore = inp.kwargs.get("ignore_index", -100)
+    weight, avg_factor = inp.kwargs.get("weight"), inp.kwargs.get("avg_factor")
 
     def with_labels():  # what a torchvision user writes for mmdet-style labels: one-hot + ignore mask
         valid = target != ignore
         onehot = F.one_hot(torch.where(valid, target, c), c + 1)[..., :c].to(x.dtype)
         loss = sigmoid_focal_loss(x, onehot, alpha=alpha, gamma=gamma, reduction="none")
+        if weight is not None:  # label_weights and num_pos: reduction='none', multiply, sum, divide
+            return (loss * (valid.to(weight.dtype) * weight)[..., None]).sum() / avg_factor
         return (loss * valid[..., None]).sum()
     return with_labels
 
 
 def make_provider(name: str, case: Case, inp: Inputs, ref_kwargs: dict, device: torch.device) -> Provider:
     x = inp.args[0]
-    ref_fn = getattr(reference, case.loss)
+    ref_fn = _reference_fn(case.loss)
     if name.startswith("fused-"):
         backend = name[len("fused-"):]
         status = fl.backends()[backend]
@@ -932,7 +970,7 @@ def _run_group(case, shape, device, dtype, dname, providers, gen, warmup_s, rep_
     gc.collect()
     inp = case.build(shape, device, dtype, gen)
     ref_kwargs = _reference_kwargs(case.loss, inp)
-    ref_out = _outputs(lambda: getattr(reference, case.loss)(*inp.args, **ref_kwargs), inp)
+    ref_out = _outputs(lambda: _reference_fn(case.loss)(*inp.args, **ref_kwargs), inp)
     shape_s = "x".join(map(str, shape))
     rows, plans = [], []
 

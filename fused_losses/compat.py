@@ -2,11 +2,13 @@
 
     from fused_losses.compat import sigmoid_focal_loss      # torchvision.ops.sigmoid_focal_loss's signature
     from fused_losses.compat import patch_torchvision
+    from fused_losses.compat import MMDetFocalLoss          # mmdet.models.losses.FocalLoss's signature
 
     with patch_torchvision():            # torchvision's RetinaNet head uses the fused loss inside the block
         losses = model(images, targets)
 
 Nothing here imports torchvision at import time; patch_torchvision() imports it when called.
+mmdet is never imported: MMDetFocalLoss reproduces its semantics with the fused kernels.
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ from typing import Callable, Optional
 
 import torch
 
+from torch import nn
+
 from fused_losses import functional as _functional
 
-__all__ = ["sigmoid_focal_loss", "patch_torchvision", "TorchvisionPatch"]
+__all__ = ["sigmoid_focal_loss", "patch_torchvision", "TorchvisionPatch", "MMDetFocalLoss"]
 
 
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2,
@@ -146,3 +150,94 @@ def patch_torchvision() -> TorchvisionPatch:
         previous = getattr(module, _ATTRIBUTE)
         setattr(module, _ATTRIBUTE, sigmoid_focal_loss)
     return TorchvisionPatch(module, previous)
+
+
+# --------------------------------------------------------------------------------------------
+# mmdet's FocalLoss
+# --------------------------------------------------------------------------------------------
+_MMDET_EPS = torch.finfo(torch.float32).eps  # mmdet's weight_reduce_loss adds it to avg_factor
+
+
+class MMDetFocalLoss(nn.Module):
+    """mmdet.models.losses.FocalLoss (mmdet 3.x), computed by the fused sigmoid focal kernels.
+
+    Same constructor and forward signature, same numbers (mmdet's py_sigmoid_focal_loss followed
+    by weight_reduce_loss, times loss_weight), without importing mmdet:
+
+        loss = loss_weight * weight_reduce_loss(focal(pred, target) * weight, reduction, avg_factor)
+        weight_reduce_loss: 'none' -> loss; 'sum' -> loss.sum(); 'mean' -> loss.mean(), or with
+        avg_factor loss.sum() / (avg_factor + float32 eps)
+
+    forward(pred, target, weight=None, avg_factor=None, reduction_override=None):
+        pred: (N, C) logits.
+        target: (N,) integer labels in [0, C], label == C being background (all C outputs
+            negative; mmdet's one_hot(target, C + 1)[:, :C]), or one-hot / soft targets of
+            pred's shape (any dtype; cast to pred's, as mmdet's target.type_as(pred)).
+        weight: mmdet's reshaping: a weight of loss's shape is per element; otherwise one with
+            weight.size(0) == N is per row (mmdet's weight.view(-1, 1), the usual (N,) anchor
+            label_weights), else its numel must be N x C (weight.view(N, -1), FSAF's flattened
+            per-class weights).
+        avg_factor: a number or a 0-dim tensor (e.g. num_pos, also after reduce_mean), used with
+            'mean' only; with 'none' it is ignored and with 'sum' it is a ValueError, as in
+            mmdet. No host sync: the division runs on the device.
+        reduction_override: None, 'none', 'mean' or 'sum'.
+
+    Differences from mmdet: 'mean' and 'sum' of float16/bfloat16 logits return float32 (the
+    fused kernels accumulate in float32; mmdet returns the logits' dtype); ``activated`` (the
+    loss on probabilities) is not offered; alpha may also be C per-class values (mmdet: a float).
+    backend (not in mmdet's signature): as everywhere in fused_losses (None = automatic).
+    """
+
+    def __init__(self, use_sigmoid: bool = True, gamma: float = 2.0, alpha=0.25, reduction: str = "mean",
+                 loss_weight: float = 1.0, backend: Optional[str] = None):
+        super().__init__()
+        if use_sigmoid is not True:
+            raise NotImplementedError("use_sigmoid: mmdet's FocalLoss supports only the sigmoid focal loss "
+                                      "(use_sigmoid=True); for the softmax focal loss use fused_losses.nn.FocalLoss")
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction: unknown reduction {reduction!r}; expected 'none', 'mean' or 'sum'")
+        self.use_sigmoid, self.gamma, self.alpha = use_sigmoid, gamma, alpha
+        self.reduction, self.loss_weight, self.backend = reduction, loss_weight, backend
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None, reduction_override: Optional[str] = None) -> torch.Tensor:
+        if reduction_override not in (None, "none", "mean", "sum"):
+            raise ValueError(f"reduction_override: expected None, 'none', 'mean' or 'sum', got {reduction_override!r}")
+        reduction = reduction_override if reduction_override else self.reduction
+        if isinstance(target, torch.Tensor) and isinstance(pred, torch.Tensor) and target.dim() == pred.dim():
+            target = target.to(pred.dtype)  # one-hot / soft targets: mmdet's target.type_as(pred)
+        if weight is not None:
+            weight = _mmdet_weight(weight, pred)
+        if avg_factor is not None:
+            if reduction == "sum":
+                raise ValueError('avg_factor: can not be used with reduction="sum" (mmdet\'s weight_reduce_loss)')
+            if reduction == "none":
+                avg_factor = None  # mmdet returns the weighted elementwise loss and ignores avg_factor
+            else:
+                avg_factor = avg_factor + _MMDET_EPS
+        loss = _functional.sigmoid_focal(pred, target, alpha=self.alpha, gamma=self.gamma, reduction=reduction,
+                                         weight=weight, avg_factor=avg_factor, backend=self.backend)
+        return loss if self.loss_weight == 1.0 else self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return (f"use_sigmoid={self.use_sigmoid!r}, gamma={self.gamma!r}, alpha={self.alpha!r}, "
+                f"reduction={self.reduction!r}, loss_weight={self.loss_weight!r}, backend={self.backend!r}")
+
+
+def _mmdet_weight(weight: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """mmdet's py_sigmoid_focal_loss reshaping of `weight` to the loss's shape (pred's)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected None or a tensor, got {type(weight).__name__}")
+    if weight.shape == pred.shape:
+        return weight
+    n = pred.shape[0] if pred.dim() else 1
+    if weight.dim() and weight.shape[0] == n:
+        if weight.numel() != n:
+            raise ValueError(f"weight: shape {tuple(weight.shape)} with size(0) == N = {n} is taken per row "
+                             f"(mmdet's weight.view(-1, 1)) and needs N values, got {weight.numel()}")
+        return weight.reshape(pred.shape[:1])
+    if weight.numel() != pred.numel():
+        raise ValueError(f"weight: shape {tuple(weight.shape)} is neither the loss's shape {tuple(pred.shape)}, nor "
+                         f"per row (size(0) == N = {n}), nor N x C = {pred.numel()} values (mmdet's "
+                         "weight.view(N, -1))")
+    return weight.reshape(pred.shape)

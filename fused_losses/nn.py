@@ -1,5 +1,9 @@
 """nn.Module wrappers of the functional API (same defaults as the functions).
 
+Per-call data goes to forward: ``loss(logits, target, weight=None, avg_factor=None)`` (sample
+weights and the 'mean' denominator change with every batch); per-loss settings go to the
+constructor (label_smoothing, per-class alpha, GHM-C's process_group).
+
 Per-class tensors (alpha, weight) and GHM-C's EMA state are registered as float32 buffers, so
 ``module.to(device)`` moves them once instead of copying a Python list to the device on every
 call. Dtype casts of the model that owns them never round them: ``model.half()`` and
@@ -78,49 +82,59 @@ class FocalLoss(_Float32Buffers):
         reduction: 'none' | 'mean' (over non-ignored samples) | 'sum'. Default 'mean'.
         from_logits: False when the input already holds probabilities.
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+        label_smoothing: eps in [0, 1] (F.cross_entropy's meaning at gamma=0). Default 0.0.
 
-    forward(logits, target): logits (N, C) or (N, C, d1, ...), target (N,) or (N, d1, ...)
-    int64/int32 class indices.
+    forward(logits, target, weight=None, avg_factor=None): logits (N, C) or (N, C, d1, ...),
+    target (N,) or (N, d1, ...) int64/int32 class indices; weight per sample (broadcastable to
+    the target's shape), avg_factor (reduction='mean' only): see :func:`fused_losses.focal`.
     """
 
     def __init__(self, gamma: float = 2.0, alpha=None, ignore_index: int = -100, reduction: str = "mean",
-                 from_logits: bool = True, backend: Optional[str] = None):
+                 from_logits: bool = True, backend: Optional[str] = None, label_smoothing: float = 0.0):
         super().__init__()
         self.gamma, self.ignore_index, self.reduction = gamma, ignore_index, reduction
-        self.from_logits, self.backend = from_logits, backend
+        self.from_logits, self.backend, self.label_smoothing = from_logits, backend, label_smoothing
         _class_buffer(self, "alpha", alpha)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None) -> torch.Tensor:
         return F.focal(logits, target, gamma=self.gamma, alpha=self.alpha, ignore_index=self.ignore_index,
-                       reduction=self.reduction, from_logits=self.from_logits, backend=self.backend)
+                       reduction=self.reduction, from_logits=self.from_logits, backend=self.backend, weight=weight,
+                       avg_factor=avg_factor, label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
-        return _extra_repr(self, ("gamma", "alpha", "ignore_index", "reduction", "from_logits", "backend"))
+        return _extra_repr(self, ("gamma", "alpha", "ignore_index", "reduction", "from_logits", "backend",
+                                  "label_smoothing"))
 
 
-class SigmoidFocalLoss(nn.Module):
+class SigmoidFocalLoss(_Float32Buffers):
     """Sigmoid focal loss (torchvision's formula, elementwise); see :func:`fused_losses.sigmoid_focal`.
 
     Args:
         alpha: weight of positives (negatives get 1 - alpha); < 0 disables it. Default 0.25.
+            Or C per-class alphas in [0, 1] (a float32 buffer ``alpha``, like FocalLoss's).
         gamma: focusing parameter >= 0. Default 2.0.
         ignore_index: integer label of rows to ignore. Default -100.
         reduction: 'none' (default, like torchvision) | 'mean' | 'sum'.
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
 
-    forward(logits, target): logits (..., C); target a float tensor of the logits' shape or
-    integer labels of shape logits.shape[:-1] (label == C is background).
+    forward(logits, target, weight=None, avg_factor=None): logits (..., C); target a float
+    tensor of the logits' shape or integer labels of shape logits.shape[:-1] (label == C is
+    background); weight per row (logits.shape[:-1]) or per element (logits.shape); avg_factor
+    with reduction='mean' (e.g. num_pos): see :func:`fused_losses.sigmoid_focal`.
     """
 
-    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, ignore_index: int = -100, reduction: str = "none",
+    def __init__(self, alpha=0.25, gamma: float = 2.0, ignore_index: int = -100, reduction: str = "none",
                  backend: Optional[str] = None):
         super().__init__()
-        self.alpha, self.gamma, self.ignore_index = alpha, gamma, ignore_index
+        self.gamma, self.ignore_index = gamma, ignore_index
         self.reduction, self.backend = reduction, backend
+        _class_buffer(self, "alpha", alpha)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None) -> torch.Tensor:
         return F.sigmoid_focal(logits, target, alpha=self.alpha, gamma=self.gamma, ignore_index=self.ignore_index,
-                               reduction=self.reduction, backend=self.backend)
+                               reduction=self.reduction, backend=self.backend, weight=weight, avg_factor=avg_factor)
 
     def extra_repr(self) -> str:
         return _extra_repr(self, ("alpha", "gamma", "ignore_index", "reduction", "backend"))
@@ -136,22 +150,30 @@ class OHEMLoss(nn.Module):
         ignore_index: target value to ignore. Default -100.
         reduction: 'none' | 'mean' (over kept samples) | 'sum'. Default 'mean'.
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+        label_smoothing: eps in [0, 1] for the kept samples' cross entropy (the selection ranks
+            the unsmoothed one). Default 0.0.
 
-    forward(logits, target): softmax-family shapes, as :class:`FocalLoss`.
+    forward(logits, target, weight=None, avg_factor=None): softmax-family shapes, as
+    :class:`FocalLoss`.
     """
 
     def __init__(self, keep: Union[float, int] = 0.25, thresh: Optional[float] = None, min_kept: Optional[int] = None,
-                 ignore_index: int = -100, reduction: str = "mean", backend: Optional[str] = None):
+                 ignore_index: int = -100, reduction: str = "mean", backend: Optional[str] = None,
+                 label_smoothing: float = 0.0):
         super().__init__()
         self.keep, self.thresh, self.min_kept = keep, thresh, min_kept
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.label_smoothing = label_smoothing
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None) -> torch.Tensor:
         return F.ohem(logits, target, keep=self.keep, thresh=self.thresh, min_kept=self.min_kept,
-                      ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+                      ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend, weight=weight,
+                      avg_factor=avg_factor, label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
-        return _extra_repr(self, ("keep", "thresh", "min_kept", "ignore_index", "reduction", "backend"))
+        return _extra_repr(self, ("keep", "thresh", "min_kept", "ignore_index", "reduction", "backend",
+                                  "label_smoothing"))
 
 
 class GHMCLoss(_Float32Buffers):
@@ -172,27 +194,39 @@ class GHMCLoss(_Float32Buffers):
         ignore_index: target value to ignore. Default -100.
         reduction: 'none' | 'mean' (over valid entries) | 'sum'. Default 'mean'.
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+        label_smoothing: eps in [0, 1], use_sigmoid=False only. Default 0.0.
+        process_group: a torch.distributed group whose ranks share one histogram: the bin
+            counts are all-reduced before the weights and the EMA update, so ``acc_sum`` stays
+            identical on every rank. Default None (this rank's batch only).
+
+    forward(logits, target, weight=None, avg_factor=None): a zero weight drops the entry (mmdet's
+    label_weight mask); see :func:`fused_losses.ghmc`.
     """
 
     _float32_only = ("acc_sum",)
 
     def __init__(self, bins: int = 10, momentum: float = 0.75, use_sigmoid: bool = True, ignore_index: int = -100,
-                 reduction: str = "mean", backend: Optional[str] = None):
+                 reduction: str = "mean", backend: Optional[str] = None, label_smoothing: float = 0.0,
+                 process_group=None):
         super().__init__()
         if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 2 ** 63 - 1:
             raise ValueError(f"bins: must be an int >= 1 that fits in int64, got {bins!r}")
         self.bins = bins
         self.momentum = _real("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
         self.use_sigmoid, self.ignore_index, self.reduction, self.backend = use_sigmoid, ignore_index, reduction, backend
+        self.label_smoothing, self.process_group = label_smoothing, process_group
         self.register_buffer("acc_sum", torch.zeros(bins, dtype=torch.float32))
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None) -> torch.Tensor:
         return F.ghmc(logits, target, bins=self.bins, momentum=self.momentum,
                       state=self.acc_sum if self.momentum > 0 else None, use_sigmoid=self.use_sigmoid,
-                      ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+                      ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend, weight=weight,
+                      avg_factor=avg_factor, label_smoothing=self.label_smoothing, process_group=self.process_group)
 
     def extra_repr(self) -> str:
-        return _extra_repr(self, ("bins", "momentum", "use_sigmoid", "ignore_index", "reduction", "backend"))
+        return _extra_repr(self, ("bins", "momentum", "use_sigmoid", "ignore_index", "reduction", "backend",
+                                  "label_smoothing", "process_group"))
 
 
 class IBLoss(_Float32Buffers):

@@ -59,8 +59,8 @@ def test_cpu_suite_is_the_cpu_kernel_issue_cases():
     shapes = {name: bench.CASES_BY_NAME[name].shapes["cpu"] for name in suite["cases"]}
     seg = (4, 19, 128, 256)
     assert shapes == {"classify_focal_80": (262144, 80), "retinanet_float": (262144, 80),
-                      "retinanet_labels": (262144, 80), "cityscapes_focal": seg, "cityscapes_ohem": seg,
-                      "cityscapes_ghmc": seg}
+                      "retinanet_labels": (262144, 80), "retinanet_weighted": (262144, 80), "cityscapes_focal": seg,
+                      "cityscapes_ohem": seg, "cityscapes_ghmc": seg}
     gen = torch.Generator().manual_seed(0)
     tiny = {"classify_focal_80": (16, 80), "retinanet_float": (16, 80), "retinanet_labels": (16, 80),
             "cityscapes_focal": (1, 19, 4, 8)}
@@ -72,6 +72,16 @@ def test_cpu_suite_is_the_cpu_kernel_issue_cases():
     assert not labels.args[1].is_floating_point() and labels.kwargs["reduction"] == "sum"
     ignored = (labels.args[1] == labels.kwargs["ignore_index"]).double().mean().item()
     assert 0.06 < ignored < 0.10  # ~8% of the anchors ignored
+    # mmdet's RetinaNet call: ignored anchors get label C and weight 0, 'mean' with avg_factor = num_pos
+    weighted = bench.CASES_BY_NAME["retinanet_weighted"].build((4096, 80), torch.device("cpu"), torch.float32, gen)
+    x, lab = weighted.args
+    kw = weighted.kwargs
+    assert kw["reduction"] == "mean" and kw["weight"].shape == (4096,) and kw["avg_factor"].dim() == 0
+    assert int(lab.max()) == 80 and 0.06 < float((kw["weight"] == 0).double().mean()) < 0.10
+    assert float(kw["avg_factor"]) == float((lab < 80).sum())
+    ref = bench._reference_fn("sigmoid_focal")(x, lab, **bench._reference_kwargs("sigmoid_focal", weighted))
+    want = fl.sigmoid_focal(x.double(), lab, reduction="none", backend="reference")
+    assert torch.allclose(ref.double(), (want * kw["weight"][:, None]).sum() / kw["avg_factor"], rtol=1e-5)
     assert bench.CASES_BY_NAME["cityscapes_focal"].loss == "focal"
     assert built["cityscapes_focal"].kwargs["ignore_index"] == 255
     # the segmentation OHEM / GHM-C cases at the suite's shape: mmseg's thresh 0.7 with min_kept 6250 per
@@ -113,7 +123,7 @@ def test_every_case_builds_and_validates(case):
     tiny = (16, shape[1]) if len(shape) == 2 else (1, shape[1], 4, 8)  # keep the class count
     inp = c.build(tiny, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(0))
     kwargs = bench._reference_kwargs(c.loss, inp)
-    loss = getattr(bench.reference, c.loss)(*inp.args, **kwargs)
+    loss = bench._reference_fn(c.loss)(*inp.args, **kwargs)
     assert loss.dim() == 0 and inp.floor_fwdbwd > inp.floor_fwd > 0
 
 

@@ -1,7 +1,8 @@
-"""fused_losses.compat (torchvision adapter, RetinaNet patch), fused_losses.distributed.reduce_mean
-and examples/retinanet.py.
+"""fused_losses.compat (torchvision adapter, RetinaNet patch, mmdet's FocalLoss),
+fused_losses.distributed.reduce_mean and examples/retinanet.py.
 
-Ground truth: torchvision.ops.sigmoid_focal_loss on float64 inputs (the peer formula itself).
+Ground truth: torchvision.ops.sigmoid_focal_loss on float64 inputs (the peer formula itself);
+for MMDetFocalLoss, mmdet's py_sigmoid_focal_loss + weight_reduce_loss written out below.
 """
 from __future__ import annotations
 
@@ -286,6 +287,113 @@ def test_retinanet_example_tiny(fused_calls, pristine_retinanet, capsys, tv_reti
         assert s["classification"] > 0
     assert len(result["stock"]) == steps
     assert result["max_param_diff"] <= 1e-5, result["max_param_diff"]
+
+
+# --------------------------------------------------------------------------------------------
+# MMDetFocalLoss: mmdet 3.x FocalLoss semantics
+# --------------------------------------------------------------------------------------------
+MMDET_EPS = torch.finfo(torch.float32).eps
+
+
+def mmdet_focal_loss(pred, target, weight=None, gamma=2.0, alpha=0.25, reduction="mean", avg_factor=None,
+                     loss_weight=1.0):
+    """mmdet.models.losses.FocalLoss.forward (use_sigmoid=True, CPU path), written out: integer
+    labels -> one_hot(target, C + 1)[:, :C]; py_sigmoid_focal_loss with its weight reshaping;
+    weight_reduce_loss (avg_factor + float32 eps for 'mean'; ignored for 'none')."""
+    if pred.dim() != target.dim():
+        num_classes = pred.size(1)
+        target = torch.nn.functional.one_hot(target, num_classes=num_classes + 1)[:, :num_classes]
+    pred_sigmoid = pred.sigmoid()
+    target = target.type_as(pred)
+    pt = (1 - pred_sigmoid) * target + pred_sigmoid * (1 - target)
+    focal_weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(pred, target, reduction="none") * focal_weight
+    if weight is not None:
+        if weight.shape != loss.shape:
+            if weight.size(0) == loss.size(0):
+                weight = weight.view(-1, 1)
+            else:
+                assert weight.numel() == loss.numel()
+                weight = weight.view(loss.size(0), -1)
+        assert weight.ndim == loss.ndim
+        loss = loss * weight
+    if avg_factor is None:
+        loss = {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+    elif reduction == "mean":
+        loss = loss.sum() / (avg_factor + MMDET_EPS)
+    elif reduction != "none":
+        raise ValueError('avg_factor can not be used with reduction="sum"')
+    return loss_weight * loss
+
+
+def _mmdet_case(n=30, c=6, seed=0, kind="labels"):
+    g = torch.Generator().manual_seed(seed)
+    pred = 2.0 * torch.randn(n, c, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, c + 1, (n,), generator=g)  # c: background
+    if kind == "labels":
+        return pred, labels
+    onehot = torch.nn.functional.one_hot(labels, c + 1)[:, :c]
+    return pred, (onehot if kind == "onehot_long" else onehot.double() * (0.9 if kind == "soft" else 1.0))
+
+
+MMDET_BACKENDS = ["reference", "cpu"]
+
+
+@pytest.mark.parametrize("backend", MMDET_BACKENDS)
+@pytest.mark.parametrize("kind", ["labels", "onehot", "onehot_long", "soft"])
+@pytest.mark.parametrize("wkind", [None, "row", "element", "flat"])
+@pytest.mark.parametrize("reduction, avg_factor", [("mean", None), ("sum", None), ("none", None), ("mean", 7.0),
+                                                    ("mean", "tensor"), ("mean", 0), ("none", 3.0)])
+def test_mmdet_focal_loss_matches_mmdet(backend, kind, wkind, reduction, avg_factor):
+    pred, target = _mmdet_case(kind=kind, seed=len(kind))
+    n, c = pred.shape
+    g = torch.Generator().manual_seed(5)
+    weight = {None: None, "row": (torch.rand(n, generator=g) > 0.3).double(),
+              "element": torch.rand(n, c, generator=g, dtype=torch.float64),
+              "flat": torch.rand(n * c, generator=g, dtype=torch.float64)}[wkind]
+    if avg_factor == "tensor":
+        avg_factor = torch.tensor(12.0, dtype=torch.float64)  # a 0-dim tensor, e.g. after reduce_mean
+    module = compat.MMDetFocalLoss(gamma=1.5, alpha=0.3, loss_weight=2.0, backend=backend)
+    x1, x2 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    ours = module(x1, target, weight=weight, avg_factor=avg_factor, reduction_override=reduction)
+    peer = mmdet_focal_loss(x2, target, weight, gamma=1.5, alpha=0.3, reduction=reduction, avg_factor=avg_factor,
+                            loss_weight=2.0)
+    assert ours.shape == peer.shape
+    assert_rel_close(ours, peer, 1e-12, f"MMDetFocalLoss vs mmdet ({kind}, {wkind}, {reduction}, {avg_factor})")
+    cot = torch.randn(peer.shape, generator=g, dtype=torch.float64)
+    (g1,), (g2,) = torch.autograd.grad(ours, x1, cot), torch.autograd.grad(peer, x2, cot)
+    assert_rel_close(g1, g2, 1e-12, "grad")
+
+
+def test_mmdet_focal_loss_signature_and_errors():
+    init = inspect.signature(compat.MMDetFocalLoss.__init__).parameters
+    assert [(k, p.default) for k, p in init.items() if k != "self"][:5] == [
+        ("use_sigmoid", True), ("gamma", 2.0), ("alpha", 0.25), ("reduction", "mean"), ("loss_weight", 1.0)]
+    fwd = inspect.signature(compat.MMDetFocalLoss.forward).parameters
+    assert list(fwd)[1:] == ["pred", "target", "weight", "avg_factor", "reduction_override"]
+    with pytest.raises(NotImplementedError, match="use_sigmoid"):
+        compat.MMDetFocalLoss(use_sigmoid=False)
+    pred, labels = _mmdet_case()
+    module = compat.MMDetFocalLoss(backend="reference")
+    with pytest.raises(ValueError, match="avg_factor"):
+        module(pred, labels, avg_factor=3.0, reduction_override="sum")
+    with pytest.raises(ValueError, match="reduction_override"):
+        module(pred, labels, reduction_override="max")
+    with pytest.raises(ValueError, match="^weight: shape"):
+        module(pred, labels, weight=torch.ones(7))
+    # the default reduction is 'mean' = loss.mean(), as mmdet (not sigmoid_focal's 'none')
+    assert module(pred, labels).dim() == 0
+    assert "loss_weight=1.0" in repr(module)
+
+
+def test_mmdet_focal_loss_avg_factor_tensor_no_host_read(monkeypatch):
+    """A 0-dim avg_factor tensor is divided on the device: its value is never read on the host."""
+    pred, labels = _mmdet_case()
+    af = torch.tensor(5.0, dtype=torch.float64)
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(self) or 0.0)
+    out = compat.MMDetFocalLoss(backend="reference")(pred, labels, avg_factor=af)
+    assert not calls and out.dim() == 0
 
 
 # --------------------------------------------------------------------------------------------

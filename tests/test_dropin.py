@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import fused_losses as fl
 from fused_losses import _validate, reference
+from tests.test_reference import _mmdet_ghmc  # mmdet's GHMC.forward written out (label_weight > 0 mask)
 from tests.test_compiled_backends import _DEFAULTS, CPU, CUDA, CUDA_EMU, Device, _assert_accurate, \
     _reference_loss_and_grad
 from tests.utils import LOW_PRECISION, assert_rel_close, loss_and_grad, sigmoid_case, softmax_case
@@ -206,33 +207,6 @@ def test_reference_per_class_sigmoid_alpha(kind):
     assert_rel_close(same, _ref(fl.sigmoid_focal, logits, target, alpha=0.25, reduction="sum"), EXACT, "constant")
 
 
-def mmdet_ghmc(pred, target, label_weight, bins=10, momentum=0.0, acc_sum=None, reduction="mean"):
-    """mmdet.models.losses.GHMC.forward (3.x), written out (loss_weight 1): label_weight > 0 is
-    the valid mask, bins by edges i / bins (last edge + 1e-6), weights tot / count / n,
-    weight_reduce_loss(..., avg_factor=tot) for 'mean'."""
-    edges = torch.arange(bins + 1, dtype=F64) / bins
-    edges[-1] += 1e-6
-    weights = torch.zeros_like(pred)
-    g = (pred.detach().float().sigmoid() - target.float()).abs().to(F64)  # g in float32, like the fused losses
-    valid = label_weight > 0
-    tot = max(valid.float().sum().item(), 1.0)
-    n = 0
-    for i in range(bins):
-        inds = (g >= edges[i]) & (g < edges[i + 1]) & valid
-        num_in_bin = inds.sum().item()
-        if num_in_bin > 0:
-            if momentum > 0:
-                acc_sum[i] = momentum * acc_sum[i] + (1 - momentum) * num_in_bin
-                weights[inds] = tot / acc_sum[i]
-            else:
-                weights[inds] = tot / num_in_bin
-            n += 1
-    if n > 0:
-        weights = weights / n
-    loss = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
-    return weight_reduce_loss(loss, weights, reduction, avg_factor=tot if reduction == "mean" else None)
-
-
 @pytest.mark.parametrize("wkind", ["row", "element"])
 @pytest.mark.parametrize("momentum", [0.0, 0.75])
 def test_reference_ghmc_weight_is_mmdet_label_weight(wkind, momentum):
@@ -248,7 +222,7 @@ def test_reference_ghmc_weight_is_mmdet_label_weight(wkind, momentum):
         x = (logits * (1 + step)).clone()
         x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         ours = _ref(fl.ghmc, x1, target, momentum=momentum, state=state if momentum else None, weight=mask)
-        peer = mmdet_ghmc(x2, target, dense_mask, momentum=momentum, acc_sum=acc_sum)
+        peer = _mmdet_ghmc(x2, target, dense_mask, 10, acc_sum=acc_sum, mmt=momentum)
         assert_rel_close(ours, peer, EXACT, f"ghmc(weight) vs mmdet GHMC step {step}")
         (g1,), (g2,) = torch.autograd.grad(ours, x1), torch.autograd.grad(peer, x2)
         assert_rel_close(g1, g2, EXACT, "grad")
@@ -371,6 +345,38 @@ def test_reference_avg_factor_is_sum_over_avg_factor(loss):
     af = torch.tensor(2.0, dtype=F64, requires_grad=True)
     (g,) = torch.autograd.grad(_ref(fn, logits, target, reduction="mean", avg_factor=af), af)
     assert_rel_close(g, -total / 4.0, EXACT, "d / d avg_factor")
+
+
+def test_reference_nn_modules_take_the_extras():
+    """nn modules: weight/avg_factor per forward call, label_smoothing / per-class alpha /
+    process_group from the constructor; the same numbers as the functions."""
+    x, t = softmax_case((2, 4, 3, 5), F64, ignore_frac=0.2, ignore_index=255, seed=3)
+    w = _weights(t.shape, seed=1).to(F64)
+    af = torch.tensor(6.0, dtype=F64)
+    module = fl.nn.FocalLoss(gamma=1.0, alpha=[1.0, 0.5, 2.0, 1.5], ignore_index=255, label_smoothing=0.1,
+                             backend="reference").double()
+    want = _ref(fl.focal, x, t, gamma=1.0, alpha=[1.0, 0.5, 2.0, 1.5], ignore_index=255, label_smoothing=0.1,
+                weight=w, avg_factor=af)
+    assert_rel_close(module(x, t, weight=w, avg_factor=af), want, EXACT, "FocalLoss")
+    assert_rel_close(module(x, t, w, af), want, EXACT, "FocalLoss, positional")
+    ohem = fl.nn.OHEMLoss(keep=0.5, ignore_index=255, label_smoothing=0.2, backend="reference")
+    assert_rel_close(ohem(x, t, weight=w), _ref(fl.ohem, x, t, keep=0.5, ignore_index=255, label_smoothing=0.2,
+                                                weight=w), EXACT, "OHEMLoss")
+    xs, ls = sigmoid_case((7, 4), F64, kind="labels", seed=2)
+    sig = fl.nn.SigmoidFocalLoss(alpha=[0.1, 0.2, 0.3, 0.4], reduction="mean", backend="reference")
+    assert sig.alpha.dtype == torch.float32 and "alpha" in dict(sig.named_buffers())
+    rows = _weights((7,), seed=4).to(F64)
+    # the buffer holds the float32-rounded alphas (nn module convention)
+    want = _ref(fl.sigmoid_focal, xs, ls, alpha=sig.alpha.double(), reduction="mean", weight=rows, avg_factor=3)
+    assert_rel_close(sig.double()(xs, ls, weight=rows, avg_factor=3), want, EXACT, "SigmoidFocalLoss")
+    ghmc = fl.nn.GHMCLoss(momentum=0.5, use_sigmoid=False, label_smoothing=0.1, backend="reference")
+    state = torch.zeros(10)
+    for _ in range(2):
+        got = ghmc(x, t.masked_fill(t == 255, -100), weight=w)
+        want = _ref(fl.ghmc, x, t.masked_fill(t == 255, -100), momentum=0.5, state=state, use_sigmoid=False,
+                    label_smoothing=0.1, weight=w)
+        assert_rel_close(got, want, EXACT, "GHMCLoss")
+    assert torch.equal(ghmc.acc_sum, state)
 
 
 # ============================================================================================
@@ -630,3 +636,41 @@ def test_backend_zero_weight_selects_zero(dev, name):
         assert torch.isfinite(out).all() and torch.isfinite(grad).all(), f"{name} {reduction}: NaN leaked"
         assert torch.equal(grad[[1, 4, 6]], torch.zeros_like(grad[[1, 4, 6]]))
         assert torch.equal(out, want) and torch.equal(grad, want_grad), f"{name} {reduction}"
+
+
+def _compile_cases():
+    x, t = _softmax(((6, 5, 2, 3)), seed=1)
+    xs, ls = sigmoid_case((9, 4), kind="labels", seed=2)
+    w, rows = _weights(t.shape, seed=3), _weights((9,), seed=4)
+    return [
+        ("focal", x, t, dict(weight=w, avg_factor=torch.tensor(3.0), label_smoothing=0.1, alpha=[1.0, 2, 1, 1, 0.5],
+                             ignore_index=255)),
+        ("ohem", x, t, dict(weight=w, label_smoothing=0.2, keep=0.5, ignore_index=255)),
+        ("ghmc", x, t, dict(weight=w, use_sigmoid=False, label_smoothing=0.1, ignore_index=255)),
+        ("sigmoid_focal", xs, ls, dict(alpha=torch.tensor([0.1, 0.2, 0.3, 0.4]), weight=rows, reduction="mean",
+                                       avg_factor=2.0)),
+        ("ghmc", xs, ls, dict(weight=rows)),
+    ]
+
+
+_COMPILE_PARAMS = [pytest.param(dev, i, id=f"{dev.name}-{i}-{case[0]}") for dev in (REFERENCE, CPU, CUDA_EMU, CUDA)
+                   if dev.available for i, case in enumerate(_compile_cases())]
+
+
+@pytest.mark.parametrize("dev, index", _COMPILE_PARAMS)
+def test_backend_compile_fullgraph_with_extras(dev, index):
+    """torch.compile(fullgraph=True) of a call with the extras: the same loss and gradient as
+    eager (the weight and avg_factor are graph inputs; no host read while tracing)."""
+    loss, logits, target, kwargs = _compile_cases()[index]
+    fn = getattr(fl, loss)
+    move = lambda v: v.to(dev.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    kw = {k: move(v) for k, v in kwargs.items()}
+    x, t = logits.to(dev.device), target.to(dev.device)
+
+    def call(x, t):
+        return fn(x, t, backend=dev.backend, **kw)
+    torch._dynamo.reset()
+    got, got_grad = loss_and_grad(torch.compile(call, fullgraph=True), x, t)
+    want, want_grad = loss_and_grad(call, x, t)
+    assert_rel_close(got, want, 1e-6, "loss")
+    assert_rel_close(got_grad, want_grad, 1e-6, "grad")

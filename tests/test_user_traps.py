@@ -186,6 +186,10 @@ MODULES = [
     (fl.nn.IBLoss, dict(alpha=500.0, epsilon=0.01, weight=[1.0, 2.0, 0.5], detach_factor=True, reduction="sum",
                         backend="reference", gamma=0.5), "weight=[1.0, 2.0, 0.5]"),
     (fl.nn.IBFocalLoss, dict(alpha=10.0, gamma=2.0), "gamma=2.0"),
+    (fl.nn.FocalLoss, dict(alpha=[1.0, 2.0], label_smoothing=0.1), "label_smoothing=0.1"),
+    (fl.nn.SigmoidFocalLoss, dict(alpha=[0.25, 0.5, 0.75]), "alpha=[0.25, 0.5, 0.75]"),
+    (fl.nn.OHEMLoss, dict(keep=0.5, label_smoothing=0.2), "label_smoothing=0.2"),
+    (fl.nn.GHMCLoss, dict(use_sigmoid=False, label_smoothing=0.05), "label_smoothing=0.05"),
 ]
 
 
