@@ -416,7 +416,8 @@ def _sigmoid_alpha(alpha, c: int, logits: torch.Tensor, validate):
 
 
 def _extras(**extras) -> dict[str, Any]:
-    """The extras a backend receives, only where they differ from their defaults (a call without
+    """(avg_factor is checked by each *_args function but never returned: the functional layer
+    applies it, see avg_factor_arg.) The extras a backend receives, only where they differ from their defaults (a call without
     them is the plain loss, and backends that predate them keep working)."""
     return {k: v for k, v in extras.items() if v is not None and not (k == "label_smoothing" and v == 0.0)}
 
@@ -425,8 +426,9 @@ def _extras(**extras) -> dict[str, Any]:
 # Per-loss argument sets
 # --------------------------------------------------------------------------------------------
 def focal_args(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits, validate, weight=None,
-               label_smoothing=0.0) -> dict[str, Any]:
+               label_smoothing=0.0, avg_factor=None) -> dict[str, Any]:
     c, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
+    avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
     from_logits = _bool("from_logits", from_logits)
     return dict(gamma=_real("gamma", gamma, low=0.0), alpha=_alpha(alpha, c, logits, validate),
                 ignore_index=ignore_index, reduction=reduction_arg(reduction), from_logits=from_logits,
@@ -435,16 +437,18 @@ def focal_args(logits, target, *, gamma, alpha, ignore_index, reduction, from_lo
 
 
 def sigmoid_focal_args(logits, target, *, alpha, gamma, ignore_index, reduction, validate,
-                       weight=None) -> dict[str, Any]:
+                       weight=None, avg_factor=None) -> dict[str, Any]:
     c, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate)
+    avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
     return dict(alpha=_sigmoid_alpha(alpha, c, logits, validate), gamma=_real("gamma", gamma, low=0.0),
                 ignore_index=ignore_index, reduction=reduction_arg(reduction),
                 **_extras(weight=_sigmoid_weight(weight, logits, validate)))
 
 
 def ohem_args(logits, target, *, keep, thresh, min_kept, ignore_index, reduction, validate, weight=None,
-              label_smoothing=0.0) -> dict[str, Any]:
+              label_smoothing=0.0, avg_factor=None) -> dict[str, Any]:
     _, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
+    avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
     if not _is_real(keep):
         _type_error("keep", f"expected a float in (0, 1] or an int >= 1, got {type(keep).__name__}")
     if _is_int(keep):
@@ -471,12 +475,13 @@ def ohem_args(logits, target, *, keep, thresh, min_kept, ignore_index, reduction
 
 
 def ghmc_args(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction, validate,
-              weight=None, label_smoothing=0.0, process_group=None) -> dict[str, Any]:
+              weight=None, label_smoothing=0.0, process_group=None, avg_factor=None) -> dict[str, Any]:
     use_sigmoid = _bool("use_sigmoid", use_sigmoid)
     if use_sigmoid:
         _, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate)
     else:
         _, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
+    avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
     bins = _int("bins", bins, low=1)
     momentum = _real("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
     if state is None:

@@ -5,8 +5,8 @@ averages the gradients. That is right for per-sample losses, but a normaliser ta
 batch, such as a detection head's number of positive anchors (num_pos), must be the global one,
 or each rank divides by a different count. mmdet averages it over ranks with reduce_mean:
 
-    num_pos = reduce_mean(torch.tensor(float(n_pos_local), device=logits.device)).clamp(min=1.0)
-    loss = fl.sigmoid_focal(logits, labels, reduction="sum") / num_pos
+    num_pos = reduce_mean((labels < C).sum().float()).clamp(min=1.0)   # a device tensor: no host sync
+    loss = fl.sigmoid_focal(logits, labels, weight=label_weights, reduction="mean", avg_factor=num_pos)
 
 With DDP's gradient averaging, every rank's gradient is then that of sum over all ranks /
 sum of num_pos over all ranks, i.e. the single-process loss on the whole batch.

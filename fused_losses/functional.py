@@ -35,6 +35,7 @@ __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights"]
 
 
 def _run(loss: str, backend, logits: torch.Tensor, *tensors, avg_factor=None, **kwargs) -> torch.Tensor:
+    # avg_factor was checked by the loss's _validate.*_args; this only normalises it (no host read)
     avg_factor = _validate.avg_factor_arg(avg_factor, kwargs["reduction"], logits)
     requested = _validate.backend_arg(backend)
     if loss in ("sigmoid_focal", "ghmc"):  # float targets: only 'reference' differentiates them
@@ -79,7 +80,7 @@ def focal(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alp
     """
     kwargs = _validate.focal_args(logits, target, gamma=gamma, alpha=alpha, ignore_index=ignore_index,
                                   reduction=reduction, from_logits=from_logits, validate=validate, weight=weight,
-                                  label_smoothing=label_smoothing)
+                                  label_smoothing=label_smoothing, avg_factor=avg_factor)
     return _run("focal", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 
@@ -112,7 +113,8 @@ def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: SigmoidA
     no target gradient); asking for 'cpu', 'triton' or 'cuda' explicitly then raises RuntimeError.
     """
     kwargs = _validate.sigmoid_focal_args(logits, target, alpha=alpha, gamma=gamma, ignore_index=ignore_index,
-                                          reduction=reduction, validate=validate, weight=weight)
+                                          reduction=reduction, validate=validate, weight=weight,
+                                          avg_factor=avg_factor)
     return _run("sigmoid_focal", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 
@@ -136,7 +138,7 @@ def ohem(logits: torch.Tensor, target: torch.Tensor, *, keep: Union[float, int] 
     """
     kwargs = _validate.ohem_args(logits, target, keep=keep, thresh=thresh, min_kept=min_kept,
                                  ignore_index=ignore_index, reduction=reduction, validate=validate, weight=weight,
-                                 label_smoothing=label_smoothing)
+                                 label_smoothing=label_smoothing, avg_factor=avg_factor)
     return _run("ohem", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 
@@ -177,7 +179,7 @@ def ghmc(logits: torch.Tensor, target: torch.Tensor, *, bins: int = 10, momentum
     """
     kwargs = _validate.ghmc_args(logits, target, bins=bins, momentum=momentum, state=state, use_sigmoid=use_sigmoid,
                                  ignore_index=ignore_index, reduction=reduction, validate=validate, weight=weight,
-                                 label_smoothing=label_smoothing, process_group=process_group)
+                                 label_smoothing=label_smoothing, process_group=process_group, avg_factor=avg_factor)
     return _run("ghmc", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 
