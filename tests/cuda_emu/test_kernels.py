@@ -146,7 +146,7 @@ def test_ohem_channel_second_logits(thresh):
 # zero-weight-is-invalid rule, ghmc_bin_counts) on the kernels directly, against float64
 # formulas written out here (the semantics of fused_losses/reference.py; the cross-backend
 # matrix is tests/test_dropin.py). Kernel paths: (9, 5) the register row kernel, (6, 150) the
-# warp-per-row kernel, (2, 5, 3, 4) the channel-second kernel; label smoothing runs the kSmooth
+# warp-per-row kernel, (2, 5, 3, 4) the channel-second kernel; weights and label smoothing run the kExtras
 # sweep instances of the last two whatever C.
 # --------------------------------------------------------------------------------------------
 SOFTMAX_SHAPES = [(9, 5), (6, 150), (2, 5, 3, 4)]
