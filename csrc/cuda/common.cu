@@ -32,33 +32,56 @@ __global__ void __launch_bounds__(kThreads) finish_loss_kernel(const double* __r
   }
 }
 
-// count[0] += number of i < n with target[i] a valid index: != ignore_index and in [0, upper)
-// (count zeroed by the caller). Out-of-range targets are not counted: the loss kernels assert on
+// count[0] += spec.mult x the number of valid entries i < n (CountSpec, common.cuh: target
+// value target[i / per_target] != ignore_index and in [0, upper), weight[i] != 0 when given;
+// count zeroed by the caller). Out-of-range targets are not counted: the loss kernels assert on
 // them and treat the row as ignored, so the 'mean' denominator and GHM-C's n_valid must too.
-// Per block an integer sum, then one integer atomic per block (exact). Traffic: 8 bytes per row.
-__global__ void __launch_bounds__(kThreads) count_valid_kernel(const int64_t* __restrict__ target, int64_t n,
-                                                               int64_t ignore_index, int64_t upper,
+// Per block an integer sum, then one integer atomic per block (exact). Traffic: 8 bytes per
+// target value (+ 4 per weight).
+// kGeneral: the instance for every CountSpec; the plain one (a target per entry, no weight, mult
+// 1: the 'mean' count of the no-extras losses) keeps the registers it had before the extras.
+template <bool kGeneral>
+__global__ void __launch_bounds__(kThreads) count_valid_kernel(const CountSpec spec, int64_t n,
                                                                int64_t* __restrict__ count) {
   long long local = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
-    const int64_t t = target[i];
-    local += t != ignore_index && t >= 0 && t < upper;
+    if constexpr (kGeneral) {
+      bool valid = true;
+      if (spec.target != nullptr) {
+        const int64_t t = spec.target[spec.per_target == 1 ? i : i / spec.per_target];
+        valid = t != spec.ignore_index && t >= 0 && t < spec.upper;
+      }
+      if (spec.weight != nullptr) valid = valid && spec.weight[i] != 0.0f;
+      local += valid;
+    } else {
+      const int64_t t = spec.target[i];
+      local += t != spec.ignore_index && t >= 0 && t < spec.upper;
+    }
   }
   const long long total = block_sum(local);
   if (threadIdx.x == 0 && total != 0) {
-    atomicAdd(reinterpret_cast<unsigned long long*>(count), static_cast<unsigned long long>(total));
+    atomicAdd(reinterpret_cast<unsigned long long*>(count), static_cast<unsigned long long>(total * spec.mult));
   }
 }
 
-at::Tensor count_valid(const at::Tensor& target, int64_t ignore_index, int64_t upper) {
-  at::Tensor count = at::zeros({1}, target.options().dtype(at::kLong));
-  const int64_t n = target.numel();
-  if (n == 0) return count;
-  const int64_t blocks = grid_for(count_valid_kernel, n, kThreads * 4);
-  FL_LAUNCH(blocks, kThreads, 0, current_stream(), count_valid_kernel)(target.data_ptr<int64_t>(), n, ignore_index,
-                                                                upper, count.data_ptr<int64_t>());
+void count_valid_into(int64_t* out, const CountSpec& spec, int64_t n) {
+  if (n == 0) return;
+  const bool plain = spec.target != nullptr && spec.per_target == 1 && spec.weight == nullptr && spec.mult == 1;
+  const auto kernel = plain ? count_valid_kernel<false> : count_valid_kernel<true>;
+  const int64_t blocks = grid_for(kernel, n, kThreads * 4);
+  FL_LAUNCH(blocks, kThreads, 0, current_stream(), kernel)(spec, n, out);
   FL_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor count_valid(const at::Tensor& target, int64_t ignore_index, int64_t upper, const float* weight) {
+  at::Tensor count = at::zeros({1}, target.options().dtype(at::kLong));
+  CountSpec spec;
+  spec.target = target.numel() > 0 ? target.data_ptr<int64_t>() : nullptr;
+  spec.ignore_index = ignore_index;
+  spec.upper = upper;
+  spec.weight = weight;
+  count_valid_into(count.data_ptr<int64_t>(), spec, target.numel());
   return count;
 }
 
@@ -98,6 +121,7 @@ TORCH_LIBRARY_IMPL(FL_OPS_NAMESPACE, FL_KERNEL_DISPATCH_KEY, m) {
   m.impl("sigmoid_focal_forward", &sigmoid_focal_forward_cuda);
   m.impl("ohem_forward", &ohem_forward_cuda);
   m.impl("ghmc_bin_weights", &ghmc_bin_weights_cuda);
+  m.impl("ghmc_bin_counts", &ghmc_bin_counts_cuda);
   m.impl("ghmc_forward", &ghmc_forward_cuda);
   m.impl("ib_forward", &ib_forward_cuda);
   m.impl("scale_grad", &scale_grad_cuda);

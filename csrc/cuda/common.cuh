@@ -41,6 +41,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -54,14 +55,10 @@ namespace cuda {
 namespace lm = fused_losses::math;
 
 // The three input dtypes of the CUDA kernels (math in float32 for all of them).
-// The three input dtypes of the CUDA kernels (math in float32 for all of them).
 #define FL_DISPATCH_CUDA_FLOATING_TYPES(TYPE, NAME, ...)            \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// ==========================================================================================
-// Shared pieces
-// ==========================================================================================
 // ==========================================================================================
 // Shared pieces
 // ==========================================================================================
@@ -105,10 +102,29 @@ int64_t grid_for(Kernel kernel, int64_t work, int64_t per_block) {
   return std::max<int64_t>(1, std::min(wanted, resident));
 }
 
+// What count_valid_into counts: entry i of n is valid when its target value
+// target[i / per_target] is a valid index (!= ignore_index and in [0, upper); no target: every
+// entry) and, when weight is given, weight[i] != 0 (GHM-C: a zero weight marks an entry
+// invalid). The count is multiplied by `mult` (sigmoid labels: valid rows x C).
+struct CountSpec {
+  const int64_t* target = nullptr;
+  int64_t per_target = 1;
+  int64_t ignore_index = 0;
+  int64_t upper = 0;
+  const float* weight = nullptr;
+  int64_t mult = 1;
+};
+
+// out[0] += the count of valid entries among n (out: an int64 on the device, zeroed by the
+// caller); integer atomics only, no host read.
+void count_valid_into(int64_t* out, const CountSpec& spec, int64_t n);
+
 // Number of valid rows as a device int64 (1,) tensor, no host read: target != ignore_index and
-// in [0, upper) (upper = C for class indices, C + 1 for sigmoid labels, C meaning background).
-// An out-of-range target is treated as ignored everywhere (the kernels assert on it).
-at::Tensor count_valid(const at::Tensor& target, int64_t ignore_index, int64_t upper);
+// in [0, upper) (upper = C for class indices, C + 1 for sigmoid labels, C meaning background),
+// and weight[row] != 0 when a per-row weight is given (GHM-C). An out-of-range target is
+// treated as ignored everywhere (the kernels assert on it).
+at::Tensor count_valid(const at::Tensor& target, int64_t ignore_index, int64_t upper,
+                       const float* weight = nullptr);
 
 // Loss output of a reduced ('mean'/'sum') call: sums the partials and writes the 0-dim float32.
 void finish_loss(const at::Tensor& partials, const MeanCount& count, Reduction reduction, const at::Tensor& out);
@@ -188,12 +204,24 @@ inline at::Tensor aligned_contiguous(const at::Tensor& t, size_t bytes) {
   return c;
 }
 
-// Drop-in extras (weight, label_smoothing, per-class sigmoid alpha; csrc/op_schemas.h) that the
-// CUDA kernels do not implement yet: refused, never ignored.
-inline void check_no_extras(const char* op, const c10::optional<at::Tensor>& weight, double label_smoothing,
-                            const c10::optional<at::Tensor>& alpha_per_class = c10::nullopt) {
-  TORCH_CHECK(!weight.has_value() && label_smoothing == 0.0 && !alpha_per_class.has_value(), op,
-              ": weight, label_smoothing and per-class alpha are not implemented by the CUDA kernels yet");
+// The `weight` argument of a loss op (csrc/op_schemas.h) as a contiguous float32 vector on the
+// logits' device; nullopt -> undefined. numel: `rows` (one value per row), or `elements` (one
+// per element, sigmoid family; -1: not allowed). The API layer already gives the math dtype.
+inline at::Tensor weight_vector(const c10::optional<at::Tensor>& weight, const at::Tensor& logits, int64_t rows,
+                                int64_t elements = -1) {
+  if (!weight.has_value()) return at::Tensor();
+  check_same_device(*weight, logits, "weight");
+  const int64_t n = weight->numel();
+  TORCH_CHECK(n == rows || n == elements, "weight: expected ", rows, " values (one per row)",
+              elements >= 0 ? " or one per element (" + std::to_string(elements) + ")" : std::string(), ", got ", n);
+  TORCH_CHECK(weight->is_floating_point(), "weight: expected a floating-point tensor, got ", weight->scalar_type());
+  return weight->to(at::kFloat).contiguous().reshape({-1});
+}
+
+inline const float* data_or_null(const at::Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr; }
+
+inline void check_label_smoothing(double eps) {
+  TORCH_CHECK(eps >= 0.0 && eps <= 1.0, "label_smoothing: expected a value in [0, 1], got ", eps);
 }
 
 // The host functions of the ops (one per schema of csrc/ops.cpp), registered in common.cu.
@@ -222,6 +250,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cuda(const at::Tensor& 
 at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                  const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
                                  bool use_sigmoid, int64_t ignore_index, const c10::optional<at::Tensor>& weight);
+at::Tensor ghmc_bin_counts_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t bins, bool use_sigmoid,
+                                int64_t ignore_index, const c10::optional<at::Tensor>& weight);
 std::tuple<at::Tensor, at::Tensor> ghmc_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                    const at::Tensor& bin_weights_in, bool use_sigmoid,
                                                    int64_t ignore_index, c10::string_view reduction_name,

@@ -7,7 +7,8 @@
 namespace fused_losses {
 namespace cuda {
 
-// Histogram of the sigmoid-family bins bin(|sigmoid(x) - y|) over the valid elements: per block
+// Histogram of the sigmoid-family bins bin(|sigmoid(x) - y|) over the valid elements (not in
+// an ignored row, and a nonzero weight when a weight is given: mmdet's label_weight > 0): per block
 // in shared memory (bins <= kSharedBins), then one integer atomic per non-empty bin per block
 // into counts (int64, zeroed). Traffic per element: one logits read (+ a float target read).
 constexpr int64_t kSharedBins = 4096;
@@ -47,7 +48,7 @@ struct BlockHistogram {
   }
 };
 
-template <typename scalar_t, typename target_t, bool kLabels>
+template <typename scalar_t, typename target_t, bool kLabels, bool kWeighted>
 __global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const SigmoidArgs<scalar_t, target_t> a,
                                                                          unsigned long long* __restrict__ counts) {
   FL_SHARED(unsigned int, hist, kSharedBins);
@@ -65,6 +66,9 @@ __global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const S
       y = static_cast<float>(a.target[i]);
     }
     if (!valid) continue;
+    if constexpr (kWeighted) {  // a zero weight: invalid (not binned)
+      if (element_weight(a, i, row_of(i, a.C, small)) == 0.0f) continue;
+    }
     const int64_t b = lm::ghm_bin(lm::ghm_sigmoid_g(static_cast<float>(a.logits[i]), y), a.bins);
     if (b >= 0) histogram.add(b);
   }
@@ -72,10 +76,12 @@ __global__ void __launch_bounds__(kThreads) ghm_sigmoid_histogram_kernel(const S
 }
 
 // Histogram of the softmax bins bin(g), g = 1 - p_t = sum_others / s (float32, exact relative
-// at every margin), of the valid rows, from the g of a stats pass: the value ghmc_forward's
+// at every margin), of the valid rows (a valid target, and weight[r] != 0 when given), from the g of a stats pass: the value ghmc_forward's
 // softmax pass bins with, so both pick the same bin. Traffic per row: 4 + 8 bytes.
+template <bool kWeighted>
 __global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const float* __restrict__ one_minus_pt,
                                                                          const int64_t* __restrict__ target,
+                                                                         const float* __restrict__ weight,
                                                                          int64_t rows, int64_t ignore_index,
                                                                          int64_t C, int64_t bins,
                                                                          unsigned long long* __restrict__ counts) {
@@ -87,6 +93,9 @@ __global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const f
     // Ignored rows, and out-of-range targets (asserted on by the stats pass, treated as ignored:
     // their g of 0 would otherwise land in bin 0).
     if (t == ignore_index || t < 0 || t >= C) continue;
+    if constexpr (kWeighted) {
+      if (weight[r] == 0.0f) continue;  // a zero weight: invalid (not binned)
+    }
     const int64_t b = lm::ghm_bin(one_minus_pt[r], bins);
     if (b >= 0) histogram.add(b);
   }
@@ -97,13 +106,14 @@ __global__ void __launch_bounds__(kThreads) ghm_softmax_histogram_kernel(const f
 // of `state` first (bins non-empty in this batch: acc = m * acc + (1 - m) * count, float32),
 // divisor = state or count, weight_b = n_valid / max(divisor_b, 1e-12) / n_nonempty for
 // non-empty bins, 0 otherwise. One thread: bins-sized work.
-__global__ void ghm_weights_kernel(const int64_t* __restrict__ counts, int64_t bins, MeanCount valid,
+// counts: (bins + 1,), the histogram then n_valid (ghm_counts).
+__global__ void ghm_weights_kernel(const int64_t* __restrict__ counts, int64_t bins,
                                    float* __restrict__ state, float momentum, float one_minus_momentum,
                                    float* __restrict__ weights) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   int64_t nonempty = 0;
   for (int64_t b = 0; b < bins; ++b) nonempty += counts[b] > 0;
-  const float nv = static_cast<float>(mean_count(valid));
+  const float nv = static_cast<float>(counts[bins]);
   const float ne = static_cast<float>(nonempty > 1 ? nonempty : int64_t(1));
   for (int64_t b = 0; b < bins; ++b) {
     float divisor = static_cast<float>(counts[b]);
@@ -116,25 +126,58 @@ __global__ void ghm_weights_kernel(const int64_t* __restrict__ counts, int64_t b
   }
 }
 
-at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
-                                 const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
-                                 bool use_sigmoid, int64_t ignore_index, const c10::optional<at::Tensor>& weight) {
-  check_no_extras("ghmc_bin_weights", weight, 0.0);
-  const DeviceGuard guard(logits_in.device());
-  TORCH_CHECK(bins >= 1, "bins: must be >= 1, got ", bins);
-  if (state.has_value()) {
-    check_same_device(*state, logits_in, "state");
-    TORCH_CHECK(state->scalar_type() == at::kFloat && state->numel() == bins && state->is_contiguous(),
-                "state: expected a contiguous float32 tensor of shape (", bins, ",)");
+// The valid entries of a GHM-C call (reference.ghmc; a zero weight is invalid, mmdet's
+// label_weight > 0), as a count spec over n entries: softmax rows; sigmoid rows x C (no weight
+// or a per-row weight) or elements (a per-element weight, or a float target).
+struct ValidEntries {
+  CountSpec spec;
+  int64_t n = 0;
+};
+
+ValidEntries softmax_valid_entries(const SoftmaxCall& call, int64_t ignore_index, const at::Tensor& weight_vec) {
+  ValidEntries v;
+  v.n = call.sh.N * call.sh.S;
+  v.spec.target = v.n > 0 ? call.target.data_ptr<int64_t>() : nullptr;
+  v.spec.ignore_index = ignore_index;
+  v.spec.upper = call.sh.C;
+  v.spec.weight = data_or_null(weight_vec);
+  return v;
+}
+
+ValidEntries sigmoid_valid_entries(const SigmoidCall& call, int64_t ignore_index, const at::Tensor& weight_vec,
+                                   bool per_element) {
+  ValidEntries v;
+  v.spec.weight = data_or_null(weight_vec);
+  if (call.labels.defined()) {
+    v.spec.target = call.M > 0 ? call.labels.data_ptr<int64_t>() : nullptr;
+    v.spec.ignore_index = ignore_index;
+    v.spec.upper = call.C + 1;
   }
-  at::Tensor counts = at::zeros({bins}, logits_in.options().dtype(at::kLong));
+  if (per_element || (!call.labels.defined() && v.spec.weight == nullptr)) {
+    v.n = call.M * call.C;  // per element (a float target without weight: every element)
+    v.spec.per_target = call.C;
+  } else {
+    v.n = call.M;  // per row, each counting C elements
+    v.spec.mult = call.C;
+  }
+  return v;
+}
+
+// The int64 (bins + 1,) counts of a GHM-C call (the ghmc_bin_counts op): the histogram of the
+// valid entries' bins, then n_valid. One histogram kernel (+ a stats pass for softmax) and one
+// count kernel; integer atomics only, nothing read on the host.
+at::Tensor ghm_counts(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t bins, bool use_sigmoid,
+                      int64_t ignore_index, const c10::optional<at::Tensor>& weight, const char* op) {
+  TORCH_CHECK(bins >= 1, "bins: must be >= 1, got ", bins);
+  at::Tensor counts = at::zeros({bins + 1}, logits_in.options().dtype(at::kLong));
   auto* counts_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
-  MeanCount valid;
-  at::Tensor valid_rows;
+  int64_t* n_valid_ptr = counts.data_ptr<int64_t>() + bins;
   if (use_sigmoid) {
-    const SigmoidCall call = sigmoid_call(logits_in, target_in, ignore_index, /*need_count=*/true, "ghmc_bin_weights");
-    valid = sigmoid_mean_count(call);
-    valid_rows = call.count;
+    const SigmoidCall call = sigmoid_call(logits_in, target_in, ignore_index, /*need_count=*/false, op);
+    const at::Tensor weight_vec = sigmoid_weight(weight, call);
+    const bool per_element = weight_vec.defined() && weight_vec.numel() == call.M * call.C && call.C != 1;
+    const ValidEntries valid = sigmoid_valid_entries(call, ignore_index, weight_vec, per_element);
+    count_valid_into(n_valid_ptr, valid.spec, valid.n);
     const int64_t numel = call.logits.numel();
     if (numel > 0) {
       FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ghm_histogram_cuda", [&] {
@@ -145,28 +188,33 @@ at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& 
           a.numel = numel;
           a.ignore_index = ignore_index;
           a.bins = bins;
+          a.weight = data_or_null(weight_vec);
+          a.weight_per_element = per_element;
         };
-        const cudaStream_t stream = current_stream();
-        auto blocks = [&](auto kernel) { return grid_for(kernel, numel, kThreads * 4); };
+        // The kWeighted instance only with a weight (the plain one keeps its registers).
+        auto launch = [&](auto kernel_weighted, auto kernel_plain, const auto& a) {
+          const auto kernel = weight_vec.defined() ? kernel_weighted : kernel_plain;
+          FL_LAUNCH(grid_for(kernel, numel, kThreads * 4), kThreads, 0, current_stream(), kernel)(a, counts_ptr);
+        };
         if (call.labels.defined()) {
           SigmoidArgs<scalar_t, float> a;
           fill(a);
           a.labels = call.labels.data_ptr<int64_t>();
-          FL_LAUNCH(blocks(ghm_sigmoid_histogram_kernel<scalar_t, float, true>), kThreads, 0, stream,
-                    ghm_sigmoid_histogram_kernel<scalar_t, float, true>)(a, counts_ptr);
+          launch(ghm_sigmoid_histogram_kernel<scalar_t, float, true, true>,
+                 ghm_sigmoid_histogram_kernel<scalar_t, float, true, false>, a);
         } else if (call.float_target.scalar_type() == call.logits.scalar_type()) {
           SigmoidArgs<scalar_t, scalar_t> a;
           fill(a);
           a.target = call.float_target.data_ptr<scalar_t>();
-          FL_LAUNCH(blocks(ghm_sigmoid_histogram_kernel<scalar_t, scalar_t, false>), kThreads, 0, stream,
-                    ghm_sigmoid_histogram_kernel<scalar_t, scalar_t, false>)(a, counts_ptr);
+          launch(ghm_sigmoid_histogram_kernel<scalar_t, scalar_t, false, true>,
+                 ghm_sigmoid_histogram_kernel<scalar_t, scalar_t, false, false>, a);
         } else {
           if constexpr (!std::is_same_v<scalar_t, float>) {
             SigmoidArgs<scalar_t, float> a;
             fill(a);
             a.target = call.float_target.data_ptr<float>();
-            FL_LAUNCH(blocks(ghm_sigmoid_histogram_kernel<scalar_t, float, false>), kThreads, 0, stream,
-                    ghm_sigmoid_histogram_kernel<scalar_t, float, false>)(a, counts_ptr);
+            launch(ghm_sigmoid_histogram_kernel<scalar_t, float, false, true>,
+                   ghm_sigmoid_histogram_kernel<scalar_t, float, false, false>, a);
           }
         }
         FL_KERNEL_LAUNCH_CHECK();
@@ -174,10 +222,11 @@ at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& 
     }
   } else {
     // "sum": the call's loss output is then a 0-dim tensor this op does not use (no rows buffer).
-    const SoftmaxCall call = softmax_call(logits_in, target_in, "sum", false, false, "ghmc_bin_weights");
+    const SoftmaxCall call = softmax_call(logits_in, target_in, "sum", false, false, op);
     const int64_t rows = call.sh.N * call.sh.S;
-    valid_rows = count_valid(call.target, ignore_index, call.sh.C);
-    valid.count_dev = valid_rows.data_ptr<int64_t>();
+    const at::Tensor weight_vec = weight_vector(weight, call.logits, rows);
+    const ValidEntries valid = softmax_valid_entries(call, ignore_index, weight_vec);
+    count_valid_into(n_valid_ptr, valid.spec, valid.n);
     if (rows > 0) {
       const at::Tensor one_minus_pt = at::empty({rows}, call.logits.options().dtype(at::kFloat));
       FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ghm_stats_cuda", [&] {
@@ -187,14 +236,36 @@ at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& 
         a.one_minus_pt_rows = one_minus_pt.data_ptr<float>();
         softmax_pass(a, false, at::Tensor());
       });
-      FL_LAUNCH(grid_for(ghm_softmax_histogram_kernel, rows, kThreads * 4), kThreads, 0, current_stream(), ghm_softmax_histogram_kernel)(
-          one_minus_pt.data_ptr<float>(), call.target.data_ptr<int64_t>(), rows, ignore_index, call.sh.C, bins, counts_ptr);
+      const auto histogram = weight_vec.defined() ? ghm_softmax_histogram_kernel<true> : ghm_softmax_histogram_kernel<false>;
+      FL_LAUNCH(grid_for(histogram, rows, kThreads * 4), kThreads, 0, current_stream(),
+                histogram)(one_minus_pt.data_ptr<float>(), call.target.data_ptr<int64_t>(),
+                                              data_or_null(weight_vec), rows, ignore_index, call.sh.C, bins, counts_ptr);
       FL_KERNEL_LAUNCH_CHECK();
     }
   }
+  return counts;
+}
+
+at::Tensor ghmc_bin_counts_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t bins, bool use_sigmoid,
+                                int64_t ignore_index, const c10::optional<at::Tensor>& weight) {
+  const DeviceGuard guard(logits_in.device());
+  return ghm_counts(logits_in, target_in, bins, use_sigmoid, ignore_index, weight, "ghmc_bin_counts");
+}
+
+at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                 const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
+                                 bool use_sigmoid, int64_t ignore_index, const c10::optional<at::Tensor>& weight) {
+  const DeviceGuard guard(logits_in.device());
+  TORCH_CHECK(bins >= 1, "bins: must be >= 1, got ", bins);
+  if (state.has_value()) {
+    check_same_device(*state, logits_in, "state");
+    TORCH_CHECK(state->scalar_type() == at::kFloat && state->numel() == bins && state->is_contiguous(),
+                "state: expected a contiguous float32 tensor of shape (", bins, ",)");
+  }
+  const at::Tensor counts = ghm_counts(logits_in, target_in, bins, use_sigmoid, ignore_index, weight, "ghmc_bin_weights");
   at::Tensor weights = at::empty({bins}, logits_in.options().dtype(at::kFloat));
   FL_LAUNCH(1, 1, 0, current_stream(), ghm_weights_kernel)(
-      counts.data_ptr<int64_t>(), bins, valid, state.has_value() ? state->data_ptr<float>() : nullptr,
+      counts.data_ptr<int64_t>(), bins, state.has_value() ? state->data_ptr<float>() : nullptr,
       static_cast<float>(momentum), static_cast<float>(1.0 - momentum), weights.data_ptr<float>());
   FL_KERNEL_LAUNCH_CHECK();
   return weights;
@@ -207,31 +278,46 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cuda(const at::Tensor& logits_in
                                                    const at::Tensor& bin_weights_in, bool use_sigmoid,
                                                    int64_t ignore_index, c10::string_view reduction_name,
                                                    bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing) {
-  check_no_extras("ghmc_forward", weight, label_smoothing);
   const DeviceGuard guard(logits_in.device());
+  check_label_smoothing(label_smoothing);
+  TORCH_CHECK(label_smoothing == 0.0 || !use_sigmoid, "label_smoothing: only with use_sigmoid=False");
   const int64_t bins = bin_weights_in.numel();
   TORCH_CHECK(bins >= 1, "bin_weights: expected at least one bin");
   check_logits(logits_in, "ghmc_forward");
   const at::Tensor bin_weights = float_vector(bin_weights_in, logits_in, bins, "bin_weights");
   const Reduction reduction = parse_reduction(reduction_name);
+  // 'mean' divides by n_valid, the valid entries of the histogram (zero weights excluded).
   if (use_sigmoid) {
-    const SigmoidCall call =
-        sigmoid_call(logits_in, target_in, ignore_index, reduction == Reduction::Mean, "ghmc_forward");
+    const SigmoidCall call = sigmoid_call(logits_in, target_in, ignore_index,
+                                          reduction == Reduction::Mean && !weight.has_value(), "ghmc_forward");
+    const at::Tensor weight_vec = sigmoid_weight(weight, call);
     SigmoidLossParams params;
     params.loss = SigmoidLoss::Ghmc;
     params.bin_weights = bin_weights.data_ptr<float>();
     params.bins = bins;
+    params.weight = data_or_null(weight_vec);
+    params.weight_per_element = weight_vec.defined() && weight_vec.numel() == call.M * call.C && call.C != 1;
+    at::Tensor count;
+    if (reduction == Reduction::Mean && params.weight != nullptr) {
+      count = at::zeros({1}, call.logits.options().dtype(at::kLong));
+      const ValidEntries valid = sigmoid_valid_entries(call, ignore_index, weight_vec, params.weight_per_element);
+      count_valid_into(count.data_ptr<int64_t>(), valid.spec, valid.n);
+      params.count.count_dev = count.data_ptr<int64_t>();
+    }
     return sigmoid_forward(call, logits_in, ignore_index, reduction, compute_grad, params);
   }
   const SoftmaxCall call = softmax_call(logits_in, target_in, reduction_name, compute_grad, false, "ghmc_forward");
+  const at::Tensor weight_vec = weight_vector(weight, call.logits, call.sh.N * call.sh.S);
   at::Tensor count;
-  if (call.reduction == Reduction::Mean) count = count_valid(call.target, ignore_index, call.sh.C);
+  if (call.reduction == Reduction::Mean) count = count_valid(call.target, ignore_index, call.sh.C, data_or_null(weight_vec));
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ghmc_forward_cuda", [&] {
     dispatch_grad_t<scalar_t>(call.grad, [&](auto grad_tag) {
       using grad_t = typename decltype(grad_tag)::type;
       SoftmaxArgs<scalar_t, grad_t> a = softmax_args<scalar_t, grad_t>(call, ignore_index, SoftmaxLoss::Ghmc);
       a.bin_weights = bin_weights.data_ptr<float>();
       a.bins = bins;
+      a.weight = data_or_null(weight_vec);
+      a.label_smoothing = static_cast<float>(label_smoothing);
       if (count.defined()) a.count.count_dev = count.data_ptr<int64_t>();
       softmax_pass(a, false, reduced_output(call));
     });

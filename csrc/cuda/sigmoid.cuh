@@ -25,6 +25,10 @@ struct SigmoidArgs {
   float alpha = 0.25f, gamma = 2.0f;   // Focal
   const float* bin_weights = nullptr;  // Ghmc
   int64_t bins = 1;
+  // Drop-in extras (the kExtras kernel instances; the histogram reads `weight` too):
+  const float* alpha_per_class = nullptr;  // Focal: (C,), replaces alpha
+  const float* weight = nullptr;           // (M,) per row or (M * C,) per element
+  bool weight_per_element = false;
   grad_t* grad = nullptr;              // (M, C) saved gradient (saved_grad_dtype) or nullptr
   scalar_t* loss_elems = nullptr;      // 'none': (M, C) or nullptr
   double* partials = nullptr;          // 'mean'/'sum': one per block
@@ -48,6 +52,12 @@ __device__ __forceinline__ int64_t row_of(int64_t i, int64_t C, bool small) {
   return small ? static_cast<int64_t>(static_cast<uint32_t>(i) / static_cast<uint32_t>(C)) : i / C;
 }
 
+// The weight of element i of row r (1 without weights).
+template <typename A>
+__device__ __forceinline__ float element_weight(const A& a, int64_t i, int64_t r) {
+  return a.weight == nullptr ? 1.0f : a.weight[a.weight_per_element ? i : r];
+}
+
 // The common set-up of the sigmoid-family ops.
 struct SigmoidCall {
   at::Tensor logits;        // contiguous, 16-byte aligned
@@ -69,7 +79,15 @@ struct SigmoidLossParams {
   float alpha = 0.25f, gamma = 2.0f;   // Focal
   const float* bin_weights = nullptr;  // Ghmc
   int64_t bins = 1;
+  const float* alpha_per_class = nullptr;  // Focal, (C,)
+  const float* weight = nullptr;           // (M,) or (M * C,) (sigmoid_weight)
+  bool weight_per_element = false;
+  MeanCount count;                         // 'mean' denominator; count_dev nullptr: sigmoid_mean_count
 };
+
+// `weight` of a sigmoid-family op on the call's logits: per row (M values) or per element
+// (M * C); undefined without one.
+at::Tensor sigmoid_weight(const c10::optional<at::Tensor>& weight, const SigmoidCall& call);
 
 // Runs the sigmoid kernel over the call's elements (its target kind decides the instance):
 // returns (loss, saved gradient).

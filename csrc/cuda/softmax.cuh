@@ -19,6 +19,11 @@ namespace cuda {
 //   Stats:    no loss; log p_t (and 1 - p_t) per row are the outputs
 // and the gradient of every one is grad_c = k * ([c == t] - p_c) (losses_math.h), its target
 // column k * (1 - p_t).
+// Drop-in extras (csrc/op_schemas.h) run the kExtras instances of the warp-per-row and the
+// channel-second sweep kernels (the plain instances compile them out): a per-row `weight` w
+// multiplies loss and k (w == 0 makes the row inactive: exactly 0 loss and gradient, its
+// logits never read); `label_smoothing` eps > 0 (Focal, OhemKept, Ghmc) adds a sweep, and its
+// gradient is not of the k form (softmax_kernels.cu, "Label smoothing").
 enum class SoftmaxLoss : int { Focal, IB, OhemKept, Ghmc, Stats };
 
 // grad_t: element type of the gradient output (float, or at::BFloat16 for bf16 logits with a
@@ -45,6 +50,9 @@ struct SoftmaxArgs {
   // GHM-C
   const float* bin_weights = nullptr;
   int64_t bins = 1;
+  // Drop-in extras: weight (N * S,) per row or nullptr; label smoothing eps (0: none).
+  const float* weight = nullptr;
+  float label_smoothing = 0.0f;
   // Outputs, nullptr when not wanted.
   grad_t* grad = nullptr;          // (N, C, S), the saved gradient (saved_grad_dtype)
   scalar_t* loss_rows = nullptr;   // 'none': (N * S,)

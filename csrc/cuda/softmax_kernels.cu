@@ -9,10 +9,12 @@ namespace cuda {
 struct RowTarget {
   int64_t t;
   bool in_range;  // row < rows
-  bool active;    // not ignored (and kept, for OHEM) and a valid class
+  bool active;    // not ignored (and kept, for OHEM), a valid class, and a nonzero weight
 };
 
-template <typename A>
+// kWeighted: the kernel instance takes a per-row weight (a.weight, nullptr: none); the plain
+// instances compile the weight out (their registers stay those of the no-extras kernels).
+template <bool kWeighted, typename A>
 __device__ __forceinline__ RowTarget row_target(const A& a, int64_t row, int64_t rows) {
   RowTarget r{0, row < rows, false};
   if (!r.in_range) return r;
@@ -21,6 +23,11 @@ __device__ __forceinline__ RowTarget row_target(const A& a, int64_t row, int64_t
   if (r.active && (r.t < 0 || r.t >= a.C)) {
     CUDA_KERNEL_ASSERT_MSG(false, "fused_losses: target class index out of range [0, C)");
     r.active = false;
+  }
+  // A zero weight: exactly 0 loss and gradient (selected, not multiplied: a NaN logit of the
+  // row never reaches the sums); the row is not read.
+  if constexpr (kWeighted) {
+    if (r.active && a.weight != nullptr && a.weight[row] == 0.0f) r.active = false;
   }
   return r;
 }
@@ -53,7 +60,7 @@ struct RowResult {
   float dloss_dfeature;  // IB only
 };
 
-template <typename A>
+template <bool kWeighted, typename A>
 __device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row, int64_t t, const RowValues& rv,
                                                         float scale) {
   RowResult out{0.0f, 0.0f, 0.0f};
@@ -90,7 +97,92 @@ __device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row,
     case SoftmaxLoss::Stats:
       break;
   }
+  if constexpr (kWeighted) {
+    if (a.weight != nullptr) {  // the row's weight (nonzero: zero-weight rows are inactive)
+      const float w = a.weight[row];
+      out.loss *= w;
+      out.k *= w;
+    }
+  }
   return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// Label smoothing (the kExtras kernel instances with eps > 0; reference.focal / ohem / ghmc):
+//   q_c = (1 - eps) [c == t] + eps / C,  a_c = alpha_per_class[c] or the scalar alpha (Focal;
+//   1 for OhemKept and Ghmc),  gamma (Focal; 0 for the others: the smoothed cross entropy),
+//   loss = mult * sum_c q_c a_c F(l_c),  F(l) = (1 - e^l)^gamma (-l),  l_c = log p_c,
+//   mult = weight (x GHM-C's bin weight of the unsmoothed g = 1 - p_t).
+// Gradient (D = dF/dl, h_c = q_c a_c D(l_c), H = sum_c h_c):
+//   dloss/dx_j = mult * (h_j - p_j H);  target column: mult * (h_t (1 - p_t) - p_t H_o),
+//   H_o = sum_{c != t} h_c (1 - p_t = sum_others / s, exact as the target's l_t).
+// Non-target classes: l_c = (x_c - m) - log s, p_c = e^{x_c - m} / s, 1 - p_c = -expm1(l_c);
+// gamma = 0: F = -l_c, D = -1 (no per-class transcendental beyond the exponential).
+// ------------------------------------------------------------------------------------------
+struct SmoothRow {
+  float eps_c;  // eps / C: q_c of a non-target class
+  float gamma;
+  const float* alpha_per_class;
+  float alpha;
+  float log_s;  // log of the row sum s
+  float inv_s;  // 1 / s
+  // Filled by smooth_finish: the per-row pieces of the gradient (already scaled).
+  float gs;           // scale * mult
+  float h_total;      // H
+  float target_grad;  // gradient of the target column
+};
+
+template <typename A>
+__device__ __forceinline__ SmoothRow smooth_row(const A& a, float row_sum) {
+  SmoothRow sr;
+  const bool focal = a.loss == SoftmaxLoss::Focal;
+  sr.eps_c = a.label_smoothing / static_cast<float>(a.C);
+  sr.gamma = focal ? a.gamma : 0.0f;
+  sr.alpha_per_class = focal ? a.alpha_per_class : nullptr;
+  sr.alpha = focal ? a.alpha : 1.0f;
+  sr.log_s = lm::log_(row_sum);
+  sr.inv_s = 1.0f / row_sum;
+  sr.gs = sr.h_total = sr.target_grad = 0.0f;
+  return sr;
+}
+
+// a_c F(l_c) and a_c D(l_c) of a non-target class c from x_c - m.
+__device__ __forceinline__ lm::FocalTerm<float> smooth_class_term(const SmoothRow& sr, float x_minus_max, int64_t c) {
+  const float a_c = lm::class_alpha(sr.alpha_per_class, sr.alpha, c);
+  const float l = x_minus_max - sr.log_s;
+  lm::FocalTerm<float> ft{-l, -1.0f};
+  if (sr.gamma != 0.0f) ft = lm::focal_term_parts(l, lm::exp_(x_minus_max) * sr.inv_s, -lm::expm1_(l), sr.gamma);
+  ft.value *= a_c;
+  ft.dvalue_dlogpt *= a_c;
+  return ft;
+}
+
+// The row's loss (returned) and gradient pieces (into sr) from the target's values and the sums
+// over the other classes of a_c F(l_c) (sum_f) and a_c D(l_c) (sum_d).
+template <typename A>
+__device__ __forceinline__ float smooth_finish(const A& a, int64_t row, int64_t t, const RowValues& rv, float sum_f,
+                                               float sum_d, float scale, SmoothRow& sr) {
+  float mult = a.weight != nullptr ? a.weight[row] : 1.0f;
+  if (a.loss == SoftmaxLoss::Ghmc) {
+    const int64_t b = lm::ghm_bin(rv.one_minus_pt, a.bins);  // the unsmoothed g, as the histogram
+    mult *= b >= 0 ? a.bin_weights[b] : 0.0f;
+  }
+  const float q_t = (1.0f - a.label_smoothing) + sr.eps_c;
+  const float a_t = lm::class_alpha(sr.alpha_per_class, sr.alpha, t);
+  lm::FocalTerm<float> ft{-rv.log_pt, -1.0f};
+  if (sr.gamma != 0.0f) ft = lm::focal_term_parts(rv.log_pt, rv.p_t, rv.one_minus_pt, sr.gamma);
+  const float h_t = q_t * a_t * ft.dvalue_dlogpt;
+  const float h_others = sr.eps_c * sum_d;
+  sr.gs = scale * mult;
+  sr.h_total = h_t + h_others;
+  sr.target_grad = sr.gs * (h_t * rv.one_minus_pt - rv.p_t * h_others);
+  return mult * (q_t * a_t * ft.value + sr.eps_c * sum_f);
+}
+
+// Gradient of a non-target class j: gs * (eps/C a_j D(l_j) - p_j H).
+__device__ __forceinline__ float smooth_class_grad(const SmoothRow& sr, float x_minus_max, int64_t j) {
+  const lm::FocalTerm<float> ft = smooth_class_term(sr, x_minus_max, j);
+  return sr.gs * (sr.eps_c * ft.dvalue_dlogpt - lm::exp_(x_minus_max) * sr.inv_s * sr.h_total);
 }
 
 // Per-row outputs, written once per row by one thread; returns the loss to accumulate.
@@ -133,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
   // The loop bound is the same for every lane of the warp (the shuffles need all 32 lanes).
   for (int64_t first = warp * kRowsPerWarp; first < rows; first += warps * kRowsPerWarp) {
     const int64_t row = first + group;
-    const RowTarget rt = row_target(a, row, rows);
+    const RowTarget rt = row_target<false>(a, row, rows);
     const int64_t row_offset = (rt.in_range ? row : int64_t(0)) * C;
     const scalar_t* x = a.logits + row_offset;
     float v[ITEMS][VEC];
@@ -170,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
     RowValues rv{0.0f, 0.0f, 0.0f};
     if (rt.active) {
       rv = softmax_row_values(static_cast<float>(x[rt.t]), row_max, row_sum, sum_others);
-      res = softmax_row_result(a, row, rt.t, rv, scale);
+      res = softmax_row_result<false>(a, row, rt.t, rv, scale);
     }
     if (a.grad != nullptr && rt.in_range) {
       grad_t* g = a.grad + row_offset;
@@ -206,8 +298,12 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
 // The three sweeps are not unrolled (#pragma unroll 1; each iteration is already VEC values):
 // unrolled, the <float, float, 4> instance grew enough that ptxas spilled on the per-row path
 // (24 B stack, 40 B spill stores; tests/cuda_emu/resource_check.py fails on any spill).
+// kExtras (drop-in extras, any C; the plain instances compile them out): the per-row weight
+// (row_target, softmax_row_result), and with label smoothing eps > 0 a sweep more between the
+// sums and the gradient, for the sums over the other classes of a_c F(l_c) and a_c D(l_c)
+// ("Label smoothing" above); the gradient sweep then writes mult * (h_j - p_j H).
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t, typename grad_t, int VEC>
+template <typename scalar_t, typename grad_t, int VEC, bool kExtras>
 __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   const int lane = threadIdx.x % 32;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
@@ -217,12 +313,14 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
   const float scale = grad_scale(a.reduction, a.count);
   double acc = 0.0;
   for (int64_t row = warp; row < rows; row += warps) {  // one row per warp: warp-uniform branches
-    const RowTarget rt = row_target(a, row, rows);
+    const RowTarget rt = row_target<kExtras>(a, row, rows);
     const scalar_t* x = a.logits + row * C;
     float row_max = -std::numeric_limits<float>::infinity();
     float row_sum = 0.0f, sum_others = 0.0f;
     RowResult res{0.0f, 0.0f, 0.0f};
     RowValues rv{0.0f, 0.0f, 0.0f};
+    [[maybe_unused]] SmoothRow sr{};
+    const bool smooth = kExtras && a.label_smoothing > 0.0f;  // uniform over the launch
     if (rt.active) {
 #pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
@@ -247,12 +345,32 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
       row_sum = group_sum<32>(row_sum);
       sum_others = group_sum<32>(sum_others);
       rv = softmax_row_values(static_cast<float>(x[rt.t]), row_max, row_sum, sum_others);
-      res = softmax_row_result(a, row, rt.t, rv, scale);
+      if (smooth) {
+        sr = smooth_row(a, row_sum);
+        float sum_f = 0.0f, sum_d = 0.0f;
+#pragma unroll 1
+        for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
+          const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            if (c0 + e != rt.t) {
+              const lm::FocalTerm<float> ft = smooth_class_term(sr, static_cast<float>(p.v[e]) - row_max, c0 + e);
+              sum_f += ft.value;
+              sum_d += ft.dvalue_dlogpt;
+            }
+          }
+        }
+        sum_f = group_sum<32>(sum_f);
+        sum_d = group_sum<32>(sum_d);
+        res.loss = smooth_finish(a, row, rt.t, rv, sum_f, sum_d, scale, sr);
+      } else {
+        res = softmax_row_result<kExtras>(a, row, rt.t, rv, scale);
+      }
     }
     if (a.grad != nullptr) {
       grad_t* g = a.grad + row * C;
       const float p_scale = -res.k / row_sum;
-      const float target_grad = res.k * rv.one_minus_pt;
+      const float target_grad = smooth ? sr.target_grad : res.k * rv.one_minus_pt;
 #pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
         Pack<grad_t, VEC> out;
@@ -260,8 +378,10 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
           const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
+            const float xm = static_cast<float>(p.v[e]) - row_max;
             out.v[e] = static_cast<grad_t>(c0 + e == rt.t ? target_grad
-                                                           : p_scale * lm::exp_(static_cast<float>(p.v[e]) - row_max));
+                                           : smooth       ? smooth_class_grad(sr, xm, c0 + e)
+                                                         : p_scale * lm::exp_(xm));
           }
         } else {
 #pragma unroll
@@ -286,17 +406,19 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
 // gradient), the later two from L1/L2 (a block's rows are 256 * C * sizeof(scalar_t) bytes).
 // Same formulas as softmax_rows_kernel (s and sum_others summed in class order by the row's thread). Memory traffic per element: sizeof(scalar_t) read,
 // sizeof(grad_t) gradient written (single values, coalesced across the warp); per row 8 bytes
-// of target.
+// of target. kExtras (weight, label smoothing; kRegs == 0 only): as softmax_rows_large_kernel
+// (a fourth sweep with eps > 0).
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t, typename grad_t, int kRegs>
+template <typename scalar_t, typename grad_t, int kRegs, bool kExtras>
 __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
+  static_assert(!kExtras || kRegs == 0, "the drop-in extras run the sweep variant");
   const int64_t rows = a.N * a.S;
   const int64_t C = a.C, S = a.S;
   const float scale = grad_scale(a.reduction, a.count);
   double acc = 0.0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; row < rows; row += stride) {
-    const RowTarget rt = row_target(a, row, rows);
+    const RowTarget rt = row_target<kExtras>(a, row, rows);
     const int64_t n = row / S;
     const int64_t base = n * C * S + (row - n * S);
     const scalar_t* x = a.logits + base;
@@ -306,6 +428,8 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
     float row_sum = 0.0f, sum_others = 0.0f;
     RowResult res{0.0f, 0.0f, 0.0f};
     RowValues rv{0.0f, 0.0f, 0.0f};
+    [[maybe_unused]] SmoothRow sr{};
+    const bool smooth = kExtras && a.label_smoothing > 0.0f;  // uniform over the launch
     if (rt.active) {
       if constexpr (kRegs > 0) {
 #pragma unroll
@@ -335,12 +459,25 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
         }
       }
       rv = softmax_row_values(static_cast<float>(x[rt.t * S]), row_max, row_sum, sum_others);
-      res = softmax_row_result(a, row, rt.t, rv, scale);
+      if (smooth) {
+        sr = smooth_row(a, row_sum);
+        float sum_f = 0.0f, sum_d = 0.0f;
+        for (int64_t c = 0; c < C; ++c) {
+          if (c != rt.t) {
+            const lm::FocalTerm<float> ft = smooth_class_term(sr, static_cast<float>(x[c * S]) - row_max, c);
+            sum_f += ft.value;
+            sum_d += ft.dvalue_dlogpt;
+          }
+        }
+        res.loss = smooth_finish(a, row, rt.t, rv, sum_f, sum_d, scale, sr);
+      } else {
+        res = softmax_row_result<kExtras>(a, row, rt.t, rv, scale);
+      }
     }
     if (a.grad != nullptr) {
       grad_t* g = a.grad + base;
       const float p_scale = -res.k / row_sum;
-      const float target_grad = res.k * rv.one_minus_pt;
+      const float target_grad = smooth ? sr.target_grad : res.k * rv.one_minus_pt;
       if constexpr (kRegs > 0) {
 #pragma unroll
         for (int c = 0; c < kRegs; ++c) {
@@ -350,9 +487,12 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
         }
       } else {
         for (int64_t c = 0; c < C; ++c) {
-          g[c * S] = static_cast<grad_t>(
-              !rt.active ? 0.0f
-                         : (c == rt.t ? target_grad : p_scale * lm::exp_(static_cast<float>(x[c * S]) - row_max)));
+          float value = 0.0f;
+          if (rt.active) {
+            const float xm = static_cast<float>(x[c * S]) - row_max;
+            value = c == rt.t ? target_grad : smooth ? smooth_class_grad(sr, xm, c) : p_scale * lm::exp_(xm);
+          }
+          g[c * S] = static_cast<grad_t>(value);
         }
       }
     }
@@ -366,13 +506,14 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
 
 // ------------------------------------------------------------------------------------------
 // focal_probs_kernel: focal with from_logits=False (the input holds probabilities). A thread
-// per row reads only x_t: loss = alpha_t (1 - x_t)^gamma (-log x_t), and writes the one
+// per row reads only x_t: loss = w alpha_t (1 - x_t)^gamma (-log x_t) (w: the row's weight,
+// kWeighted instances only; a zero weight makes the row inactive), and writes the one
 // nonzero gradient value grad_{c=t} = scale * alpha_t * dFocal/dl / x_t (rounded once to the
 // gradient's element type grad_t) into a gradient the host zeroed in that type. Traffic: per row 8
 // bytes of target + one scattered logit read + one gradient write, plus the zero fill of the
 // gradient (sizeof(grad_t) per element).
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t, typename grad_t>
+template <typename scalar_t, typename grad_t, bool kWeighted>
 __global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   const int64_t rows = a.N * a.S;
   const int64_t C = a.C, S = a.S;
@@ -380,13 +521,14 @@ __global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs
   double acc = 0.0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; row < rows; row += stride) {
-    const RowTarget rt = row_target(a, row, rows);
+    const RowTarget rt = row_target<kWeighted>(a, row, rows);
     RowResult res{0.0f, 0.0f, 0.0f};
     if (rt.active) {
       const int64_t n = row / S;
       const int64_t at_t = n * C * S + (row - n * S) + rt.t * S;
       const float p_t = static_cast<float>(a.logits[at_t]);
-      const float alpha_t = lm::class_alpha(a.alpha_per_class, a.alpha, rt.t);
+      float alpha_t = lm::class_alpha(a.alpha_per_class, a.alpha, rt.t);
+      if constexpr (kWeighted) alpha_t *= a.weight[row];
       const lm::FocalTerm<float> ft = lm::focal_term(lm::log_(p_t), a.gamma);
       res.loss = alpha_t * ft.value;
       if (a.grad != nullptr) a.grad[at_t] = static_cast<grad_t>(scale * alpha_t * ft.dvalue_dlogpt / p_t);
@@ -414,7 +556,7 @@ SoftmaxLaunch<scalar_t, grad_t> pick_rows_kernel(int64_t C) {
   if (packs <= 16) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 16, 1>, kWarps * 2};
   if (packs <= 32) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 32, 1>, kWarps};
   if (packs <= 128) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 32, 4>, kWarps};
-  return {softmax_rows_large_kernel<scalar_t, grad_t, VEC>, kWarps};
+  return {softmax_rows_large_kernel<scalar_t, grad_t, VEC, false>, kWarps};
 }
 
 constexpr int kSpatialRegs = 32;  // channel-second rows of up to 32 classes stay in registers
@@ -428,11 +570,19 @@ void softmax_pass(SoftmaxArgs<scalar_t, grad_t> a, bool from_probs, const at::Te
     return;
   }
   Launch launch;
+  // Drop-in extras (a per-row weight, label smoothing; never in a Stats pass, no smoothing with
+  // probabilities): the kExtras instances of the sweep kernels, whatever C (for (N, C) rows one
+  // warp per row; fused, the row read once from memory), so that the plain instances keep the
+  // registers of the no-extras kernels. focal_probs_kernel takes the weight itself.
+  const bool extras = (a.weight != nullptr || a.label_smoothing > 0.0f) && a.loss != SoftmaxLoss::Stats;
+  TORCH_INTERNAL_ASSERT(!(a.label_smoothing > 0.0f && from_probs), "fused_losses: label smoothing needs logits");
   if (from_probs) {
-    launch = {focal_probs_kernel<scalar_t, grad_t>, kThreads};
+    launch = a.weight != nullptr ? Launch{focal_probs_kernel<scalar_t, grad_t, true>, kThreads}
+                                 : Launch{focal_probs_kernel<scalar_t, grad_t, false>, kThreads};
   } else if (a.S > 1) {
-    launch = a.C <= kSpatialRegs ? Launch{softmax_spatial_kernel<scalar_t, grad_t, kSpatialRegs>, kThreads}
-                                 : Launch{softmax_spatial_kernel<scalar_t, grad_t, 0>, kThreads};
+    launch = extras ? Launch{softmax_spatial_kernel<scalar_t, grad_t, 0, true>, kThreads}
+             : a.C <= kSpatialRegs ? Launch{softmax_spatial_kernel<scalar_t, grad_t, kSpatialRegs, false>, kThreads}
+                                   : Launch{softmax_spatial_kernel<scalar_t, grad_t, 0, false>, kThreads};
   } else {
     // Packs of kVec values: 16 bytes of logits, kVec * sizeof(grad_t) bytes of gradient (16 for
     // a gradient in the logits dtype, 32 = two stores for a float32 gradient of fp16/bf16).
@@ -440,7 +590,12 @@ void softmax_pass(SoftmaxArgs<scalar_t, grad_t> a, bool from_probs, const at::Te
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool packed = a.C % kVec == 0 && aligned_to(a.logits, 16) &&
                         (a.grad == nullptr || aligned_to(a.grad, kVec * sizeof(grad_t)));
-    launch = packed ? pick_rows_kernel<scalar_t, grad_t, kVec>(a.C) : pick_rows_kernel<scalar_t, grad_t, 1>(a.C);
+    if (extras) {
+      launch = packed ? Launch{softmax_rows_large_kernel<scalar_t, grad_t, kVec, true>, kWarps}
+                      : Launch{softmax_rows_large_kernel<scalar_t, grad_t, 1, true>, kWarps};
+    } else {
+      launch = packed ? pick_rows_kernel<scalar_t, grad_t, kVec>(a.C) : pick_rows_kernel<scalar_t, grad_t, 1>(a.C);
+    }
   }
   const int64_t blocks = grid_for(launch.kernel, rows, launch.rows_per_block);
   at::Tensor partials;

@@ -15,12 +15,15 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& 
                                                             c10::string_view reduction, bool from_logits,
                                                             bool compute_grad, const c10::optional<at::Tensor>& weight,
                                                             double label_smoothing) {
-  check_no_extras("softmax_focal_forward", weight, label_smoothing);
   const DeviceGuard guard(logits_in.device());
+  check_label_smoothing(label_smoothing);
+  TORCH_CHECK(label_smoothing == 0.0 || from_logits, "label_smoothing: only with from_logits=True");
   const SoftmaxCall call =
       softmax_call(logits_in, target_in, reduction, compute_grad, /*zero_grad=*/!from_logits, "softmax_focal_forward");
   at::Tensor alpha_vec, count;
   if (alpha_per_class.has_value()) alpha_vec = float_vector(*alpha_per_class, call.logits, call.sh.C, "alpha");
+  // Per-row weights do not change the 'mean' denominator (mmdet's weight_reduce_loss).
+  const at::Tensor weight_vec = weight_vector(weight, call.logits, call.sh.N * call.sh.S);
   if (call.reduction == Reduction::Mean) count = count_valid(call.target, ignore_index, call.sh.C);
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "softmax_focal_forward_cuda", [&] {
     dispatch_grad_t<scalar_t>(call.grad, [&](auto grad_tag) {
@@ -29,6 +32,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& 
       a.alpha_per_class = alpha_vec.defined() ? alpha_vec.data_ptr<float>() : nullptr;
       a.alpha = static_cast<float>(alpha);
       a.gamma = static_cast<float>(gamma);
+      a.weight = data_or_null(weight_vec);
+      a.label_smoothing = static_cast<float>(label_smoothing);
       if (count.defined()) a.count.count_dev = count.data_ptr<int64_t>();
       softmax_pass(a, !from_logits, reduced_output(call));
     });
@@ -36,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& 
   return {call.loss, call.grad};
 }
 
-// ohem_forward: stats pass (log p_t per row: read the logits once, write 4 bytes per row),
+// ohem_forward: stats pass (log p_t per row: read the logits once, write 4 bytes per row;
+// without weight or smoothing, whatever the call has),
 // selection on the N-sized arrays with torch ops on the device (the reference's sort-rank or
 // mmseg-threshold rule, no host read), then the loss/gradient pass over the kept rows (read the
 // logits again, write the gradient once).
@@ -45,10 +51,13 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cuda(const at::Tensor& logits_in
                                                    c10::optional<double> thresh, int64_t min_kept_total,
                                                    int64_t ignore_index, c10::string_view reduction, bool compute_grad,
                                                    const c10::optional<at::Tensor>& weight, double label_smoothing) {
-  check_no_extras("ohem_forward", weight, label_smoothing);
   const DeviceGuard guard(logits_in.device());
+  check_label_smoothing(label_smoothing);
   const SoftmaxCall call = softmax_call(logits_in, target_in, reduction, compute_grad, false, "ohem_forward");
   const int64_t rows = call.sh.N * call.sh.S;
+  // Weights and smoothing act on the kept rows' loss only: the selection below ranks by the
+  // unsmoothed CE (or p_t) of the stats pass and ignores weights; 'mean' divides by n_kept.
+  const at::Tensor weight_vec = weight_vector(weight, call.logits, rows);
   const at::Tensor log_pt = at::empty({rows}, call.logits.options().dtype(at::kFloat));
   FL_DISPATCH_CUDA_FLOATING_TYPES(call.logits.scalar_type(), "ohem_stats_cuda", [&] {
     SoftmaxArgs<scalar_t> a = softmax_args<scalar_t>(call, ignore_index, SoftmaxLoss::Stats);  // no gradient
@@ -94,6 +103,8 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cuda(const at::Tensor& logits_in
       SoftmaxArgs<scalar_t, grad_t> a = softmax_args<scalar_t, grad_t>(call, ignore_index, SoftmaxLoss::OhemKept);
       a.kept = kept.data_ptr<bool>();
       a.count.count_dev = n_kept.data_ptr<int64_t>();
+      a.weight = data_or_null(weight_vec);
+      a.label_smoothing = static_cast<float>(label_smoothing);
       softmax_pass(a, false, reduced_output(call));
     });
   });
