@@ -98,9 +98,9 @@ demo: build-cpu
 # resource check of every kernel (fails on register spills). Exits non-zero on any failure. EMU_ASAN=1: the AddressSanitizer + UBSan build instead (build/cuda_emu_asan), on a
 # subset (EMU_ASAN_TESTS; about 10x slower), with the sanitizer runtime preloaded into python.
 EMU_SCHEDULES  := threads=forward,blocks=forward,sms=132 threads=random,seed=1,blocks=reverse,sms=1
-EMU_TESTS      := tests/test_compiled_backends.py tests/test_backward.py tests/test_accuracy_edges.py
+EMU_TESTS      := tests/test_compiled_backends.py tests/test_backward.py tests/test_accuracy_edges.py tests/test_dropin.py
 EMU_ASAN       ?= 0
-EMU_ASAN_TESTS ?= tests/cuda_emu/test_kernels.py tests/test_backward.py \
+EMU_ASAN_TESTS ?= tests/cuda_emu/test_kernels.py tests/test_backward.py tests/test_dropin.py \
                   tests/test_compiled_backends.py::test_focal_every_row_kernel \
                   tests/test_compiled_backends.py::test_misaligned_views \
                   tests/test_compiled_backends.py::test_ghmc_large_spatial_and_many_bins \
