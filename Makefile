@@ -42,12 +42,13 @@ SHELL       := /bin/bash
 .PHONY: venv build build-cpu test demo bench clean test-cuda-emu
 .DEFAULT_GOAL := test
 
+# One pip call for torch and the tools, --no-compile: pip would byte-compile every module of
+# torch (about 25 s of one core); Python compiles the ones actually imported on first use.
 $(VENV)/.installed: Makefile
 	@echo "make: creating $(VENV) with torch 2.14.1 and the test/demo tools (about 2 min; 5.7 GB)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip "setuptools>=64" wheel
-	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet $(DEV_PINS)
+	$(PY) -m pip install --quiet --no-compile --upgrade pip "setuptools>=64" wheel
+	$(PY) -m pip install --quiet --no-compile $(TORCH_PIN) $(DEV_PINS)
 	touch $@
 
 venv: $(VENV)/.installed
