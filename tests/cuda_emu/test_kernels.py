@@ -471,3 +471,22 @@ def test_extras_bitwise_deterministic_across_schedules():
                 runs.append(call())
         for run in runs[1:]:
             _assert_same(run, runs[0], f"call {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_inplace_rescale_touches_every_element_once(dtype, offset):
+    """scale_grad_ over a multi-block grid (16-byte packs, offset 0; single values for an
+    unaligned view, offset 1): every element is multiplied by grad_output / applied_scale exactly
+    once. A grid-stride loop that strides by one block instead of the grid made later blocks
+    rescale elements again (the mutant stride-scale_grad-scale_grad.cu of tests/cuda_emu/mutants.py
+    survived every loss test: their in-place rescales ran on one block)."""
+    numel = 5 * 4 * 256 + 3  # several blocks of 256 threads x 4-element packs, and a tail
+    base = torch.randn(numel + offset, generator=torch.Generator().manual_seed(11)).to(dtype)
+    grad = base.clone()[offset:]
+    before = grad.clone()
+    grad_output = torch.tensor(3.0)
+    applied = torch.tensor(1.5)  # ratio 2: exact in every dtype, so the check is bitwise
+    cuda_emu.ops().scale_grad_(grad, grad_output, applied)
+    assert torch.equal(grad, before * 2)
+    assert applied.item() == 3.0
