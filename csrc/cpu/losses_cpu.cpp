@@ -393,8 +393,9 @@ inline SoftmaxRow<T> softmax_row_values(T x_t, T e_t, T row_max, T row_sum, T su
     row.one_minus_pt = one_minus_pt_from_log(row.log_pt);
   } else {
     row.log_pt = log_softmax_target_sums(x_t, row_max, row_sum, sum_others);
-    row.p_t = e_t / row_sum;
-    row.one_minus_pt = sum_others / row_sum;
+    const T inv_sum = T(1) / row_sum;
+    row.p_t = e_t * inv_sum;
+    row.one_minus_pt = sum_others * inv_sum;
   }
   row.max = row_max;
   row.sum = row_sum;

@@ -43,13 +43,14 @@ void softmax_grad_tile(float* g, int64_t classes, int64_t stride, int64_t w, con
 
 // Gradient of a tile of the two-pass losses, from the logits and the row max:
 // g[c * stride + j] = t[j] < 0 ? 0 : c == t[j] ? target_value[j] : coef[j] * exp(x[c * stride + j] - max[j]).
+// max[j] must be the row's max (x - max <= 0: the exponential has no overflow clamp).
 void softmax_grad_tile_exp(float* g, const float* x, int64_t classes, int64_t stride, int64_t w, const int32_t* t,
                            const float* max, const float* coef, const float* target_value);
 
 // out[i] = k * in[i]
 void scale_to(float* out, const float* in, float k, int64_t n);
 
-// out[i] = k * exp(x[i] - shift)
+// out[i] = k * exp(x[i] - shift), shift >= every x[i] (the row max: no overflow clamp)
 void scaled_exp_to(float* out, const float* x, float shift, float k, int64_t n);
 
 // out[i] = a[i] * b[i]
