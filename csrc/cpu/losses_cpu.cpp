@@ -381,9 +381,10 @@ inline void tile_stats(const scalar_t* xt, int64_t C, int64_t class_stride, int6
   }
 }
 
-// The SoftmaxRow of row j of a tile with target t (>= 0) from tile_stats' values.
+// The SoftmaxRow of row j of a tile with target t (>= 0) from tile_stats' values (float:
+// log p_t from log_softmax_target_sums, or given: the tile's SIMD batch, cpu::log_softmax_target_rows).
 template <typename T>
-inline SoftmaxRow<T> softmax_row_values(T x_t, T e_t, T row_max, T row_sum, T sum_others) {
+inline SoftmaxRow<T> softmax_row_values(T x_t, T e_t, T row_max, T row_sum, T sum_others, const T* log_pt = nullptr) {
   SoftmaxRow<T> row;
   if constexpr (std::is_same<T, double>::value) {
     // fp64 keeps the log-sum form of the float64 reference (tests/test_reference.py pins it to the
@@ -392,7 +393,7 @@ inline SoftmaxRow<T> softmax_row_values(T x_t, T e_t, T row_max, T row_sum, T su
     row.p_t = exp_(row.log_pt);
     row.one_minus_pt = one_minus_pt_from_log(row.log_pt);
   } else {
-    row.log_pt = log_softmax_target_sums(x_t, row_max, row_sum, sum_others);
+    row.log_pt = log_pt != nullptr ? *log_pt : log_softmax_target_sums(x_t, row_max, row_sum, sum_others);
     const T inv_sum = T(1) / row_sum;
     row.p_t = e_t * inv_sum;
     row.one_minus_pt = sum_others * inv_sum;
@@ -469,7 +470,7 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
   constexpr bool kFloat = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value;
   at::parallel_for(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
     std::vector<T> e(C * grid.width);
-    T row_max[kTile], row_sum[kTile], sum_others[kTile], coef[kTile], target_value[kTile];
+    T row_max[kTile], row_sum[kTile], sum_others[kTile], coef[kTile], target_value[kTile], log_pt[kTile];
     int32_t t[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
       const Tile tl = grid.tile(tile);
@@ -483,12 +484,20 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
         continue;
       }
       tile_stats<kUnitStride>(xt, C, class_stride, w, t, e.data(), row_max, row_sum, sum_others);
+      // Tiles of float rows: the w logs in one SIMD batch (a libm logf per row costs as much as
+      // the row's 19 exponentials).
+      T* lp = nullptr;
+      if constexpr (kFloat && !kUnitStride) {
+        for (int64_t j = 0; j < w; ++j) target_value[j] = t[j] >= 0 ? xt[t[j] * class_stride + j] : 0.0f;
+        cpu::log_softmax_target_rows(target_value, row_max, row_sum, sum_others, w, log_pt);
+        lp = log_pt;
+      }
       for (int64_t j = 0; j < w; ++j) {
         coef[j] = 0;
         target_value[j] = 0;
         if (t[j] < 0) continue;
         const SoftmaxRow<T> row = softmax_row_values(static_cast<T>(xt[t[j] * class_stride + j]), e[t[j] * w + j],
-                                                     row_max[j], row_sum[j], sum_others[j]);
+                                                     row_max[j], row_sum[j], sum_others[j], lp != nullptr ? lp + j : nullptr);
         const T k = row_fn(row0 + j, static_cast<int64_t>(t[j]), row);
         coef[j] = -k / row_sum[j];
         target_value[j] = k * row.one_minus_pt;

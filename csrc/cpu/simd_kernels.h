@@ -56,6 +56,12 @@ void scaled_exp_to(float* out, const float* x, float shift, float k, int64_t n);
 // out[i] = a[i] * b[i]
 void multiply_to(float* out, const float* a, const float* b, int64_t n);
 
+// log p_t of w rows from a tile's sums (losses_math.h log_softmax_target_sums, lane-wise, with a
+// polynomial log of about 1 ulp instead of libm's scalar logf / log1pf):
+// log_pt[j] = x_t[j] == max[j] ? -log1p(sum_others[j]) : (x_t[j] - max[j]) - log(sum[j]).
+void log_softmax_target_rows(const float* x_t, const float* max, const float* sum, const float* sum_others, int64_t w,
+                             float* log_pt);
+
 // Sigmoid focal loss over one row of n classes (math::sigmoid_focal_element): target y[i], or,
 // when y == nullptr, y_i = [i == label] (label >= n: background); n < 2^31. Writes loss[i]
 // when loss is not null and grad[i] = grad_scale * dloss/dx_i when grad is not null; returns
