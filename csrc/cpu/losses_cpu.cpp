@@ -360,7 +360,7 @@ inline void tile_exp_sums(const scalar_t* x, int64_t C, int64_t class_stride, in
 // cancellation, no transcendental call), the row max m and s = sum_c e^{x_c - m}.
 template <typename T>
 struct SoftmaxRow {
-  T log_pt, p_t, one_minus_pt, max, sum;
+  T log_pt, p_t, one_minus_pt, max, sum, inv_sum;  // inv_sum = 1 / sum
 };
 
 // Max, exponentials and sums of a tile (tile_exp_sums; fp32 through the SIMD kernels).
@@ -389,14 +389,15 @@ inline SoftmaxRow<T> softmax_row_values(T x_t, T e_t, T row_max, T row_sum, T su
   if constexpr (std::is_same<T, double>::value) {
     // fp64 keeps the log-sum form of the float64 reference (tests/test_reference.py pins it to the
     // naive autograd form at 1e-6); its rounding (~1e-16 absolute in log p_t) is far below fp32's.
+    row.inv_sum = T(1) / row_sum;
     row.log_pt = log_softmax_target(x_t, row_max, log_(row_sum));
     row.p_t = exp_(row.log_pt);
     row.one_minus_pt = one_minus_pt_from_log(row.log_pt);
   } else {
     row.log_pt = log_pt != nullptr ? *log_pt : log_softmax_target_sums(x_t, row_max, row_sum, sum_others);
-    const T inv_sum = T(1) / row_sum;
-    row.p_t = e_t * inv_sum;
-    row.one_minus_pt = sum_others * inv_sum;
+    row.inv_sum = T(1) / row_sum;  // one division per row (p_t, 1 - p_t and the gradient's coefficient)
+    row.p_t = e_t * row.inv_sum;
+    row.one_minus_pt = sum_others * row.inv_sum;
   }
   row.max = row_max;
   row.sum = row_sum;
@@ -499,7 +500,7 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
         const SoftmaxRow<T> row = softmax_row_values(static_cast<T>(xt[t[j] * class_stride + j]), e[t[j] * w + j],
                                                      row_max[j], row_sum[j], sum_others[j], lp != nullptr ? lp + j : nullptr);
         const T k = row_fn(row0 + j, static_cast<int64_t>(t[j]), row);
-        coef[j] = -k / row_sum[j];
+        coef[j] = -k * row.inv_sum;
         target_value[j] = k * row.one_minus_pt;
       }
       if (grad == nullptr) continue;
@@ -639,13 +640,14 @@ struct RowStats {
   std::vector<T> log_pt, p_t, one_minus_pt, max, sum;
 };
 
-// Gradient pass of the two-pass losses (OHEM, GHM-C softmax fp64): from a stats pass's
-// RowStats, grad_c = k_r * ([c == t] - e^{x_c - m_r} / s_r) for active rows (active[r] != 0, or
+// Gradient pass of the two-pass losses (OHEM, GHM-C softmax fp64): from a stats pass's per-row
+// max, sum and 1 - p_t, grad_c = k_r * ([c == t] - e^{x_c - m_r} / s_r) for active rows (active[r] != 0, or
 // target != ignore_index when active == nullptr), 0 elsewhere.
 // Memory traffic: reads the logits once, writes the gradient once.
 template <typename scalar_t, typename T, typename G>
 void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
-                       const RowStats<T>& st, const T* k, const uint8_t* active_rows, G* grad) {
+                       const T* row_max, const T* row_sum, const T* one_minus_pt, const T* k,
+                       const uint8_t* active_rows, G* grad) {
   const int64_t C = sh.C, S = sh.S;
   const bool unit = S == 1;
   const TileGrid grid(sh, unit);
@@ -661,9 +663,9 @@ void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
         const int64_t r = row0 + j;
         const bool active = active_rows != nullptr ? active_rows[r] != 0 : target[r] != ignore_index;
         t[j] = active ? static_cast<int32_t>(target[r]) : -1;
-        coef[j] = active ? -k[r] / st.sum[r] : T(0);
-        target_value[j] = active ? k[r] * st.one_minus_pt[r] : T(0);
-        mx[j] = st.max[r];
+        coef[j] = active ? -k[r] / row_sum[r] : T(0);
+        target_value[j] = active ? k[r] * one_minus_pt[r] : T(0);
+        mx[j] = row_max[r];
       }
       const scalar_t* xt = x + offset;
       G* gt = grad + offset;
@@ -990,7 +992,7 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cpu(const at::Tensor& logits_in,
       });
       with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
         if (g != nullptr)
-          softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, st, k.data(), wp != nullptr ? active.data() : kept.data(), g);
+          softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, st.max.data(), st.sum.data(), st.one_minus_pt.data(), k.data(), wp != nullptr ? active.data() : kept.data(), g);
       });
     }
     loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_kept), reduction);
@@ -1485,7 +1487,7 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
       k[r] = -scale * wt;
     }
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
-      if (g != nullptr) softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, st, k.data(), active.data(), g);
+      if (g != nullptr) softmax_grad_pass<scalar_t, T>(x, tgt, sh, ignore_index, st.max.data(), st.sum.data(), st.one_minus_pt.data(), k.data(), active.data(), g);
     });
     loss = finish_loss<scalar_t>(logits, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction);
   });

@@ -329,7 +329,29 @@ FL_ALWAYS_INLINE void softmax_tile_impl(const float* x, int64_t classes, int64_t
   if (j0 < w) softmax_tile_group<W, false>(x, classes, stride, w, j0, w - j0, t, e, max, sum, sum_others);
 }
 
-// kFromX: the exponential is recomputed from the logits (two-pass losses); else read from e.
+// kFromX: the exponential is recomputed from the logits (two-pass losses; kNormal: every lane's
+// x - max >= kExpNormalLo, exp_normal); else read from e.
+template <int W, bool kFull, bool kFromX, bool kNormal>
+FL_ALWAYS_INLINE void softmax_grad_classes(float* __restrict g, const float* __restrict src, int64_t classes,
+                                           int64_t stride, int64_t w, int64_t j0, int64_t nl,
+                                           typename Vec<W>::I tv, typename Vec<W>::I active, typename Vec<W>::F cf,
+                                           typename Vec<W>::F target, typename Vec<W>::F mx) {
+  using L = Lanes<W>;
+  using F = typename L::F;
+  const F zero = L::splat(0.0f);
+  for (int64_t c = 0; c < classes; ++c) {
+    F v;
+    if (kFromX) {
+      v = cf * L::template exp_nonpos_<kNormal>(L::template load_n<kFull>(src + c * stride + j0, nl, 0.0f) - mx);
+    } else {
+      v = cf * L::template load_n<kFull>(src + c * w + j0, nl, 0.0f);
+    }
+    v = tv == static_cast<int32_t>(c) ? target : v;
+    v = active ? v : zero;
+    L::template store_n<kFull>(g + c * stride + j0, v, nl);
+  }
+}
+
 template <int W, bool kFull, bool kFromX>
 FL_ALWAYS_INLINE void softmax_grad_group(float* __restrict g, const float* __restrict src, int64_t classes,
                                          int64_t stride, int64_t w, int64_t j0, int64_t nl, const int32_t* t,
@@ -342,18 +364,16 @@ FL_ALWAYS_INLINE void softmax_grad_group(float* __restrict g, const float* __res
   const F cf = L::template load_n<kFull>(coef + j0, nl, 0.0f);
   const F target = L::template load_n<kFull>(target_value + j0, nl, 0.0f);
   const F mx = kFromX ? L::template load_n<kFull>(max + j0, nl, 0.0f) : L::splat(0.0f);
-  const F zero = L::splat(0.0f);
-  for (int64_t c = 0; c < classes; ++c) {
-    F v;
-    if (kFromX) {
-      v = cf * L::exp_nonpos(L::template load_n<kFull>(src + c * stride + j0, nl, 0.0f) - mx);
-    } else {
-      v = cf * L::template load_n<kFull>(src + c * w + j0, nl, 0.0f);
+  if (kFromX) {
+    // The fast exponential when every active lane's min over the classes is within 87 of its max.
+    F nv = L::splat(kPosInf);
+    for (int64_t c = 0; c < classes; ++c) nv = L::vmin(nv, L::template load_n<kFull>(src + c * stride + j0, nl, 0.0f));
+    if (!L::any(active & ((nv - mx) < L::kExpNormalLo))) {
+      softmax_grad_classes<W, kFull, kFromX, true>(g, src, classes, stride, w, j0, nl, tv, active, cf, target, mx);
+      return;
     }
-    v = tv == static_cast<int32_t>(c) ? target : v;
-    v = active ? v : zero;
-    L::template store_n<kFull>(g + c * stride + j0, v, nl);
   }
+  softmax_grad_classes<W, kFull, kFromX, false>(g, src, classes, stride, w, j0, nl, tv, active, cf, target, mx);
 }
 
 template <int W, bool kFromX>
