@@ -166,7 +166,7 @@ def logits_gradient(ctx, saved, grad_loss, applied_scale, scale_in_place, scale_
 # Position of `compute_grad` in each forward op's schema (csrc/op_schemas.h): optional extras
 # (weight, label_smoothing, ...) follow it.
 COMPUTE_GRAD_POS = {"softmax_focal_forward": 8, "sigmoid_focal_forward": 6, "ohem_forward": 8, "ghmc_forward": 6,
-                    "ib_forward": 9}
+                    "ib_forward": 9, "ghmc_softmax_scale": 7}
 
 
 def setup_saved_grads_for(name: str):
@@ -356,6 +356,17 @@ def _fake_ghmc(logits, target, bin_weights, use_sigmoid, ignore_index, reduction
     return _loss_like(logits, shape, reduction), _grad_like(logits, compute_grad, reduction)
 
 
+def _fake_ghmc_softmax_prepass(logits, target, state, bins, momentum, ignore_index, weight=None):
+    rows = logits.numel() // logits.shape[1] if logits.dim() > 1 and logits.shape[1] > 0 else 0
+    return (logits.new_empty((bins,), dtype=torch.float32), logits.new_empty((2, rows), dtype=torch.float32),
+            torch.empty_like(logits, dtype=torch.float32, memory_format=torch.contiguous_format))
+
+
+def _fake_ghmc_softmax_scale(logits, target, bin_weights, row_stats, unit_grad, ignore_index, reduction, compute_grad,
+                             weight=None):
+    return _loss_like(logits, _softmax_none_shape(logits), reduction), _grad_like(logits, compute_grad, reduction)
+
+
 def _fake_ib(logits, target, feature_norm, class_weight, alpha, epsilon, gamma, detach_factor, reduction,
              compute_grad):
     math_dtype = _math_dtype(logits.dtype)
@@ -396,6 +407,13 @@ def register() -> None:
         qualname = f"fused_losses::{name}"
         torch.library.register_fake(qualname)(fake)
         torch.library.register_autograd(qualname, backward, setup_context=setup_saved_grads_for(name))
+    if hasattr(torch.ops.fused_losses, "ghmc_softmax_prepass"):
+        # CPU-only ops (csrc/cpu/losses_cpu.cpp): not in _FORWARD_OPS, which the emulator's
+        # namespace mirrors.
+        torch.library.register_fake("fused_losses::ghmc_softmax_prepass")(_fake_ghmc_softmax_prepass)
+        torch.library.register_fake("fused_losses::ghmc_softmax_scale")(_fake_ghmc_softmax_scale)
+        torch.library.register_autograd("fused_losses::ghmc_softmax_scale", _backward_logits_only,
+                                        setup_context=setup_saved_grads_for("ghmc_softmax_scale"))
     torch.library.register_fake("fused_losses::ghmc_bin_weights")(_fake_ghmc_bin_weights)
     torch.library.register_fake("fused_losses::ghmc_bin_counts")(_fake_ghmc_bin_counts)
     torch.library.register_fake("fused_losses::scale_grad")(_fake_scale_grad)

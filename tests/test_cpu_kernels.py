@@ -360,3 +360,110 @@ def test_ghmc_bin_counts_is_the_histogram_ghmc_bin_weights_uses(use_sigmoid, wei
     weights = _OPS.ghmc_bin_weights(x, y, state, bins, 0.7, use_sigmoid, ignore, wt)
     ref, new_state = ghm_bin_weights(counts[:bins].float(), counts[bins], state_ref, 0.7, torch.float32)
     assert torch.equal(weights, ref) and torch.equal(state, new_state)
+
+
+# --------------------------------------------------------------------------------------------
+# GHM-C softmax on float32 CPU logits in one softmax pass (cpu_backend._ghmc_softmax_one_pass:
+# ghmc_softmax_prepass writes p - onehot, ghmc_softmax_scale scales its rows by the bins'
+# weights): the same bins, EMA state and losses as the ghmc_bin_weights + ghmc_forward pair bit
+# for bit, gradients within 2 ulp (the two factors are rounded in another order).
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(37, 19), (300, 80), (2, 19, 9, 13), (1, 5, 700)])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ghmc_one_pass_ops_match_the_op_pair(shape, weighted, reduction):
+    g = torch.Generator().manual_seed(hash((shape, weighted, reduction)) % 1000)
+    x = 3 * torch.randn(shape, generator=g)
+    x[0, 0] = 95.0  # a row (or a tile lane) whose spread passes 87: the exact-range exponential
+    tshape = (shape[0],) + shape[2:]
+    t = torch.randint(0, shape[1], tshape, generator=g)
+    t[torch.rand(tshape, generator=g) < 0.1] = 255
+    w = None
+    if weighted:
+        w = torch.rand(tshape, generator=g)
+        w[w < 0.3] = 0
+        x.view(shape[0], shape[1], -1)[:, :, 0][w.view(shape[0], -1)[:, 0] == 0] = float("nan")  # never leaks
+    s_pair, s_one = torch.full((10,), 5.0), torch.full((10,), 5.0)
+    bw_pair = _OPS.ghmc_bin_weights(x, t, s_pair, 10, 0.7, False, 255, w)
+    loss_pair, grad_pair = _OPS.ghmc_forward(x, t, bw_pair, False, 255, reduction, True, w, 0.0)
+    bw_one, stats, unit = _OPS.ghmc_softmax_prepass(x, t, s_one, 10, 0.7, 255, w)
+    loss_one, grad_one = _OPS.ghmc_softmax_scale(x, t, bw_one, stats, unit, 255, reduction, True, w)
+    assert torch.equal(bw_one, bw_pair) and torch.equal(s_one, s_pair)
+    assert torch.equal(loss_one, loss_pair) or torch.equal(torch.isnan(loss_one), torch.isnan(loss_pair))
+    assert torch.equal(torch.isnan(grad_one), torch.isnan(grad_pair))
+    ok = ~torch.isnan(grad_pair)
+    diff = (grad_one - grad_pair)[ok].abs()
+    assert torch.all(diff <= 2 * torch.finfo(torch.float32).eps * grad_pair[ok].abs()), diff.max()
+
+
+def test_ghmc_public_call_takes_the_one_pass_ops_and_matches_the_reference():
+    """fl.ghmc(use_sigmoid=False) on float32 CPU logits runs ghmc_softmax_prepass/_scale (not
+    ghmc_forward), updates the module's EMA state like the reference, and its loss and gradient
+    are the float64 reference's within the fp32 bound."""
+    from fused_losses._backends import cpu_backend
+    x, t = softmax_case((2, 19, 9, 13), ignore_frac=0.1, ignore_index=255, seed=21)
+    assert cpu_backend._one_pass_ghmc(x, False, 0.0, None)
+    assert not cpu_backend._one_pass_ghmc(x.double(), False, 0.0, None)
+    assert not cpu_backend._one_pass_ghmc(x, False, 0.1, None)
+    calls = []
+    real = _OPS.ghmc_softmax_scale
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "ghmc_forward":
+                calls.append(name)
+            return real if name == "ghmc_softmax_scale" and calls.append(name) is None else getattr(_OPS, name)
+
+    orig = cpu_backend._ops_ns
+    cpu_backend._ops_ns = lambda: Spy()
+    try:
+        state = torch.full((10,), 3.0)
+        state_ref = state.clone()
+        out, grad = loss_and_grad(lambda z: fl.ghmc(z, t, bins=10, momentum=0.75, state=state, use_sigmoid=False,
+                                                    ignore_index=255, backend="cpu"), x)
+    finally:
+        cpu_backend._ops_ns = orig
+    assert calls == ["ghmc_softmax_scale"], calls
+    ref, ref_grad = loss_and_grad(lambda z: fl.ghmc(z, t, bins=10, momentum=0.75, state=state_ref,
+                                                    use_sigmoid=False, ignore_index=255, backend="reference"),
+                                  x.double())
+    assert torch.allclose(state, state_ref.float())
+    assert_rel_close(out, ref, TOL[torch.float32], "ghmc one-pass loss")
+    assert_rel_close(grad, ref_grad, TOL[torch.float32], "ghmc one-pass grad")
+
+
+@pytest.mark.parametrize("variant", _variants())
+def test_exponential_fast_and_exact_range_paths_give_subnormals_right(variant):
+    """Rows and tiles whose spread is under 87 take the fast exponential, others (and -inf
+    logits) the exact-range one: gradients p_c down to the subnormal range equal the float64
+    softmax rounded to float32 within 8 eps relative (the exponential's < 2 ulp, the row sum's
+    rounding, 1/s and the product), or 2 subnormal steps, in every SIMD variant."""
+    code = f"""
+import sys, json, torch
+sys.path.insert(0, {str(REPO)!r})
+import fused_losses as fl
+ops = torch.ops.fused_losses
+worst = 0.0
+for shape in [(6, 80), (6, 19), (2, 19, 3, 37)]:
+    for spread in (50.0, 86.9, 87.2, 100.0, 103.9, 120.0):
+        g = torch.Generator().manual_seed(int(spread))
+        x = torch.rand(shape, generator=g) * -spread
+        x.select(1, 0).fill_(0.0)
+        if spread == 120.0:
+            x.select(1, 2).fill_(float("-inf"))
+        t = torch.zeros((shape[0],) + shape[2:], dtype=torch.long)
+        _, grad = ops.softmax_focal_forward(x, t, None, 1.0, 0.0, -100, "sum", True, True)
+        p = torch.softmax(x.double(), dim=1)
+        want = p.clone()
+        want.select(1, 0).copy_(-p.narrow(1, 1, shape[1] - 1).sum(1))  # p_t - 1 without float64's cancellation
+        want = want.float().double()
+        got = grad.double()
+        tol = torch.maximum(8 * 2.0 ** -23 * want.abs(), torch.full_like(want, 2 * 2.0 ** -149))
+        worst = max(worst, float(((got - want).abs() / tol).max()))
+print(json.dumps(worst))
+"""
+    env = dict(os.environ, FUSED_LOSSES_SIMD=variant, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) <= 1.0

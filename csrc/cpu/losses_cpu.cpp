@@ -1649,7 +1649,127 @@ void scale_grad_inplace_cpu(const at::Tensor& grad, const at::Tensor& grad_outpu
   });
 }
 
+// ------------------------------------------------------------------------------------------
+// GHM-C softmax on float32 logits as two CPU-only ops (cpu_backend.ghmc's path without label
+// smoothing, process_group or a transform; defined in this file's TORCH_LIBRARY_FRAGMENT, not
+// in op_schemas.h: there is no CUDA or emulator kernel). The softmax does not depend on the
+// bins, only each row's factor does, so the one softmax pass comes first:
+//   ghmc_softmax_prepass: one rows pass that writes the cross-entropy gradient
+//     unit_grad = p - onehot of every active row (target != ignore_index, weight != 0; 0
+//     elsewhere) and row_stats (2, rows) float32 = log p_t and g = 1 - p_t, then
+//     ghmc_bin_weights' histogram, EMA update of `state` and bin weights from those g (the same
+//     rows pass as ghmc_bin_weights', hence the same bins);
+//   ghmc_softmax_scale: ghmc_forward's loss, and the gradient as a fresh tensor
+//     (scale * w_bin * weight_r) * unit_grad: a pass like a copy, no exponential.
+// One exponential per element instead of two (ghmc_bin_weights + ghmc_forward each run a
+// softmax); one more logits-sized float32 buffer while the call runs. The losses are
+// ghmc_forward's bit for bit; a gradient element is the product of the same two factors
+// rounded in another order (within 1 ulp of ghmc_forward's).
+// ------------------------------------------------------------------------------------------
+constexpr int64_t kGhmStats = 2;  // row_stats rows: log p_t, 1 - p_t
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_softmax_prepass_cpu(
+    const at::Tensor& logits_in, const at::Tensor& target_in, const c10::optional<at::Tensor>& state, int64_t bins,
+    double momentum, int64_t ignore_index, const c10::optional<at::Tensor>& weight) {
+  TORCH_CHECK(bins >= 1, "bins: must be >= 1, got ", bins);
+  TORCH_CHECK(logits_in.scalar_type() == at::kFloat, "ghmc_softmax_prepass: float32 logits only");
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor target = index_target(target_in);
+  const SoftmaxShape sh = softmax_shape(logits);
+  const int64_t rows = sh.rows();
+  TORCH_CHECK(target.numel() == rows, "target: expected ", rows, " class indices, got ", target.numel());
+  const at::Tensor weight_t = extra_weight(weight, at::kFloat, {rows});
+  const float* wp = weight_ptr<float>(weight_t);
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  at::Tensor stats = at::zeros({kGhmStats, rows}, logits.options());
+  at::Tensor unit_grad = empty_output(logits.sizes(), logits.options());
+  float* lp = stats.data_ptr<float>();
+  float* g = lp + rows;
+  softmax_rows_pass<float, float>(logits.data_ptr<float>(), tgt, sh, ignore_index, wp, unit_grad.data_ptr<float>(),
+                                  [&](int64_t r, int64_t, const SoftmaxRow<float>& row) {
+                                    lp[r] = row.log_pt;
+                                    g[r] = row.one_minus_pt;
+                                    return -1.0f;  // k = dCE/dlog p_t: grad = p - onehot
+                                  });
+  const std::vector<int64_t> counts = chunked_histogram(rows, bins, [&](int64_t r) {
+    const bool valid = tgt[r] != ignore_index && (wp == nullptr || wp[r] != 0.0f);
+    return valid ? ghm_bin(g[r], bins) : int64_t(-1);
+  });
+  const int64_t n_valid = count_valid(tgt, rows, ignore_index, wp);
+  return {ghm_weights_from_counts<float>(counts, n_valid, state, momentum, logits.options()), stats, unit_grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> ghmc_softmax_scale_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                        const at::Tensor& bin_weights_in, const at::Tensor& stats,
+                                                        const at::Tensor& unit_grad, int64_t ignore_index,
+                                                        c10::string_view reduction_name, bool compute_grad,
+                                                        const c10::optional<at::Tensor>& weight) {
+  const Reduction reduction = parse_reduction(reduction_name);
+  TORCH_CHECK(logits_in.scalar_type() == at::kFloat, "ghmc_softmax_scale: float32 logits only");
+  const int64_t bins = bin_weights_in.numel();
+  TORCH_CHECK(bins >= 1, "bin_weights: expected at least one bin");
+  const at::Tensor target = index_target(target_in);
+  const SoftmaxShape sh = softmax_shape(logits_in);
+  const int64_t rows = sh.rows();
+  TORCH_CHECK(target.numel() == rows, "target: expected ", rows, " class indices, got ", target.numel());
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.dim() == 2 &&
+                  stats.size(0) == kGhmStats && stats.size(1) == rows,
+              "row_stats: expected the contiguous float32 (", kGhmStats, ", ", rows,
+              ") tensor of ghmc_softmax_prepass for these logits, got ", stats.scalar_type(), " of shape ", stats.sizes());
+  TORCH_CHECK(unit_grad.scalar_type() == at::kFloat && unit_grad.is_contiguous() && unit_grad.sizes() == logits_in.sizes(),
+              "unit_grad: expected the contiguous float32 gradient of ghmc_softmax_prepass for these logits");
+  const at::Tensor weight_t = extra_weight(weight, at::kFloat, {rows});
+  const float* wp = weight_ptr<float>(weight_t);
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  const at::Tensor bw = bin_weights_in.to(at::kFloat).contiguous();
+  const float* w = bw.data_ptr<float>();
+  const float* lp = stats.data_ptr<float>();
+  const float* g = lp + rows;
+  const int64_t n_valid = count_valid(tgt, rows, ignore_index, wp);
+  const float scale = reduction == Reduction::Mean ? 1.0f / static_cast<float>(std::max<int64_t>(n_valid, 1)) : 1.0f;
+  std::vector<float> row_loss(rows, 0.0f), factor(rows, 0.0f);
+  at::parallel_for(0, rows, kWorkGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      // ghmc_forward's row function on the same values: loss w * CE, dLoss/dCE = scale * w.
+      if (!row_active<float>(tgt, r, sh.C, ignore_index, nullptr, wp)) continue;
+      const int64_t b = ghm_bin(g[r], bins);
+      const float wt = (b >= 0 ? w[b] : 0.0f) * (wp != nullptr ? wp[r] : 1.0f);
+      row_loss[r] = wt * -lp[r];
+      factor[r] = scale * wt;
+    }
+  });
+  at::Tensor grad = grad_buffer(logits_in, compute_grad, reduction);
+  if (compute_grad) {
+    const float* u = unit_grad.data_ptr<float>();
+    float* out = grad.data_ptr<float>();
+    const int64_t C = sh.C, S = sh.S;
+    const float* f = factor.data();
+    if (S == 1) {
+      at::parallel_for(0, rows, std::max<int64_t>(1, kWorkGrain / C), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) cpu::scale_to(out + r * C, u + r * C, f[r], C);
+      });
+    } else {
+      // (N, C, S): element (n, c, s) belongs to row n * S + s.
+      at::parallel_for(0, sh.N * C, std::max<int64_t>(1, kWorkGrain / S), [&](int64_t begin, int64_t end) {
+        for (int64_t nc = begin; nc < end; ++nc)
+          cpu::multiply_to(out + nc * S, u + nc * S, f + (nc / C) * S, S);
+      });
+    }
+  }
+  return {finish_loss<float>(logits_in, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction), grad};
+}
+
 }  // namespace
+
+// The CPU-only ops (no CUDA or emulator kernel; see ghmc_softmax_prepass_cpu).
+TORCH_LIBRARY_FRAGMENT(fused_losses, m) {
+  m.def(
+      "ghmc_softmax_prepass(Tensor logits, Tensor target, Tensor(a!)? state, int bins, float momentum, "
+      "int ignore_index, Tensor? weight=None) -> (Tensor bin_weights, Tensor row_stats, Tensor unit_grad)");
+  m.def(
+      "ghmc_softmax_scale(Tensor logits, Tensor target, Tensor bin_weights, Tensor row_stats, Tensor unit_grad, "
+      "int ignore_index, str reduction, bool compute_grad, Tensor? weight=None) -> (Tensor loss, Tensor grad_logits)");
+}
 
 TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
   m.impl("build_probe", &build_probe_cpu);
@@ -1659,6 +1779,8 @@ TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
   m.impl("ghmc_bin_weights", &ghmc_bin_weights_cpu);
   m.impl("ghmc_bin_counts", &ghmc_bin_counts_cpu);
   m.impl("ghmc_forward", &ghmc_forward_cpu);
+  m.impl("ghmc_softmax_prepass", &ghmc_softmax_prepass_cpu);
+  m.impl("ghmc_softmax_scale", &ghmc_softmax_scale_cpu);
   m.impl("ib_forward", &ib_forward_cpu);
   m.impl("scale_grad", &scale_grad_cpu);
   m.impl("scale_grad_", &scale_grad_inplace_cpu);

@@ -89,8 +89,42 @@ def ohem(logits, target, *, keep, thresh, min_kept, ignore_index, reduction, wei
     return _ops.call_loss(run, logits, None, target, weight, channel_dim=1)
 
 
+def _ghmc_softmax_one_pass(logits, target, *, bins, momentum, state, ignore_index, reduction, weight):
+    """GHM-C softmax on float32 CPU logits through the CPU-only op pair of
+    csrc/cpu/losses_cpu.cpp (ghmc_softmax_prepass): one softmax pass writes the cross-entropy
+    gradient and the rows' log p_t and g, the bins come from those g, and the loss op only
+    scales the gradient rows, instead of a second softmax over the logits. Losses, bins and EMA
+    state as ghmc_bin_weights + ghmc_forward bit for bit, gradients within 1 ulp
+    (tests/test_cpu_kernels.py)."""
+    ns = _ops_ns()
+    if state is None:
+        state = torch.zeros(bins, dtype=torch.float32, device=logits.device)  # see ghmc below
+    bin_weights, row_stats, unit_grad = ns.ghmc_softmax_prepass(logits.detach(), target, state, bins, float(momentum),
+                                                                ignore_index, weight)
+
+    def run(compute_grad, x, _features, t, bw, st, ug, w):
+        loss, grad = ns.ghmc_softmax_scale(x, t, bw, st, ug, ignore_index, reduction, compute_grad, w)
+        return loss, grad, None
+
+    return _ops.call_loss(run, logits, None, target, bin_weights, row_stats, unit_grad, weight, channel_dim=1)
+
+
+def _one_pass_ghmc(logits, use_sigmoid, label_smoothing, process_group) -> bool:
+    """Whether ghmc takes _ghmc_softmax_one_pass: float32 CPU logits, softmax, no label
+    smoothing, no process group, eager (no torch.compile trace, no functorch transform or
+    forward AD: those keep the ghmc_bin_weights + ghmc_forward pair), and the CPU-only ops
+    present in this namespace (the emulator's has none)."""
+    return (not use_sigmoid and label_smoothing == 0.0 and process_group is None
+            and logits.dtype == torch.float32 and logits.device.type == "cpu"
+            and not torch.compiler.is_compiling() and not _ops.transforms_active(logits, None)
+            and hasattr(_ops_ns(), "ghmc_softmax_prepass"))
+
+
 def ghmc(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction, weight=None,
          label_smoothing=0.0, process_group=None):
+    if _one_pass_ghmc(logits, use_sigmoid, label_smoothing, process_group):
+        return _ghmc_softmax_one_pass(logits, target, bins=bins, momentum=momentum, state=state,
+                                      ignore_index=ignore_index, reduction=reduction, weight=weight)
     if process_group is not None:
         # The histogram of the global batch: this rank's counts, all-reduced on the device,
         # then the weights and the EMA update from them (fused_losses.distributed).
