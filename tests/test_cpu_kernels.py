@@ -402,9 +402,9 @@ def test_ghmc_public_call_takes_the_one_pass_ops_and_matches_the_reference():
     are the float64 reference's within the fp32 bound."""
     from fused_losses._backends import cpu_backend
     x, t = softmax_case((2, 19, 9, 13), ignore_frac=0.1, ignore_index=255, seed=21)
-    assert cpu_backend._one_pass_ghmc(x, False, 0.0, None)
-    assert not cpu_backend._one_pass_ghmc(x.double(), False, 0.0, None)
-    assert not cpu_backend._one_pass_ghmc(x, False, 0.1, None)
+    assert cpu_backend._one_pass_ghmc(_OPS, x, False, 0.0, None)
+    assert not cpu_backend._one_pass_ghmc(_OPS, x.double(), False, 0.0, None)
+    assert not cpu_backend._one_pass_ghmc(_OPS, x, False, 0.1, None)
     calls = []
     real = _OPS.ghmc_softmax_scale
 

@@ -89,14 +89,13 @@ def ohem(logits, target, *, keep, thresh, min_kept, ignore_index, reduction, wei
     return _ops.call_loss(run, logits, None, target, weight, channel_dim=1)
 
 
-def _ghmc_softmax_one_pass(logits, target, *, bins, momentum, state, ignore_index, reduction, weight):
+def _ghmc_softmax_one_pass(ns, logits, target, *, bins, momentum, state, ignore_index, reduction, weight):
     """GHM-C softmax on float32 CPU logits through the CPU-only op pair of
     csrc/cpu/losses_cpu.cpp (ghmc_softmax_prepass): one softmax pass writes the cross-entropy
     gradient and the rows' log p_t and g, the bins come from those g, and the loss op only
     scales the gradient rows, instead of a second softmax over the logits. Losses, bins and EMA
-    state as ghmc_bin_weights + ghmc_forward bit for bit, gradients within 1 ulp
-    (tests/test_cpu_kernels.py)."""
-    ns = _ops_ns()
+    state as ghmc_bin_weights + ghmc_forward bit for bit, gradients within 2 ulp
+    (tests/test_cpu_kernels.py). ns: the caller's op namespace."""
     if state is None:
         state = torch.zeros(bins, dtype=torch.float32, device=logits.device)  # see ghmc below
     bin_weights, row_stats, unit_grad = ns.ghmc_softmax_prepass(logits.detach(), target, state, bins, float(momentum),
@@ -109,21 +108,22 @@ def _ghmc_softmax_one_pass(logits, target, *, bins, momentum, state, ignore_inde
     return _ops.call_loss(run, logits, None, target, bin_weights, row_stats, unit_grad, weight, channel_dim=1)
 
 
-def _one_pass_ghmc(logits, use_sigmoid, label_smoothing, process_group) -> bool:
+def _one_pass_ghmc(ns, logits, use_sigmoid, label_smoothing, process_group) -> bool:
     """Whether ghmc takes _ghmc_softmax_one_pass: float32 CPU logits, softmax, no label
     smoothing, no process group, eager (no torch.compile trace, no functorch transform or
     forward AD: those keep the ghmc_bin_weights + ghmc_forward pair), and the CPU-only ops
-    present in this namespace (the emulator's has none)."""
+    present in the caller's op namespace `ns` (the emulator's, which rebinds ghmc's _ops_ns,
+    has none: the emulated CUDA kernels keep their op pair)."""
     return (not use_sigmoid and label_smoothing == 0.0 and process_group is None
             and logits.dtype == torch.float32 and logits.device.type == "cpu"
             and not torch.compiler.is_compiling() and not _ops.transforms_active(logits, None)
-            and hasattr(_ops_ns(), "ghmc_softmax_prepass"))
+            and hasattr(ns, "ghmc_softmax_prepass"))
 
 
 def ghmc(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction, weight=None,
          label_smoothing=0.0, process_group=None):
-    if _one_pass_ghmc(logits, use_sigmoid, label_smoothing, process_group):
-        return _ghmc_softmax_one_pass(logits, target, bins=bins, momentum=momentum, state=state,
+    if _one_pass_ghmc(_ops_ns(), logits, use_sigmoid, label_smoothing, process_group):
+        return _ghmc_softmax_one_pass(_ops_ns(), logits, target, bins=bins, momentum=momentum, state=state,
                                       ignore_index=ignore_index, reduction=reduction, weight=weight)
     if process_group is not None:
         # The histogram of the global batch: this rank's counts, all-reduced on the device,
