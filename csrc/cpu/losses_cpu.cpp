@@ -1656,9 +1656,10 @@ void scale_grad_inplace_cpu(const at::Tensor& grad, const at::Tensor& grad_outpu
 // bins, only each row's factor does, so the one softmax pass comes first:
 //   ghmc_softmax_prepass: one rows pass that writes the cross-entropy gradient
 //     unit_grad = p - onehot of every active row (target != ignore_index, weight != 0; 0
-//     elsewhere) and row_stats (2, rows) float32 = log p_t and g = 1 - p_t, then
-//     ghmc_bin_weights' histogram, EMA update of `state` and bin weights from those g (the same
-//     rows pass as ghmc_bin_weights', hence the same bins);
+//     elsewhere) and row_stats (2, rows) float32 = log p_t and the row's bin code (the bin of
+//     g = 1 - p_t; -1: valid without a bin (NaN g); -2: not valid), then ghmc_bin_weights'
+//     histogram, EMA update of `state` and bin weights from those bins (the same rows pass as
+//     ghmc_bin_weights', hence the same bins);
 //   ghmc_softmax_scale: ghmc_forward's loss, and the gradient as a fresh tensor
 //     (scale * w_bin * weight_r) * unit_grad: a pass like a copy, no exponential.
 // One exponential per element instead of two (ghmc_bin_weights + ghmc_forward each run a
@@ -1666,7 +1667,8 @@ void scale_grad_inplace_cpu(const at::Tensor& grad, const at::Tensor& grad_outpu
 // ghmc_forward's bit for bit; a gradient element is the product of the same two factors
 // rounded in another order (within 1 ulp of ghmc_forward's).
 // ------------------------------------------------------------------------------------------
-constexpr int64_t kGhmStats = 2;  // row_stats rows: log p_t, 1 - p_t
+constexpr int64_t kGhmStats = 2;  // row_stats rows: log p_t, bin code
+constexpr float kGhmInvalid = -2.0f, kGhmNoBin = -1.0f;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_softmax_prepass_cpu(
     const at::Tensor& logits_in, const at::Tensor& target_in, const c10::optional<at::Tensor>& state, int64_t bins,
@@ -1681,20 +1683,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ghmc_softmax_prepass_cpu(
   const at::Tensor weight_t = extra_weight(weight, at::kFloat, {rows});
   const float* wp = weight_ptr<float>(weight_t);
   const int64_t* tgt = target.data_ptr<int64_t>();
-  at::Tensor stats = at::zeros({kGhmStats, rows}, logits.options());
+  TORCH_CHECK(bins < (int64_t(1) << 24), "bins: at most 2^24 - 1 here, got ", bins);
+  at::Tensor stats = at::empty({kGhmStats, rows}, logits.options());
   at::Tensor unit_grad = empty_output(logits.sizes(), logits.options());
   float* lp = stats.data_ptr<float>();
-  float* g = lp + rows;
+  float* code = lp + rows;
+  at::parallel_for(0, rows, kWorkGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      lp[r] = 0.0f;
+      code[r] = kGhmInvalid;
+    }
+  });
+  // Active rows are the valid ones (row_active: target != ignore_index, weight != 0).
   softmax_rows_pass<float, float>(logits.data_ptr<float>(), tgt, sh, ignore_index, wp, unit_grad.data_ptr<float>(),
                                   [&](int64_t r, int64_t, const SoftmaxRow<float>& row) {
                                     lp[r] = row.log_pt;
-                                    g[r] = row.one_minus_pt;
+                                    const int64_t b = ghm_bin(static_cast<float>(row.one_minus_pt), bins);
+                                    code[r] = b >= 0 ? static_cast<float>(b) : kGhmNoBin;
                                     return -1.0f;  // k = dCE/dlog p_t: grad = p - onehot
                                   });
-  const std::vector<int64_t> counts = chunked_histogram(rows, bins, [&](int64_t r) {
-    const bool valid = tgt[r] != ignore_index && (wp == nullptr || wp[r] != 0.0f);
-    return valid ? ghm_bin(g[r], bins) : int64_t(-1);
-  });
+  const std::vector<int64_t> counts =
+      chunked_histogram(rows, bins, [&](int64_t r) { return code[r] >= 0.0f ? static_cast<int64_t>(code[r]) : int64_t(-1); });
   const int64_t n_valid = count_valid(tgt, rows, ignore_index, wp);
   return {ghm_weights_from_counts<float>(counts, n_valid, state, momentum, logits.options()), stats, unit_grad};
 }
@@ -1720,22 +1729,30 @@ std::tuple<at::Tensor, at::Tensor> ghmc_softmax_scale_cpu(const at::Tensor& logi
               "unit_grad: expected the contiguous float32 gradient of ghmc_softmax_prepass for these logits");
   const at::Tensor weight_t = extra_weight(weight, at::kFloat, {rows});
   const float* wp = weight_ptr<float>(weight_t);
-  const int64_t* tgt = target.data_ptr<int64_t>();
   const at::Tensor bw = bin_weights_in.to(at::kFloat).contiguous();
   const float* w = bw.data_ptr<float>();
   const float* lp = stats.data_ptr<float>();
-  const float* g = lp + rows;
-  const int64_t n_valid = count_valid(tgt, rows, ignore_index, wp);
+  const float* code = lp + rows;
+  // The prepass checked the targets and binned the rows: valid rows have code >= -1.
+  const int64_t n_valid = at::parallel_reduce(
+      0, rows, kWorkGrain, int64_t(0),
+      [&](int64_t begin, int64_t end, int64_t acc) {
+        for (int64_t r = begin; r < end; ++r) {
+          TORCH_CHECK(code[r] < static_cast<float>(bins), "row_stats: a bin beyond bin_weights' ", bins);
+          acc += code[r] >= kGhmNoBin;
+        }
+        return acc;
+      },
+      std::plus<int64_t>());
   const float scale = reduction == Reduction::Mean ? 1.0f / static_cast<float>(std::max<int64_t>(n_valid, 1)) : 1.0f;
-  std::vector<float> row_loss(rows, 0.0f), factor(rows, 0.0f);
+  std::vector<float> row_loss(rows), factor(rows);
   at::parallel_for(0, rows, kWorkGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       // ghmc_forward's row function on the same values: loss w * CE, dLoss/dCE = scale * w.
-      if (!row_active<float>(tgt, r, sh.C, ignore_index, nullptr, wp)) continue;
-      const int64_t b = ghm_bin(g[r], bins);
-      const float wt = (b >= 0 ? w[b] : 0.0f) * (wp != nullptr ? wp[r] : 1.0f);
-      row_loss[r] = wt * -lp[r];
-      factor[r] = scale * wt;
+      const float c = code[r];
+      const float wt = (c >= 0.0f ? w[static_cast<int64_t>(c)] : 0.0f) * (wp != nullptr ? wp[r] : 1.0f);
+      row_loss[r] = c >= kGhmNoBin ? wt * -lp[r] : 0.0f;
+      factor[r] = c >= kGhmNoBin ? scale * wt : 0.0f;
     }
   });
   at::Tensor grad = grad_buffer(logits_in, compute_grad, reduction);
