@@ -44,7 +44,7 @@ graph is built and dropped) and 'fwdbwd' (forward + torch.autograd.grad of the s
 Outputs (``--out-dir``, default benchmarks/results/): <stem>.csv (rows appended, one per
 case x dtype x provider x mode, with date, device, torch version, threads and git commit),
 <stem>.md (the table, also printed last), <stem>.png (time and memory by provider). The stem
-is <size>-<device>-<date>, or cpu-<date> for --suite cpu.
+is <size>-<device>-<date>-<HHMM>, or cpu-<date>-<HHMM> for --suite cpu (UTC start time).
 """
 from __future__ import annotations
 
@@ -556,12 +556,14 @@ def peak_extra_mb(fn, device: torch.device, rss: Optional[RssMeter]) -> float:
 
 
 def copy_bandwidth_gbps(device: torch.device, warmup_s: float, rep_s: float) -> float:
-    """Bytes read + written per second by a large same-device copy (the practical ceiling)."""
+    """Bytes read + written per second by a large same-device copy (the practical ceiling). On
+    CPU the best of three medians: a shared VM's copy speed drifts by 30% between minutes, and a
+    slow copy measurement would flatter every "% copy" of the run."""
     n = (1 << 28) if device.type == "cuda" else (1 << 25)   # 1 GiB on GPU, 128 MiB on CPU (fp32)
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
     timer = time_cuda if device.type == "cuda" else time_cpu
-    ms = timer(lambda: dst.copy_(src), warmup_s, rep_s, None)[0]
+    ms = min(timer(lambda: dst.copy_(src), warmup_s, rep_s, None)[0] for _ in range(1 if device.type == "cuda" else 3))
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
@@ -699,7 +701,8 @@ def markdown(rows: list, meta: dict, skipped: list) -> str:
             f"triton {meta['triton']}, torchvision {meta['torchvision']}; git {meta['git_commit']}",
             f"- CPU ISA: {meta['isa']}",
             f"- fused backends: {meta['backends']}",
-            f"- measured copy bandwidth (read + write): {meta['copy_gbps']:.1f} GB/s",
+            f"- measured copy bandwidth (read + write): {meta['copy_gbps']:.1f} GB/s at the start (what % copy uses)"
+            + (f", {meta['copy_gbps_end']:.1f} GB/s at the end" if meta.get("copy_gbps_end") else ""),
             f"- 1-minute load average: {meta['load_start']} at the start, {meta['load_end']} at the end "
             f"({os.cpu_count()} logical CPUs; a load above that means other processes competed for the cores "
             "and the times are inflated)",
@@ -797,7 +800,7 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["small", "large"], default="small")
     p.add_argument("--suite", choices=sorted(SUITES), help="preset: 'cpu' = the CPU-kernel issue's cases "
-                   "(fused cpu vs eager vs compile), Markdown to results/cpu-<date>.md")
+                   "(fused cpu vs eager vs compile), Markdown to results/cpu-<date>-<HHMM>.md")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="comma list: float32,bfloat16,float16 (default: float32 on "
                    "CPU, float32,bfloat16 on CUDA)")
@@ -873,7 +876,7 @@ def main(argv=None) -> dict:
     rep_s = args.rep_s if args.rep_s is not None else (0.2 if device.type == "cuda" else 0.5)
 
     now = dt.datetime.now(dt.timezone.utc)
-    date = now.strftime("%Y-%m-%d")
+    date = now.strftime("%Y-%m-%d-%H%M")  # a second run on the same day writes its own files
     stem = f"cpu-{date}" if args.suite == "cpu" else f"{size}-{device_slug(device)}-{date}"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -944,8 +947,9 @@ def main(argv=None) -> dict:
         bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    meta["wall_s"] = time.perf_counter() - t_start
     meta["load_end"] = _loadavg()
+    meta["copy_gbps_end"] = copy_bandwidth_gbps(device, warmup_s, rep_s)
+    meta["wall_s"] = time.perf_counter() - t_start
     text = markdown(rows, meta, skipped)
     md_path.write_text(text)
     if not args.no_plot:

@@ -10,7 +10,7 @@
 #   suite.log      environment, backends, one line per step (status, rc, seconds)
 #   build.log      pip install --no-build-isolation -e .
 #   bench.log      bench.py progress and table
-#   large-<gpu>-<date>.csv/.md/.png   the benchmark results
+#   large-<gpu>-<date>-<HHMM>.csv/.md/.png   the benchmark results
 #   sanitizer.log  compute-sanitizer memcheck and racecheck
 #   pytest.log     the test suite on CUDA
 # Knobs (environment): SUITE_TOTAL_S (default 560: seconds for all steps), SUITE_SKIP (e.g.
