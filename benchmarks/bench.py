@@ -113,7 +113,7 @@ class Case:
     build: Callable           # (shape, device, dtype, generator) -> Inputs
     peers: tuple = ()         # 'torchvision' and/or 'cross_entropy'
     ce_same_function: bool = False   # F.cross_entropy computes exactly this loss (gamma=0)
-    fused_logit_reads: int = 1       # passes over the logits of the fused kernels (OHEM and softmax GHM-C: 2)
+    fused_extra_passes: int = 0      # logits-sized reads/writes of the fused CPU kernels beyond the floor
 
 
 def _nbytes(*tensors) -> int:
@@ -121,11 +121,12 @@ def _nbytes(*tensors) -> int:
 
 
 def fused_bytes(case: "Case", inp: Inputs) -> int:
-    """Bytes the fused CPU kernels are designed to move in fwd+bwd: the floor plus the extra
-    passes over the logits of the two-pass losses (OHEM: statistics, selection, gradient;
-    softmax GHM-C: the bin histogram, then loss and gradient), with their targets."""
+    """Bytes the fused CPU kernels are designed to move in fwd+bwd: the floor plus their extra
+    logits-sized passes (OHEM: a second read of the logits and targets after the selection;
+    float32 softmax GHM-C: the p - onehot buffer written in the softmax pass and read back when
+    the bins' weights scale it)."""
     x, target = inp.args[0], inp.args[1]
-    return inp.floor_fwdbwd + (case.fused_logit_reads - 1) * _nbytes(x, target)
+    return inp.floor_fwdbwd + case.fused_extra_passes * _nbytes(x, target)
 
 
 def _randn(shape, device, dtype, gen, scale=2.0, shift=0.0):
@@ -268,11 +269,11 @@ CASES = [
     Case("cityscapes_ohem", "ohem", "OHEM on the segmentation case: mmseg OHEMPixelSampler thresh=0.7, "
          "min_kept=100000 per 512x1024 image (scaled by pixels: 25000 in all for the cpu shape), ignore 255",
          {"small": _SEG_SMALL, "large": _SEG_LARGE, "cpu": (4, 19, 128, 256)},
-         _segmentation_case("ohem", thresh=0.7, ignore_index=255), peers=("cross_entropy",), fused_logit_reads=2),
+         _segmentation_case("ohem", thresh=0.7, ignore_index=255), peers=("cross_entropy",), fused_extra_passes=1),
     Case("cityscapes_ghmc", "ghmc", "GHM-C on the segmentation case: softmax (use_sigmoid=False), 10 bins, "
          "ignore 255", {"small": _SEG_SMALL, "large": _SEG_LARGE, "cpu": (4, 19, 128, 256)},
          _segmentation_case("ghmc", bins=10, use_sigmoid=False, ignore_index=255), peers=("cross_entropy",),
-         fused_logit_reads=2),
+         fused_extra_passes=2),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -715,8 +716,8 @@ def markdown(rows: list, meta: dict, skipped: list) -> str:
             "sizeof(dtype) plus targets) over the fwd+bwd time; % copy = that over the measured copy bandwidth, "
             "i.e. the time the floor bytes take at copy speed over the measured time. rel err = max over loss and "
             "gradients of the relative L2 error against the eager reference. MB floor / fused = the floor bytes "
-            "and the bytes the fused CPU kernels are designed to move (OHEM and softmax GHM-C read the logits "
-            "twice). 1-thread ms / scaling (fused and compile, fwd+bwd, when measured) = the same call with 1 torch "
+            "and the bytes the fused CPU kernels are designed to move (OHEM reads the logits twice; float32 "
+            "softmax GHM-C writes and reads back a logits-sized p - onehot buffer). 1-thread ms / scaling (fused and compile, fwd+bwd, when measured) = the same call with 1 torch "
             "thread, and that time over the time at the run's thread count.",
             ""]
     if meta.get("stopped"):
