@@ -467,3 +467,19 @@ print(json.dumps(worst))
                           cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_target_range_op_is_the_validation_scan(dtype):
+    """torch.ops.fused_losses.target_range (what _validate._check_range reads for CPU targets):
+    min, max and count of the entries that are not ignore_index, in one pass; strided input;
+    an all-ignored target counts 0."""
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(-3, 40, (3, 70, 90), generator=g).to(dtype)
+    t[torch.rand(t.shape, generator=g) < 0.2] = 255
+    for view in (t, t[:, ::3, 1:]):
+        kept = view[view != 255]
+        assert _OPS.target_range(view, 255).tolist() == [int(kept.min()), int(kept.max()), kept.numel()]
+    assert _OPS.target_range(torch.full((7,), -100, dtype=dtype), -100).tolist()[2] == 0
+    with pytest.raises(ValueError, match=r"target: value -3 is out of range \[0, 39\]"):
+        fl.focal(torch.randn(3, 40, 70, 90), t.long(), ignore_index=255, backend="cpu")

@@ -1776,9 +1776,46 @@ std::tuple<at::Tensor, at::Tensor> ghmc_softmax_scale_cpu(const at::Tensor& logi
   return {finish_loss<float>(logits_in, row_loss, target_in.sizes(), static_cast<double>(n_valid), reduction), grad};
 }
 
+// ------------------------------------------------------------------------------------------
+// target_range: int64 [min, max, count] of the entries of an integer target that are not
+// ignore_index, in one parallel pass (min/max meaningless when count is 0). What
+// _validate._check_range reads for a CPU target: one pass instead of torch.where + aminmax.
+// ------------------------------------------------------------------------------------------
+at::Tensor target_range_cpu(const at::Tensor& target_in, int64_t ignore_index) {
+  TORCH_CHECK(target_in.scalar_type() == at::kLong || target_in.scalar_type() == at::kInt,
+              "target_range: int64 or int32 target, got ", target_in.scalar_type());
+  const at::Tensor target = target_in.contiguous();
+  struct Range {
+    int64_t lo, hi, n;
+  };
+  Range r{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min(), 0};
+  AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "target_range", [&] {
+    const index_t* t = target.data_ptr<index_t>();
+    r = at::parallel_reduce(
+        0, target.numel(), kWorkGrain, r,
+        [&](int64_t begin, int64_t end, Range acc) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t v = t[i];
+            if (v == ignore_index) continue;
+            acc.lo = v < acc.lo ? v : acc.lo;
+            acc.hi = v > acc.hi ? v : acc.hi;
+            ++acc.n;
+          }
+          return acc;
+        },
+        [](Range a, Range b) { return Range{std::min(a.lo, b.lo), std::max(a.hi, b.hi), a.n + b.n}; });
+  });
+  at::Tensor out = at::empty({3}, target.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  o[0] = r.lo;
+  o[1] = r.hi;
+  o[2] = r.n;
+  return out;
+}
+
 }  // namespace
 
-// The CPU-only ops (no CUDA or emulator kernel; see ghmc_softmax_prepass_cpu).
+// The CPU-only ops (no CUDA or emulator kernel; see ghmc_softmax_prepass_cpu and target_range_cpu).
 TORCH_LIBRARY_FRAGMENT(fused_losses, m) {
   m.def(
       "ghmc_softmax_prepass(Tensor logits, Tensor target, Tensor(a!)? state, int bins, float momentum, "
@@ -1786,6 +1823,7 @@ TORCH_LIBRARY_FRAGMENT(fused_losses, m) {
   m.def(
       "ghmc_softmax_scale(Tensor logits, Tensor target, Tensor bin_weights, Tensor row_stats, Tensor unit_grad, "
       "int ignore_index, str reduction, bool compute_grad, Tensor? weight=None) -> (Tensor loss, Tensor grad_logits)");
+  m.def("target_range(Tensor target, int ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
@@ -1797,6 +1835,7 @@ TORCH_LIBRARY_IMPL(fused_losses, CPU, m) {
   m.impl("ghmc_bin_counts", &ghmc_bin_counts_cpu);
   m.impl("ghmc_forward", &ghmc_forward_cpu);
   m.impl("ghmc_softmax_prepass", &ghmc_softmax_prepass_cpu);
+  m.impl("target_range", &target_range_cpu);
   m.impl("ghmc_softmax_scale", &ghmc_softmax_scale_cpu);
   m.impl("ib_forward", &ib_forward_cpu);
   m.impl("scale_grad", &scale_grad_cpu);
