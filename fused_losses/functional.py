@@ -45,6 +45,13 @@ def _run(loss: str, backend, logits: torch.Tensor, *tensors, avg_factor=None, **
     chosen = _backends.select(loss, logits, requested)
     if avg_factor is None:
         return chosen.losses[loss](logits, *tensors, **kwargs)
+    weight = kwargs.get("weight")
+    if (chosen.name == "cpu" and loss in ("focal", "sigmoid_focal") and isinstance(weight, torch.Tensor)
+            and not (isinstance(avg_factor, torch.Tensor) and avg_factor.requires_grad)):
+        # The CPU kernels scale the loss and the gradient by the weight in their one pass, so
+        # sum(weight / avg_factor * loss) there is the same value (up to rounding) without the
+        # backward's extra pass over the gradient that grad_output = 1 / avg_factor costs.
+        return chosen.losses[loss](logits, *tensors, **{**kwargs, "reduction": "sum", "weight": weight / avg_factor})
     # mmdet's weight_reduce_loss(reduction='mean', avg_factor=...): sum / avg_factor, on the device.
     total = chosen.losses[loss](logits, *tensors, **{**kwargs, "reduction": "sum"})
     if isinstance(avg_factor, torch.Tensor):

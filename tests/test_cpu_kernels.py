@@ -483,3 +483,33 @@ def test_target_range_op_is_the_validation_scan(dtype):
     assert _OPS.target_range(torch.full((7,), -100, dtype=dtype), -100).tolist()[2] == 0
     with pytest.raises(ValueError, match=r"target: value -3 is out of range \[0, 39\]"):
         fl.focal(torch.randn(3, 40, 70, 90), t.long(), ignore_index=255, backend="cpu")
+
+
+@pytest.mark.parametrize("loss", ["focal", "sigmoid_focal"])
+def test_cpu_folds_avg_factor_into_the_weight(loss):
+    """backend='cpu' with a weight and avg_factor computes sum(weight / avg_factor * loss) in the
+    kernel's pass (no second pass over the gradient in the backward): loss and gradient equal the
+    float64 reference's sum / avg_factor; an avg_factor tensor that requires grad keeps the
+    division outside (its gradient is the reference's)."""
+    if loss == "focal":
+        x, t = softmax_case((300, 11), seed=31, ignore_frac=0.1)
+        kw = dict(gamma=2.0)
+        w = torch.rand(300, generator=torch.Generator().manual_seed(1))
+    else:
+        x, t = sigmoid_case((300, 11), kind="labels", seed=31)
+        kw = dict(gamma=2.0, alpha=0.25, reduction="mean")
+        w = torch.rand(300, 11, generator=torch.Generator().manual_seed(1))
+    w[w < 0.2] = 0
+    fn = getattr(fl, loss)
+    for avg in (37.0, torch.tensor(37.0)):
+        out, g = loss_and_grad(lambda z: fn(z, t, weight=w, avg_factor=avg, backend="cpu", **kw), x)
+        ref, rg = loss_and_grad(lambda z: fn(z, t, weight=w.double(), avg_factor=avg, backend="reference", **kw),
+                                x.double())
+        assert_rel_close(out, ref, TOL[torch.float32], f"{loss} loss")
+        assert_rel_close(g, rg, TOL[torch.float32], f"{loss} grad")
+    avg = torch.tensor(37.0, requires_grad=True)
+    xr = x.clone().requires_grad_()
+    fn(xr, t, weight=w, avg_factor=avg, backend="cpu", **kw).backward()
+    avg64 = torch.tensor(37.0, dtype=torch.float64, requires_grad=True)
+    fn(x.double(), t, weight=w.double(), avg_factor=avg64, backend="reference", **kw).backward()
+    assert_rel_close(avg.grad, avg64.grad, TOL[torch.float32], "avg_factor grad")
