@@ -55,7 +55,7 @@ venv: $(VENV)/.installed
 
 # In-place builds (fused_losses/_C*.so next to the sources); ninja rebuilds only what changed.
 $(CPU_STAMP): $(VENV)/.installed $(CPU_SOURCES)
-	@echo "make: compiling the CPU kernels, fused_losses._C (setup.py build_ext --inplace; about 1 min on 2 cores the first time)"
+	@echo "make: compiling the CPU kernels, fused_losses._C (setup.py build_ext --inplace; about 3.5 min on 2 cores the first time)"
 	@FUSED_LOSSES_BUILD_CUDA=0 $(PY) setup.py --quiet build_ext --inplace 2>&1 | $(NINJA_FILTER)
 	@mkdir -p build && touch $@
 
