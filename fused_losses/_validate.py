@@ -168,10 +168,11 @@ def _check_range(target: torch.Tensor, ignore_index: int, high: int, validate) -
     # are refused): check the values of every batch element on the tensor underneath.
     while torch._C._functorch.is_functorch_wrapped_tensor(target):
         target = torch._C._functorch.get_unwrapped(target)
-    if target.device.type == "cpu" and target.dtype in _INDEX_DTYPES and _target_range_op() is not None:
+    target_range = _target_range_op() if target.device.type == "cpu" and target.dtype in _INDEX_DTYPES else None
+    if target_range is not None:
         # One pass in the extension (csrc/cpu/losses_cpu.cpp target_range): min, max and count of
         # the entries that are not ignore_index.
-        lo, hi, count = _target_range_op()(target, ignore_index).tolist()
+        lo, hi, count = target_range(target, ignore_index).tolist()
         if count == 0:
             return
     else:

@@ -4,9 +4,10 @@
 // so that the same source becomes AVX-512 (W = 16), AVX2+FMA (W = 8), SSE2 (x86-64 baseline,
 // W = 8 as two registers) or NEON (aarch64, W = 8 as two registers) code. The transcendental
 // functions are the branch-free polynomials of losses_math.h, lane-wise:
-//   exp:   Cody-Waite reduction x = n ln2 + r, degree-6 polynomial (Cephes expf, < 2 ulp),
-//          2^n built in the exponent bits in two factors (subnormal results are right),
-//          x < -103.97 gives 0, NaN gives NaN;
+//   exp:   for x <= 0 (every exponent here is x - max or -|x|): Cody-Waite reduction
+//          x = n ln2 + r, degree-6 polynomial (Cephes expf, < 2 ulp), 2^n built in the exponent
+//          bits in two factors (subnormal results are right; one factor when the caller knows
+//          every lane is above -87), x < -103.97 gives 0, NaN gives NaN;
 //   log1p: for e in [0, 1] only, 2 atanh(e / (2 + e)) by its odd series to z^17
 //          (truncation < 2e-9 relative).
 // Ragged ends (a row length or tile width not a multiple of W) are loaded into a vector
@@ -114,16 +115,10 @@ struct Lanes {
   static FL_ALWAYS_INLINE F vmax(F a, F b) { return b > a ? b : a; }  // NaN in b ignored, as the scalar max
   static FL_ALWAYS_INLINE F abs(F x) { return (F)((I)x & 0x7fffffff); }
 
-  // exp_vectorizable of losses_math.h, lane-wise (subnormal results included).
-  static FL_ALWAYS_INLINE F exp(F x) {
-    const F lo = splat(kExpLo), hi = splat(88.0f);
-    F xc = x < lo ? lo : x;  // NaN stays NaN
-    xc = xc > hi ? hi : xc;
-    return exp_core(xc, x < lo);
-  }
-  // The same values for x <= 0, -inf or NaN only (softmax's x - max, the sigmoid's -|x|): no
-  // clamps. Below kExpLo the lanes' integer exponent is garbage, but the underflow select gives
-  // 0 there, as exp's clamped lanes do; a positive x (only in lanes a ragged end never stores)
+  // exp_vectorizable of losses_math.h, lane-wise (subnormal results included), for x <= 0, -inf
+  // or NaN only (every caller: softmax's x - max, the sigmoid's -|x|), so without its clamps.
+  // Below kExpLo the lanes' integer exponent is garbage, but the underflow select gives
+  // 0 there, as exp_vectorizable's clamp does; a positive x (only in lanes a ragged end never stores)
   // gives garbage.
   static FL_ALWAYS_INLINE F exp_nonpos(F x) { return exp_core(x, x < splat(kExpLo)); }
 

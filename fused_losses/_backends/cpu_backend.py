@@ -122,8 +122,9 @@ def _one_pass_ghmc(ns, logits, use_sigmoid, label_smoothing, process_group) -> b
 
 def ghmc(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction, weight=None,
          label_smoothing=0.0, process_group=None):
-    if _one_pass_ghmc(_ops_ns(), logits, use_sigmoid, label_smoothing, process_group):
-        return _ghmc_softmax_one_pass(_ops_ns(), logits, target, bins=bins, momentum=momentum, state=state,
+    ns = _ops_ns()
+    if _one_pass_ghmc(ns, logits, use_sigmoid, label_smoothing, process_group):
+        return _ghmc_softmax_one_pass(ns, logits, target, bins=bins, momentum=momentum, state=state,
                                       ignore_index=ignore_index, reduction=reduction, weight=weight)
     if process_group is not None:
         # The histogram of the global batch: this rank's counts, all-reduced on the device,
