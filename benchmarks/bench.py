@@ -44,7 +44,8 @@ graph is built and dropped) and 'fwdbwd' (forward + torch.autograd.grad of the s
 Outputs (``--out-dir``, default benchmarks/results/): <stem>.csv (rows appended, one per
 case x dtype x provider x mode, with date, device, torch version, threads and git commit),
 <stem>.md (the table, also printed last), <stem>.png (time and memory by provider). The stem
-is <size>-<device>-<date>-<HHMM>, or cpu-<date>-<HHMM> for --suite cpu (UTC start time).
+is <size>-<device>-<date>, or cpu-<date> for --suite cpu; the .md and .png add the run's UTC start
+time (-<HHMM>), the day's CSV collects every run.
 """
 from __future__ import annotations
 
@@ -877,11 +878,14 @@ def main(argv=None) -> dict:
     rep_s = args.rep_s if args.rep_s is not None else (0.2 if device.type == "cuda" else 0.5)
 
     now = dt.datetime.now(dt.timezone.utc)
-    date = now.strftime("%Y-%m-%d-%H%M")  # a second run on the same day writes its own files
+    date = now.strftime("%Y-%m-%d")
     stem = f"cpu-{date}" if args.suite == "cpu" else f"{size}-{device_slug(device)}-{date}"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path, png_path = (out_dir / f"{stem}{ext}" for ext in (".csv", ".md", ".png"))
+    # The CSV of a day collects every run (rows carry their run_id); the table and the plot of a
+    # run carry its UTC start time, so a second run on the same day does not overwrite them.
+    csv_path = out_dir / f"{stem}.csv"
+    md_path, png_path = (out_dir / f"{stem}-{now.strftime('%H%M')}{ext}" for ext in (".md", ".png"))
     status = fl.backends()
     meta = dict(
         run_id=now.strftime("%Y-%m-%dT%H:%M:%SZ"), date=now.strftime("%Y-%m-%d %H:%M"),
