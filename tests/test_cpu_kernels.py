@@ -469,6 +469,25 @@ print(json.dumps(worst))
     assert json.loads(proc.stdout.strip().splitlines()[-1]) <= 1.0
 
 
+def test_no_function_of_the_extension_takes_a_vector_type():
+    """The SIMD loops are compiled once per instruction set (target attributes). A helper they call
+    on GCC vector types that the compiler does not inline becomes one out-of-line copy, compiled for
+    one instruction set with one calling convention, that every variant calls: the AVX2 sigmoid
+    loop once read garbage from such a copy of the log1p series (only in the ragged row ends, where
+    GCC chose not to inline). Such helpers are always_inline, so the built extension exports no
+    symbol with a vector type."""
+    import importlib.util
+    import shutil
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is not installed")
+    so = importlib.util.find_spec("fused_losses._C").origin
+    out = subprocess.run([nm, "-C", so], capture_output=True, text=True, check=True).stdout
+    assert "fused_losses::" in out  # the listing is the extension's
+    vector_symbols = [line for line in out.splitlines() if "__vector" in line]
+    assert not vector_symbols, vector_symbols[:5]
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_target_range_op_is_the_validation_scan(dtype):
     """torch.ops.fused_losses.target_range (what _validate._check_range reads for CPU targets):

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -78,6 +79,7 @@ inline int64_t tile_width(int64_t C) {
 }
 constexpr int64_t kSumChunk = 4096;   // values per chunk of the ordered sums
 constexpr int64_t kWorkGrain = 32768; // elements of work per parallel_for grain
+constexpr int64_t kChunksPerGrain = kWorkGrain / kSumChunk;
 
 // Drop-in extras (csrc/op_schemas.h). weight: the tensor in the math dtype `math`, contiguous and
 // flattened, with one of the `allowed` numbers of values; undefined when not given.
@@ -101,6 +103,30 @@ void check_label_smoothing(double eps) {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// at::parallel_for's contract (fn(begin, end) over disjoint ranges covering [begin, end), each
+// index's work independent of the range it comes in) with the ranges handed out one grain at a
+// time from a shared counter instead of one fixed slice per thread. A thread that runs slower
+// (a busy core, a VM's vCPU losing time to its host) takes fewer grains, where with fixed slices
+// the others wait for it at the end. The ranges are a grain each (the last shorter), the same
+// for every thread count, so nothing computed in them depends on the scheduling.
+template <typename Fn>
+void parallel_for_balanced(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
+  if (begin >= end) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t blocks = ceil_div(end - begin, grain);
+  const int64_t workers = std::min<int64_t>(blocks, at::get_num_threads());
+  if (workers <= 1 || at::in_parallel_region()) {
+    for (int64_t b = 0; b < blocks; ++b) fn(begin + b * grain, std::min(end, begin + (b + 1) * grain));
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(1, std::memory_order_relaxed); b < blocks;
+         b = next.fetch_add(1, std::memory_order_relaxed))
+      fn(begin + b * grain, std::min(end, begin + (b + 1) * grain));
+  });
+}
 
 // sum_i v[i] in double: chunks of kSumChunk summed in parallel, chunk sums added in order.
 template <typename T>
@@ -469,7 +495,7 @@ void softmax_rows_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxSha
   const TileGrid grid(sh, kUnitStride);
   const int64_t C = sh.C, class_stride = grid.class_stride;
   constexpr bool kFloat = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value;
-  at::parallel_for(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
     std::vector<T> e(C * grid.width);
     T row_max[kTile], row_sum[kTile], sum_others[kTile], coef[kTile], target_value[kTile], x_t[kTile], log_pt[kTile];
     int32_t t[kTile];
@@ -561,7 +587,7 @@ void softmax_smooth_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxS
   const TileGrid grid(sh, kUnitStride);
   const int64_t C = sh.C, class_stride = grid.class_stride;
   const T q_off = eps / static_cast<T>(C), q_on = (T(1) - eps) + eps / static_cast<T>(C);
-  at::parallel_for(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
     std::vector<T> e(C * grid.width), h(C * grid.width);
     T row_max[kTile], row_sum[kTile], sum_others[kTile], k[kTile], h_t[kTile], h_others[kTile], p_t[kTile],
         omp_t[kTile];
@@ -653,7 +679,7 @@ void softmax_grad_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
   const TileGrid grid(sh, unit);
   constexpr bool kFloat = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value &&
                           std::is_same<G, float>::value;
-  at::parallel_for(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(0, grid.tiles, grid.grain, [&](int64_t begin, int64_t end) {
     int32_t t[kTile];
     T coef[kTile], target_value[kTile], mx[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -781,7 +807,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
     } else {
       // Probabilities: only x_t is read per row; the gradient row is zero but for x_t.
       const int64_t C = sh.C, S = sh.S;
-      at::parallel_for(0, sh.rows(), std::max<int64_t>(1, kWorkGrain / C), [&](int64_t begin, int64_t end) {
+      parallel_for_balanced(0, sh.rows(), std::max<int64_t>(1, kWorkGrain / C), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t n = r / S, s = r % S;
           const int64_t t = tgt[r];
@@ -840,7 +866,7 @@ template <typename BinOf>
 std::vector<int64_t> chunked_histogram(int64_t n, int64_t bins, BinOf&& bin_of) {
   const int64_t chunks = ceil_div(n, kSumChunk);
   std::vector<int64_t> per_chunk(chunks * bins, 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(0, chunks, kChunksPerGrain, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
       int64_t* h = per_chunk.data() + ch * bins;
       const int64_t hi = std::min(n, (ch + 1) * kSumChunk);
@@ -981,7 +1007,7 @@ std::tuple<at::Tensor, at::Tensor> ohem_forward_cpu(const at::Tensor& logits_in,
       std::vector<uint8_t> active;
       if (wp != nullptr) active.assign(sh.rows(), 0);
       std::vector<T> k(sh.rows());
-      at::parallel_for(0, sh.rows(), kWorkGrain, [&](int64_t begin, int64_t end) {
+      parallel_for_balanced(0, sh.rows(), kWorkGrain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const bool on = kept[r] && (wp == nullptr || wp[r] != T(0));
           const T wr = wp != nullptr ? wp[r] : T(1);
@@ -1044,7 +1070,7 @@ double sigmoid_pass(const scalar_t* x, const target_t* y, const int64_t* labels,
   const int64_t rows_per_chunk = std::max<int64_t>(1, kSumChunk / C);
   const int64_t chunks = ceil_div(M, rows_per_chunk);
   std::vector<double> partial(chunks, 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(0, chunks, std::max<int64_t>(1, kWorkGrain / (rows_per_chunk * C)), [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
       double chunk_sum = 0.0;
       const int64_t r_end = std::min(M, (ch + 1) * rows_per_chunk);
@@ -1592,7 +1618,7 @@ void scale_grad_kernel(const T* s, const at::Tensor& grad_output, const at::Tens
   const SoftmaxShape sh = softmax_shape(saved);
   const int64_t C = sh.C, S = sh.S;
   // Rows of S contiguous values (n, c): out[n, c, :] = saved[n, c, :] * go[n, :].
-  at::parallel_for(0, sh.N * C, std::max<int64_t>(1, kWorkGrain / std::max<int64_t>(S, 1)),
+  parallel_for_balanced(0, sh.N * C, std::max<int64_t>(1, kWorkGrain / std::max<int64_t>(S, 1)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t nc = begin; nc < end; ++nc) {
                        const T* gr = go + (nc / C) * S;
@@ -1762,12 +1788,12 @@ std::tuple<at::Tensor, at::Tensor> ghmc_softmax_scale_cpu(const at::Tensor& logi
     const int64_t C = sh.C, S = sh.S;
     const float* f = factor.data();
     if (S == 1) {
-      at::parallel_for(0, rows, std::max<int64_t>(1, kWorkGrain / C), [&](int64_t begin, int64_t end) {
+      parallel_for_balanced(0, rows, std::max<int64_t>(1, kWorkGrain / C), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) cpu::scale_to(out + r * C, u + r * C, f[r], C);
       });
     } else {
       // (N, C, S): element (n, c, s) belongs to row n * S + s.
-      at::parallel_for(0, sh.N * C, std::max<int64_t>(1, kWorkGrain / S), [&](int64_t begin, int64_t end) {
+      parallel_for_balanced(0, sh.N * C, std::max<int64_t>(1, kWorkGrain / S), [&](int64_t begin, int64_t end) {
         for (int64_t nc = begin; nc < end; ++nc)
           cpu::multiply_to(out + nc * S, u + nc * S, f + (nc / C) * S, S);
       });
