@@ -504,6 +504,42 @@ def test_target_range_op_is_the_validation_scan(dtype):
         fl.focal(torch.randn(3, 40, 70, 90), t.long(), ignore_index=255, backend="cpu")
 
 
+@pytest.mark.parametrize("variant", _variants())
+def test_target_range_scan_is_exact_in_every_simd_variant(variant):
+    """The int64 scan of target_range runs on SIMD lanes (simd_kernels.cpp index_range): every
+    length around the lane count and the grain (ragged ends), ignored entries anywhere, the int64
+    extremes, all ignored: the exact min, max and count, in every variant."""
+    code = f"""
+import sys, json, torch
+sys.path.insert(0, {str(REPO)!r})
+import fused_losses
+op = torch.ops.fused_losses.target_range
+g = torch.Generator().manual_seed(9)
+bad = []
+big = 2 ** 63 - 1
+for n in list(range(0, 40)) + [32767, 32768, 32769, 100003]:
+    for case in range(4):
+        t = torch.randint(-50, 50, (n,), generator=g)
+        if case == 1 and n:
+            t[torch.rand(n, generator=g) < 0.5] = -100
+        if case == 2 and n:
+            t[torch.randint(0, n, (1,), generator=g)] = big
+            t[torch.randint(0, n, (1,), generator=g)] = -big - 1
+        if case == 3:
+            t.fill_(-100)
+        kept = t[t != -100]
+        want = [int(kept.min()), int(kept.max()), kept.numel()] if kept.numel() else [big, -big - 1, 0]
+        if op(t, -100).tolist() != want:
+            bad.append((n, case))
+print(json.dumps(bad))
+"""
+    env = dict(os.environ, FUSED_LOSSES_SIMD=variant, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
 @pytest.mark.parametrize("loss", ["focal", "sigmoid_focal"])
 def test_cpu_folds_avg_factor_into_the_weight(loss):
     """backend='cpu' with a weight and avg_factor computes sum(weight / avg_factor * loss) in the

@@ -1815,7 +1815,17 @@ at::Tensor target_range_cpu(const at::Tensor& target_in, int64_t ignore_index) {
     int64_t lo, hi, n;
   };
   Range r{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min(), 0};
-  AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "target_range", [&] {
+  if (target.scalar_type() == at::kLong) {
+    // int64 (every loss's index dtype after index_target): the SIMD scan, per grain.
+    const int64_t* t = target.data_ptr<int64_t>();
+    r = at::parallel_reduce(
+        0, target.numel(), kWorkGrain, r,
+        [&](int64_t begin, int64_t end, Range acc) {
+          const cpu::IndexRange q = cpu::index_range(t + begin, end - begin, ignore_index);
+          return Range{std::min(acc.lo, q.lo), std::max(acc.hi, q.hi), acc.n + q.count};
+        },
+        [](Range a, Range b) { return Range{std::min(a.lo, b.lo), std::max(a.hi, b.hi), a.n + b.n}; });
+  } else AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "target_range", [&] {
     const index_t* t = target.data_ptr<index_t>();
     r = at::parallel_reduce(
         0, target.numel(), kWorkGrain, r,

@@ -40,11 +40,13 @@ template <>
 struct Vec<8> {
   typedef float F __attribute__((vector_size(32)));
   typedef int32_t I __attribute__((vector_size(32)));
+  typedef int64_t I64 __attribute__((vector_size(32)));
 };
 template <>
 struct Vec<16> {
   typedef float F __attribute__((vector_size(64)));
   typedef int32_t I __attribute__((vector_size(64)));
+  typedef int64_t I64 __attribute__((vector_size(64)));
 };
 
 template <int W>
@@ -621,6 +623,42 @@ FL_ALWAYS_INLINE float sigmoid_focal_row_dispatch(const float* x, const float* y
 }
 
 // ------------------------------------------------------------------------------------------
+// index_range: int64 lanes (W / 2 of them: the float vector's width), selects instead of a
+// branch per value; the lane results are merged exactly (min, max, integer sum).
+// ------------------------------------------------------------------------------------------
+template <int W>
+FL_ALWAYS_INLINE IndexRange index_range_impl(const int64_t* t, int64_t n, int64_t ignore) {
+  using V = typename Vec<W>::I64;
+  constexpr int kLanes = W / 2;
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max(), kMin = std::numeric_limits<int64_t>::min();
+  V lo = V{} + kMax, hi = V{} + kMin, count = V{};
+  const V ig = V{} + ignore;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    V v;
+    memcpy(&v, t + i, sizeof(V));
+    const V skip = v == ig;  // -1 where ignored, 0 elsewhere
+    lo = (skip ? lo : v) < lo ? v : lo;
+    hi = (skip ? hi : v) > hi ? v : hi;
+    count += skip + 1;
+  }
+  IndexRange r{kMax, kMin, 0};
+  for (int l = 0; l < kLanes; ++l) {
+    r.lo = lo[l] < r.lo ? lo[l] : r.lo;
+    r.hi = hi[l] > r.hi ? hi[l] : r.hi;
+    r.count += count[l];
+  }
+  for (; i < n; ++i) {
+    const int64_t v = t[i];
+    if (v == ignore) continue;
+    r.lo = v < r.lo ? v : r.lo;
+    r.hi = v > r.hi ? v : r.hi;
+    ++r.count;
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------
 // Variants and dispatch
 // ------------------------------------------------------------------------------------------
 struct KernelTable {
@@ -638,6 +676,7 @@ struct KernelTable {
   float (*sigmoid_focal_row_ex)(const float*, const float*, int64_t, int64_t, const float*, const float*,
                                 const float*, float, float, float, float*, float*);
   void (*log_softmax_target_rows)(const float*, const float*, const float*, const float*, int64_t, float*);
+  IndexRange (*index_range)(const int64_t*, int64_t, int64_t);
 };
 
 #define FL_DEFINE_VARIANT(NAME, ATTR, W)                                                                             \
@@ -681,10 +720,13 @@ struct KernelTable {
                                            int64_t w, float* log_pt) {                                                \
     log_softmax_target_rows_impl<W>(x_t, mx, sum, so, w, log_pt);                                                    \
   }                                                                                                                  \
+  ATTR IndexRange index_range_##NAME(const int64_t* t, int64_t n, int64_t ignore) {                                  \
+    return index_range_impl<W>(t, n, ignore);                                                                        \
+  }                                                                                                                  \
   const KernelTable kTable_##NAME = {#NAME,                   softmax_row_##NAME,   softmax_tile_##NAME,             \
                                      softmax_grad_tile_##NAME, softmax_grad_tile_exp_##NAME, scale_to_##NAME,       \
                                      scaled_exp_to_##NAME,     multiply_to_##NAME,   sigmoid_focal_row_##NAME,      \
-                                     sigmoid_focal_row_ex_##NAME, log_softmax_target_rows_##NAME};
+                                     sigmoid_focal_row_ex_##NAME, log_softmax_target_rows_##NAME, index_range_##NAME};
 
 FL_DEFINE_VARIANT(baseline, , 8)
 
@@ -757,6 +799,8 @@ void log_softmax_target_rows(const float* x_t, const float* max, const float* su
                              float* log_pt) {
   kKernels->log_softmax_target_rows(x_t, max, sum, sum_others, w, log_pt);
 }
+
+IndexRange index_range(const int64_t* t, int64_t n, int64_t ignore) { return kKernels->index_range(t, n, ignore); }
 
 }  // namespace cpu
 }  // namespace fused_losses
