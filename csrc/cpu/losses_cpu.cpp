@@ -1810,42 +1810,22 @@ std::tuple<at::Tensor, at::Tensor> ghmc_softmax_scale_cpu(const at::Tensor& logi
 at::Tensor target_range_cpu(const at::Tensor& target_in, int64_t ignore_index) {
   TORCH_CHECK(target_in.scalar_type() == at::kLong || target_in.scalar_type() == at::kInt,
               "target_range: int64 or int32 target, got ", target_in.scalar_type());
-  const at::Tensor target = target_in.contiguous();
-  struct Range {
-    int64_t lo, hi, n;
-  };
-  Range r{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min(), 0};
-  if (target.scalar_type() == at::kLong) {
-    // int64 (every loss's index dtype after index_target): the SIMD scan, per grain.
-    const int64_t* t = target.data_ptr<int64_t>();
-    r = at::parallel_reduce(
-        0, target.numel(), kWorkGrain, r,
-        [&](int64_t begin, int64_t end, Range acc) {
-          const cpu::IndexRange q = cpu::index_range(t + begin, end - begin, ignore_index);
-          return Range{std::min(acc.lo, q.lo), std::max(acc.hi, q.hi), acc.n + q.count};
-        },
-        [](Range a, Range b) { return Range{std::min(a.lo, b.lo), std::max(a.hi, b.hi), a.n + b.n}; });
-  } else AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "target_range", [&] {
-    const index_t* t = target.data_ptr<index_t>();
-    r = at::parallel_reduce(
-        0, target.numel(), kWorkGrain, r,
-        [&](int64_t begin, int64_t end, Range acc) {
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t v = t[i];
-            if (v == ignore_index) continue;
-            acc.lo = v < acc.lo ? v : acc.lo;
-            acc.hi = v > acc.hi ? v : acc.hi;
-            ++acc.n;
-          }
-          return acc;
-        },
-        [](Range a, Range b) { return Range{std::min(a.lo, b.lo), std::max(a.hi, b.hi), a.n + b.n}; });
-  });
+  // int64 as every loss reads it (index_target); an int32 target is widened first.
+  const at::Tensor target = target_in.to(at::kLong).contiguous();
+  const int64_t* t = target.data_ptr<int64_t>();
+  using Range = cpu::IndexRange;
+  auto merge = [](Range a, Range b) { return Range{std::min(a.lo, b.lo), std::max(a.hi, b.hi), a.count + b.count}; };
+  const Range r = at::parallel_reduce(
+      0, target.numel(), kWorkGrain, Range{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min(), 0},
+      [&](int64_t begin, int64_t end, Range acc) {
+        return merge(acc, cpu::index_range(t + begin, end - begin, ignore_index));  // the SIMD scan
+      },
+      merge);
   at::Tensor out = at::empty({3}, target.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
   o[0] = r.lo;
   o[1] = r.hi;
-  o[2] = r.n;
+  o[2] = r.count;
   return out;
 }
 
