@@ -501,3 +501,281 @@ def class_weights(counts: torch.Tensor, scheme: str = "inverse", beta: float = 0
     else:
         w = (1.0 - beta) / (-torch.expm1(n * math.log(beta)))
     return (w * (n.numel() / w.sum())).to(torch.float32)
+
+
+# ============================================================================================
+# Detector losses (issue #24): quality focal, varifocal, distribution focal, asymmetric, Poly-1
+# ============================================================================================
+# The semantics, each decision and each difference from the peers (mmdet 3.x, ultralytics,
+# RT-DETR, timm, the ASL and Poly-1 papers' code) are in docs/losses/detector.md; the tests
+# (tests/test_reference_detector.py) check every function against the peers' formulas.
+#
+# Unlike the references above, these take ``avg_factor`` themselves (mmdet's weight_reduce_loss
+# without its float32 eps, which the compat drop-ins add, as MMDetFocalLoss does): with
+# reduction='mean' the loss is sum / avg_factor; with another reduction it is a ValueError (as
+# fused_losses._validate.avg_factor_arg). Weights: a zero weight SELECTS a zero loss (the
+# entry's input is replaced before any arithmetic: a NaN logit there gives 0 loss and 0 grad)
+# and does not change the 'mean' denominator. The sigmoid-type losses take a weight per row
+# (logits.shape[:-1]) or per element (logits.shape), told apart by numel as _sigmoid_weight.
+__all__ += ["quality_focal", "varifocal", "distribution_focal", "asymmetric", "poly1_term", "focal_poly1",
+            "sigmoid_focal_poly1"]
+
+
+def _detector_reduce(loss: torch.Tensor, reduction: str, count, avg_factor, out_dtype):
+    """'none' -> loss in out_dtype; 'sum'; 'mean' = sum / avg_factor, else sum / max(count, 1)."""
+    if avg_factor is not None and reduction != "mean":
+        raise ValueError(f"avg_factor: only applies with reduction='mean', got reduction={reduction!r}")
+    if reduction == "none":
+        return loss.to(out_dtype)
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if avg_factor is not None:
+        return total / (avg_factor.to(total.dtype) if isinstance(avg_factor, torch.Tensor) else avg_factor)
+    if isinstance(count, torch.Tensor):
+        return total / count.clamp_min(1).to(total.dtype)
+    return total / max(count, 1)
+
+
+def _sigmoid_label_rows(logits, target, score, ignore_index, dtype):
+    """The (label, score) target form -> dense (..., C) soft target y = score at the label's class
+    (label == C: background, all 0), the positive mask (the label's class, whatever its score)
+    and the per-row valid mask (label != ignore_index)."""
+    c = logits.shape[-1]
+    labels = target.long()
+    valid_rows = labels != ignore_index
+    positive = labels[..., None] == torch.arange(c, device=logits.device)
+    y = torch.where(positive, score.to(dtype)[..., None], torch.zeros((), dtype=dtype, device=logits.device))
+    return y, positive, valid_rows
+
+
+def _element_active(valid_rows, w, shape, device):
+    """Per-element active mask (not ignored and weight != 0), or None when every entry is."""
+    active = None if valid_rows is None else valid_rows[..., None].expand(shape)
+    if w is not None:
+        nonzero = (w != 0).expand(shape)
+        active = nonzero if active is None else active & nonzero
+    return active
+
+
+def quality_focal(logits, target, *, score=None, beta=2.0, activated=False, weight=None, avg_factor=None,
+                  reduction="mean", ignore_index=-100, upcast=True):
+    """Quality focal loss (GFL, Li et al. 2020), mmdet 3.x QualityFocalLoss.
+
+    Per element: |y - s|^beta * BCE(s, y), s = sigmoid(x) (activated=False) or s = x (activated:
+    probabilities in, torch's binary_cross_entropy with its log clamped at -100, as mmdet);
+    the loss of a row is the sum over its C classes (mmdet returns (N,)).
+    Target forms: ``score`` given: target holds integer labels (...,) in [0, C] (C = background:
+    every class negative) or ignore_index (the row: 0 loss, 0 grad, not counted), score (...,)
+    the quality at the label's class; else target is a dense soft target of logits' shape in
+    [0, 1]. 'none' returns the per-row loss (logits.shape[:-1]); 'mean' divides by the number of
+    non-ignored rows (or avg_factor). weight: per row or per element (before the class sum).
+    """
+    dtype = _compute_dtype(logits, upcast)
+    x = logits.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    if score is not None:
+        y, _, valid_rows = _sigmoid_label_rows(logits, target, score, ignore_index, dtype)
+    else:
+        y, valid_rows = target.to(dtype), None
+    w = _sigmoid_weight(weight, logits.shape, dtype)
+    active = _element_active(valid_rows, w, logits.shape, x.device)
+    if active is not None:
+        x = torch.where(active, x, torch.full((), 0.5 if activated else 0.0, dtype=dtype, device=x.device))
+        y = torch.where(active, y, zero)
+    if activated:
+        s = x
+        bce = F.binary_cross_entropy(x, y, reduction="none")
+        distance = (y - s).abs()
+    else:
+        bce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+        # y - s = y (1 - s) - (1 - y) s with 1 - s = sigmoid(-x): exact near s = 1 as near s = 0
+        distance = (y * torch.sigmoid(-x) - (1 - y) * torch.sigmoid(x)).abs()
+    loss = bce * _PowSafe.apply(distance, float(beta))
+    if active is not None:
+        loss = _weighted(loss, active, w)
+    loss = loss.sum(dim=-1)
+    count = valid_rows.sum() if valid_rows is not None else loss.numel()
+    return _detector_reduce(loss, reduction, count, avg_factor, logits.dtype)
+
+
+def varifocal(logits, target, *, score=None, alpha=0.75, gamma=2.0, iou_weighted=True, detach_modulation=False,
+              weight=None, avg_factor=None, reduction="mean", ignore_index=-100, upcast=True):
+    """Varifocal loss (VarifocalNet, Zhang et al. 2021), elementwise:
+
+    BCE(s, y) * (y if iou_weighted else 1) on positives, BCE(s, 0) * alpha * s^gamma on negatives,
+    s = sigmoid(x). Dense target (logits' shape, in [0, 1]): positives are the entries with
+    y > 0 (mmdet's varifocal_loss; y = 0 is a negative). (label, score) form (``score`` given,
+    labels in [0, C] or ignore_index): the positive is the label's class whatever its score, with
+    y = score there, as RT-DETR's loss_labels_vfl and ultralytics' VarifocalLoss (a positive with
+    q = 0 has zero loss). detach_modulation: s^gamma computed from the detached logits (RT-DETR);
+    default False (mmdet, ultralytics: the gradient flows through it). 'none' returns the
+    elementwise loss; 'mean' divides by the number of non-ignored elements (or avg_factor).
+    """
+    dtype = _compute_dtype(logits, upcast)
+    x = logits.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    if score is not None:
+        y, positive, valid_rows = _sigmoid_label_rows(logits, target, score, ignore_index, dtype)
+    else:
+        y, valid_rows = target.to(dtype), None
+        positive = y > 0
+    w = _sigmoid_weight(weight, logits.shape, dtype)
+    active = _element_active(valid_rows, w, logits.shape, x.device)
+    if active is not None:
+        x = torch.where(active, x, zero)
+        y = torch.where(active, y, zero)
+    bce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    s = torch.sigmoid(x.detach() if detach_modulation else x)
+    negative_factor = float(alpha) * _PowSafe.apply(s, float(gamma))
+    positive_factor = y if iou_weighted else torch.ones_like(y)
+    loss = bce * torch.where(positive, positive_factor, negative_factor)
+    if active is not None:
+        loss = _weighted(loss, active, w)
+    count = valid_rows.sum() * logits.shape[-1] if valid_rows is not None else loss.numel()
+    return _detector_reduce(loss, reduction, count, avg_factor, logits.dtype)
+
+
+def distribution_focal(logits, target, *, weight=None, avg_factor=None, reduction="mean", upcast=True):
+    """Distribution focal loss (GFL): logits (..., n + 1) over the bins 0..n, float target (...,)
+    in [0, n]. With l = floor(y) (l = n - 1 at y = n) and r = l + 1:
+    loss = (r - y) * CE(x, l) + (y - l) * CE(x, r), mmdet's distribution_focal_loss. At y = n this
+    is CE(x, n), the limit from below (mmdet's formula there indexes bin n + 1: an IndexError).
+    On an integer y = k < n it is CE(x, k), as mmdet. weight: one per row (target's shape).
+    'none' returns the per-row loss; 'mean' divides by the number of rows (or avg_factor).
+    """
+    dtype = _compute_dtype(logits, upcast)
+    x = logits.to(dtype)
+    y = target.to(dtype)
+    n = x.shape[-1] - 1
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    w = None if weight is None else weight.to(dtype).reshape(y.shape)
+    if w is not None:
+        active = w != 0
+        x = torch.where(active[..., None], x, zero)
+        y = torch.where(active, y, zero)
+    left = torch.clamp(torch.floor(y.detach()), 0, max(n - 1, 0)).long()
+    right = torch.clamp_max(left + 1, n)
+    w_right = y - left.to(dtype)
+    w_left = 1 - w_right
+    logp = torch.log_softmax(x, dim=-1)
+    loss = -(w_left * logp.gather(-1, left[..., None])[..., 0] + w_right * logp.gather(-1, right[..., None])[..., 0])
+    if w is not None:
+        loss = _weighted(loss, active, w)
+    return _detector_reduce(loss, reduction, loss.numel(), avg_factor, logits.dtype)
+
+
+def _pow_tensor_safe(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """q^g for q >= 0 and a tensor exponent g >= 0, with a zero derivative at q = 0 (1 where
+    g = 0, as torch.pow(0, 0)), instead of the inf * 0 = NaN of autograd through pow there."""
+    pos = q > 0
+    return torch.where(pos, torch.where(pos, q, torch.ones_like(q)).pow(g), (g == 0).to(q.dtype))
+
+
+def asymmetric(logits, target, *, gamma_pos=1.0, gamma_neg=4.0, clip=0.05, eps=1e-8, detach_focusing=False,
+               weight=None, avg_factor=None, reduction="sum", upcast=True):
+    """Asymmetric loss (ASL, Ridnik et al. 2021), multi-label, timm's AsymmetricLossMultiLabel.
+
+    Per element, p = sigmoid(x), target y in [0, 1] (multi-hot or soft), m = clip:
+    p_neg = min(1 - p + m, 1) (m > 0; else 1 - p), L+ = log(max(p, eps)), L- = log(max(p_neg, eps)),
+    1 - p_t = y (1 - p) + (1 - y)(1 - p_neg) (= max(p - m, 0) on a negative: the probability shift),
+    w = (1 - p_t)^(gamma_pos y + gamma_neg (1 - y)), loss = -(y L+ + (1 - y) L-) * w.
+    detach_focusing: w carries no gradient (timm's disable_torch_grad_focal_loss). Default
+    reduction 'sum' (timm's return value -loss.sum(), the ASL code's); 'mean' divides by the
+    number of elements (or avg_factor: timm's newer 'batchmean' is 'mean' with avg_factor = N).
+    weight: per row or per element.
+    """
+    dtype = _compute_dtype(logits, upcast)
+    x = logits.to(dtype)
+    y = target.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    w = _sigmoid_weight(weight, logits.shape, dtype)
+    active = _element_active(None, w, logits.shape, x.device)
+    if active is not None:
+        x = torch.where(active, x, zero)
+        y = torch.where(active, y, zero)
+
+    def parts(z):
+        """(1 - p_neg) and log(clamped p_neg) from logits z."""
+        if clip is not None and clip > 0:
+            p_neg = torch.clamp(torch.sigmoid(-z) + float(clip), max=1.0)
+            log_neg = torch.log(torch.clamp(p_neg, min=float(eps))) if eps > 0 else torch.log(p_neg)
+            return torch.clamp(torch.sigmoid(z) - float(clip), min=0.0), log_neg
+        log_neg = F.logsigmoid(-z)
+        return torch.sigmoid(z), (torch.clamp(log_neg, min=math.log(eps)) if eps > 0 else log_neg)
+
+    shifted_p, log_neg = parts(x)
+    log_pos = F.logsigmoid(x)
+    if eps > 0:
+        log_pos = torch.clamp(log_pos, min=math.log(eps))
+    loss = -(y * log_pos + (1 - y) * log_neg)
+    if gamma_pos > 0 or gamma_neg > 0:
+        if detach_focusing:
+            xd, yd = x.detach(), y.detach()
+            one_minus_pt = yd * torch.sigmoid(-xd) + (1 - yd) * parts(xd)[0]
+            g = float(gamma_pos) * yd + float(gamma_neg) * (1 - yd)
+        else:
+            one_minus_pt = y * torch.sigmoid(-x) + (1 - y) * shifted_p
+            g = float(gamma_pos) * y + float(gamma_neg) * (1 - y)
+        loss = loss * _pow_tensor_safe(one_minus_pt, g)
+    if active is not None:
+        loss = _weighted(loss, active, w)
+    return _detector_reduce(loss, reduction, loss.numel(), avg_factor, logits.dtype)
+
+
+def poly1_term(one_minus_pt: torch.Tensor, gamma: float, epsilon: float) -> torch.Tensor:
+    """Poly-1's added term, epsilon * (1 - p_t)^(gamma + 1) (gamma = 0: Poly-1 CE's epsilon (1 - p_t)).
+    The exponent is >= 1, so autograd's derivative is finite everywhere."""
+    return float(epsilon) * one_minus_pt.pow(float(gamma) + 1.0)
+
+
+def focal_poly1(logits, target, *, epsilon=1.0, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean",
+                from_logits=True, weight=None, label_smoothing=0.0, upcast=True):
+    """Poly-1 softmax focal loss (Leng et al. 2022): focal(...) + epsilon (1 - p_t)^(gamma + 1) per
+    sample; gamma = 0 without alpha is Poly-1 cross entropy, CE + epsilon (1 - p_t). alpha does
+    not scale the added term (the paper's code); weight scales both; label_smoothing: p_t =
+    sum_c q_c p_c (the paper's code: pt = sum(labels * softmax)). Counts as focal.
+    ``focal(..., epsilon=e)`` of the public API is this function; epsilon = 0 is focal exactly.
+    """
+    dtype = _compute_dtype(logits, upcast)
+    base = focal(logits.to(dtype), target, gamma=gamma, alpha=alpha, ignore_index=ignore_index, reduction="none",
+                 from_logits=from_logits, weight=weight, label_smoothing=label_smoothing, upcast=upcast)
+    x, t, valid, active, w = _softmax_rows(logits, target, ignore_index, dtype, 0.0 if from_logits else 1.0, weight)
+    eps = float(label_smoothing)
+    if eps > 0:
+        p = torch.softmax(x, dim=-1)
+        one_minus_pt = 1 - (_smoothed_target(t, x.shape[-1], eps, dtype, x.device) * p).sum(dim=-1)
+    else:
+        one_minus_pt = -torch.expm1(_log_pt(x, t, from_logits))
+    poly = _weighted(poly1_term(one_minus_pt, gamma, epsilon), active, w)
+    loss = base.reshape(-1) + poly
+    return _reduce(loss, reduction, valid.sum(), logits.dtype, target.shape)
+
+
+def sigmoid_focal_poly1(logits, target, *, epsilon=1.0, alpha=0.25, gamma=2.0, ignore_index=-100, reduction="none",
+                        weight=None, upcast=True):
+    """Poly-1 sigmoid focal loss, elementwise: sigmoid_focal(...) + epsilon (1 - p_t)^(gamma + 1),
+    p_t = p y + (1 - p)(1 - y) (the paper's poly1_focal_loss; alpha does not scale the added term).
+    Targets, weights, ignored rows and counts as sigmoid_focal. ``sigmoid_focal(..., epsilon=e)``
+    of the public API is this function; epsilon = 0 is sigmoid_focal exactly.
+    """
+    dtype = _compute_dtype(logits, upcast)
+    base = sigmoid_focal(logits.to(dtype), target, alpha=alpha, gamma=gamma, ignore_index=ignore_index,
+                         reduction="none", weight=weight, upcast=upcast)
+    y, valid = _sigmoid_targets(logits, target, ignore_index, dtype)
+    x = logits.to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    w = _sigmoid_weight(weight, logits.shape, dtype)
+    active = valid
+    if w is not None:
+        active = (w != 0).expand(logits.shape) if valid is None else valid & (w != 0)
+    if active is not None:
+        x = torch.where(active, x, zero)
+        y = torch.where(active, y, zero)
+    one_minus_pt = torch.sigmoid(x) * (1 - y) + torch.sigmoid(-x) * y
+    poly = poly1_term(one_minus_pt, gamma, epsilon)
+    if active is not None:
+        poly = _weighted(poly, active, w)
+    loss = base + poly
+    count = valid.sum() if valid is not None else loss.numel()
+    return _reduce(loss, reduction, count, logits.dtype, logits.shape)
