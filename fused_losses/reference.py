@@ -537,6 +537,21 @@ def _detector_reduce(loss: torch.Tensor, reduction: str, count, avg_factor, out_
     return total / max(count, 1)
 
 
+def _softplus_exact(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), accurate for every x (torch's softplus returns x
+    above its threshold 20, a relative error of e^-20 / 20 ~ 1e-10) with the derivative sigmoid(x),
+    1/2 at x = 0 (the selects avoid clamp's and abs's one-sided derivatives there)."""
+    pos = x > 0
+    return torch.where(pos, x, torch.zeros_like(x)) + torch.log1p(torch.exp(torch.where(pos, -x, x)))
+
+
+def _bce_with_logits_exact(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits as (1 - y) softplus(x) + y softplus(-x): each term accurate, so the loss
+    of a confident correct entry (y = 1, x = 40: log1p(e^-40)) is not rounded to 0 as in
+    torch's binary_cross_entropy_with_logits (which computes log(1 + e^-40) = 0 in float64)."""
+    return (1 - y) * _softplus_exact(x) + y * _softplus_exact(-x)
+
+
 def _sigmoid_label_rows(logits, target, score, ignore_index, dtype):
     """The (label, score) target form -> dense (..., C) soft target y = score at the label's class
     (label == C: background, all 0), the positive mask (the label's class, whatever its score)
@@ -588,7 +603,7 @@ def quality_focal(logits, target, *, score=None, beta=2.0, activated=False, weig
         bce = F.binary_cross_entropy(x, y, reduction="none")
         distance = (y - s).abs()
     else:
-        bce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+        bce = _bce_with_logits_exact(x, y)
         # y - s = y (1 - s) - (1 - y) s with 1 - s = sigmoid(-x): exact near s = 1 as near s = 0
         distance = (y * torch.sigmoid(-x) - (1 - y) * torch.sigmoid(x)).abs()
     loss = bce * _PowSafe.apply(distance, float(beta))
@@ -625,7 +640,7 @@ def varifocal(logits, target, *, score=None, alpha=0.75, gamma=2.0, iou_weighted
     if active is not None:
         x = torch.where(active, x, zero)
         y = torch.where(active, y, zero)
-    bce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    bce = _bce_with_logits_exact(x, y)
     s = torch.sigmoid(x.detach() if detach_modulation else x)
     negative_factor = float(alpha) * _PowSafe.apply(s, float(gamma))
     positive_factor = y if iou_weighted else torch.ones_like(y)
