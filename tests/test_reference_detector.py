@@ -295,6 +295,18 @@ def test_qfl_extreme_logits_exact_and_finite():
     assert bool(torch.isfinite(xg.grad).all())
 
 
+def test_vfl_bce_exact_above_softplus_threshold_and_gradient_at_zero():
+    # y = 0, x = 25: alpha s^2 (25 + log1p(e^-25)); torch's softplus would drop the e^-25 above 20
+    x = torch.tensor([[25.0, 0.0]], dtype=F64, requires_grad=True)
+    t = torch.tensor([[0.0, 1.0]], dtype=F64)
+    out = R.varifocal(x, t, reduction="none")
+    s = 1.0 / (1.0 + math.exp(-25.0))
+    expected = 0.75 * s * s * (25.0 + math.log1p(math.exp(-25.0)))
+    assert abs(float(out.detach()[0, 0]) - expected) <= 1e-15 * expected
+    out.sum().backward()
+    assert float(x.grad[0, 1]) == -0.5  # positive, q = 1, x = 0: q (s - q) = -1/2 exactly
+
+
 # ---------------------------------------------------------------------------------------------
 # Varifocal
 # ---------------------------------------------------------------------------------------------
