@@ -111,7 +111,8 @@ def mmdet_vfl(pred, target, alpha=0.75, gamma=2.0, iou_weighted=True):
     """varifocal_loss before weight_reduce_loss (elementwise)."""
     s = pred.sigmoid()
     pos_w = target if iou_weighted else torch.ones_like(target)
-    focal_weight = pos_w * (target > 0.0).to(pred.dtype) + alpha * (s - target).abs().pow(gamma) * (target <= 0.0).to(pred.dtype)
+    focal_weight = (pos_w * (target > 0.0).to(pred.dtype)
+                    + alpha * (s - target).abs().pow(gamma) * (target <= 0.0).to(pred.dtype))
     return F.binary_cross_entropy_with_logits(pred, target, reduction="none") * focal_weight
 
 
@@ -137,7 +138,8 @@ def mmdet_dfl(pred, label):
     right = left + 1
     w_left = right.to(label.dtype) - label
     w_right = label - left.to(label.dtype)
-    return F.cross_entropy(pred, left, reduction="none") * w_left + F.cross_entropy(pred, right, reduction="none") * w_right
+    return (F.cross_entropy(pred, left, reduction="none") * w_left
+            + F.cross_entropy(pred, right, reduction="none") * w_right)
 
 
 def ultralytics_bbox_dfl(pred_dist, target_ltrb, weight, target_scores_sum, reg_max):
@@ -466,7 +468,8 @@ def test_dfl_weight_reductions_and_zero_weight_nan(reduction, avg):
 # ---------------------------------------------------------------------------------------------
 # Asymmetric
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [dict(), dict(gamma_pos=0.0, gamma_neg=4.0), dict(gamma_pos=2.0, gamma_neg=3.0, clip=0.1),
+@pytest.mark.parametrize("kw", [dict(), dict(gamma_pos=0.0, gamma_neg=4.0),
+                                dict(gamma_pos=2.0, gamma_neg=3.0, clip=0.1),
                                 dict(clip=0.0), dict(clip=None, eps=1e-6), dict(gamma_pos=0.0, gamma_neg=0.0)])
 @pytest.mark.parametrize("soft", [False, True])
 def test_asl_vs_timm(kw, soft):
@@ -596,7 +599,8 @@ def test_poly1_ignored_and_zero_weight_nan():
     x_nan[1] = float("inf")
     lo, go = _loss_grad(lambda z: R.focal_poly1(z, t, epsilon=1.0, weight=w, reduction="mean"), x_nan)
     keep = (t != -100) & (w != 0)
-    lp, _ = _loss_grad(lambda z: poly1_ce(z[keep], t[keep], 1.0).sum() / 5, x)  # ignored not counted, zero weight counted
+    # 'mean' over 5 samples: the ignored one is not counted, the zero-weight one is
+    lp, _ = _loss_grad(lambda z: poly1_ce(z[keep], t[keep], 1.0).sum() / 5, x)
     lo0, _ = _loss_grad(lambda z: R.focal_poly1(z, t, epsilon=1.0, gamma=0.0, weight=w, reduction="mean"), x_nan)
     assert_rel_close(lo0, lp, 1e-12, "poly1 ce mean")
     assert bool(torch.isfinite(go).all()) and bool((go[1] == 0).all()) and bool((go[3] == 0).all())
@@ -689,3 +693,35 @@ def test_low_precision_inputs_compute_in_float32(dtype):
         assert_rel_close(out.double(), fn(x.double()), 1e-5, f"{dtype}")
     assert R.varifocal(x, t, reduction="none").dtype == dtype
     assert R.quality_focal(x, t, reduction="none").shape == (16,)
+
+
+def test_leading_dims_are_rows():
+    # QFL / VFL on (B, A, C) with (B, A) labels, DFL on (B, A, 4, n + 1): the same as flattened rows
+    x = _logits((2, 5, 4), seed=60)
+    labels = torch.randint(0, 5, (2, 5), generator=_gen(60))
+    scores = torch.rand(2, 5, generator=_gen(61), dtype=F64)
+    for fn in (R.quality_focal, R.varifocal):
+        out = fn(x, labels, score=scores, reduction="none")
+        flat = fn(x.reshape(10, 4), labels.reshape(10), score=scores.reshape(10), reduction="none")
+        assert_rel_close(out.reshape(flat.shape), flat, 0.0, fn.__name__)
+    xd = _logits((2, 3, 4, 6), seed=62)
+    y = 5 * torch.rand(2, 3, 4, generator=_gen(62), dtype=F64)
+    out = R.distribution_focal(xd, y, reduction="none")
+    assert out.shape == (2, 3, 4)
+    assert_rel_close(out.reshape(-1), mmdet_dfl(xd.reshape(-1, 6), y.reshape(-1)), 1e-13, "dfl leading dims")
+
+
+def test_asl_per_class_weight_is_a_per_element_weight_as_newer_timm():
+    x = _logits((6, 5), seed=63)
+    y = (torch.rand(6, 5, generator=_gen(63)) < 0.4).to(F64)
+    wc = torch.rand(5, generator=_gen(64), dtype=F64)
+    _check_vs_peer(lambda z: R.asymmetric(z, y, weight=wc.expand(6, 5), reduction="mean", avg_factor=6),
+                   lambda z: (timm_asl(z, y, reduction="none") * wc).sum() / 6, x, tol=1e-11, what="per-class weight")
+
+
+def test_poly1_focal_from_probabilities():
+    x = _logits((7, 4), seed=65)
+    t = torch.randint(0, 4, (7,), generator=_gen(65))
+    probs = torch.softmax(x, -1)
+    assert_rel_close(R.focal_poly1(probs, t, epsilon=1.0, from_logits=False, reduction="none"),
+                     R.focal_poly1(x, t, epsilon=1.0, reduction="none"), 1e-13, "from_logits=False")
