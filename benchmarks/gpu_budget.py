@@ -601,6 +601,7 @@ class Work:
     inner_trips: list[float]
     skip: list[str]
     note: str
+    tile_trips: float | None = None  # Triton: every inner loop is a column-tile loop with this trip count
 
 
 def _single_top_loop(cfg: CFG) -> Loop:
@@ -786,10 +787,14 @@ def analyse(fn: Function, work: Work, case: Case, res: dict, threads: int) -> di
     marked = mark_off_path(cfg, work.skip)
     loop = work.steady(cfg)
     kids = loop.live_children()
-    if len(kids) != len(work.inner_trips):
+    if work.inner_trips is None:
+        trips = [work.tile_trips] * len(kids)
+    else:
+        trips = work.inner_trips
+    if len(kids) != len(trips):
         raise ModelMismatch(f"{fn.name}: {len(kids)} inner loops in the steady-state loop, the model has "
-                            f"{len(work.inner_trips)}")
-    per_iter = Counter_(cfg, lambda ch, k: work.inner_trips[k]).iteration(loop)
+                            f"{len(trips)}")
+    per_iter = Counter_(cfg, lambda ch, k: trips[k]).iteration(loop)
     e = work.elems_per_warp_iter
     warps = warps_per_sm(res["regs"], res["smem"], threads)
     # bytes one warp has in flight: the loads of one trip of the innermost loop that loads
@@ -1030,8 +1035,144 @@ def main(argv=None) -> int:
     return 1 if errors else 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton (issue #28 part 1): the kernels compiled for sm_90 exactly as the launcher configures them
+# ---------------------------------------------------------------------------------------------
+TRITON_ROWS = {80: 8192, 1203: 1024}  # rows of each case: multiples of 16, as a training batch mostly is
+
+
+def record_triton_launches(call: Callable[[], object]) -> list[tuple]:
+    """Runs a launcher of fused_losses/_triton/launch.py on CPU tensors with JITFunction.run
+    patched to record (kernel, args, kwargs, grid) instead of compiling and launching."""
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, dict(kwargs), grid))
+        return None
+
+    JITFunction.run = record
+    try:
+        call()
+    finally:
+        JITFunction.run = original
+    return launches
+
+
+def compile_recorded(fn, args, kwargs, workdir: Path) -> tuple[str, dict, dict]:
+    """The cubin of one recorded launch: triton's own binder computes the signature, the
+    constexprs and the specialisation attributes (integer values divisible by 16 or equal to
+    1, 16-byte aligned pointers) from the recorded arguments, as JITFunction.run does."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    cubin = workdir / f"{fn.__name__}_{len(list(workdir.glob('*.cubin')))}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    named = {k[0] if isinstance(k, tuple) else k: v for k, v in constexprs.items()}
+    named = {fn.arg_names[i] if isinstance(i, int) else i: v for i, v in named.items()}
+    meta = {"num_warps": options.num_warps, "num_stages": options.num_stages,
+            "shared": compiled.metadata.shared, "name": compiled.metadata.name}
+    return str(cubin), named, meta
+
+
+def triton_cases() -> list[tuple[Case, Callable]]:
+    import torch
+
+    from fused_losses._triton import launch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    out = []
+    for name in ("fp32", "bf16"):
+        gd = "bf16" if name == "bf16" else "fp32"
+        for C in (80, 1203):
+            def call(C=C, name=name):
+                n = TRITON_ROWS[C]
+                x = torch.zeros(n, C, dtype=dt[name])
+                t = torch.zeros(n, dtype=torch.int64)
+                launch.softmax_focal(x, t, None, 0.25, 2.0, -100, "mean", True, True)
+            out.append((Case("triton", "softmax rows", "softmax_focal", name, C, gd, 8 / C), call))
+
+        def call_sig(name=name):
+            n = TRITON_ROWS[80]
+            x = torch.zeros(n, 80, dtype=dt[name])
+            t = torch.zeros(n, dtype=torch.int64)
+            launch.sigmoid_focal(x, t, 0.25, 2.0, -100, "mean", True)
+        out.append((Case("triton", "sigmoid labels", "sigmoid_focal", name, 80, gd, 8 / 80), call_sig))
+    return out
+
+
+def _whole_kernel(cfg: CFG) -> Loop:
+    """The kernel body as a pseudo-loop: entry block to every normal EXIT (a Triton program
+    handles its tile once: no grid-stride loop)."""
+    exits = tuple(b.id for b in cfg.blocks if not b.error and cfg.fn.instrs[b.end - 1].op == "EXIT"
+                  and b.id in cfg._reach)
+    lp = Loop(0, frozenset(cfg._reach), exits)
+    lp.children = cfg.top_loops()
+    return lp
+
+
+def triton_work(fn_name: str, consts: dict, case: Case, num_warps: int) -> Work:
+    if fn_name == "softmax_rows_kernel":
+        bm, bc = consts["BLOCK_M"], consts["BLOCK_C"]
+        trips = math.ceil(case.C / bc)
+
+        def steady(cfg: CFG) -> Loop:
+            lp = _whole_kernel(cfg)
+            return lp
+        # every top-level loop of the kernel is a `for c0 in range(0, C, BLOCK_C)` tile loop
+        return Work(steady, bm * case.C / num_warps, None, [],
+                    f"one program: BLOCK_M = {bm} rows x C, {num_warps} warps; its column-tile loops run "
+                    f"ceil(C / BLOCK_C = {bc}) = {trips} time(s) each", tile_trips=trips)
+    if fn_name == "sigmoid_kernel":
+        blk = consts["BLOCK"]
+
+        def steady(cfg: CFG) -> Loop:
+            lp = _whole_kernel(cfg)
+            if lp.live_children():
+                raise ModelMismatch(f"{cfg.fn.name}: the elementwise kernel has a loop")
+            return lp
+        return Work(steady, blk / num_warps, [], [], f"one program: BLOCK = {blk} elements, {num_warps} warps")
+    raise ModelMismatch(f"no work model for the Triton kernel {fn_name}")
+
+
 def run_triton(workdir: Path) -> list[dict]:
-    return []  # filled in below (issue #28 part 1)
+    os.environ["TRITON_INTERPRET"] = "0"
+    rows = []
+    for case, call in triton_cases():
+        launches = record_triton_launches(call)
+        hot = [l for l in launches if l[0].__name__ in ("softmax_rows_kernel", "sigmoid_kernel")]
+        if len(hot) != 1:
+            raise ModelMismatch(f"triton {case.kernel} {case.dtype} C={case.C}: expected one launch of the loss "
+                                f"kernel, recorded {[l[0].__name__ for l in launches]}")
+        fn, args, kwargs, grid = hot[0]
+        cubin, consts, meta = compile_recorded(fn, args, kwargs, workdir)
+        funcs = parse_sass(disassemble(cubin))
+        if len(funcs) != 1:
+            raise ModelMismatch(f"{cubin}: expected one function, found {list(funcs)}")
+        (fname, func), = funcs.items()
+        res = res_usage(cubin)[fname]
+        work = triton_work(fn.__name__, consts, case, meta["num_warps"])
+        row = analyse(func, work, case, res, 32 * meta["num_warps"])
+        row["instance"] = (f"{fn.__name__} " + ", ".join(f"{k}={v}" for k, v in consts.items() if k.isupper())
+                           + f"; num_warps={meta['num_warps']}, num_stages={meta['num_stages']}")
+        row["triton_specialisation"] = (f"rows = {TRITON_ROWS[case.C]} (divisible by 16), CPU tensors' 16-byte "
+                                        f"aligned pointers, as the CUDA caching allocator gives")
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":
