@@ -340,7 +340,8 @@ class CFG:
         return sorted(loops, key=lambda lp: self.blocks[lp.header].start)
 
     def top_loops(self) -> list["Loop"]:
-        return [lp for lp in self.loops if not any(lp.body < o.body for o in self.loops)]
+        """Outermost loops, without loops made only of error blocks (e.g. the spin after a trap)."""
+        return [lp for lp in self.loops if not lp.error and not any(lp.body < o.body for o in self.loops)]
 
 
 @dataclasses.dataclass(eq=False)
