@@ -249,6 +249,7 @@ class CFG:
         for b in self.blocks:
             for s in b.succs:
                 self.blocks[s].preds.append(b.id)
+        self.disabled: set = set()  # (block, successor) edges the work model rules out
         self._mark_error_only()
         self.dom = self._dominators()
         self.loops = self._loops()
@@ -450,7 +451,8 @@ class Counter_:
                 b = n[1]
                 out = []
                 for s in cfg.blocks[b].succs:
-                    if s == loop.header or s not in loop.body or not cfg.usable(s) or s == cfg.blocks[b].rare_target:
+                    if s == loop.header or s not in loop.body or not cfg.usable(s) or s == cfg.blocks[b].rare_target \
+                            or (b, s) in cfg.disabled:
                         continue
                     out.append(node(s))
                 return out
@@ -459,7 +461,7 @@ class Counter_:
             for b in ch.body:
                 for s in cfg.blocks[b].succs:
                     if s not in ch.body and s in loop.body and s != loop.header and cfg.usable(s) \
-                            and s != cfg.blocks[b].rare_target:
+                            and s != cfg.blocks[b].rare_target and (b, s) not in cfg.disabled:
                         out.append(node(s))
             return list(dict.fromkeys(out))
 
@@ -535,6 +537,7 @@ def mark_off_path(cfg: CFG, skip: list[str]) -> int:
         return 0
     rx = re.compile("|".join(f"(?:{p})" for p in skip))
     marked = 0
+    cfg.skip_hits = Counter()
     for b in cfg.blocks:
         ins = [it for it in cfg.instrs(b.id) if it.op not in _CONTROL]
         if not ins:
@@ -543,7 +546,49 @@ def mark_off_path(cfg: CFG, skip: list[str]) -> int:
         if hits == len(ins):
             b.off_path = True
             marked += 1
+            for p in skip:
+                if any(re.search(p, t) for it in ins for t in source_text(it.loc)):
+                    cfg.skip_hits[p] += 1
     return marked
+
+
+def _reaches(cfg: CFG, loop: Loop, src: int, dst: int) -> bool:
+    seen, todo = {src}, [src]
+    while todo:
+        x = todo.pop()
+        if x == dst:
+            return True
+        for y in cfg.blocks[x].succs:
+            if y in loop.body and y != loop.header and y not in seen:
+                seen.add(y)
+                todo.append(y)
+    return False
+
+
+def apply_unrolled_guards(cfg: CFG, loop: Loop, pattern: str, runs: int, count: int) -> None:
+    rx = re.compile(pattern)
+    by_line: dict = defaultdict(list)
+    for b in sorted(loop.body, key=lambda x: cfg.blocks[x].start):
+        last = cfg.fn.instrs[cfg.blocks[b].end - 1]
+        if last.op != "BRA" or not last.loc or len(cfg.blocks[b].succs) != 2:
+            continue
+        text = source_text(last.loc[:1])
+        if text and rx.search(text[0]):
+            by_line[last.loc[0]].append(b)
+    if not by_line:
+        raise ModelMismatch(f"{cfg.fn.name}: no unrolled guard `{pattern}` in the steady-state loop")
+    for line, blocks in by_line.items():
+        if len(blocks) != count:
+            raise ModelMismatch(f"{cfg.fn.name}: {len(blocks)} guards `{pattern}` at {Path(line[0]).name}:{line[1]}, "
+                                f"the model expects {count} (one per unrolled slot)")
+        for k, b in enumerate(blocks):
+            x, y = cfg.blocks[b].succs
+            if _reaches(cfg, loop, x, y) == _reaches(cfg, loop, y, x):
+                raise ModelMismatch(f"{cfg.fn.name}: guard at {cfg.fn.instrs[cfg.blocks[b].end - 1].addr:#x} is not "
+                                    f"an if without else")
+            body = x if _reaches(cfg, loop, x, y) else y
+            if k >= runs:
+                cfg.disabled.add((b, body))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,6 +648,10 @@ class Work:
     skip: list[str]
     note: str
     tile_trips: float | None = None  # Triton: every inner loop is a column-tile loop with this trip count
+    # Unrolled guards: (pattern, runs, count): the conditional branches of each source line whose
+    # text matches the pattern (an unrolled `if (c < C)`) must number `count` per line; in address
+    # order the first `runs` bodies run, the others are skipped (the edge into the body is cut).
+    unrolled_guards: list = dataclasses.field(default_factory=list)
 
 
 def _single_top_loop(cfg: CFG) -> Loop:
@@ -649,8 +698,9 @@ def cuda_work(template: str, args: list[str], C: int) -> Work:
             raise ModelMismatch(f"softmax_spatial_kernel<kRegs = {regs}> with C = {C}")
         return Work(_loop_with_loads(None, 0), 32 * C, [], SOFTMAX_FOCAL_SKIP,
                     f"grid-stride loop, a thread per (n, s) row: 32 rows of C per warp per iteration; the "
-                    f"kRegs = {regs} class slots are unrolled (slots c >= C count when the compiler "
-                    f"predicates them instead of branching)")
+                    f"kRegs = {regs} unrolled class slots: the bodies of `if (c < C)` run for the first C "
+                    f"(each unrolled loop must have {regs} such guards)",
+                    unrolled_guards=[(r"if \(c < C\)", C, regs)])
     if template == "sigmoid_kernel":
         scalar = _CTYPE[args[0]]
         vec = 16 // DTYPE_BYTES[scalar]
@@ -787,6 +837,8 @@ def analyse(fn: Function, work: Work, case: Case, res: dict, threads: int) -> di
     cfg = CFG(fn)
     marked = mark_off_path(cfg, work.skip)
     loop = work.steady(cfg)
+    for pattern, runs, count in work.unrolled_guards:
+        apply_unrolled_guards(cfg, loop, pattern, runs, count)
     kids = loop.live_children()
     if work.inner_trips is None:
         trips = [work.tile_trips] * len(kids)
@@ -814,6 +866,8 @@ def analyse(fn: Function, work: Work, case: Case, res: dict, threads: int) -> di
         "regs": res["regs"], "smem_bytes": res["smem"], "spill_bytes": res["local"], "threads": threads,
         "warps_per_sm": warps, "warp_inst_per_iter": per_iter.total, "elems_per_warp_iter": e,
         "work_model": work.note, "off_path_blocks": marked,
+        # skip patterns that set no block aside (renamed code? the count is then an upper bound)
+        "unused_skip_patterns": [p for p in work.skip if not getattr(cfg, "skip_hits", {}).get(p)],
     }
     row.update(roofline(case, row["warp_inst_per_elem"], warps, lb))
     row["target_pct"] = TARGETS[(case.backend, case.dtype)]
@@ -925,6 +979,24 @@ def print_table(rows: list[dict]) -> None:
               f"{('ok' if r['meets_target'] else 'MISS') + ' ' + str(int(r['target_pct'])):>6s}")
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The table of csrc/cuda/NOTES.md ("Static SASS budget")."""
+    out = ["| backend | kernel: instance | dtype | C | warp-inst/elem | MUFU/elem | ld/st bits | regs | warps/SM "
+           "| % roofline | with latency | target |",
+           "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        inst = r["instance"].replace("c10::BFloat16", "bf16").replace("c10::Half", "half")
+        if r["backend"] == "triton":
+            kv = dict(x.split("=", 1) for x in re.split(r"[,;] ", inst.split(" ", 1)[1]) if "=" in x)
+            tile = f"BLOCK_M {kv['BLOCK_M']}, BLOCK_C {kv['BLOCK_C']}" if "BLOCK_M" in kv else f"BLOCK {kv['BLOCK']}"
+            inst = f"{inst.split()[0]} {tile}, {kv['num_warps']} warps"
+        out.append(f"| {r['backend']} | {r['kernel']}: `{inst}` | {r['dtype']} | {r['C']} | "
+                   f"{r['warp_inst_per_elem']:.2f} | {r['mufu_per_elem']:.3f} | {r['ld_bits']}/{r['st_bits']} | "
+                   f"{r['regs']} | {r['warps_per_sm']} | {r['pct_roofline']:.0f}% | {r['pct_roofline_with_latency']:.0f}% "
+                   f"| {'met' if r['meets_target'] else 'missed'} ({r['target_pct']:.0f}%) |")
+    return "\n".join(out)
+
+
 def make_limits(rows: list[dict]) -> dict:
     cases = {}
     for r in rows:
@@ -980,6 +1052,7 @@ def main(argv=None) -> int:
                         help="also fail when a case misses the issue's roofline target")
     parser.add_argument("--update-limits", action="store_true",
                         help=f"rewrite {LIMITS.relative_to(ROOT)} from this build (+{MARGIN:.0%})")
+    parser.add_argument("--markdown", action="store_true", help="also print the table of csrc/cuda/NOTES.md")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results (default %(default)s)")
     parser.add_argument("--limits", type=Path, default=LIMITS)
     args = parser.parse_args(argv)
@@ -1010,6 +1083,8 @@ def main(argv=None) -> int:
         r["measured"] = "static analysis of the sm_90 SASS (no GPU)"
         r["host"] = platform.node()
     print_table(rows)
+    if args.markdown:
+        print(markdown_table(rows))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"gpu_budget: wrote {args.output} ({len(rows)} cases, git {commit})")

@@ -203,3 +203,31 @@ def test_real_kernel_softmax_rows_fp32():
     row = gb.analyse(funcs[large], work, case, res[large], 256)
     assert row["ld_bits"] == 32 and row["st_bits"] == 32
     assert row["warp_inst_per_elem"] > 1.0
+
+
+def test_unrolled_guards_run_the_first_c_slots(tmp_path):
+    # Three unrolled `if (c < C) { ... }` slots of one source line (2 instructions each); C = 2:
+    # the third body is cut. A guard count other than the model's fails.
+    src = tmp_path / "k.cu"
+    src.write_text("loop\nif (c < C) {\n  body;\n}\n")
+    f = str(src)
+    slots = ""
+    for k in range(3):
+        slots += (f'\t//## File "{f}", line 2\n'
+                  f"        /*{0x100 + 0x40 * k:04x}*/               @P{k} BRA `(.LS{k}) ;\n"
+                  f'\t//## File "{f}", line 3\n'
+                  f"        /*{0x110 + 0x40 * k:04x}*/                   FADD R5, R5, R4 ;\n"
+                  f"        /*{0x120 + 0x40 * k:04x}*/                   FADD R5, R5, R4 ;\n"
+                  f".LS{k}:\n")
+    sass = (".text.k:\n        /*0000*/                   S2R R0, SR_TID.X ;\n.LH:\n"
+            "        /*0010*/                   LDG.E R4, desc[UR4][R2.64] ;\n" + slots +
+            "        /*0200*/               @P5 BRA `(.LH) ;\n        /*0210*/                   EXIT ;\n")
+    cfg = gb.CFG(gb.parse_sass(sass)["k"])
+    loop = cfg.top_loops()[0]
+    full = gb.Counter_(cfg, lambda ch, k: 1).iteration(loop).total
+    assert full == 1 + 3 * 3 + 1
+    gb.apply_unrolled_guards(cfg, loop, r"if \(c < C\)", 2, 3)
+    assert gb.Counter_(cfg, lambda ch, k: 1).iteration(loop).total == full - 2
+    cfg = gb.CFG(gb.parse_sass(sass)["k"])
+    with pytest.raises(gb.ModelMismatch, match="expects 32"):
+        gb.apply_unrolled_guards(cfg, cfg.top_loops()[0], r"if \(c < C\)", 2, 32)
