@@ -420,6 +420,17 @@ class Counter_:
     def __init__(self, cfg: CFG, trips: Callable[[Loop, int], float]):
         self.cfg = cfg
         self.trips = trips  # (inner loop, its index among the live children) -> executions per outer iteration
+        self.paths: dict = {}  # loop header -> the counted path: ("B", block) / ("L", inner loop, trips)
+
+    def path_weights(self, loop: Loop, mult: float = 1.0, out: Counter | None = None) -> Counter:
+        """block -> executions per iteration of `loop` along the counted path (after iteration())."""
+        out = Counter() if out is None else out
+        for item in self.paths[loop.header]:
+            if item[0] == "B":
+                out[item[1]] += mult
+            else:
+                self.path_weights(item[1], mult * item[2], out)
+        return out
 
     def iteration(self, loop: Loop) -> Count:
         cfg = self.cfg
@@ -482,19 +493,27 @@ class Counter_:
             finally:
                 visiting.discard(n)
 
+        choice = {}
+
         def _best(n):
             c = cost(n)
-            options = [best(s) for s in succs(n)]
-            options = [o for o in options if o is not None]
+            options = [(best(s), s) for s in succs(n)]
+            options = [o for o in options if o[0] is not None]
             if is_end(n):
-                options.append(Count())
+                options.append((Count(), None))
             if not options:
                 return None
-            tail = max(options, key=lambda o: o.total)
+            tail, nxt = max(options, key=lambda o: o[0].total)
+            choice[n] = nxt
             return c.add(tail)
 
         start = node(loop.header)
         res = best(start)
+        path, n = [], start
+        while n is not None:
+            path.append(("B", n[1]) if n[0] == "B" else ("L", children[n[1]], self.trips(children[n[1]], n[1])))
+            n = choice.get(n)
+        self.paths[loop.header] = path
         if res is None:
             raise ModelMismatch(f"{cfg.fn.name}: no non-error path through the loop at {cfg.fn.instrs[cfg.blocks[loop.header].start].addr:#x}")
         return res
@@ -847,7 +866,11 @@ def analyse(fn: Function, work: Work, case: Case, res: dict, threads: int) -> di
     if len(kids) != len(trips):
         raise ModelMismatch(f"{fn.name}: {len(kids)} inner loops in the steady-state loop, the model has "
                             f"{len(trips)}")
-    per_iter = Counter_(cfg, lambda ch, k: trips[k]).iteration(loop)
+    for ch in kids:
+        if ch.live_children():
+            raise ModelMismatch(f"{fn.name}: a loop nest deeper than the model's (an inner loop has inner loops)")
+    counter = Counter_(cfg, lambda ch, k: trips[k])
+    per_iter = counter.iteration(loop)
     e = work.elems_per_warp_iter
     warps = warps_per_sm(res["regs"], res["smem"], threads)
     # bytes one warp has in flight: the loads of one trip of the innermost loop that loads
@@ -872,22 +895,24 @@ def analyse(fn: Function, work: Work, case: Case, res: dict, threads: int) -> di
     row.update(roofline(case, row["warp_inst_per_elem"], warps, lb))
     row["target_pct"] = TARGETS[(case.backend, case.dtype)]
     row["meets_target"] = row["pct_roofline"] >= row["target_pct"]
-    row["top_lines"] = top_lines(cfg, loop, work)
+    row["top_lines"] = top_lines(cfg, counter.path_weights(loop), e)
     return row
 
 
-def top_lines(cfg: CFG, loop: Loop, work: Work, n: int = 5) -> list[str]:
-    """Human-readable: the kernel-file source lines with most instructions in the steady-state
-    loop (from -lineinfo; informative only, not used by the model)."""
+def top_lines(cfg: CFG, weights: Counter, elems: float, n: int = 6) -> list[str]:
+    """Human-readable: the outermost source lines (the kernel's own, inlining resolved) with the
+    most warp-instructions per element on the counted path (from -lineinfo; informative only,
+    not used by the model)."""
     cnt: Counter = Counter()
-    for b in loop.body:
-        if not cfg.usable(b):
-            continue
+    for b, w in weights.items():
         for it in cfg.instrs(b):
+            key = "?"
             if it.loc:
                 f, ln = it.loc[-1]
-                cnt[f"{Path(f).name}:{ln}"] += 1
-    return [f"{k} ({v})" for k, v in cnt.most_common(n)]
+                text = source_text(((f, ln),))
+                key = f"{Path(f).name}:{ln} {text[0].strip()[:60] if text else ''}"
+            cnt[key] += w
+    return [f"{v / elems:.3f} {k}" for k, v in cnt.most_common(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1208,8 +1233,15 @@ def triton_work(fn_name: str, consts: dict, case: Case, num_warps: int) -> Work:
 
         def steady(cfg: CFG) -> Loop:
             lp = _whole_kernel(cfg)
+            # every top-level loop must be a `for c0 in range(0, C, BLOCK_C)` column-tile loop
+            # (by its source text): any other loop has no trip count in this model
+            tile = re.compile(r"for \w+ in (?:tl\.)?range\(0, C, BLOCK_C[,)]")
+            for ch in lp.live_children():
+                texts = {t for b in ch.body for it in cfg.instrs(b) for t in source_text(it.loc)}
+                if not any(tile.search(t) for t in texts):
+                    raise ModelMismatch(f"{cfg.fn.name}: a loop that is not a `for c0 in range(0, C, BLOCK_C)` "
+                                        f"column-tile loop (no trip count in the model)")
             return lp
-        # every top-level loop of the kernel is a `for c0 in range(0, C, BLOCK_C)` tile loop
         return Work(steady, bm * case.C / num_warps, None, [],
                     f"one program: BLOCK_M = {bm} rows x C, {num_warps} warps; its column-tile loops run "
                     f"ceil(C / BLOCK_C = {bc}) = {trips} time(s) each", tile_trips=trips)
