@@ -896,7 +896,15 @@ def analyse(fn: Function, work: Work, case: Case, res: dict, threads: int) -> di
     row["target_pct"] = TARGETS[(case.backend, case.dtype)]
     row["meets_target"] = row["pct_roofline"] >= row["target_pct"]
     row["top_lines"] = top_lines(cfg, counter.path_weights(loop), e)
+    if EXPLAIN and re.search(EXPLAIN, case_key(row)):
+        print(f"== {case_key(row)}: {row['instance']}: warp-instructions per element by source line on the "
+              f"counted path ({per_iter.total:.0f} per iteration of {e:g} elements)")
+        for line in top_lines(cfg, counter.path_weights(loop), e, n=10 ** 6):
+            print("   ", line)
     return row
+
+
+EXPLAIN: str | None = None  # --explain REGEX: print the per-line breakdown of the matching cases
 
 
 def top_lines(cfg: CFG, weights: Counter, elems: float, n: int = 6) -> list[str]:
@@ -927,7 +935,8 @@ def disassemble(cubin: str) -> str:
     return subprocess.run([tool("nvdisasm"), "-c", "-gi", cubin], capture_output=True, text=True, check=True).stdout
 
 
-def load_cuda_functions(so: Path, workdir: Path) -> tuple[dict[str, Function], dict[str, dict]]:
+def load_cuda_functions(so: Path, workdir: Path, units: tuple = ("softmax_kernels", "sigmoid")
+                        ) -> tuple[dict[str, Function], dict[str, dict]]:
     listing = subprocess.run([tool("cuobjdump"), "-lelf", str(so)], capture_output=True, text=True, check=True).stdout
     names = re.findall(r"ELF file\s+\d+:\s+(\S+)", listing)
     if not any("sm_90" in n for n in names):
@@ -935,7 +944,7 @@ def load_cuda_functions(so: Path, workdir: Path) -> tuple[dict[str, Function], d
     subprocess.run([tool("cuobjdump"), "-xelf", "all", str(so)], cwd=workdir, capture_output=True, check=True)
     funcs, res = {}, {}
     for name in names:
-        if "sm_90" not in name or not any(k in name for k in ("softmax_kernels", "sigmoid")):
+        if "sm_90" not in name or not any(name.startswith(k + ".") for k in units):
             continue
         path = workdir / name
         funcs.update(parse_sass(disassemble(str(path))))
@@ -1080,10 +1089,15 @@ def main(argv=None) -> int:
     parser.add_argument("--update-limits", action="store_true",
                         help=f"rewrite {LIMITS.relative_to(ROOT)} from this build (+{MARGIN:.0%})")
     parser.add_argument("--markdown", action="store_true", help="also print the table of csrc/cuda/NOTES.md")
+    parser.add_argument("--explain", metavar="REGEX",
+                        help="print the counted path's warp-instructions per element by source line for the cases "
+                             "whose key (e.g. 'cuda/softmax rows/fp32/C=80') matches")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results (default %(default)s)")
     parser.add_argument("--limits", type=Path, default=LIMITS)
     args = parser.parse_args(argv)
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+    global EXPLAIN
+    EXPLAIN = args.explain
     rows: list[dict] = []
     try:
         with tempfile.TemporaryDirectory(prefix="gpu_budget_") as tmp:

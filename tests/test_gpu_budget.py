@@ -182,7 +182,7 @@ def _built_cuda():
 def test_real_kernel_softmax_rows_fp32():
     _built_cuda()
     with tempfile.TemporaryDirectory() as tmp:
-        funcs, res = gb.load_cuda_functions(gb.cuda_so(), Path(tmp))
+        funcs, res = gb.load_cuda_functions(gb.cuda_so(), Path(tmp), units=("softmax_kernels",))
     dem = gb.demangle(list(funcs))
     want = "void fused_losses::cuda::softmax_rows_kernel<float, float, 4, 32, 1>"
     name = next(m for m, d in dem.items() if d.startswith(want))
