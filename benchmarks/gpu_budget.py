@@ -202,7 +202,11 @@ class Block:
     off_path: bool = False  # code of a variant the case does not run (the model's skip patterns)
 
 
-_ERROR_CALL = re.compile(r"slowpath|assertfail|__assert", re.I)
+# Calls off the counted path: libdevice slow paths (IEEE div/rcp/sqrt of denormal or huge
+# operands), asserts, and the 64-bit integer division subroutines the compiler calls only when an
+# operand does not fit 32 bits (it tests first and divides in 32 bits otherwise: tensors below
+# 2^32 elements take that fast path, which is counted).
+_ERROR_CALL = re.compile(r"slowpath|assertfail|__assert|__cuda_sm\d+_(?:div|rem)_[su]64", re.I)
 
 
 class CFG:
@@ -449,7 +453,12 @@ class Counter_:
 
         def cost(n):
             if n[0] == "B":
-                return Count.of(cfg.instrs(n[1]))
+                ins = cfg.instrs(n[1])
+                call = next((it for it in ins if it.op == "CALL"), None)
+                if call is not None:  # error calls (assert, slow paths) are in error blocks, never here
+                    raise ModelMismatch(f"{cfg.fn.name}: a subroutine call on the counted path at {call.addr:#x} "
+                                        f"({call.text}): its body is not counted; not modelled")
+                return Count.of(ins)
             k = n[1]
             ch = children[k]
             t = self.trips(ch, k)
