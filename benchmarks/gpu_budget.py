@@ -8,25 +8,30 @@ resident warps per SM, and the implied % of the H100 SXM HBM roofline. Prints a 
 benchmarks/results/gpu-static-sm90.json, and exits non-zero when a case exceeds its committed
 ceiling (benchmarks/gpu_budget_limits.json) or loses its wide accesses.
 
-    .venv/bin/python -m benchmarks.gpu_budget [--no-triton] [--require-targets] [--update-limits]
+    .venv/bin/python -m benchmarks.gpu_budget [--no-cuda|--no-triton] [--require-targets]
+        [--update-limits] [--markdown] [--explain REGEX]
 
-Method (csrc/cuda/NOTES.md, "Static SASS budget"):
-  1. SASS -> basic blocks (labels, branches, EXIT/RET) -> dominators -> natural loops (back
-     edges u -> h with h dominating u), nested by containment.
-  2. Blocks on error paths are removed: a block that calls __assertfail (CALL.ABS), traps (BPT),
-     or calls a libdevice slow path ($__internal_*slowpath: IEEE div/rcp/sqrt of denormal or
-     huge operands), and every block that can only reach such blocks.
-  3. Per loop, the count of one iteration is the cost of the most expensive path from the header
-     to a back edge through the remaining blocks (an inner loop on the path counts its model's
-     trip count times its own iteration cost, plus one exit test); the KERNEL'S WORK MODEL
-     (MODELS below, keyed by the template name) says which loop is the steady state, which
-     inner loops it must contain and how often they run, and how many elements one iteration
-     of the steady-state loop handles per warp. A structure that does not match its model
-     (a different number of loops, no loop with the model's loads...) raises ModelMismatch:
-     the tool fails, it never reports a number for a kernel it does not understand.
-  4. Cost of a path = its SASS instructions (one warp-instruction each: predicated-off ones
-     issue too); the most expensive path is an upper bound of the common path (it takes the
-     heavier side of every branch the launch decides, e.g. the loss kind), see NOTES.md.
+Method (csrc/cuda/NOTES.md, "Static SASS budget (make gpu-budget)"):
+  1. SASS (nvdisasm -c -gi: with the -lineinfo inlining chain) -> basic blocks (labels, branches,
+     EXIT/RET) -> dominators -> natural loops (back edges u -> h with h dominating u), nested by
+     containment. Indirect branches and irreducible flow raise ModelMismatch.
+  2. Off the counted path: blocks that call __assertfail (CALL.ABS), trap (BPT), call a libdevice
+     slow path or the 64-bit division subroutine, and every block that can only reach them; the
+     BRA.DIV fallback of a diverged warp; blocks all of whose instructions come from source text
+     the work model's skip patterns match (the loss kinds, options and gamma branches the case
+     does not run); the bodies of unrolled `if (c < C)` guards past C (unrolled_guards).
+  3. One iteration of a loop costs the most expensive remaining path from its header to a back
+     edge (an inner loop on the path: its trip count from the work model x its own iteration).
+     The data branches left are the warp's common path (a warp runs a side when any lane does).
+     Cost = SASS instructions, one warp-instruction each (predicated-off ones issue too).
+  4. The WORK MODEL of each kernel (cuda_work / triton_work, keyed by the template name and its
+     arguments, or the Triton kernel and its constexprs) says which loop is the steady state,
+     which inner loops it must contain and how often they run, and how many elements a warp
+     handles per iteration. A structure that does not match (another loop nest, an unexpected
+     call, a missing instance...) raises ModelMismatch: exit 2, never a number for a kernel the
+     tool does not understand.
+  5. % of the H100 roofline from the instruction issue time vs the memory time of the case's
+     bytes; a Little's-law latency estimate beside it (reported, not gated).
 """
 from __future__ import annotations
 
