@@ -949,8 +949,10 @@ def disassemble(cubin: str) -> str:
     return subprocess.run([tool("nvdisasm"), "-c", "-gi", cubin], capture_output=True, text=True, check=True).stdout
 
 
-def load_cuda_functions(so: Path, workdir: Path, units: tuple = ("softmax_kernels", "sigmoid")
+def load_cuda_functions(so: Path, workdir: Path, units: tuple | None = None
                         ) -> tuple[dict[str, Function], dict[str, dict]]:
+    """Functions and resource usage of the sm_90 cubins of the extension (units: only the
+    translation units of these names; None: every one, so that moved kernels are still found)."""
     listing = subprocess.run([tool("cuobjdump"), "-lelf", str(so)], capture_output=True, text=True, check=True).stdout
     names = re.findall(r"ELF file\s+\d+:\s+(\S+)", listing)
     if not any("sm_90" in n for n in names):
@@ -958,7 +960,7 @@ def load_cuda_functions(so: Path, workdir: Path, units: tuple = ("softmax_kernel
     subprocess.run([tool("cuobjdump"), "-xelf", "all", str(so)], cwd=workdir, capture_output=True, check=True)
     funcs, res = {}, {}
     for name in names:
-        if "sm_90" not in name or not any(name.startswith(k + ".") for k in units):
+        if "sm_90" not in name or (units is not None and not any(name.startswith(k + ".") for k in units)):
             continue
         path = workdir / name
         funcs.update(parse_sass(disassemble(str(path))))
