@@ -1,5 +1,7 @@
 """Every ```python block of README.md and docs/**/*.md runs as written (CPU, small tensors).
 
+The docstring examples (``>>>``) of the public modules run too, with doctest.
+
 The blocks of one page run in order in one namespace (a page may define its tensors in an
 earlier block and use them in a later one), as a reader who pastes them one after another
 would. A block whose info string is ``python no-run`` is skipped; there must be few of them,
@@ -8,6 +10,8 @@ message names the file and the block's first line.
 """
 from __future__ import annotations
 
+import doctest
+import importlib
 import pathlib
 import re
 import warnings
@@ -16,22 +20,26 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PUBLIC_MODULES = ["fused_losses", "fused_losses.functional", "fused_losses.nn", "fused_losses.compat",
+                  "fused_losses.reference", "fused_losses.distributed"]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
-FENCE = re.compile(r"^```(\S*)(.*)$")
+# A top-level backtick fence: its info string (language and flags) holds no backtick (CommonMark).
+FENCE = re.compile(r"^```(?!`)([^`]*)$")
 
 
 def python_blocks(text: str):
     """(first line number, info string, source) of each top-level fenced ```python block."""
     blocks, inside, start, info, body = [], False, 0, "", []
     for number, line in enumerate(text.splitlines(), 1):
-        match = FENCE.match(line)
-        if not inside and match and match.group(1):
-            inside, start, info, body = True, number + 1, (match.group(1) + match.group(2)).strip(), []
-        elif inside and line.startswith("```"):
+        if not inside:
+            match = FENCE.match(line)
+            if match:
+                inside, start, info, body = True, number + 1, match.group(1).strip(), []
+        elif line.rstrip() == "```":
             inside = False
-            if info.split()[0] == "python":
+            if info.split()[:1] == ["python"]:
                 blocks.append((start, info, "\n".join(body) + "\n"))
-        elif inside:
+        else:
             body.append(line)
     assert not inside, f"unclosed code fence opened at line {start}"
     return blocks
@@ -83,3 +91,17 @@ def test_a_raising_block_fails(tmp_path):
 
 def test_readme_is_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    torch.manual_seed(0)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in finder.find(module, name) if t.examples]
+    for test in tests:
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.attempted > 0, f"{name}: no docstring example"
+    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} docstring examples failed (output above)"
