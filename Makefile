@@ -129,8 +129,8 @@ else
 endif
 
 # The documentation site (mkdocs.yml, docs/): --strict makes every warning an error (a broken
-# link, a page missing from nav, a docstring mkdocstrings cannot parse). The API pages import
-# nothing: mkdocstrings reads the sources statically. 12-14 s on a busy 2-core machine.
+# link or anchor, a page missing from nav, a docstring mkdocstrings cannot parse). The API pages
+# come from the docstrings of fused_losses/*.py. 12-14 s on a busy 2-core machine.
 docs: $(VENV)/.installed
 	@echo "make: building the documentation site into build/site (mkdocs build --strict; about 15 s)"
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d build/site
