@@ -107,9 +107,9 @@ _lock = threading.Lock()
 class TorchvisionPatch:
     """Handle returned by patch_torchvision(): the patch is applied when it is created.
 
-    restore() (or leaving the `with` block, also on an exception) puts back exactly the object
-    that was there when this handle patched, unless something else has replaced the function
-    since (then it leaves that alone). Calling it twice is harmless.
+    restore() (or leaving the `with` block, also on an exception) puts back, in each patched
+    module, exactly the object that was there when this handle patched, unless something else has
+    replaced the function since (then it leaves that alone). Calling it twice is harmless.
 
     Attributes:
         active: True until restore() runs.
@@ -160,21 +160,23 @@ class TorchvisionPatch:
 
 
 def patch_torchvision() -> TorchvisionPatch:
-    """Make torchvision's detection heads use the fused sigmoid focal loss.
+    """Make torchvision's detection models that call sigmoid_focal_loss (RetinaNet's and FCOS's
+    classification losses) use the fused sigmoid focal loss.
 
     A plain call patches until ``handle.restore()``; as a context manager it restores on exit.
     Idempotent: patching an already patched module changes nothing, and nested blocks restore in
     order (the innermost leaves the fused loss in place, the outermost puts the original back).
-    The heads normalise as before; only the classification loss's kernel changes (same numbers to
-    float32 rounding).
+    The heads compute their sums and divisions as before; only the classification loss's kernel
+    changes (same numbers to float32 rounding).
 
     Returns:
         A :class:`TorchvisionPatch` handle (the patch is already applied).
 
     Raises:
         ImportError: torchvision is not installed.
-        RuntimeError: this torchvision's detection module has no module-level sigmoid_focal_loss
-            (the layout this patch relies on; checked with torchvision 0.29.1).
+        RuntimeError: this torchvision's RetinaNet or FCOS module has no module-level
+            sigmoid_focal_loss (the layout this patch relies on; checked with torchvision 0.29.1);
+            nothing is patched then.
 
     Example:
         >>> import torchvision.models.detection.retinanet as tv_retinanet
