@@ -2,7 +2,9 @@
 
 Written for clarity and exactness, not speed: this is the ground truth of the tests and the
 baseline of the benchmarks. Each function takes *validated, normalised* arguments (see
-fused_losses._validate) and is differentiable by autograd.
+fused_losses._validate: per-class alpha/weight as tensors, weights already broadcast) and is
+differentiable by autograd, to any order. The functions here do not validate: to run the
+reference on raw arguments, call ``fused_losses.<loss>(..., backend="reference")``.
 
 Precision: by default every computation runs in promote_types(logits.dtype, float32), so
 float64 inputs give a float64 ground truth. ``upcast=False`` keeps the logits dtype (fp16/bf16)
@@ -12,16 +14,27 @@ must beat.
 Output dtype: 'none' returns the logits dtype; 'mean' and 'sum' return the compute dtype.
 'mean' never divides by zero: with no counted sample it returns 0 (and zero gradient).
 
-Drop-in extras (README "Sample weights, avg_factor, label smoothing, per-class alpha"):
-``weight`` (already broadcast by fused_losses._validate: the target's shape for the softmax
-family; logits.shape[:-1] (per row) or logits.shape (per element) for the sigmoid family)
-multiplies each entry's loss and gradient. A zero weight SELECTS a zero loss (the entry's input
-is replaced, as for an ignored entry, before any arithmetic), so a NaN/inf logit there gives
-exactly 0 loss and 0 gradient; 'mean' denominators do not change (mmdet's weight_reduce_loss),
-except GHM-C, where a zero weight makes the entry invalid (mmdet's label_weight > 0 mask).
-``weight`` may require grad here (the functional layer routes such calls to this backend).
-``label_smoothing`` (softmax family): the target distribution q_c = (1 - eps)[c == t] + eps / C.
-avg_factor is not an argument here: the functional layer runs 'sum' and divides.
+Drop-in extras (docs/losses.md, "Sample weights, avg_factor, label smoothing, per-class
+alpha"): ``weight`` (already broadcast by fused_losses._validate: the target's shape for the
+softmax family; logits.shape[:-1] (per row) or logits.shape (per element) for the sigmoid
+family) multiplies each entry's loss and gradient. A zero weight SELECTS a zero loss (the
+entry's input is replaced, as for an ignored entry, before any arithmetic), so a NaN/inf logit
+there gives exactly 0 loss and 0 gradient; 'mean' denominators do not change (mmdet's
+weight_reduce_loss), except GHM-C, where a zero weight makes the entry invalid (mmdet's
+label_weight > 0 mask). ``weight`` may require grad here (the functional layer routes such
+calls to this backend). ``label_smoothing`` (softmax family): the target distribution
+q_c = (1 - eps)[c == t] + eps / C. avg_factor is not an argument here: the functional layer
+runs 'sum' and divides.
+
+Example:
+    >>> import torch
+    >>> import fused_losses as fl
+    >>> from fused_losses import reference
+    >>> x, t = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 2, 1, 0])
+    >>> truth = reference.focal(x, t, gamma=2.0)                 # float64 ground truth
+    >>> fused = fl.focal(x.float(), t, gamma=2.0)
+    >>> bool(abs(fused.double() - truth) <= 1e-5 * abs(truth))
+    True
 """
 from __future__ import annotations
 
@@ -130,7 +143,21 @@ _FocalTerm = _pointwise_function("_FocalTerm", """
 
 
 def focal_term(logpt: torch.Tensor, gamma: float) -> torch.Tensor:
-    """(1 - p_t)^gamma * (-log p_t), finite gradient at p_t = 1 for every gamma >= 0."""
+    """(1 - p_t)^gamma * (-log p_t) from log p_t, with a finite gradient at p_t = 1 for every gamma >= 0.
+
+    Args:
+        logpt: log p_t, any shape.
+        gamma: exponent >= 0.
+
+    Returns:
+        A tensor of logpt's shape.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses import reference
+        >>> reference.focal_term(torch.log(torch.tensor([0.5])), 2.0)
+        tensor([0.1733])
+    """
     return _FocalTerm.apply(logpt, float(gamma))
 
 
@@ -201,12 +228,35 @@ def focal(logits, target, *, gamma=2.0, alpha=None, ignore_index=-100, reduction
           from_logits=True, weight=None, label_smoothing=0.0, upcast=True):
     """Softmax focal loss: loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}.
 
-    logits (N, C) or (N, C, d...); target (N,) or (N, d...) class indices. 'mean' divides by the
-    number of non-ignored samples (zero-weight samples included: weights do not change it).
-    label_smoothing eps > 0 (from_logits only): loss_i = sum_c q_c a_c (1 - p_c)^gamma (-log p_c)
-    with q_c = (1 - eps) [c == t_i] + eps / C and a_c = alpha[c] (per-class), alpha (float) or 1;
-    gamma = 0 without alpha is F.cross_entropy(label_smoothing=eps). weight (target's shape):
-    loss_i := w_i loss_i, exactly 0 (loss and gradient) where w_i == 0.
+    'mean' divides by the number of non-ignored samples (zero-weight samples included: weights do
+    not change it). With label_smoothing eps > 0 (from_logits only):
+    loss_i = sum_c q_c a_c (1 - p_c)^gamma (-log p_c) with q_c = (1 - eps) [c == t_i] + eps / C
+    and a_c = alpha[c] (per-class), alpha (float) or 1; gamma = 0 without alpha is
+    F.cross_entropy(label_smoothing=eps).
+
+    Args:
+        logits: (N, C) or (N, C, d...) float tensor (probabilities when from_logits=False).
+        target: (N,) or (N, d...) class indices.
+        gamma: focusing parameter >= 0.
+        alpha: None, a float, or a (C,) tensor of per-class factors.
+        ignore_index: target value with no loss, gradient or count.
+        reduction: 'none' | 'mean' | 'sum'.
+        from_logits: False when logits hold probabilities.
+        weight: None or a tensor of the target's shape: loss_i := w_i loss_i, exactly 0 (loss
+            and gradient) where w_i == 0.
+        label_smoothing: eps in [0, 1].
+        upcast: True (default) computes in promote_types(logits.dtype, float32); False in the
+            logits' own dtype (the low-precision eager baseline).
+
+    Returns:
+        The loss: the target's shape for 'none', else a 0-dim tensor.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses import reference
+        >>> x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        >>> loss = reference.focal(x, torch.tensor([0, 2, 1, 0]), gamma=2.0)
+        >>> loss.backward()
     """
     dtype = _compute_dtype(logits, upcast)
     x, t, valid, active, w = _softmax_rows(logits, target, ignore_index, dtype, 0.0 if from_logits else 1.0, weight)
@@ -246,9 +296,23 @@ def _per_sample_ce(logits, target, ignore_index, dtype):
 
 
 def ohem_min_kept_total(logits: torch.Tensor, min_kept) -> int:
-    """OHEM's thresh mode keeps at least min_kept samples per image: x N for (N, C, d...)
-    inputs, as given for (N, C) inputs (the batch is one image). None means 0. Every backend
-    calls this, so the rule lives in one place."""
+    """OHEM's thresh mode keeps at least min_kept samples per image: x N for (N, C, d...) inputs, as
+    given for (N, C) inputs (the batch is one image). None means 0. Every backend calls this, so
+    the rule lives in one place.
+
+    Args:
+        logits: the loss's logits (only the shape is read).
+        min_kept: None or an int >= 0.
+
+    Returns:
+        The total number of samples to keep at least, an int.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses import reference
+        >>> reference.ohem_min_kept_total(torch.zeros(2, 3, 4, 4), 10)
+        20
+    """
     images = logits.shape[0] if logits.dim() > 2 else 1
     return int(min_kept or 0) * images
 
@@ -262,6 +326,26 @@ def ohem_kept_mask(ce: torch.Tensor, pt: torch.Tensor, valid: torch.Tensor, *, k
     descending sort with ignored rows last, so ties go to the lower index. thresh given (mmseg):
     valid samples with p_t < max(thresh, sorted_p[min(min_kept_total, n_valid - 1)]).
     The reference and the Triton backend both select with this function.
+
+    Args:
+        ce: per-sample cross entropy, any shape.
+        pt: per-sample true-class probability, ce's shape.
+        valid: bool mask of non-ignored samples, ce's shape.
+        keep: float fraction or int count (thresh None).
+        keep_is_int: whether keep is a count.
+        thresh: None or mmseg's probability threshold.
+        min_kept_total: from :func:`ohem_min_kept_total`.
+
+    Returns:
+        A bool tensor of ce's shape.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses import reference
+        >>> ce = torch.tensor([0.1, 2.0, 0.5, 3.0])
+        >>> reference.ohem_kept_mask(ce, torch.exp(-ce), torch.ones(4, dtype=torch.bool), keep=0.5,
+        ...                          keep_is_int=False, thresh=None, min_kept_total=0)
+        tensor([False,  True, False,  True])
     """
     with torch.no_grad():
         n_valid = valid.sum()
@@ -292,11 +376,34 @@ def ohem(logits, target, *, keep=0.25, thresh=None, min_kept=None, ignore_index=
     keep (float in (0, 1]): k = max(1, floor(keep * n_valid)); keep (int >= 1): k = min(keep,
     n_valid). The k samples with the largest CE are kept (ties: lower index first), computed on
     the device by sort rank. thresh (mmseg OHEMPixelSampler): threshold = max(thresh,
-    sorted_p[min(min_kept_total, n_valid - 1)]); keep samples with p_t < threshold.
-    min_kept counts per image: x N for (N, C, d...) inputs, as given for (N, C).
-    Only kept samples contribute; 'mean' divides by the kept count.
-    The selection ranks the unsmoothed CE / p_t of the logits as given and ignores weights; a kept
-    sample's loss is w_i times its cross entropy against the smoothed target (label_smoothing).
+    sorted_p[min(min_kept_total, n_valid - 1)]); keep samples with p_t < threshold. Only kept
+    samples contribute; 'mean' divides by the kept count. The selection ranks the unsmoothed CE /
+    p_t of the logits as given and ignores weights; a kept sample's loss is w_i times its cross
+    entropy against the smoothed target (label_smoothing).
+
+    Args:
+        logits: (N, C) or (N, C, d...) float tensor.
+        target: (N,) or (N, d...) class indices.
+        keep: float in (0, 1] or int >= 1 (see above).
+        thresh: None, or mmseg's probability threshold.
+        min_kept: with thresh: samples kept at least per image (x N for (N, C, d...) inputs, as
+            given for (N, C)).
+        ignore_index: target value that is never kept or counted.
+        reduction: 'none' | 'mean' | 'sum'.
+        weight: None or a tensor of the target's shape.
+        label_smoothing: eps in [0, 1] for the kept samples' loss.
+        upcast: True (default) computes in promote_types(logits.dtype, float32); False in the
+            logits' own dtype (the low-precision eager baseline).
+
+    Returns:
+        The loss: the target's shape for 'none' (0 where not kept), else a 0-dim tensor.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses import reference
+        >>> loss = reference.ohem(torch.randn(8, 3), torch.randint(0, 3, (8,)), keep=0.25, reduction="none")
+        >>> int((loss > 0).sum())
+        2
     """
     dtype = _compute_dtype(logits, upcast)
     ce, pt, valid = _per_sample_ce(logits.detach(), target, ignore_index, dtype)
@@ -335,12 +442,35 @@ def _sigmoid_weight(weight, shape, dtype):
 
 def sigmoid_focal(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=-100, reduction="none",
                   weight=None, upcast=True):
-    """torchvision.ops.sigmoid_focal_loss, elementwise:
+    """torchvision.ops.sigmoid_focal_loss, elementwise.
+
     BCE-with-logits(x, t) * (1 - p_t)^gamma * alpha_t, p_t = p t + (1 - p)(1 - t),
     alpha_t = alpha t + (1 - alpha)(1 - t); alpha < 0 disables alpha; a (C,) tensor alpha is
-    per class: alpha_t = alpha[c] t + (1 - alpha[c])(1 - t). Integer labels: see
-    _sigmoid_targets; ignored rows give 0 loss and 0 grad and are not counted in 'mean'.
-    weight (per row or per element) multiplies loss and gradient; zero weight selects 0.
+    per class: alpha_t = alpha[c] t + (1 - alpha[c])(1 - t). Integer labels of shape
+    logits.shape[:-1] are one-hot encoded (label == C: all zeros, background); ignored rows give 0
+    loss and 0 grad and are not counted in 'mean'.
+
+    Args:
+        logits: (..., C) float tensor.
+        target: float targets of the logits' shape, or integer labels of shape logits.shape[:-1].
+        alpha: a float (< 0 disables it) or a (C,) tensor.
+        gamma: focusing parameter >= 0.
+        ignore_index: integer label of rows to ignore.
+        reduction: 'none' | 'mean' | 'sum'.
+        weight: None, or per row (logits.shape[:-1]) or per element (logits.shape): multiplies
+            loss and gradient; a zero weight selects 0.
+        upcast: True (default) computes in promote_types(logits.dtype, float32); False in the
+            logits' own dtype (the low-precision eager baseline).
+
+    Returns:
+        The loss: the logits' shape for 'none', else a 0-dim tensor. Differentiable in the logits
+        and in a float target.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses import reference
+        >>> reference.sigmoid_focal(torch.randn(3, 4), torch.tensor([0, 4, 1])).shape
+        torch.Size([3, 4])
     """
     dtype = _compute_dtype(logits, upcast)
     y, valid = _sigmoid_targets(logits, target, ignore_index, dtype)
@@ -380,6 +510,23 @@ def ghm_bin_weights(counts: torch.Tensor, n_valid: torch.Tensor, state, momentum
     (float32), which is then the divisor; without a state the divisor is the count.
     weight_b = n_valid / divisor_b / n_nonempty for non-empty bins, 0 for empty ones, in `dtype`
     (counts are exact integers). Device ops only; the reference and the Triton backend share it.
+
+    Args:
+        counts: float32 (bins,) valid entries per bin.
+        n_valid: 0-dim tensor, the number of valid entries.
+        state: None or the float32 (bins,) EMA state (not written: the new state is returned).
+        momentum: EMA momentum in [0, 1).
+        dtype: dtype of the returned weights.
+
+    Returns:
+        (weights (bins,) in dtype, the new state or None).
+
+    Example:
+        >>> import torch
+        >>> from fused_losses import reference
+        >>> w, s = reference.ghm_bin_weights(torch.tensor([3.0, 0.0, 1.0]), torch.tensor(4.0), None, 0.0)
+        >>> w
+        tensor([0.6667, 0.0000, 2.0000])
     """
     nonempty = counts > 0
     new_state = None
@@ -402,13 +549,35 @@ def ghmc(logits, target, *, bins=10, momentum=0.0, state=None, use_sigmoid=True,
     entries; with `state` (float32 (bins,), updated in place first): state[b] = m * state[b] +
     (1 - m) * count[b] for non-empty bins and the bin's divisor is state[b], else count[b].
     weight = n_valid / divisor[bin] / n_nonempty_bins (no gradient); loss = weight * CE,
-    'mean' = sum / n_valid.
-    Sample weights: an entry with weight 0 is invalid (mmdet's label_weight > 0 mask: not in the
-    histogram, n_valid or the 'mean' denominator; 0 loss and gradient); a nonzero weight w
-    multiplies the entry's loss: w * bin_weight * CE. label_smoothing (softmax only): CE against
-    the smoothed target; g and the bins stay unsmoothed. process_group: the counts (and n_valid)
-    are summed over its ranks (fused_losses.distributed.global_bin_weights) before the weights
-    and the EMA update; 'mean' still divides by this rank's n_valid.
+    'mean' = sum / n_valid. Sample weights: an entry with weight 0 is invalid (mmdet's
+    label_weight > 0 mask: not in the histogram, n_valid or the 'mean' denominator; 0 loss and
+    gradient); a nonzero weight w multiplies the entry's loss: w * bin_weight * CE.
+
+    Args:
+        logits: use_sigmoid: (..., C); softmax: (N, C) or (N, C, d...).
+        target: sigmoid-family targets (use_sigmoid) or class indices.
+        bins: number of bins >= 1.
+        momentum: EMA momentum in [0, 1).
+        state: None or the float32 (bins,) EMA state, updated in place.
+        use_sigmoid: True: C sigmoids (label == C is background); False: softmax.
+        ignore_index: target value to ignore.
+        reduction: 'none' | 'mean' | 'sum'.
+        weight: None or the broadcast weight (see above).
+        label_smoothing: softmax only: CE against the smoothed target; g and the bins stay
+            unsmoothed.
+        process_group: None, or a torch.distributed group: the counts (and n_valid) are summed
+            over its ranks (fused_losses.distributed.global_bin_weights) before the weights and the
+            EMA update; 'mean' still divides by this rank's n_valid.
+        upcast: True (default) computes in promote_types(logits.dtype, float32); False in the
+            logits' own dtype (the low-precision eager baseline).
+
+    Returns:
+        The loss: the per-entry loss for 'none', else a 0-dim tensor.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses import reference
+        >>> loss = reference.ghmc(torch.randn(8, 3), torch.randint(0, 3, (8,)), use_sigmoid=False)
     """
     dtype = _compute_dtype(logits, upcast)
     zero = torch.zeros((), dtype=dtype, device=logits.device)
@@ -465,6 +634,27 @@ def ib(logits, target, features, *, alpha=1000.0, epsilon=1e-3, weight=None, gam
     sum_d |features_id| for (N, D); factor_i = alpha / (g_i f_i + epsilon);
     CE_w,i = weight[t_i] * CE_i; loss_i = factor_i * CE_w,i, and with gamma > 0 (IB-focal)
     loss_i = factor_i * (1 - exp(-CE_w,i))^gamma * CE_w,i. 'mean' divides by N.
+
+    Args:
+        logits: (N, C) float tensor.
+        target: (N,) class indices.
+        features: (N,), (N, 1) or (N, D).
+        alpha: numerator of the factor.
+        epsilon: added to the factor's denominator.
+        weight: None or a (C,) tensor of per-class weights.
+        gamma: IB-focal exponent >= 0.
+        detach_factor: True stops the gradient through the factor.
+        reduction: 'none' | 'mean' | 'sum'.
+        upcast: True (default) computes in promote_types(logits.dtype, float32); False in the
+            logits' own dtype (the low-precision eager baseline).
+
+    Returns:
+        The loss: (N,) for 'none', else a 0-dim tensor.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses import reference
+        >>> loss = reference.ib(torch.randn(8, 3), torch.randint(0, 3, (8,)), torch.rand(8))
     """
     dtype = _compute_dtype(logits, upcast)
     x = logits.to(dtype)
@@ -491,9 +681,23 @@ def ib(logits, target, features, *, alpha=1000.0, epsilon=1e-3, weight=None, gam
 # Class-balanced weights
 # --------------------------------------------------------------------------------------------
 def class_weights(counts: torch.Tensor, scheme: str = "inverse", beta: float = 0.9999) -> torch.Tensor:
-    """Per-class weights normalised to sum C (float32). counts: validated positive (C,) tensor.
+    """Per-class weights normalised to sum C (float32).
 
     'inverse': w_k = 1 / n_k; 'effective': w_k = (1 - beta) / (1 - beta^n_k) (Cui et al. 2019).
+
+    Args:
+        counts: validated positive (C,) tensor of per-class counts.
+        scheme: 'inverse' or 'effective'.
+        beta: the 'effective' scheme's beta, in (0, 1).
+
+    Returns:
+        A float32 (C,) tensor summing to C.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses import reference
+        >>> reference.class_weights(torch.tensor([100.0, 200.0, 50.0]))
+        tensor([0.8571, 0.4286, 1.7143])
     """
     n = counts.to(torch.float64)
     if scheme == "inverse":
