@@ -132,7 +132,8 @@ class AuthorsEQLv2:
         self.pos_neg = torch.ones(num_classes, dtype=torch.float32) * 100
 
     def get_weight(self, n_i, n_c):
-        neg_w = torch.cat([1 / (1 + torch.exp(-self.gamma * (self.pos_neg.to(F64) - self.mu))), torch.ones(1, dtype=F64)])
+        f = 1 / (1 + torch.exp(-self.gamma * (self.pos_neg.to(F64) - self.mu)))
+        neg_w = torch.cat([f, torch.ones(1, dtype=F64)])
         pos_w = 1 + self.alpha * (1 - neg_w)
         return pos_w.view(1, -1).expand(n_i, n_c), neg_w.view(1, -1).expand(n_i, n_c)
 
@@ -234,8 +235,8 @@ def test_seesaw_plain_matches_mmdet_ce_over_steps(p, q):
         lo, go = _loss_grad(lambda z: R.seesaw(z, labels, cum, p=p, q=q, weight=w), x)
         for u in labels[keep].unique():
             peer_cum[u] += (labels[keep] == u).sum()
-        lp, gp_kept = _loss_grad(lambda z: mmdet_seesaw_ce_loss(z, labels[keep], w[keep], peer_cum, c, p, q, 1e-2, "mean",
-                                                                None), x[keep])
+        lp, gp_kept = _loss_grad(
+            lambda z: mmdet_seesaw_ce_loss(z, labels[keep], w[keep], peer_cum, c, p, q, 1e-2, "mean", None), x[keep])
         assert torch.equal(cum, peer_cum)
         assert_rel_close(lo, lp, 1e-12, f"step {step} loss")
         assert_rel_close(go[keep], gp_kept, 1e-12, f"step {step} grad")
@@ -318,7 +319,8 @@ def test_seesaw_gradcheck_state_frozen():
     # q = 0: the loss is a smooth function of x (the compensation factor is detached by design, so
     # finite differences of q > 0 see a dependence autograd deliberately cuts)
     assert gradcheck(lambda z: R.seesaw(z, labels, cum.clone(), q=0.0, objectness=True, weight=w), (x,))
-    assert gradcheck(lambda z: R.seesaw(z[:, :c], labels.clamp_max(c - 1), cum[:c].clone(), q=0.0, reduction="sum"), (x,))
+    plain = labels.clamp_max(c - 1)
+    assert gradcheck(lambda z: R.seesaw(z[:, :c], plain, cum[:c].clone(), q=0.0, reduction="sum"), (x,))
 
 
 def test_seesaw_float32_inputs_and_state_in_place():
