@@ -962,3 +962,60 @@ def eqlv2(logits, target, state, *, gamma=12.0, mu=0.8, alpha=4.0, objectness=Fa
         state[2].copy_(state[0] / (state[1] + EQLV2_RATIO_EPS))
     loss = loss.reshape(logits.shape)
     return _detector_reduce(loss, reduction, valid_rows.sum(), avg_factor, logits.dtype)
+
+
+__all__ += ["efl", "efl_initial_state"]
+
+
+def efl_initial_state(num_classes: int, device=None) -> torch.Tensor:
+    """The EFL state before any step: float32 (3, C) = [pos_grad (0), neg_grad (0), pos_neg (1)]."""
+    state = torch.zeros((3, num_classes), dtype=torch.float32, device=device)
+    state[2] = 1.0
+    return state
+
+
+def efl(logits, target, state, *, gamma=2.0, alpha=0.25, scale_factor=8.0, ignore_index=-100, weight=None,
+        avg_factor=None, reduction="mean", upcast=True):
+    """Equalized focal loss (Li et al., CVPR 2022), United-Perception's EqualizedFocalLoss. UPDATES state.
+
+    logits (..., C) (leading dims are rows), target (...,) labels in [0, C] (C = background) or
+    ignore_index. state float32 (3, C) = [pos_grad, neg_grad, pos_neg] (efl_initial_state: pos_neg 1).
+    Per class gamma_c = gamma + scale_factor (1 - pos_neg_c) (the state as passed); elementwise
+    loss = alpha_t (gamma_c / gamma) (1 - p_t)^gamma_c BCE(x, y) * w (alpha_t = alpha y + (1 - alpha)
+    (1 - y); alpha None or < 0: 1). 'mean': sum / avg_factor, else sum / non-ignored rows.
+    Then, in place: the statistics of the gradient of the RETURNED loss ('none': of its sum),
+    |dL/dx| = alpha_t (gamma_c / gamma) w (1 - p_t)^gamma_c ((1 - p_t) + gamma_c p_t BCE) / D (D the
+    'mean' divisor, else 1), as the peer's backward hook sees it (without its loss_weight, which
+    scales pos and neg alike): pos_grad += sum over positives, neg_grad += sum over negatives,
+    pos_neg = clamp(pos_grad / (neg_grad + 1e-10), 0, 1) in float32.
+    """
+    dtype = _compute_dtype(logits, upcast)
+    c = logits.shape[-1]
+    x = logits.reshape(-1, c).to(dtype)
+    labels = target.long().reshape(-1)
+    valid_rows = labels != ignore_index
+    y = (labels[:, None] == torch.arange(c, device=x.device)).to(dtype)
+    w = _sigmoid_weight(weight, x.shape, dtype)
+    active = _element_active(valid_rows, w, x.shape, x.device)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    x = torch.where(active, x, zero)
+    y = torch.where(active, y, zero)
+    gamma_c = float(gamma) + float(scale_factor) * (1 - state[2].to(dtype))
+    factor = (gamma_c / float(gamma)).expand(x.shape)
+    if alpha is not None and alpha >= 0:
+        factor = factor * (float(alpha) * y + (1 - float(alpha)) * (1 - y))
+    one_minus_pt = y * torch.sigmoid(-x) + (1 - y) * torch.sigmoid(x)
+    bce = _bce_with_logits_exact(x, y)
+    loss = _weighted(factor * _pow_tensor_safe(one_minus_pt, gamma_c.expand(x.shape)) * bce, active, w)
+    count = valid_rows.sum()
+    with torch.no_grad():
+        q, l = one_minus_pt.detach(), bce.detach()
+        pt = y * torch.sigmoid(x.detach()) + (1 - y) * torch.sigmoid(-x.detach())
+        g = factor * _pow_tensor_safe(q, gamma_c.expand(x.shape)) * (q + gamma_c * pt * l)
+        g = torch.where(active, g if w is None else g * w.expand(x.shape), zero)
+        if reduction == "mean":
+            g = g / (avg_factor if avg_factor is not None else count.clamp_min(1).to(dtype))
+        _add_to_state(state[0], (g * y).sum(dim=0))
+        _add_to_state(state[1], (g * (1 - y)).sum(dim=0))
+        state[2].copy_(torch.clamp(state[0] / (state[1] + EQLV2_RATIO_EPS), 0, 1))
+    return _detector_reduce(loss.reshape(logits.shape), reduction, count, avg_factor, logits.dtype)

@@ -495,3 +495,143 @@ def test_eqlv2_float32_inputs_float32_state():
         assert_rel_close(g32, g64, 1e-5, "fp32 grad")
         assert_rel_close(s32, s64, 1e-5, "fp32 state")
     assert s32.data_ptr() == ptr and s32.dtype == torch.float32 and not s32.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# EFL (United-Perception EqualizedFocalLoss)
+# ---------------------------------------------------------------------------------------------
+class UPEqualizedFocal:
+    """ModelTC/United-Perception EqualizedFocalLoss (loss_weight 1) with its statistics from a real
+    backward hook on the logits (its GradientCollector hooks the classifier's output gradient):
+    labels 0 = background, k = class k - 1, ignore_index -1; _reduce('mean') = sum / normalizer,
+    the normalizer 1.0 when not given."""
+
+    def __init__(self, num_classes, gamma=2.0, alpha=0.25, scale_factor=8.0):
+        self.c, self.gamma, self.alpha, self.scale = num_classes, gamma, alpha, scale_factor
+        self.pos_grad = torch.zeros(num_classes, dtype=torch.float32)
+        self.neg_grad = torch.zeros(num_classes, dtype=torch.float32)
+        self.pos_neg = torch.ones(num_classes, dtype=torch.float32)
+
+    def __call__(self, x, target, reduction="mean", normalizer=None):
+        n_i = x.shape[0]
+        expand = x.new_zeros(n_i, self.c + 1)
+        expand[torch.arange(n_i), target] = 1
+        expand = expand[:, 1:]
+        mask = target != -1
+        pred = torch.sigmoid(x[mask])
+        t = expand[mask]
+        pred_t = pred * t + (1 - pred) * (1 - t)
+        ff = (self.gamma + self.scale * (1 - self.pos_neg.to(F64))).view(1, -1).expand(n_i, self.c)[mask]
+        wf = ff / self.gamma
+        loss = -torch.log(pred_t) * torch.pow(1 - pred_t, ff) * wf
+        if self.alpha >= 0:
+            loss = (self.alpha * t + (1 - self.alpha) * (1 - t)) * loss
+        normalizer = 1.0 if normalizer is None else normalizer
+        out = loss if reduction == "none" else loss.sum() / normalizer if reduction == "mean" else loss.sum()
+
+        def hook(grad):
+            g = torch.abs(grad.detach())[mask]
+            self.pos_grad += torch.sum(g * t, dim=0)
+            self.neg_grad += torch.sum(g * (1 - t), dim=0)
+            self.pos_neg = torch.clamp(self.pos_grad / (self.neg_grad + 1e-10), min=0, max=1)
+        x.register_hook(hook)
+        return out
+
+    def state(self):
+        return torch.stack([self.pos_grad, self.neg_grad, self.pos_neg])
+
+
+def _to_up_labels(labels, c):
+    """Ours (C = background, -100 ignored) -> United-Perception's (0 = background, -1 ignored)."""
+    return torch.where(labels == -100, -1, torch.where(labels == c, 0, labels + 1))
+
+
+@pytest.mark.parametrize("reduction,normalizer", [("mean", 7.5), ("mean", None), ("sum", None)])
+@pytest.mark.parametrize("alpha,scale", [(0.25, 8.0), (-1.0, 4.0)])
+def test_efl_matches_united_perception_hook_over_steps(reduction, normalizer, alpha, scale):
+    """The statistics of step k come from the gradient of step k's loss (the peer: its backward hook;
+    ours: computed in forward), and the focusing factors of step k from steps 1..k - 1."""
+    c, n = 6, 30
+    peer = UPEqualizedFocal(c, alpha=alpha, scale_factor=scale)
+    state = R.efl_initial_state(c)
+    for step in range(STEPS):
+        x = _logits((n, c), seed=step + 200, scale=2.0)
+        labels = _long_tail_labels(n, c, seed=step + 200, bg=c, ignore_frac=0.15)
+        keep = labels != -100
+        # the peer's 'mean' without a normalizer is the sum (normalizer 1.0): ours 'sum'
+        ours_red = "sum" if (reduction == "mean" and normalizer is None) else reduction
+        xo = x.clone().requires_grad_(True)
+        lo = R.efl(xo, labels, state, alpha=alpha, scale_factor=scale, reduction=ours_red, avg_factor=normalizer)
+        (go,) = torch.autograd.grad(lo, xo)
+        xp = x.clone().requires_grad_(True)
+        lp = peer(xp, _to_up_labels(labels, c), reduction, normalizer)
+        (gp,) = torch.autograd.grad(lp, xp)
+        assert_rel_close(lo, lp, 1e-12, f"step {step} loss")
+        assert_rel_close(go, gp, 1e-12, f"step {step} grad")
+        assert torch.equal(go[~keep], torch.zeros_like(go[~keep]))
+        assert_rel_close(state, peer.state(), 1e-6, f"step {step} state")
+    assert (state[2] < 0.9).any()  # the focusing factors moved away from plain focal
+
+
+def test_efl_initial_state_is_sigmoid_focal_and_none_reduction():
+    c, n = 5, 12
+    x = _logits((n, c), seed=230)
+    labels = _long_tail_labels(n, c, seed=230, bg=c)
+    ours = R.efl(x, labels, R.efl_initial_state(c), reduction="none")
+    assert ours.shape == (n, c)
+    assert_rel_close(ours, R.sigmoid_focal(x, labels, reduction="none"), 1e-13, "pos_neg = 1: sigmoid focal")
+    # 'none': the statistics are those of the sum
+    s_none, s_sum = R.efl_initial_state(c), R.efl_initial_state(c)
+    R.efl(x, labels, s_none, reduction="none")
+    R.efl(x, labels, s_sum, reduction="sum")
+    assert torch.equal(s_none, s_sum)
+    # 'mean' without avg_factor: / non-ignored rows, statistics divided alike
+    s_mean = R.efl_initial_state(c)
+    assert_rel_close(R.efl(x, labels, s_mean), ours.sum() / n, 1e-13, "mean over rows")
+    assert_rel_close(s_mean[:2], s_sum[:2] / n, 1e-6, "mean statistics")
+
+
+def test_efl_gradcheck_state_frozen():
+    c = 4
+    st = R.efl_initial_state(c)
+    st[2] = torch.tensor([1.0, 0.5, 0.1, 0.0])
+    x = _logits((5, c), seed=240, scale=1.0).requires_grad_(True)
+    labels = torch.tensor([0, c, 2, -100, 1])
+    w = _row_weight(5, 2)
+    assert gradcheck(lambda z: R.efl(z, labels, st.clone(), weight=w), (x,))
+
+
+def test_efl_row_weight_is_repetition():
+    """An integer row weight k == the row repeated k times: loss, gradient and statistics ('sum');
+    zero weight with a NaN logit: 0 loss, 0 gradient, no statistics."""
+    c = 5
+    x = _logits((4, c), seed=250)
+    labels = torch.tensor([0, 2, c, 1])
+    w = torch.tensor([1.0, 3.0, 0.0, 2.0], dtype=F64)
+    xn = x.clone()
+    xn[2] = math.nan
+    sa, sb = R.efl_initial_state(c), R.efl_initial_state(c)
+    rep = torch.tensor([0, 1, 1, 1, 3, 3])
+    for k in range(3):
+        la, ga = _loss_grad(lambda z: R.efl(z, labels, sa, weight=w, reduction="sum"), xn)
+        lb = R.efl(x[rep], labels[rep], sb, reduction="sum")
+        assert_rel_close(la, lb, 1e-13, f"step {k} weighted == repeated")
+        assert torch.equal(ga[2], torch.zeros(c, dtype=F64))
+        assert_rel_close(sa, sb, 1e-6, f"step {k} statistics")
+
+
+def test_efl_ratio_clamped_to_one():
+    """A class whose accumulated positive gradient exceeds its negative one: pos_neg clamps to 1 (the
+    peer's clamp), so its gamma never drops below the base gamma; checked against the peer's hook."""
+    c, n = 4, 10
+    peer = UPEqualizedFocal(c)
+    peer.pos_grad = torch.tensor([50.0, 0.0, 1.0, 0.0])
+    peer.neg_grad = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    state = peer.state().clone()
+    x = _logits((n, c), seed=260)
+    labels = _long_tail_labels(n, c, seed=260, bg=c)
+    xo, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.autograd.grad(R.efl(xo, labels, state, avg_factor=4.0), xo)
+    torch.autograd.grad(peer(xp, _to_up_labels(labels, c), "mean", 4.0), xp)
+    assert state[2, 0].item() == 1.0
+    assert_rel_close(state, peer.state(), 1e-6, "state")
