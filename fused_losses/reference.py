@@ -797,11 +797,12 @@ def sigmoid_focal_poly1(logits, target, *, epsilon=1.0, alpha=0.25, gamma=2.0, i
 
 
 # ============================================================================================
-# Long-tail losses with class statistics (issue #25): Seesaw, EQLv2
+# Long-tail losses with class statistics (issue #25): Seesaw, EQLv2, EFL
 # ============================================================================================
 # Semantics, the peer files and commits read and each difference from them are in
 # docs/losses/longtail.md; tests/test_reference_longtail.py checks every function against the
-# peers' formulas (mmdet 3.x SeesawLoss, the EQLv2 authors' EQLv2) over consecutive steps.
+# peers' code (mmdet 3.x SeesawLoss, the EQLv2 authors' EQLv2, United-Perception's
+# EqualizedFocalLoss with its backward hook) over consecutive steps with the state carried.
 #
 # State, as ghmc's: a float32 tensor the caller owns (an nn module will keep it as a buffer), whatever
 # the logits' dtype; it must not require grad; the call UPDATES IT IN PLACE (under no_grad) and

@@ -1,4 +1,4 @@
-"""The long-tail references (issue #25: Seesaw, EQLv2) against the peers' own definitions, written
+"""The long-tail references (issue #25: Seesaw, EQLv2, EFL) against the peers' own definitions, written
 out here in a few lines of float64 torch each, independently of fused_losses.reference's code path,
 over several consecutive steps with the state carried:
 
@@ -7,7 +7,9 @@ over several consecutive steps with the state carried:
   cross_entropy_loss.py (cross_entropy) and utils.py (weight_reduce_loss, 3.x's float32 eps);
 - the EQLv2 authors' code, tztztztztz/eqlv2 mmdet/models/losses/eqlv2.py (EQLv2: three buffers,
   weights from the statistics of the previous steps, collect_grad in forward after the loss), and
-  the same statistics gathered by a real backward hook on the logits (|dL/dx| x n_i).
+  the same statistics gathered by a real backward hook on the logits (|dL/dx| x n_i);
+- ModelTC/United-Perception up/tasks/det/plugins/efl/models/losses/efl.py (EqualizedFocalLoss) with
+  its statistics from a real backward hook on the logits (its GradientCollector), _reduce.
 The peer commits read are listed in docs/losses/longtail.md. The peers keep their buffers in
 float32 (registered buffers); the paraphrases here do too, and compute everything else in float64.
 """
@@ -635,3 +637,17 @@ def test_efl_ratio_clamped_to_one():
     torch.autograd.grad(peer(xp, _to_up_labels(labels, c), "mean", 4.0), xp)
     assert state[2, 0].item() == 1.0
     assert_rel_close(state, peer.state(), 1e-6, "state")
+
+
+def test_efl_float32_inputs_float32_state():
+    c, n = 6, 40
+    x64 = _logits((n, c), seed=270)
+    labels = _long_tail_labels(n, c, seed=270, bg=c)
+    s64, s32 = R.efl_initial_state(c), R.efl_initial_state(c)
+    for _ in range(3):
+        l64, g64 = _loss_grad(lambda z: R.efl(z, labels, s64, avg_factor=5.0), x64)
+        l32, g32 = _loss_grad(lambda z: R.efl(z, labels, s32, avg_factor=5.0), x64.float())
+        assert l32.dtype == torch.float32 and s32.dtype == torch.float32
+        assert_rel_close(l32, l64, 1e-5, "fp32 loss")
+        assert_rel_close(g32, g64, 1e-5, "fp32 grad")
+        assert_rel_close(s32, s64, 1e-5, "fp32 state")
