@@ -998,3 +998,229 @@ def sigmoid_focal_poly1(logits, target, *, epsilon=1.0, alpha=0.25, gamma=2.0, i
     loss = base + poly
     count = valid.sum() if valid is not None else loss.numel()
     return _reduce(loss, reduction, count, logits.dtype, logits.shape)
+
+
+# ============================================================================================
+# Long-tail losses with class statistics (issue #25): Seesaw, EQLv2, EFL
+# ============================================================================================
+# Semantics, the peer files and commits read and each difference from them are in
+# docs/losses/longtail.md; tests/test_reference_longtail.py checks every function against the
+# peers' code (mmdet 3.x SeesawLoss, the EQLv2 authors' EQLv2, United-Perception's
+# EqualizedFocalLoss with its backward hook) over consecutive steps with the state carried.
+#
+# State, as ghmc's: a float32 tensor the caller owns (an nn module will keep it as a buffer), whatever
+# the logits' dtype; it must not require grad; the call UPDATES IT IN PLACE (under no_grad) and
+# returns only the loss, as the fused kernels will (on the device, no host sync). Per-batch sums
+# are computed in the compute dtype and added to the float32 state as fp32(fp64(state) + sum)
+# (PyTorch's in-place add of a float64 into a float32 buffer, what the peers do with float64
+# inputs; with float32 inputs it is the float32 add). Reductions and avg_factor follow the
+# detector section (_detector_reduce: avg_factor only with 'mean').
+__all__ += ["seesaw", "seesaw_log_factors", "eqlv2", "eqlv2_initial_state", "eqlv2_class_weights"]
+
+EQLV2_INITIAL_RATIO = 100.0  # the authors' pos_neg buffer starts at 100: f = sigmoid(gamma (100 - mu)) = 1
+EQLV2_RATIO_EPS = 1e-10  # pos_neg = pos_grad / (neg_grad + 1e-10), in float32 (the authors' code)
+
+
+def _add_to_state(state: torch.Tensor, batch_sum: torch.Tensor) -> None:
+    """state := fp32(fp64(state) + batch_sum), in place (float32 batch sums: the float32 add)."""
+    if batch_sum.dtype == torch.float32:
+        state.add_(batch_sum)
+    else:
+        state.copy_(state.to(batch_sum.dtype) + batch_sum)
+
+
+def seesaw_log_factors(cum_samples: torch.Tensor, labels: torch.Tensor, x: torch.Tensor, *, p: float, q: float,
+                       eps: float) -> torch.Tensor:
+    """(M, C) log of Seesaw's factors for rows x (M, C) (compute dtype) with safe labels (M,):
+    p log(N_j / N_i) where N_j < N_i (counts clamped to >= 1) plus q log(s_j / max(s_i, eps)) where
+    s_j > max(s_i, eps) (s = softmax of the detached x); 0 in the label's column. No gradient."""
+    with torch.no_grad():
+        dtype = x.dtype
+        m, c = x.shape
+        log_f = torch.zeros((m, c), dtype=dtype, device=x.device)
+        onehot = labels[:, None] == torch.arange(c, device=x.device)
+        if p > 0:
+            n = cum_samples.to(dtype).clamp_min(1)
+            ratio = n[None, :] / n[labels][:, None]
+            log_f = log_f + torch.where(ratio < 1, float(p) * torch.log(ratio), torch.zeros((), dtype=dtype,
+                                                                                                device=x.device))
+        if q > 0:
+            s = torch.softmax(x.detach(), dim=-1)
+            self_s = s.gather(1, labels[:, None]).clamp_min(float(eps))
+            ratio = s / self_s
+            log_f = log_f + torch.where(ratio > 1, float(q) * torch.log(ratio), torch.zeros((), dtype=dtype,
+                                                                                                device=x.device))
+        return torch.where(onehot, torch.zeros((), dtype=dtype, device=x.device), log_f)
+
+
+def seesaw(logits, target, cum_samples, *, p=0.8, q=2.0, eps=1e-2, objectness=False, return_dict=False,
+           ignore_index=-100, weight=None, avg_factor=None, reduction="mean", upcast=True):
+    """Seesaw loss (Wang et al., CVPR 2021), mmdet 3.x SeesawLoss / seesaw_ce_loss. UPDATES cum_samples.
+
+    objectness=False: logits (N, C), target (N,) in [0, C) or ignore_index; cum_samples float32 (C,).
+    objectness=True (mmdet's layout, SeesawLoss.get_cls_channels = C + 2): logits (N, C + 2), the last
+    two an objectness pair (column C: foreground, C + 1: background); target in [0, C] (C =
+    background) or ignore_index; cum_samples float32 (C + 1,) as mmdet's buffer (index C counts the
+    background rows and is never read).
+    First cum_samples[label] += (number of non-ignored rows with that label) for every label, in
+    place, THEN the loss with the updated counts (mmdet's order). Classes loss of a foreground row
+    with label i: cross entropy of z = x + L (L = seesaw_log_factors: the factors multiply the other
+    classes' exponentials), over the C class logits. objectness=True: the classes loss is taken
+    on foreground rows only (0 on background rows) and an objectness cross entropy on the pair over
+    every non-ignored row (target 0 for foreground, 1 for background) is added; return_dict gives
+    {'loss_cls_objectness', 'loss_cls_classes'} (mmdet's keys), else their sum (return_dict=True
+    with objectness=False: {'loss_cls_classes'}).
+    weight (N,) per row multiplies both losses; a zero weight selects 0 but the row still counts
+    in cum_samples (mmdet counts every label). 'mean': classes sum / n_foreground (non-ignored),
+    objectness sum / n_non_ignored (mmdet's weight_reduce_loss over its subsets), or both / avg_factor.
+    'none': (N,) per loss (0 on background and ignored rows; mmdet's classes loss is (n_fg,)).
+    """
+    dtype = _compute_dtype(logits, upcast)
+    n_cls = logits.shape[-1] - (2 if objectness else 0)
+    labels = target.long().reshape(-1)
+    valid = labels != ignore_index
+    fg = valid & (labels < n_cls)
+    with torch.no_grad():
+        counted = torch.where(valid, labels, torch.zeros_like(labels))
+        counts = torch.zeros(cum_samples.shape[0], dtype=torch.float32, device=cum_samples.device)
+        counts.index_add_(0, counted, valid.to(torch.float32))
+        cum_samples.add_(counts)  # integer counts: exact in float32 up to 2^24 per class
+    x_all = logits.reshape(-1, logits.shape[-1]).to(dtype)
+    zero = torch.zeros((), dtype=dtype, device=x_all.device)
+    w = None if weight is None else weight.to(device=x_all.device, dtype=dtype).reshape(-1)
+    active_fg = fg if w is None else fg & (w != 0)
+    x = torch.where(active_fg[:, None], x_all[:, :n_cls], zero)
+    t = torch.where(fg, labels, torch.zeros_like(labels))
+    z = x + seesaw_log_factors(cum_samples[:n_cls], t, x, p=p, q=q, eps=eps)
+    classes = _weighted(-torch.log_softmax(z, dim=-1).gather(1, t[:, None]).squeeze(1), active_fg, w)
+    loss_classes = _detector_reduce(classes, reduction, fg.sum(), avg_factor, logits.dtype)
+    if not objectness:
+        return {"loss_cls_classes": loss_classes} if return_dict else loss_classes
+    active = valid if w is None else valid & (w != 0)
+    pair = torch.where(active[:, None], x_all[:, n_cls:], zero)
+    obj_t = (labels == n_cls).long()
+    obj = _weighted(-torch.log_softmax(pair, dim=-1).gather(1, obj_t[:, None]).squeeze(1), active, w)
+    loss_obj = _detector_reduce(obj, reduction, valid.sum(), avg_factor, logits.dtype)
+    if return_dict:
+        return {"loss_cls_objectness": loss_obj, "loss_cls_classes": loss_classes}
+    return loss_classes + loss_obj
+
+
+def eqlv2_initial_state(num_classes: int, device=None) -> torch.Tensor:
+    """The EQLv2 state before any step: float32 (3, C) = [pos_grad (0), neg_grad (0), pos_neg (100)]."""
+    state = torch.zeros((3, num_classes), dtype=torch.float32, device=device)
+    state[2] = EQLV2_INITIAL_RATIO
+    return state
+
+
+def eqlv2_class_weights(state: torch.Tensor, *, gamma: float, mu: float, alpha: float, dtype=torch.float64):
+    """Per-class (positive weight, negative weight) from the state's pos_neg row: f = sigmoid(gamma
+    (pos_neg - mu)), negative weight f, positive weight 1 + alpha (1 - f); in `dtype`."""
+    ratio = state[2].to(dtype)
+    f = torch.sigmoid(float(gamma) * (ratio - float(mu)))
+    return 1 + float(alpha) * (1 - f), f
+
+
+def eqlv2(logits, target, state, *, gamma=12.0, mu=0.8, alpha=4.0, objectness=False, ignore_index=-100, weight=None,
+          avg_factor=None, reduction="mean", upcast=True):
+    """Equalization loss v2 (Tan et al., CVPR 2021), the authors' EQLv2 (tztztztztz/eqlv2). UPDATES state.
+
+    C independent sigmoids; target (N,) labels in [0, C] (C = background: every class negative) or
+    ignore_index (0 loss, 0 gradient, not counted, no statistics). objectness=False: logits (N, C).
+    objectness=True (the authors' layout, get_channel_num = C + 1): logits (N, C + 1), the last
+    column a background logit with target [label == C], weights 1 and no statistics.
+    state: float32 (3, C) = [pos_grad, neg_grad, pos_neg] (eqlv2_initial_state), the authors'
+    three buffers. With (w+, f) = eqlv2_class_weights(state) (the statistics after the previous
+    step): loss_ic = w_i * (w+_c y_ic + f_c (1 - y_ic)) * BCE(x_ic, y_ic), w_i the sample weight
+    (per row or per element). Then, in place, from this batch's detached gradient of the summed
+    loss, g_ic = |sigmoid(x_ic) - y_ic| * w_i * weight_ic: pos_grad += sum_i g_ic y_ic,
+    neg_grad += sum_i g_ic (1 - y_ic), pos_neg = pos_grad / (neg_grad + 1e-10) (float32), as the
+    authors' forward does (collect_grad after the loss): equal to a backward hook's |dL/dx| x N
+    (see docs/losses/longtail.md). 'mean' divides by the number of non-ignored ROWS (the authors'
+    / n_i), or avg_factor; 'none' is elementwise (logits' shape).
+    """
+    dtype = _compute_dtype(logits, upcast)
+    c_all = logits.shape[-1]
+    n_cls = c_all - (1 if objectness else 0)
+    x = logits.reshape(-1, c_all).to(dtype)
+    labels = target.long().reshape(-1)
+    valid_rows = labels != ignore_index
+    y = (labels[:, None] == torch.arange(c_all, device=x.device)).to(dtype)
+    w = _sigmoid_weight(weight, x.shape, dtype)  # per row (M, 1) or per element (M, C), by numel
+    active = _element_active(valid_rows, w, x.shape, x.device)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    x = torch.where(active, x, zero)
+    y = torch.where(active, y, zero)
+    w_pos, w_neg = eqlv2_class_weights(state, gamma=gamma, mu=mu, alpha=alpha, dtype=dtype)
+    if objectness:
+        one = torch.ones(1, dtype=dtype, device=x.device)
+        w_pos, w_neg = torch.cat([w_pos, one]), torch.cat([w_neg, one])
+    eql_w = w_pos * y + w_neg * (1 - y)
+    loss = _weighted(eql_w * _bce_with_logits_exact(x, y), active, w)
+    with torch.no_grad():
+        xd = x.detach()
+        g = torch.where(y > 0, torch.sigmoid(-xd), torch.sigmoid(xd)) * eql_w
+        g = torch.where(active, g if w is None else g * w.expand(x.shape), zero)[:, :n_cls]
+        yc = y[:, :n_cls]
+        _add_to_state(state[0], (g * yc).sum(dim=0))
+        _add_to_state(state[1], (g * (1 - yc)).sum(dim=0))
+        state[2].copy_(state[0] / (state[1] + EQLV2_RATIO_EPS))
+    loss = loss.reshape(logits.shape)
+    return _detector_reduce(loss, reduction, valid_rows.sum(), avg_factor, logits.dtype)
+
+
+__all__ += ["efl", "efl_initial_state"]
+
+
+def efl_initial_state(num_classes: int, device=None) -> torch.Tensor:
+    """The EFL state before any step: float32 (3, C) = [pos_grad (0), neg_grad (0), pos_neg (1)]."""
+    state = torch.zeros((3, num_classes), dtype=torch.float32, device=device)
+    state[2] = 1.0
+    return state
+
+
+def efl(logits, target, state, *, gamma=2.0, alpha=0.25, scale_factor=8.0, ignore_index=-100, weight=None,
+        avg_factor=None, reduction="mean", upcast=True):
+    """Equalized focal loss (Li et al., CVPR 2022), United-Perception's EqualizedFocalLoss. UPDATES state.
+
+    logits (..., C) (leading dims are rows), target (...,) labels in [0, C] (C = background) or
+    ignore_index. state float32 (3, C) = [pos_grad, neg_grad, pos_neg] (efl_initial_state: pos_neg 1).
+    Per class gamma_c = gamma + scale_factor (1 - pos_neg_c) (the state as passed); elementwise
+    loss = alpha_t (gamma_c / gamma) (1 - p_t)^gamma_c BCE(x, y) * w (alpha_t = alpha y + (1 - alpha)
+    (1 - y); alpha None or < 0: 1). 'mean': sum / avg_factor, else sum / non-ignored rows.
+    Then, in place: the statistics of the gradient of the RETURNED loss ('none': of its sum),
+    |dL/dx| = alpha_t (gamma_c / gamma) w (1 - p_t)^gamma_c ((1 - p_t) + gamma_c p_t BCE) / D (D the
+    'mean' divisor, else 1), as the peer's backward hook sees it (without its loss_weight, which
+    scales pos and neg alike): pos_grad += sum over positives, neg_grad += sum over negatives,
+    pos_neg = clamp(pos_grad / (neg_grad + 1e-10), 0, 1) in float32.
+    """
+    dtype = _compute_dtype(logits, upcast)
+    c = logits.shape[-1]
+    x = logits.reshape(-1, c).to(dtype)
+    labels = target.long().reshape(-1)
+    valid_rows = labels != ignore_index
+    y = (labels[:, None] == torch.arange(c, device=x.device)).to(dtype)
+    w = _sigmoid_weight(weight, x.shape, dtype)
+    active = _element_active(valid_rows, w, x.shape, x.device)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    x = torch.where(active, x, zero)
+    y = torch.where(active, y, zero)
+    gamma_c = float(gamma) + float(scale_factor) * (1 - state[2].to(dtype))
+    factor = (gamma_c / float(gamma)).expand(x.shape)
+    if alpha is not None and alpha >= 0:
+        factor = factor * (float(alpha) * y + (1 - float(alpha)) * (1 - y))
+    one_minus_pt = y * torch.sigmoid(-x) + (1 - y) * torch.sigmoid(x)
+    bce = _bce_with_logits_exact(x, y)
+    loss = _weighted(factor * _pow_tensor_safe(one_minus_pt, gamma_c.expand(x.shape)) * bce, active, w)
+    count = valid_rows.sum()
+    with torch.no_grad():
+        q, l = one_minus_pt.detach(), bce.detach()
+        pt = y * torch.sigmoid(x.detach()) + (1 - y) * torch.sigmoid(-x.detach())
+        g = factor * _pow_tensor_safe(q, gamma_c.expand(x.shape)) * (q + gamma_c * pt * l)
+        g = torch.where(active, g if w is None else g * w.expand(x.shape), zero)
+        if reduction == "mean":
+            g = g / (avg_factor if avg_factor is not None else count.clamp_min(1).to(dtype))
+        _add_to_state(state[0], (g * y).sum(dim=0))
+        _add_to_state(state[1], (g * (1 - y)).sum(dim=0))
+        state[2].copy_(torch.clamp(state[0] / (state[1] + EQLV2_RATIO_EPS), 0, 1))
+    return _detector_reduce(loss.reshape(logits.shape), reduction, count, avg_factor, logits.dtype)
