@@ -4,7 +4,8 @@ One step = zero_grad, a Linear head (D -> C), the loss, backward, an SGD step (n
 with momentum torch recompiles opt.step once when its buffers appear). The compiled step is
 torch.compile(step) with the default inductor backend. Each variant is warmed up (the compiled
 one compiles then), then timed per step (median of --steps steps on fresh batches of one
-shape); dynamo's frame count is read before and after the timed steps, so a recompilation
+shape, eager and compiled steps alternating so that load changes on a shared machine hit
+both alike); dynamo's frame count is read before and after the timed steps, so a recompilation
 during timing shows as "recompiled" in the table.
 
     .venv/bin/python -m benchmarks.compile_step                        # every module, 2 threads
@@ -54,15 +55,16 @@ def _trainer(loss_fn, kind, head):
     return step
 
 
-def _time(step, batches, warmup):
-    for x, t in batches[:warmup]:
-        step(x, t)
-    times = []
-    for x, t in batches[warmup:]:
-        start = time.perf_counter()
-        step(x, t)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _time_interleaved(steps, batches):
+    """Median seconds per step of each trainer in `steps`, run in turn on each batch (eager, then
+    compiled, then eager...), so that a change of load on a shared machine hits both alike."""
+    times = [[] for _ in steps]
+    for x, t in batches:
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step(x, t)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def _machine() -> str:
@@ -102,6 +104,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     n, d, c = args.n, args.dim, args.classes
     rows = []
+    load_before = os.getloadavg()
     for name in args.modules.split(","):
         factory, kind = MODULES[name]
         g = torch.Generator().manual_seed(0)
@@ -109,36 +112,39 @@ def main(argv=None):
                     torch.randint(0, c + 1 if kind == "labels" else c, (n,), generator=g))
                    for _ in range(args.warmup + args.steps)]
         torch.manual_seed(0)
-        eager_s = _time(_trainer(factory(c), kind, torch.nn.Linear(d, c)), batches, args.warmup)
+        eager = _trainer(factory(c), kind, torch.nn.Linear(d, c))
+        torch.manual_seed(0)
         torch._dynamo.reset()
         counter = CompileCounterWithBackend("inductor")
         compiled = torch.compile(_trainer(factory(c), kind, torch.nn.Linear(d, c)), backend=counter)
         start = time.perf_counter()
         compiled(*batches[0])
         compile_s = time.perf_counter() - start
-        frames_warm = None
-        for x, t in batches[1:args.warmup]:
+        for x, t in batches[:args.warmup]:
+            eager(x, t)
             compiled(x, t)
         frames_warm = counter.frame_count
-        compiled_s = _time(compiled, batches[args.warmup - 1:], 1)
+        eager_s, compiled_s = _time_interleaved([eager, compiled], batches[args.warmup:])
         recompiled = counter.frame_count != frames_warm
         rows.append((name, eager_s, compiled_s, compile_s, counter.frame_count, recompiled))
         print(f"{name:18s} eager {eager_s * 1e3:8.2f} ms  compiled {compiled_s * 1e3:8.2f} ms  "
               f"({eager_s / compiled_s:4.2f}x)  first call {compile_s:6.1f} s  frames {counter.frame_count}"
               f"{'  RECOMPILED' if recompiled else ''}", flush=True)
     stamp = datetime.datetime.now(datetime.timezone.utc)
+    load_after = os.getloadavg()
     cpu_reason = fl.backends()["cpu"].reason
     simd = cpu_reason.split("SIMD variant ", 1)[1].split(" ", 1)[0] if "SIMD variant " in cpu_reason else "unknown"
     lines = [
         f"# Compiled vs eager training step, per nn module ({stamp:%Y-%m-%d %H:%M} UTC)",
         "",
-        f"- machine: {_machine()}; measured on hardware (CPU), a machine shared with other jobs",
+        f"- machine: {_machine()}; measured on hardware (CPU), a machine shared with other jobs: 1-min load "
+        f"average {load_before[0]:.1f} before, {load_after[0]:.1f} after",
         f"- fused_losses cpu backend SIMD variant: {simd}; torch {torch.__version__}; "
         f"{args.threads} threads (torch.set_num_threads)",
         f"- git commit: {_commit()}",
         f"- step: zero_grad, Linear({d}, {c}), loss, backward, SGD(lr=0.01); batch N={n}, float32; "
         f"median over {args.steps} steps after {args.warmup} warm-up steps (the compiled step compiles in "
-        "its first call); torch.compile(step), default inductor backend",
+        "its first call), eager and compiled steps alternating; torch.compile(step), default inductor backend",
         f"- command: `python -m benchmarks.compile_step --n {n} --dim {d} --classes {c} --steps {args.steps} "
         f"--warmup {args.warmup} --threads {args.threads}`",
         "",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -25,8 +25,8 @@ from fused_losses import functional as _functional
 __all__ = ["sigmoid_focal_loss", "patch_torchvision", "TorchvisionPatch", "MMDetFocalLoss"]
 
 
-def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2,
-                       reduction: str = "none") -> torch.Tensor:
+def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: Union[float, torch.Tensor] = 0.25,
+                       gamma: float = 2, reduction: str = "none") -> torch.Tensor:
     """torchvision.ops.sigmoid_focal_loss, computed by the fused kernels (fused_losses.sigmoid_focal).
 
     Same signature (positional arguments included), same contract and same numbers:
