@@ -304,7 +304,8 @@ def _sigmoid_label_shape_traps(target, logits: torch.Tensor, loss: str) -> None:
     shape, lshape = tuple(target.shape), tuple(logits.shape)
     if shape == lshape[:-1]:
         return
-    expected = f"integer labels need shape logits.shape[:-1] = {lshape[:-1]} (the last dim of the logits holds the C classes)"
+    expected = (f"integer labels need shape logits.shape[:-1] = {lshape[:-1]} (the last dim of the logits holds the "
+                "C classes)")
     if logits.dim() == 1 and shape == lshape:
         _value_error("target", f"{expected}, got {shape}: (N,) logits hold one binary logit per sample; pass a float "
                      "0/1 target of the logits' shape, target.float() (1 = positive, as torchvision's "
@@ -331,7 +332,8 @@ def _warn_single_class_labels(target, logits: torch.Tensor) -> None:
     warnings.warn("sigmoid_focal: integer labels with C = 1 (logits.shape[-1] == 1) read label 0 as the positive "
                   "class and label 1 == C as BACKGROUND (mmdet's convention), so binary labels with 1 = positive "
                   "come out inverted. For binary classification pass a float 0/1 target of the logits' shape: "
-                  "target.float()[:, None] for (N, 1) logits (torchvision's convention), or C = 2 logits (one per class) with labels in [0, 2). If "
+                  "target.float()[:, None] for (N, 1) logits (torchvision's convention), or C = 2 logits (one per "
+                  "class) with labels in [0, 2). If "
                   "label 1 means background, silence this with warnings.filterwarnings('ignore', "
                   "message='sigmoid_focal: integer labels with C = 1').",
                   UserWarning, stacklevel=_user_stacklevel())
