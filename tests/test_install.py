@@ -11,7 +11,6 @@ import os
 import runpy
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch.utils import cpp_extension
 import fused_losses
 
 ROOT = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
