@@ -5,8 +5,9 @@
 # The extension is two modules (setup.py): fused_losses._C (op schemas + CPU kernels) and
 # fused_losses._C_cuda (CUDA kernels; compiled when nvcc is found, no GPU needed).
 #   make demo    builds only _C: the CPU demo never waits for nvcc
-#   make build   builds both (the CUDA part when nvcc is found, or FUSED_LOSSES_BUILD_CUDA=1 to
-#                require it, =0 to skip it); `make test` and .ci/run use this
+#   make build   builds both (the CUDA part when nvcc is found, GPU or not: it passes
+#                FUSED_LOSSES_BUILD_CUDA=1 to setup.py then; =0 skips it); `make test` and .ci/run
+#                use this. A plain `pip install .` builds the CUDA part only with a visible GPU.
 # Times in the messages: a quiet 2-core machine (AMD EPYC); a busy one takes longer.
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -65,7 +66,8 @@ $(CUDA_STAMP): $(CPU_STAMP) $(CUDA_SOURCES)
 	elif [ -n "$(CUDA_HOME)" ] || [ "$${FUSED_LOSSES_BUILD_CUDA:-}" = 1 ]; then \
 	  echo "make: compiling the CUDA kernels, fused_losses._C_cuda, for sm $(TORCH_CUDA_ARCH_LIST) (setup.py build_ext --inplace; about 1.5 min on 2 cores the first time; no GPU needed)"; \
 	else echo "make: no nvcc found (CUDA_HOME unset): not building the CUDA part"; fi
-	@$(PY) setup.py --quiet build_ext --inplace 2>&1 | $(NINJA_FILTER)
+	@FUSED_LOSSES_BUILD_CUDA=$${FUSED_LOSSES_BUILD_CUDA:-$(if $(CUDA_HOME),1,)} \
+	  $(PY) setup.py --quiet build_ext --inplace 2>&1 | $(NINJA_FILTER)
 	@touch $@
 
 # `pip install -e`: .venv/bin/python imports fused_losses (this source tree, with the in-place

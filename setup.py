@@ -5,13 +5,22 @@
   fused_losses._C_cuda  the CUDA kernels (csrc/cuda/*.cu, csrc/cuda/*.cpp), registered for the
                         CUDA key of _C's ops; built when possible, loaded after _C when present
 
-A CPU-only user never compiles (or waits for) the CUDA part; `make demo` builds only _C.
+A CPU-only user never compiles (or waits for) the CUDA part: without a visible GPU a plain
+`pip install .` builds only _C (see FUSED_LOSSES_BUILD_CUDA below); `make demo` builds only _C.
 
 Environment switches
-  FUSED_LOSSES_BUILD_CUDA=0|1   0: never build _C_cuda; 1: build it or fail; unset: build it
-                                when torch is a CUDA build and nvcc is found under CUDA_HOME
-  TORCH_CUDA_ARCH_LIST          GPU archs to compile (default below; CI uses "9.0")
+  FUSED_LOSSES_BUILD_CUDA=0|1   0: never build _C_cuda; 1: build it or fail (no GPU needed);
+                                unset: build it only when torch is a CUDA build, nvcc is found
+                                under CUDA_HOME AND a GPU is visible (torch.cuda.is_available()):
+                                a plain `pip install .` on a machine without a GPU compiles the
+                                CPU part only
+  TORCH_CUDA_ARCH_LIST          GPU archs to compile; unset: the compute capabilities of the
+                                visible GPUs, or (FUSED_LOSSES_BUILD_CUDA=1 without a GPU) the
+                                broad list of _default_arch_list; `make build` and CI use "9.0"
   MAX_JOBS                      parallel compile jobs per module (ninja)
+
+The build prints one line saying which parts it compiles and for which archs, and why (pip
+shows it with `pip install -v`).
 
 The ops are registered with TORCH_LIBRARY from static initialisers; neither module has
 pybind11 bindings (dummy PyInit__C / PyInit__C_cuda), so one abi3 build serves every
@@ -49,18 +58,51 @@ def _nvcc_version():
     return Version(re.search(r"release (\d+\.\d+)", out).group(1))
 
 
+_BUILD_PLAN = []  # the one line BuildExt prints when it compiles (extensions() runs for every command)
+
+
+def _say(message):
+    _BUILD_PLAN[:] = [f"fused_losses build: {message}"]
+
+
+def _visible_gpu_count():
+    """GPUs this build can see (0 for a CPU-only torch or no driver); needs no GPU to ask."""
+    try:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken driver counts as no GPU
+        return 0
+
+
 def _want_cuda():
+    """(build the CUDA part?, why): FUSED_LOSSES_BUILD_CUDA=0/1 decide; unset, only with a
+    visible GPU (a machine without one gets the CPU part only, whatever nvcc it has)."""
     flag = os.environ.get("FUSED_LOSSES_BUILD_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise RuntimeError(f"FUSED_LOSSES_BUILD_CUDA={flag!r}: expected 0, 1 or unset")
     have_nvcc = cpp_extension.CUDA_HOME is not None and os.path.exists(
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     possible = torch.version.cuda is not None and have_nvcc
     if flag == "0":
-        return False
-    if flag == "1" and not possible:
-        raise RuntimeError(
-            "FUSED_LOSSES_BUILD_CUDA=1 but the CUDA part cannot be built: "
-            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}")
-    return possible
+        return False, "FUSED_LOSSES_BUILD_CUDA=0"
+    if flag == "1":
+        if not possible:
+            raise RuntimeError(
+                "FUSED_LOSSES_BUILD_CUDA=1 but the CUDA part cannot be built: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}")
+        return True, "FUSED_LOSSES_BUILD_CUDA=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is not a CUDA build"
+    if not have_nvcc:
+        return False, f"no nvcc under CUDA_HOME={cpp_extension.CUDA_HOME!r}"
+    if _visible_gpu_count() == 0:
+        return False, "no GPU is visible; FUSED_LOSSES_BUILD_CUDA=1 compiles the CUDA kernels anyway"
+    return True, "a GPU is visible and nvcc is found"
+
+
+def _visible_arch_list():
+    """The compute capabilities of the visible GPUs, e.g. "8.6;9.0" (None without a GPU)."""
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(_visible_gpu_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in caps) or None
 
 
 def _default_arch_list(nvcc):
@@ -104,9 +146,19 @@ def extensions():
     modules = [cpp_extension.CppExtension(
         "fused_losses._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"], py_limited_api=True)]
-    if _want_cuda():
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = _default_arch_list(_nvcc_version())
+    cuda, why = _want_cuda()
+    if not cuda:
+        _say(f"compiling the CPU part only (fused_losses._C): {why}")
+    else:
+        if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            archs = f"sm {os.environ['TORCH_CUDA_ARCH_LIST']} (TORCH_CUDA_ARCH_LIST)"
+        else:
+            visible = _visible_arch_list()
+            os.environ["TORCH_CUDA_ARCH_LIST"] = visible or _default_arch_list(_nvcc_version())
+            archs = (f"sm {visible} (the visible GPUs; TORCH_CUDA_ARCH_LIST overrides)" if visible else
+                     f"sm {os.environ['TORCH_CUDA_ARCH_LIST']} (no GPU visible: the default list; "
+                     "TORCH_CUDA_ARCH_LIST overrides)")
+        _say(f"compiling the CPU part (fused_losses._C) and the CUDA part (fused_losses._C_cuda) for {archs}: {why}")
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         modules.append(cpp_extension.CUDAExtension(
             "fused_losses._C_cuda", cuda_sources, include_dirs=include_dirs + _pip_cuda_include_dirs(),
@@ -119,6 +171,12 @@ class BuildExt(cpp_extension.BuildExtension):
     build/temp.<platform> as every other build instead of a throwaway directory (see the module
     docstring)."""
 
+    def build_extensions(self):
+        # stderr: `setup.py --quiet` (make) keeps it; pip shows it with -v
+        for line in _BUILD_PLAN:
+            print(line, file=sys.stderr, flush=True)
+        super().build_extensions()
+
     def finalize_options(self):
         super().finalize_options()
         if self.editable_mode:
@@ -127,8 +185,7 @@ class BuildExt(cpp_extension.BuildExtension):
 
 
 setup(
-    name="fused_losses",
-    version="0.1.0",
+    # name, version, license and classifiers: pyproject.toml [project]
     packages=find_packages(include=["fused_losses", "fused_losses.*"]),
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},

@@ -24,7 +24,21 @@ from fused_losses.functional import class_weights, focal, ghmc, ib, ohem, sigmoi
 
 _backends.preload()
 
-__version__ = "0.1.0"
+# The installed distribution's version (importlib.metadata); a source tree that was never
+# installed falls back to this copy of pyproject.toml's [project] version (tests/test_install.py
+# keeps the two equal).
+_FALLBACK_VERSION = "0.1.0"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("fused_losses")
+    except PackageNotFoundError:
+        return _FALLBACK_VERSION
+
+
+__version__ = _version()
 __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "backends", "nn", "reference",
            "BackendStatus"]
 

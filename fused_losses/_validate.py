@@ -119,7 +119,12 @@ def _logits(logits, min_dim: int, what: str) -> torch.Tensor:
     if logits.dtype not in _FLOAT_DTYPES:
         _type_error("logits", f"expected a floating tensor (float16, bfloat16, float32, float64), got {logits.dtype}")
     if logits.dim() < min_dim:
-        _value_error("logits", f"expected {what}, got shape {tuple(logits.shape)}")
+        hint = ""
+        if logits.dim() == 1 and min_dim == 2:
+            hint = ("; (N,) logits hold one binary logit per sample: use fused_losses.sigmoid_focal(logits, "
+                    "target.float()) (a float 0/1 target of the logits' shape), or give the logits a class dim "
+                    "(N, C) for class indices")
+        _value_error("logits", f"expected {what}, got shape {tuple(logits.shape)}{hint}")
     return logits
 
 
@@ -289,7 +294,52 @@ def _softmax_inputs(logits, target, ignore_index, validate):
     return c, ignore_index
 
 
-def _sigmoid_inputs(logits, target, ignore_index, validate):
+def _sigmoid_label_shape_traps(target, logits: torch.Tensor, loss: str) -> None:
+    """Clearer errors for integer labels of the wrong shape in the sigmoid family, raised where
+    _index_target would raise anyway (same ValueError), with the fix in the message: (N,) logits
+    with (N,) labels (one binary logit per sample: a float target), and channel-second (N, C, d1,
+    ...) logits with (N, d1, ...) labels (ghmc: use_sigmoid=False; sigmoid_focal: channel-last)."""
+    if not (isinstance(target, torch.Tensor) and target.dtype in _INDEX_DTYPES and target.device == logits.device):
+        return
+    shape, lshape = tuple(target.shape), tuple(logits.shape)
+    if shape == lshape[:-1]:
+        return
+    expected = (f"integer labels need shape logits.shape[:-1] = {lshape[:-1]} (the last dim of the logits holds the "
+                "C classes)")
+    if logits.dim() == 1 and shape == lshape:
+        _value_error("target", f"{expected}, got {shape}: (N,) logits hold one binary logit per sample; pass a float "
+                     "0/1 target of the logits' shape, target.float() (1 = positive, as torchvision's "
+                     "sigmoid_focal_loss)")
+    if logits.dim() >= 3 and shape == (lshape[0], *lshape[2:]):
+        if loss == "ghmc":
+            _value_error("target", f"{expected}, got {shape}, the shape of class indices for channel-second logits "
+                         f"(N, C, d1, ...) = {lshape}: for a softmax loss over the C = {lshape[1]} classes (semantic "
+                         "segmentation, mmseg) pass use_sigmoid=False (the default use_sigmoid=True is mmdet's "
+                         "detection variant: (..., C) logits)")
+        _value_error("target", f"{expected}, got {shape}, the shape of class indices for channel-second logits "
+                     f"(N, C, d1, ...) = {lshape}: the sigmoid family takes channel-last logits (..., C); pass "
+                     "logits.movedim(1, -1)")
+
+
+def _warn_single_class_labels(target, logits: torch.Tensor) -> None:
+    """sigmoid_focal with integer labels and C == 1: label 0 is the class, label 1 == C is
+    background (mmdet's convention), so binary 0/1 labels meaning 1 = positive are read inverted.
+    Decided from dtype and shape only (no value is read: no host sync on CUDA, works in every
+    validate mode); not while torch.compile traces. UserWarning at the caller's line, shown once
+    per call site by Python's default filter."""
+    if logits.shape[-1] != 1 or target.is_floating_point() or target.numel() == 0 or torch.compiler.is_compiling():
+        return
+    warnings.warn("sigmoid_focal: integer labels with C = 1 (logits.shape[-1] == 1) read label 0 as the positive "
+                  "class and label 1 == C as BACKGROUND (mmdet's convention), so binary labels with 1 = positive "
+                  "come out inverted. For binary classification pass a float 0/1 target of the logits' shape: "
+                  "target.float()[:, None] for (N, 1) logits (torchvision's convention), or C = 2 logits (one per "
+                  "class) with labels in [0, 2). If "
+                  "label 1 means background, silence this with warnings.filterwarnings('ignore', "
+                  "message='sigmoid_focal: integer labels with C = 1').",
+                  UserWarning, stacklevel=_user_stacklevel())
+
+
+def _sigmoid_inputs(logits, target, ignore_index, validate, loss="sigmoid_focal"):
     """Sigmoid family: float target of logits' shape, or integer labels of shape[:-1] with
     label == C meaning background."""
     _logits(logits, 1, "(..., C)")
@@ -303,6 +353,7 @@ def _sigmoid_inputs(logits, target, ignore_index, validate):
             _value_error("target", f"a float target must have the logits' shape {tuple(logits.shape)}, "
                          f"got {tuple(target.shape)}")
     else:
+        _sigmoid_label_shape_traps(target, logits, loss)
         _index_target(target, logits, logits.shape[:-1], "integer labels of shape logits.shape[:-1], C = background")
         _check_range(target, ignore_index, c, validate)
     return c, ignore_index
@@ -453,8 +504,10 @@ def focal_args(logits, target, *, gamma, alpha, ignore_index, reduction, from_lo
 
 
 def sigmoid_focal_args(logits, target, *, alpha, gamma, ignore_index, reduction, validate,
-                       weight=None, avg_factor=None) -> dict[str, Any]:
+                       weight=None, avg_factor=None, single_class_warning=True) -> dict[str, Any]:
     c, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate)
+    if single_class_warning:
+        _warn_single_class_labels(target, logits)
     avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
     return dict(alpha=_sigmoid_alpha(alpha, c, logits, validate), gamma=_real("gamma", gamma, low=0.0),
                 ignore_index=ignore_index, reduction=reduction_arg(reduction),
@@ -494,7 +547,7 @@ def ghmc_args(logits, target, *, bins, momentum, state, use_sigmoid, ignore_inde
               weight=None, label_smoothing=0.0, process_group=None, avg_factor=None) -> dict[str, Any]:
     use_sigmoid = _bool("use_sigmoid", use_sigmoid)
     if use_sigmoid:
-        _, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate)
+        _, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate, loss="ghmc")
     else:
         _, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
     avg_factor_arg(avg_factor, reduction_arg(reduction), logits)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -31,8 +31,8 @@ from fused_losses import functional as _functional
 __all__ = ["sigmoid_focal_loss", "patch_torchvision", "TorchvisionPatch", "MMDetFocalLoss"]
 
 
-def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2,
-                       reduction: str = "none") -> torch.Tensor:
+def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: Union[float, torch.Tensor] = 0.25,
+                       gamma: float = 2, reduction: str = "none") -> torch.Tensor:
     """torchvision.ops.sigmoid_focal_loss, computed by the fused kernels (fused_losses.sigmoid_focal).
 
     Same signature (positional arguments included), same contract and same numbers:
@@ -77,11 +77,27 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
         got = type(targets).__name__ if not isinstance(targets, torch.Tensor) else str(targets.dtype)
         raise TypeError(f"targets: expected a float tensor of the inputs' shape (torchvision's contract), got {got}; "
                         "for integer labels (label == C = background) call fused_losses.sigmoid_focal")
+    device_alpha = None
+    if isinstance(alpha, torch.Tensor):
+        # torchvision takes a 0-dim tensor alpha too (its `if alpha >= 0` reads it: a host sync on
+        # CUDA). A CPU tensor is read here (no sync) and then is a float; any other device keeps it
+        # on the device (_device_alpha), without a sync.
+        if alpha.numel() != 1 or alpha.dim() > 1 or not (alpha.is_floating_point() or alpha.dtype in
+                                                         (torch.int64, torch.int32)):
+            raise ValueError(f"alpha: expected a float or a 0-dim real tensor (torchvision's contract), got a "
+                             f"{alpha.dtype} tensor of shape {tuple(alpha.shape)}; for per-class alphas call "
+                             "fused_losses.sigmoid_focal(..., alpha=per_class)")
+        if alpha.device.type == "cpu":
+            alpha = float(alpha.detach().reshape(()))
+        else:
+            device_alpha, alpha = alpha.detach().reshape(()), 0.25
     if not (0 <= alpha <= 1) and alpha != -1:
         raise ValueError(f"alpha: must be in [0, 1] or -1 to disable (torchvision's contract), got {alpha}")
     backend = None
     if targets.requires_grad and torch.is_grad_enabled():
         backend = "reference"
+    if device_alpha is not None:
+        return _device_alpha_loss(inputs, targets, device_alpha, gamma, reduction, backend)
     if isinstance(inputs, torch.Tensor) and inputs.dim() == 0:
         # torchvision takes any shape; fused_losses.sigmoid_focal needs a class dim. Elementwise, so
         # a 0-dim pair is a (1,) pair.
@@ -92,16 +108,57 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
                                      backend=backend)
 
 
+def _device_alpha_loss(inputs, targets, alpha: torch.Tensor, gamma, reduction, backend) -> torch.Tensor:
+    """sigmoid_focal_loss with a 0-dim alpha tensor whose value is not read on the host (no
+    sync): torchvision's alpha >= 0 is the per-class path with alpha for every class; its
+    alpha < 0 (disabled, alpha_t = 1) is alpha = 0.5 everywhere (alpha_t = 0.5 for positives and
+    negatives alike) times 2, exact in binary floating point. Chosen on the device by torch.where."""
+    squeeze = inputs.dim() == 0
+    if squeeze:
+        inputs, targets = inputs.reshape(1), targets.reshape(1)
+    math_dtype = torch.promote_types(inputs.dtype, torch.float32)
+    alpha = alpha.to(device=inputs.device, dtype=math_dtype)
+    disabled = alpha < 0
+    per_class = torch.where(disabled, torch.full_like(alpha, 0.5), alpha).expand(inputs.shape[-1]).contiguous()
+    loss = _functional.sigmoid_focal(inputs, targets, alpha=per_class, gamma=gamma, reduction=reduction,
+                                     backend=backend)
+    loss = loss * torch.where(disabled, 2.0, 1.0).to(loss.dtype)
+    return loss.reshape(()) if squeeze and reduction == "none" else loss
+
+
 # --------------------------------------------------------------------------------------------
-# torchvision RetinaNet
+# torchvision detection models: RetinaNet, FCOS
 # --------------------------------------------------------------------------------------------
-# torchvision.models.detection.retinanet does `from ...ops import sigmoid_focal_loss` and
-# RetinaNetClassificationHead.compute_loss calls the module global `sigmoid_focal_loss(...,
-# reduction="sum")`, looked up at call time: replacing that global swaps the loss of every
-# RetinaNet, built before or after the patch (checked for torchvision 0.29.1).
+# torchvision.models.detection.retinanet and .fcos do `from ...ops import sigmoid_focal_loss` and
+# their heads (RetinaNetClassificationHead.compute_loss, FCOSHead.compute_loss) call the module
+# global `sigmoid_focal_loss(..., reduction="sum")`, looked up at call time: replacing that global
+# swaps the loss of every model built before or after the patch (checked for torchvision 0.29.1).
+# Besides these two, any other module of torchvision.models.detection with a module-level
+# sigmoid_focal_loss is patched too (a later torchvision's new model).
 _RETINANET_MODULE = "torchvision.models.detection.retinanet"
+_FCOS_MODULE = "torchvision.models.detection.fcos"
+_REQUIRED_MODULES = (_RETINANET_MODULE, _FCOS_MODULE)
 _ATTRIBUTE = "sigmoid_focal_loss"
 _lock = threading.Lock()
+
+
+def _detection_modules() -> list:
+    """The modules to patch: RetinaNet's and FCOS's (required), then every other module of
+    torchvision.models.detection that holds a module-level sigmoid_focal_loss."""
+    import pkgutil
+
+    modules = [importlib.import_module(name) for name in _REQUIRED_MODULES]
+    package = importlib.import_module("torchvision.models.detection")
+    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        if info.name in _REQUIRED_MODULES or info.ispkg:
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:  # noqa: BLE001 - a module that does not import is not patched
+            continue
+        if hasattr(module, _ATTRIBUTE):
+            modules.append(module)
+    return modules
 
 
 class TorchvisionPatch:
@@ -124,9 +181,9 @@ class TorchvisionPatch:
         False
     """
 
-    def __init__(self, module, previous: Callable):
-        self._module = module
-        self._previous: Optional[Callable] = previous
+    def __init__(self, previous: dict):
+        # {module object: what its sigmoid_focal_loss was before this handle patched}
+        self._previous: dict = dict(previous)
         self.active = True
 
     def restore(self) -> None:
@@ -137,16 +194,29 @@ class TorchvisionPatch:
             if not self.active:
                 return
             self.active = False
-            # Only undo our own change: if the global is no longer the fused function, someone
-            # else patched it after us (or an outer handle already restored), so leave it.
-            if getattr(self._module, _ATTRIBUTE) is sigmoid_focal_loss:
-                setattr(self._module, _ATTRIBUTE, self._previous)
-            self._previous = None
+            for module, previous in self._previous.items():
+                # Only undo our own change: if the global is no longer the fused function, someone
+                # else patched it after us (or an outer handle already restored), so leave it.
+                if getattr(module, _ATTRIBUTE, None) is sigmoid_focal_loss:
+                    setattr(module, _ATTRIBUTE, previous)
+            self._previous = {}
+
+    @property
+    def modules(self) -> list:
+        """The names of the modules this handle patched (empty once restored)."""
+        return [module.__name__ for module in self._previous]
+
+    @property
+    def originals(self) -> dict:
+        """{module name: what its sigmoid_focal_loss was before this handle patched} (empty once
+        restored)."""
+        return {module.__name__: previous for module, previous in self._previous.items()}
 
     @property
     def original(self) -> Optional[Callable]:
-        """What was in torchvision's module before this handle patched (None once restored)."""
-        return self._previous
+        """What was in torchvision's RetinaNet module before this handle patched (None once
+        restored); ``originals`` has every module's."""
+        return self.originals.get(_RETINANET_MODULE)
 
     def __enter__(self) -> "TorchvisionPatch":
         return self
@@ -156,7 +226,8 @@ class TorchvisionPatch:
         return False
 
     def __repr__(self) -> str:
-        return f"TorchvisionPatch({_RETINANET_MODULE}.{_ATTRIBUTE}, active={self.active})"
+        names = ", ".join(f"{name}.{_ATTRIBUTE}" for name in self.modules) or "nothing"
+        return f"TorchvisionPatch({names}, active={self.active})"
 
 
 def patch_torchvision() -> TorchvisionPatch:
@@ -187,16 +258,18 @@ def patch_torchvision() -> TorchvisionPatch:
         >>> tv_retinanet.sigmoid_focal_loss is sigmoid_focal_loss
         False
     """
-    module = importlib.import_module(_RETINANET_MODULE)
+    modules = _detection_modules()
     with _lock:
-        if not hasattr(module, _ATTRIBUTE):
-            import torchvision
-            raise RuntimeError(f"{_RETINANET_MODULE} (torchvision {torchvision.__version__}) has no module-level "
-                               f"{_ATTRIBUTE} to replace; fused_losses.compat.patch_torchvision supports the layout "
-                               "of torchvision 0.29")
-        previous = getattr(module, _ATTRIBUTE)
-        setattr(module, _ATTRIBUTE, sigmoid_focal_loss)
-    return TorchvisionPatch(module, previous)
+        for module in modules:
+            if not hasattr(module, _ATTRIBUTE):
+                import torchvision
+                raise RuntimeError(f"{module.__name__} (torchvision {torchvision.__version__}) has no module-level "
+                                   f"{_ATTRIBUTE} to replace; fused_losses.compat.patch_torchvision supports the "
+                                   "layout of torchvision 0.29")
+        previous = {module: getattr(module, _ATTRIBUTE) for module in modules}
+        for module in modules:
+            setattr(module, _ATTRIBUTE, sigmoid_focal_loss)
+    return TorchvisionPatch(previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,8 +365,10 @@ class MMDetFocalLoss(nn.Module):
                 avg_factor = None  # mmdet returns the weighted elementwise loss and ignores avg_factor
             else:
                 avg_factor = avg_factor + _MMDET_EPS
-        loss = _functional.sigmoid_focal(pred, target, alpha=self.alpha, gamma=self.gamma, reduction=reduction,
-                                         weight=weight, avg_factor=avg_factor, backend=self.backend)
+        # mmdet's labels: label == C is background also for C == 1 (no single-class warning)
+        loss = _functional._sigmoid_focal(pred, target, alpha=self.alpha, gamma=self.gamma, ignore_index=-100,
+                                          reduction=reduction, weight=weight, avg_factor=avg_factor,
+                                          backend=self.backend, validate=None, single_class_warning=False)
         return loss if self.loss_weight == 1.0 else self.loss_weight * loss
 
     def extra_repr(self) -> str:

@@ -200,9 +200,16 @@ def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: SigmoidA
         >>> fl.sigmoid_focal(cls_logits, labels).shape              # 'none': elementwise
         torch.Size([6, 4])
     """
+    return _sigmoid_focal(logits, target, alpha=alpha, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+                          backend=backend, validate=validate, weight=weight, avg_factor=avg_factor)
+
+
+def _sigmoid_focal(logits, target, *, alpha, gamma, ignore_index, reduction, backend, validate, weight, avg_factor,
+                   single_class_warning=True):
+    # single_class_warning=False: compat.MMDetFocalLoss, whose labels follow mmdet's C = background convention
     kwargs = _validate.sigmoid_focal_args(logits, target, alpha=alpha, gamma=gamma, ignore_index=ignore_index,
                                           reduction=reduction, validate=validate, weight=weight,
-                                          avg_factor=avg_factor)
+                                          avg_factor=avg_factor, single_class_warning=single_class_warning)
     return _run("sigmoid_focal", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 

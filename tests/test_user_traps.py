@@ -378,3 +378,241 @@ def test_compiled_call_with_a_target_requiring_grad_differentiates_it():
     x.grad = None
     fn(x, t0).backward()
     assert_rel_close(x.grad, x64.grad, TOL[torch.float32], "logits grad, detached target")
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 26: binary labels with C == 1, shape messages that name the fix, compat's tensor alpha,
+# a strided GHM-C state, patch_torchvision for FCOS, the CPU SIMD variant in backends()
+# --------------------------------------------------------------------------------------------
+def _single_class_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call()
+    return out, [w for w in caught if "integer labels with C = 1" in str(w.message)]
+
+
+def test_sigmoid_focal_binary_int_labels_with_one_logit_warn_with_the_fix():
+    g = _gen(26)
+    x = torch.randn(32, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (32,), generator=g)
+    want = tv_sigmoid_focal_loss(x, y.double(), reduction="mean")  # 1 = positive
+    out, caught = _single_class_warnings(lambda: fl.sigmoid_focal(x[:, None].float(), y, reduction="mean"))
+    assert len(caught) == 1 and caught[0].category is UserWarning and caught[0].filename == __file__
+    message = str(caught[0].message)
+    assert "y.float()[:, None]".replace("y", "target") in message and "BACKGROUND" in message
+    # what the warning is about: label 1 == C is background, so the labels are read inverted
+    inverted = tv_sigmoid_focal_loss(x, 1.0 - y.double(), reduction="mean")
+    assert_rel_close(out, inverted, TOL[torch.float32], "integer labels, C == 1 (mmdet's convention)")
+    assert abs(float(out) - float(want)) > 1e-3
+    # the fix in the message gives torchvision's numbers, silently
+    fixed, caught = _single_class_warnings(lambda: fl.sigmoid_focal(x[:, None].float(), y.float()[:, None],
+                                                                    reduction="mean"))
+    assert caught == []
+    assert_rel_close(fixed, want, TOL[torch.float32], "float target")
+    # the module warns at the user's line too
+    _, caught = _single_class_warnings(lambda: fl.nn.SigmoidFocalLoss()(x[:, None].float(), y))
+    assert len(caught) == 1 and caught[0].filename == __file__
+
+
+def test_single_class_warning_is_decided_without_reading_values():
+    # meta tensors stand in for CUDA ones: any value read raises, the warning needs none
+    x, y = torch.randn(8, 1, device="meta"), torch.randint(0, 2, (8,)).to("meta")
+    from fused_losses import _validate
+    _, caught = _single_class_warnings(lambda: _validate.sigmoid_focal_args(
+        x, y, alpha=0.25, gamma=2.0, ignore_index=-100, reduction="none", validate=None))
+    assert len(caught) == 1
+
+
+@pytest.mark.parametrize("case", ["two classes", "float target", "mmdet adapter", "empty"])
+def test_single_class_warning_only_where_it_applies(case):
+    from fused_losses.compat import MMDetFocalLoss
+    x1, x2 = torch.randn(6, 1), torch.randn(6, 2)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    calls = {
+        "two classes": lambda: fl.sigmoid_focal(x2, y),
+        "float target": lambda: fl.sigmoid_focal(x1, y.float()[:, None]),
+        "mmdet adapter": lambda: MMDetFocalLoss()(x1, y),  # mmdet's labels: 1 == C is background there
+        "empty": lambda: fl.sigmoid_focal(x1[:0], y[:0]),
+    }
+    assert _single_class_warnings(calls[case])[1] == []
+
+
+def test_ghmc_channel_second_logits_with_the_sigmoid_default_name_use_sigmoid_false():
+    g = _gen(27)
+    x = torch.randn(2, 4, 5, 6, generator=g)
+    t = torch.randint(0, 4, (2, 5, 6), generator=g)
+    t[0, 0, :3] = 255
+    with pytest.raises(ValueError, match=r"^target: .*pass use_sigmoid=False"):
+        fl.ghmc(x, t, ignore_index=255)
+    with pytest.raises(ValueError, match=r"^target: .*pass use_sigmoid=False"):
+        fl.nn.GHMCLoss(momentum=0.0)(x, t)
+    out = fl.ghmc(x, t, ignore_index=255, use_sigmoid=False)
+    ref = fl.ghmc(x.double(), t, ignore_index=255, use_sigmoid=False, backend="reference")
+    assert_rel_close(out, ref, TOL[torch.float32], "the fix")
+    # sigmoid_focal with the same shapes: the fix there is channel-last logits
+    with pytest.raises(ValueError, match=r"^target: .*logits\.movedim\(1, -1\)"):
+        fl.sigmoid_focal(x, t)
+
+
+def test_one_logit_per_sample_with_integer_labels_names_the_float_target():
+    g = _gen(28)
+    x = torch.randn(10, generator=g)
+    y = torch.randint(0, 2, (10,), generator=g)
+    with pytest.raises(ValueError, match=r"^target: .*\(N,\) logits.*target\.float\(\)"):
+        fl.sigmoid_focal(x, y)
+    with pytest.raises(ValueError, match=r"^logits: .*\(N,\) logits.*sigmoid_focal\(logits, target\.float\(\)\)"):
+        fl.focal(x, y)
+    out = fl.sigmoid_focal(x, y.float(), reduction="sum")
+    assert_rel_close(out, tv_sigmoid_focal_loss(x.double(), y.double(), reduction="sum"), TOL[torch.float32], "fix")
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.0, 1.0, -1.0])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_compat_sigmoid_focal_loss_takes_a_0dim_tensor_alpha(alpha, reduction):
+    from fused_losses import compat
+    g = _gen(29)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    t = (torch.rand(9, 4, generator=g) > 0.7).double()
+    want = tv_sigmoid_focal_loss(x, t, torch.tensor(alpha), 2, reduction)
+    xg = x.float().requires_grad_()
+    out = compat.sigmoid_focal_loss(xg, t.float(), torch.tensor(alpha), 2, reduction)  # CPU: read on the host
+    assert_rel_close(out, want, TOL[torch.float32], "cpu tensor alpha")
+    # the device path (a CUDA tensor alpha: never read on the host), run here on CPU tensors
+    xd = x.float().requires_grad_()
+    dev = compat._device_alpha_loss(xd, t.float(), torch.tensor(alpha), 2, reduction, None)
+    assert_rel_close(dev, want, TOL[torch.float32], "device alpha")
+    upstream = torch.randn(out.shape, generator=g)
+    out.backward(upstream)
+    dev.backward(upstream)
+    x64 = x.clone().requires_grad_()
+    tv_sigmoid_focal_loss(x64, t, torch.tensor(alpha), 2, reduction).backward(upstream.double())
+    assert_rel_close(xg.grad, x64.grad, TOL[torch.float32], "grad")
+    assert_rel_close(xd.grad, x64.grad, TOL[torch.float32], "device alpha grad")
+
+
+def test_compat_tensor_alpha_that_is_not_a_number_is_a_clear_error():
+    from fused_losses import compat
+    with pytest.raises(ValueError, match=r"^alpha: .*0-dim.*fused_losses\.sigmoid_focal"):
+        compat.sigmoid_focal_loss(torch.randn(3, 2), torch.rand(3, 2), torch.tensor([0.25, 0.5]), 2, "sum")
+    with pytest.raises(ValueError, match=r"^alpha: must be in \[0, 1\] or -1"):
+        compat.sigmoid_focal_loss(torch.randn(3, 2), torch.rand(3, 2), torch.tensor(1.5), 2, "sum")
+
+
+@pytest.mark.parametrize("use_sigmoid", [True, False])
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_ghmc_state_may_be_a_column_of_a_state_matrix(use_sigmoid, backend, dev):
+    if backend == "cuda":
+        if dev.type != "cuda":
+            pytest.skip("needs a CUDA device")
+    elif dev.type != "cpu":
+        pytest.skip("the cpu backend runs CPU tensors")
+    g = _gen(30)
+    n, c, bins = 40, 3, 7
+    states = torch.rand(bins, 3, generator=g).to(dev)
+    want_states = states.clone().cpu()
+    for step in range(3):
+        x = torch.randn(n, c, generator=g)
+        t = torch.randint(0, c + 1 if use_sigmoid else c, (n,), generator=g)
+        column = states[:, 1]
+        assert not column.is_contiguous()
+        out = fl.ghmc(x.to(dev), t.to(dev), bins=bins, momentum=0.6, state=column, use_sigmoid=use_sigmoid,
+                      reduction="none", backend=backend)
+        ref = fl.ghmc(x.double(), t, bins=bins, momentum=0.6, state=want_states[:, 1], use_sigmoid=use_sigmoid,
+                      reduction="none", backend="reference")
+        assert_rel_close(out.cpu(), ref, TOL[torch.float32], f"step {step}")
+        # the user's view (the matrix's column) holds the EMA, the other columns are untouched
+        assert torch.equal(states.cpu(), want_states), step
+
+
+@pytest.fixture
+def dev():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def test_patch_torchvision_covers_fcos_and_retinanet():
+    import torchvision.models.detection.fcos as tv_fcos
+    import torchvision.models.detection.retinanet as tv_retinanet
+    from fused_losses import compat
+    stock = (tv_fcos.sigmoid_focal_loss, tv_retinanet.sigmoid_focal_loss)
+    with compat.patch_torchvision() as handle:
+        assert tv_fcos.sigmoid_focal_loss is compat.sigmoid_focal_loss
+        assert tv_retinanet.sigmoid_focal_loss is compat.sigmoid_focal_loss
+        assert {"torchvision.models.detection.fcos", "torchvision.models.detection.retinanet"} <= set(handle.modules)
+    assert (tv_fcos.sigmoid_focal_loss, tv_retinanet.sigmoid_focal_loss) == stock
+
+
+def _fcos_head_loss(tv_fcos, dtype):
+    head = tv_fcos.FCOSHead(in_channels=32, num_anchors=1, num_classes=5, num_convs=1).to(torch.float64)
+    g = _gen(31)
+    n_images, n_anchors, k = 2, 30, 5
+    logits = 2 * torch.randn(n_images, n_anchors, k, generator=g, dtype=torch.float64)
+    anchors = [torch.rand(n_anchors, 4, generator=g, dtype=torch.float64).sort(-1).values * 32 for _ in range(n_images)]
+    targets, matched = [], []
+    for i in range(n_images):
+        boxes = torch.rand(3, 4, generator=g, dtype=torch.float64).sort(-1).values * 32
+        targets.append({"boxes": boxes[:, [0, 1, 2, 3]], "labels": torch.randint(0, k, (3,), generator=g)})
+        matched.append(torch.randint(-1, 3, (n_anchors,), generator=g))
+    outputs = {"bbox_regression": torch.randn(n_images, n_anchors, 4, generator=g, dtype=torch.float64),
+               "bbox_ctrness": torch.randn(n_images, n_anchors, 1, generator=g, dtype=torch.float64)}
+    x = logits.to(dtype).requires_grad_()
+    losses = head.compute_loss(targets, {**outputs, "cls_logits": x}, anchors, matched)
+    losses["classification"].backward()
+    return losses["classification"].detach(), x.grad
+
+
+@pytest.mark.parametrize("model", ["fcos", "retinanet"])
+def test_patched_fcos_and_retinanet_call_the_fused_loss_with_torchvisions_numbers(model, monkeypatch):
+    import torchvision.models.detection.fcos as tv_fcos
+    import torchvision.models.detection.retinanet as tv_retinanet
+    from fused_losses import compat
+    calls = []
+    inner = compat._functional.sigmoid_focal
+    monkeypatch.setattr(compat._functional, "sigmoid_focal", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    if model == "fcos":
+        run = lambda dtype: _fcos_head_loss(tv_fcos, dtype)  # noqa: E731
+    else:
+        head = tv_retinanet.RetinaNetClassificationHead(in_channels=8, num_anchors=3, num_classes=6)
+        g = _gen(32)
+        logits = 2 * torch.randn(2, 40, 6, generator=g, dtype=torch.float64)
+        matched = [torch.randint(-2, 3, (40,), generator=g) for _ in range(2)]
+        targets = [{"labels": torch.randint(0, 6, (3,), generator=g)} for _ in range(2)]
+
+        def run(dtype):
+            x = logits.detach().to(dtype).clone().requires_grad_()
+            loss = head.compute_loss(targets, {"cls_logits": x}, matched)
+            loss.backward()
+            return loss.detach(), x.grad
+    ref, ref_grad = run(torch.float64)  # stock torchvision in float64
+    assert calls == []
+    with compat.patch_torchvision():
+        out, grad = run(torch.float32)
+    assert calls, "the patched head did not call the fused loss"
+    assert_rel_close(out, ref, TOL[torch.float32], f"{model} classification loss")
+    assert_rel_close(grad, ref_grad, TOL[torch.float32], f"{model} logits grad")
+    assert float(ref) > 0
+
+
+def _cpu_reason(simd):
+    import subprocess
+    import sys
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FUSED_LOSSES_SIMD"}
+    if simd:
+        env["FUSED_LOSSES_SIMD"] = simd
+    code = "import fused_losses as fl; print(fl.backends()['cpu'].reason)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_backends_names_the_cpu_simd_variant():
+    from tests.test_cpu_kernels import _variants
+    variants = _variants()  # from /proc/cpuinfo: what this CPU executes, best last
+    if not _backends.get("cpu").availability()[0]:
+        pytest.skip("the cpu backend is not built")
+    if "FUSED_LOSSES_SIMD" not in __import__("os").environ:
+        assert f"SIMD variant {variants[-1]} " in fl.backends()["cpu"].reason
+    assert f"SIMD variant {variants[-1]} " in _cpu_reason(None)
+    for lower in variants[:-1]:
+        reason = _cpu_reason(lower)
+        assert f"SIMD variant {lower} " in reason and f"FUSED_LOSSES_SIMD={lower}" in reason

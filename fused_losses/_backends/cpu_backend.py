@@ -26,7 +26,45 @@ def _probe():
         _ext.note_stale_build("cpu", reason)
         return False, reason
     _ops.register()
-    return True, "compiled C++ kernels (fused_losses._C) for CPU tensors"
+    return True, f"compiled C++ kernels (fused_losses._C) for CPU tensors; {_simd_description()}"
+
+
+# What each SIMD variant of csrc/cpu/simd_kernels.cpp is (its name is the kernel table's isa).
+_SIMD_VARIANTS = {
+    "avx512": "AVX-512, 16 float lanes",
+    "avx2": "AVX2+FMA, 8 float lanes",
+    "baseline": "baseline: SSE2 on x86-64, NEON on arm64, 8 float lanes",
+}
+
+
+def simd_variant() -> str | None:
+    """The SIMD variant the loaded fused_losses._C runs ('avx512', 'avx2' or 'baseline'), as its
+    dispatcher picked it once at load (the best this CPU executes, or a lower one named by
+    FUSED_LOSSES_SIMD): read from the library's own fused_losses::cpu::simd_isa(). None when the
+    extension is not loaded or does not export it."""
+    if not _ext.loaded():
+        return None
+    try:
+        import ctypes
+
+        from fused_losses import _C
+        # dlopen of the already loaded library returns its handle (the same kernel table)
+        simd_isa = ctypes.CDLL(_C.__file__)._ZN12fused_losses3cpu8simd_isaEv
+        simd_isa.restype = ctypes.c_char_p
+        return simd_isa().decode()
+    except Exception:  # noqa: BLE001 - an older build without the symbol, or no ctypes
+        return None
+
+
+def _simd_description() -> str:
+    variant = simd_variant()
+    if variant is None:
+        return "SIMD variant unknown (this build does not export fused_losses::cpu::simd_isa)"
+    import os
+    wanted = os.environ.get("FUSED_LOSSES_SIMD")
+    how = (f"FUSED_LOSSES_SIMD={wanted} at load" if wanted else
+           "the best this CPU runs, picked at load; FUSED_LOSSES_SIMD=avx2|baseline picks a lower one")
+    return f"SIMD variant {variant} ({_SIMD_VARIANTS.get(variant, 'unknown')}; {how})"
 
 
 # Decided once, at import: availability() is also called while torch.compile traces a call of
@@ -122,6 +160,15 @@ def _one_pass_ghmc(ns, logits, use_sigmoid, label_smoothing, process_group) -> b
 
 def ghmc(logits, target, *, bins, momentum, state, use_sigmoid, ignore_index, reduction, weight=None,
          label_smoothing=0.0, process_group=None):
+    if state is not None and not state.is_contiguous():
+        # The kernels take a contiguous state (csrc: ghmc_bin_weights); a strided view (a column of
+        # a per-head state matrix) is updated through a contiguous copy written back in place.
+        scratch = state.contiguous()
+        loss = ghmc(logits, target, bins=bins, momentum=momentum, state=scratch, use_sigmoid=use_sigmoid,
+                    ignore_index=ignore_index, reduction=reduction, weight=weight, label_smoothing=label_smoothing,
+                    process_group=process_group)
+        state.copy_(scratch)
+        return loss
     ns = _ops_ns()
     if _one_pass_ghmc(ns, logits, use_sigmoid, label_smoothing, process_group):
         return _ghmc_softmax_one_pass(ns, logits, target, bins=bins, momentum=momentum, state=state,
