@@ -49,7 +49,7 @@ SHELL       := /bin/bash
 $(VENV)/.installed: Makefile
 	@echo "make: creating $(VENV) with torch 2.14.1 and the test/demo tools (about 2 min; 5.7 GB)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile --upgrade pip "setuptools>=64" wheel
+	$(PY) -m pip install --quiet --no-compile --upgrade pip "setuptools>=77" wheel
 	$(PY) -m pip install --quiet --no-compile $(TORCH_PIN) $(DEV_PINS)
 	touch $@
 
