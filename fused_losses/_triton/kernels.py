@@ -676,7 +676,7 @@ def _lg2_fast(v):
 def _log1p_small(v):
     """log(1 + v) for 0 <= v <= 1/4 to ~1 ulp: 2 atanh(z), z = v / (2 + v) <= 1/9, odd series to
     z^11 (the first term left out, z^13 / 13, is below 2^-40 of the sum)."""
-    z = v / (2.0 + v)
+    z = v * _rcp_fast(2.0 + v)
     z2 = z * z
     acc = 1.0 / 11.0 + z2 * 0.0
     acc = 1.0 / 9.0 + z2 * acc
@@ -697,19 +697,29 @@ def _log1p_fast(v):
 
 
 @triton.jit
+def _rcp_fast(v):
+    """1 / v for 1 <= |v| <= 3: rcp.approx.ftz.f32 on the GPU (one MUFU, ~1 ulp; div.full costs
+    a range test, a scaling and a multiply more), exact division under the interpreter."""
+    if _INTERPRETING:
+        return 1.0 / v
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
 def _log1p_unit(v):
-    """log(1 + v) for 0 <= v <= 1 (softplus' tail), ~1 ulp: the atanh series with z <= 1/3 (to
-    z^15; the first term left out, z^17 / 17, is below 2^-30 of the sum)."""
-    z = v / (2.0 + v)
+    """log(1 + v) for 0 <= v <= 1 (softplus' tail), ~1 ulp: 2 atanh(z), z = v / (2 + v) <= 1/3,
+    odd series to z^13 (the first term left out, z^15 / 15, is below 2^-26 of the sum)."""
+    z = v * _rcp_fast(2.0 + v)
     z2 = z * z
-    acc = 1.0 / 15.0 + z2 * 0.0
-    acc = 1.0 / 13.0 + z2 * acc
-    acc = 1.0 / 11.0 + z2 * acc
+    acc = 1.0 / 11.0 + z2 * (1.0 / 13.0)
     acc = 1.0 / 9.0 + z2 * acc
     acc = 1.0 / 7.0 + z2 * acc
     acc = 1.0 / 5.0 + z2 * acc
     acc = 1.0 / 3.0 + z2 * acc
-    return 2.0 * z + (2.0 * z) * (z2 * acc)
+    w = z + z
+    return w + w * (z2 * acc)
 
 
 @triton.jit
@@ -809,7 +819,7 @@ def softmax_focal_tile_kernel(
     s_all = tl.where(valid, s_all, 1.0)  # ignored rows read nothing; keep their math finite
     s_oth = tl.where(valid, s_oth, 0.0)
     x_t = tl.where(valid, x_t, m_ref)
-    inv_s = 1.0 / s_all
+    inv_s = _rcp_fast(s_all)  # s in [1, C] (or NaN)
     is_max = x_t == m_ref
     log_s = tl.where(is_max, _log1p_fast(s_oth), _lg2_fast(s_all) * _LN2)
     logpt = (x_t - m_ref) - log_s
@@ -840,7 +850,7 @@ def softmax_focal_tile_kernel(
 
 
 @triton.jit
-def _sigmoid_focal_piece(X, LOSS, GRAD, xbase, gbase, c0, label, valid, in_range, C, alpha, gamma, scale,
+def _sigmoid_focal_piece(X, LOSS, GRAD, base, c0, label, a_pos, a_neg, g_pos, g_neg, valid, in_range, C, gamma,
                          GAMMA_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr, STORE_ELEMS: tl.constexpr,
                          BLOCK: tl.constexpr, EDGE: tl.constexpr):
     """Sigmoid focal loss and gradient of columns c0 .. c0 + BLOCK of integer-labelled rows
@@ -848,45 +858,44 @@ def _sigmoid_focal_piece(X, LOSS, GRAD, xbase, gbase, c0, label, valid, in_range
 
     With z = x (y = 0) or -x (y = 1): 1 - p_t = sigmoid(z), CE = softplus(z) = max(z, 0) +
     log1p(e), e = e^-|x| (ex2.approx), dCE/dx = sign sigmoid(z) (sign = 1 - 2y), so
-    L = a_t CE (1 - p_t)^gamma and dL/dx = a_t sign (1 - p_t)^gamma ((1 - p_t) + gamma CE p_t)
-    (the CE p_t term taken as 0 where p_t = 0: x = +-inf). p_t = sigmoid(-z) and 1 - p_t each as
-    1 / (1 + e) or e / (1 + e): no 1 - p anywhere."""
+    L = a_t CE (1 - p_t)^gamma and dL/dx = a_t sign (1 - p_t)^gamma ((1 - p_t) + gamma CE p_t).
+    p_t = sigmoid(-z) and 1 - p_t each as 1 / (1 + e) or e / (1 + e): no 1 - p anywhere. Masked
+    elements (ignored rows, columns past C) load x = -inf with no positive column (the caller
+    sets their label to -1): z = -inf gives CE = 0, 1 - p_t = 0, so loss and gradient are exactly 0
+    without a select; CE is clamped to FLT_MAX in CE p_t (x = +-inf: p_t = 0, never inf * 0).
+    a_pos/a_neg: alpha_t of a positive/negative element, g_pos/g_neg: the signed gradient factors
+    (a_t sign SCALE), per row, 0 for invalid rows."""
     cols = c0 + tl.arange(0, BLOCK)
     if EDGE:
         cmask = (cols < C)[None, :]
     else:
         cmask = (cols >= 0)[None, :]
     mask = valid[:, None] & cmask
-    x = tl.load(X + xbase[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
     pos = cols[None, :] == label[:, None]
     z = tl.where(pos, -x, x)
     e = tl.exp2(tl.abs(x) * (-_LOG2E))
-    inv = 1.0 / (1.0 + e)
+    inv = _rcp_fast(1.0 + e)
     ez = e * inv
     omp = tl.where(z >= 0, inv, ez)  # sigmoid(z) = 1 - p_t
     pt = tl.where(z >= 0, ez, inv)  # sigmoid(-z) = p_t
     ce = tl.maximum(z, 0.0) + _log1p_unit(e)
-    if alpha >= 0:
-        a_t = tl.where(pos, alpha, 1.0 - alpha)
-    else:
-        a_t = tl.zeros_like(x) + 1.0
     if GAMMA_MODE == 0:
         mod = tl.zeros_like(x) + 1.0
         inner = omp
     elif GAMMA_MODE == 2:
         mod = omp * omp
-        inner = omp + 2.0 * tl.where(pt > 0, ce * pt, 0.0)
+        inner = omp + 2.0 * (tl.minimum(ce, 3.4028234663852886e38) * pt)
     else:
         mod = _pow(omp, gamma)
-        inner = omp + gamma * tl.where(pt > 0, ce * pt, 0.0)
-    loss = tl.where(mask, a_t * ce * mod, 0.0)
+        inner = omp + gamma * (tl.minimum(ce, 3.4028234663852886e38) * pt)
+    loss = tl.where(pos, a_pos[:, None], a_neg[:, None]) * (ce * mod)
     if STORE_ELEMS:
-        tl.store(LOSS + gbase[:, None] + cols[None, :], _cast(loss, LOSS.dtype.element_ty),
+        tl.store(LOSS + base[:, None] + cols[None, :], _cast(loss, LOSS.dtype.element_ty),
                  mask=in_range[:, None] & cmask)
     if WRITE_GRAD:
-        grad = a_t * mod * inner * scale
-        grad = tl.where(mask, tl.where(pos, -grad, grad), 0.0)
-        tl.store(GRAD + gbase[:, None] + cols[None, :], _cast(grad, GRAD.dtype.element_ty),
+        grad = tl.where(pos, g_pos[:, None], g_neg[:, None]) * (mod * inner)
+        tl.store(GRAD + base[:, None] + cols[None, :], _cast(grad, GRAD.dtype.element_ty),
                  mask=in_range[:, None] & cmask)
     return tl.sum(loss, axis=1)
 
@@ -911,16 +920,21 @@ def sigmoid_focal_labels_kernel(
     in_range = rows < R
     label = tl.load(T + rows, mask=in_range, other=0)
     valid = in_range & (label != ignore_index)
-    label = tl.where((label >= 0) & (label < C), label, -1).to(rows.dtype)
+    label = tl.where(valid & (label >= 0) & (label < C), label, -1).to(rows.dtype)
     base = rows * C
     if WRITE_GRAD:
         scale = tl.load(SCALE)
     else:
         scale = 1.0
-    loss = _sigmoid_focal_piece(X, LOSS, GRAD, base, base, 0, label, valid, in_range, C, alpha, gamma, scale,
-                                GAMMA_MODE, WRITE_GRAD, STORE_ELEMS, BLOCK_A, False)
+    # alpha_t of a positive and of a negative element (alpha < 0: 1 for both), 0 on invalid rows.
+    a_pos = tl.where(valid, tl.where(alpha >= 0, alpha, 1.0), 0.0)
+    a_neg = tl.where(valid, tl.where(alpha >= 0, 1.0 - alpha, 1.0), 0.0)
+    g_pos = tl.where(valid, -a_pos * scale, 0.0)
+    g_neg = a_neg * scale
+    loss = _sigmoid_focal_piece(X, LOSS, GRAD, base, 0, label, a_pos, a_neg, g_pos, g_neg, valid, in_range, C,
+                                gamma, GAMMA_MODE, WRITE_GRAD, STORE_ELEMS, BLOCK_A, False)
     if BLOCK_B > 0:
-        loss += _sigmoid_focal_piece(X, LOSS, GRAD, base, base, BLOCK_A, label, valid, in_range, C, alpha, gamma,
-                                     scale, GAMMA_MODE, WRITE_GRAD, STORE_ELEMS, BLOCK_B, True)
+        loss += _sigmoid_focal_piece(X, LOSS, GRAD, base, BLOCK_A, label, a_pos, a_neg, g_pos, g_neg, valid,
+                                     in_range, C, gamma, GAMMA_MODE, WRITE_GRAD, STORE_ELEMS, BLOCK_B, True)
     if REDUCE:
         tl.store(PARTIAL + pid, tl.sum(loss, axis=0))
