@@ -358,14 +358,26 @@ def test_one_pass_tiles_from_c():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("int64", [False, True])
-def test_one_pass_kernels(device, int64, monkeypatch):
+@pytest.mark.parametrize("int64, emulate", [(False, False), (True, False), (False, True)])
+def test_one_pass_kernels(device, int64, emulate, monkeypatch):
     """The one-pass tile kernels (softmax focal, sigmoid focal with integer labels): rows of two
     pieces with a masked edge (C = 37, 200), a single piece (C = 64), every gamma specialisation,
-    class alpha, weights, background labels, and the int64-offset variant (forced)."""
-    from fused_losses._triton import launch
+    class alpha, weights, background labels, the int64-offset variant (forced), and (emulate,
+    interpreter only) the GPU's approximate ex2/lg2/rcp error bounds applied in one direction
+    (kernels._EMULATE_APPROX), plus confident rows, which the accuracy rule must survive."""
+    import triton.language as tl
+
+    from fused_losses._triton import kernels, launch
 
     monkeypatch.setattr(launch, "_FORCE_INT64", int64)
+    monkeypatch.setattr(kernels, "_EMULATE_APPROX", tl.constexpr(emulate))
+    confident = torch.tensor([[40.0, 0.0, -5.0], [0.0, 30.0, 1.0], [2.0, 1.0, 0.5], [-3.0, 12.0, 11.5]],
+                             device=device)
+    for gamma in (0.0, 0.5, 2.0):
+        for reduction in REDUCTIONS:
+            _check("focal", confident, torch.tensor([0, 1, 2, 1], device=device), gamma=gamma, reduction=reduction)
+            _check("sigmoid_focal", confident * 0.5, torch.tensor([0, 1, 3, 1], device=device), alpha=0.25,
+                   gamma=gamma, reduction=reduction)
     for c in (37, 64, 200):
         logits, target = softmax_case((9, c), torch.float32, device, ignore_frac=0.2, scale=6.0)
         for gamma, alpha in [(0.0, "none"), (2.0, "class"), (0.7, "float")]:

@@ -658,6 +658,22 @@ def record_scale_kernel(GO, APPLIED):
 # pow), 1 -> any gamma (runtime, exp2/log2).
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+# Under the interpreter the fast helpers below compute numpy's exact functions; with
+# FUSED_LOSSES_TRITON_EMULATE_APPROX=1 they add the GPU instructions' error bound instead, all
+# in one direction (the worst case for a sum): ex2.approx x (1 + 2^-22) with subnormal results
+# flushed to 0 (.ftz), lg2.approx + 2^-22 absolute, rcp.approx x (1 + 2^-23). The tests run the
+# one-pass kernels both ways (the accuracy rule must hold with the error bound applied).
+_EMULATE_APPROX = tl.constexpr(os.environ.get("FUSED_LOSSES_TRITON_EMULATE_APPROX", "0") not in ("", "0"))
+
+
+@triton.jit
+def _ex2_fast(v):
+    """2^v: tl.exp2 is ex2.approx.ftz.f32 on the GPU (~2 ulps, subnormal results flushed)."""
+    if _INTERPRETING and _EMULATE_APPROX:
+        r = tl.exp2(v) * (1.0 + 2.384185791015625e-07)
+        return tl.where(r < 1.1754943508222875e-38, 0.0, r)
+    else:
+        return tl.exp2(v)
 
 
 @triton.jit
@@ -666,7 +682,10 @@ def _lg2_fast(v):
     instruction); numpy's log2 under the interpreter. Callers use it only where the result is
     at least ~0.2 in magnitude (relative error <= 1e-6) or an absolute error is what counts."""
     if _INTERPRETING:
-        return tl.log2(v)
+        if _EMULATE_APPROX:
+            return tl.log2(v) + 2.384185791015625e-07
+        else:
+            return tl.log2(v)
     else:
         return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True,
                                          pack=1)
@@ -701,7 +720,10 @@ def _rcp_fast(v):
     """1 / v for 1 <= |v| <= 3: rcp.approx.ftz.f32 on the GPU (one MUFU, ~1 ulp; div.full costs
     a range test, a scaling and a multiply more), exact division under the interpreter."""
     if _INTERPRETING:
-        return 1.0 / v
+        if _EMULATE_APPROX:
+            return (1.0 / v) * (1.0 + 1.1920928955078125e-07)
+        else:
+            return 1.0 / v
     else:
         return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
                                          is_pure=True, pack=1)
@@ -809,11 +831,11 @@ def softmax_focal_tile_kernel(
         m = tl.maximum(m, tl.max(xb, axis=1))
     x_t = tl.load(X + xbase + t_safe, mask=valid, other=0.0).to(tl.float32)
     m_ref = tl.where(m == float("-inf"), 0.0, m)
-    ea = tl.exp2((xa - m_ref[:, None]) * _LOG2E)
+    ea = _ex2_fast((xa - m_ref[:, None]) * _LOG2E)
     s_all = tl.sum(ea, axis=1)
     s_oth = tl.sum(tl.where(cols_a[None, :] == t_col[:, None], 0.0, ea), axis=1)
     if BLOCK_B > 0:
-        eb = tl.exp2((xb - m_ref[:, None]) * _LOG2E)
+        eb = _ex2_fast((xb - m_ref[:, None]) * _LOG2E)
         s_all += tl.sum(eb, axis=1)
         s_oth += tl.sum(tl.where(cols_b[None, :] == t_col[:, None], 0.0, eb), axis=1)
     s_all = tl.where(valid, s_all, 1.0)  # ignored rows read nothing; keep their math finite
@@ -824,7 +846,7 @@ def softmax_focal_tile_kernel(
     log_s = tl.where(is_max, _log1p_fast(s_oth), _lg2_fast(s_all) * _LN2)
     logpt = (x_t - m_ref) - log_s
     omp = s_oth * inv_s
-    pt = tl.exp2(logpt * _LOG2E)
+    pt = _ex2_fast(logpt * _LOG2E)
     value, dvalue = _focal_row(logpt, omp, pt, gamma, GAMMA_MODE)
     if HAS_CLASS_W:
         a_t = tl.load(CLASS_W + t_safe, mask=valid, other=0.0).to(tl.float32)
@@ -874,7 +896,7 @@ def _sigmoid_focal_piece(X, LOSS, GRAD, base, c0, label, a_pos, a_neg, g_pos, g_
     x = tl.load(X + base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
     pos = cols[None, :] == label[:, None]
     z = tl.where(pos, -x, x)
-    e = tl.exp2(tl.abs(x) * (-_LOG2E))
+    e = _ex2_fast(tl.abs(x) * (-_LOG2E))
     inv = _rcp_fast(1.0 + e)
     ez = e * inv
     omp = tl.where(z >= 0, inv, ez)  # sigmoid(z) = 1 - p_t
