@@ -54,15 +54,17 @@ def _pieces(c: int) -> tuple[int, int]:
     return a, (_pow2(c - a) if c > a else 0)
 
 
-def _one_pass_config(rows: int, c: int) -> dict:
+def _one_pass_config(rows: int, c: int, elementwise: bool = False) -> dict:
     """Tile and launch configuration of the one-pass kernels, from C: BLOCK_M rows of A + B
-    columns, about _ONE_PASS_TILE elements per program (>= 1 row), 4 warps up to 2048 padded
-    columns per row and 8 above (so a thread holds about 16-32 elements); no loop, so one stage."""
+    columns, about _ONE_PASS_TILE elements per program (>= 1 row); 4 warps (a thread holds at
+    most 32 elements), and 8 for the elementwise sigmoid from 2048 padded columns (fewer registers
+    at the same count; the softmax row's reductions and row math cost more over 8 warps: +0.1 to
+    +0.4 warp-instructions per element, NOTES.md); no loop, so one stage."""
     a, b = _pieces(c)
     width = a + b
     block_m = max(1, min(_ONE_PASS_TILE // width, 64, _pow2(rows)))
     block_m = 1 << (block_m.bit_length() - 1)
-    num_warps = 4 if width * block_m <= 4096 else 8
+    num_warps = 8 if elementwise and width >= 2048 else 4
     return dict(BLOCK_A=a, BLOCK_B=b, BLOCK_M=block_m, num_warps=num_warps, num_stages=1)
 
 
@@ -410,7 +412,7 @@ def _sigmoid_focal_labels_launch(logits, x, t, c, *, scale, alpha, gamma, ignore
     """sigmoid_focal_labels_kernel over (numel / C) rows of C: one-pass tiles chosen from C."""
     numel = x.numel()
     r = numel // c
-    cfg = _one_pass_config(r, c)
+    cfg = _one_pass_config(r, c, elementwise=True)
     block_r = cfg.pop("BLOCK_M")
     grid = (triton.cdiv(r, block_r),)
     rows = torch.empty(numel, dtype=logits.dtype, device=x.device) if reduction == "none" else scale
