@@ -8,25 +8,30 @@ resident warps per SM, and the implied % of the H100 SXM HBM roofline. Prints a 
 benchmarks/results/gpu-static-sm90.json, and exits non-zero when a case exceeds its committed
 ceiling (benchmarks/gpu_budget_limits.json) or loses its wide accesses.
 
-    .venv/bin/python -m benchmarks.gpu_budget [--no-triton] [--require-targets] [--update-limits]
+    .venv/bin/python -m benchmarks.gpu_budget [--no-cuda|--no-triton] [--require-targets]
+        [--update-limits] [--markdown] [--explain REGEX]
 
-Method (csrc/cuda/NOTES.md, "Static SASS budget"):
-  1. SASS -> basic blocks (labels, branches, EXIT/RET) -> dominators -> natural loops (back
-     edges u -> h with h dominating u), nested by containment.
-  2. Blocks on error paths are removed: a block that calls __assertfail (CALL.ABS), traps (BPT),
-     or calls a libdevice slow path ($__internal_*slowpath: IEEE div/rcp/sqrt of denormal or
-     huge operands), and every block that can only reach such blocks.
-  3. Per loop, the count of one iteration is the cost of the most expensive path from the header
-     to a back edge through the remaining blocks (an inner loop on the path counts its model's
-     trip count times its own iteration cost, plus one exit test); the KERNEL'S WORK MODEL
-     (MODELS below, keyed by the template name) says which loop is the steady state, which
-     inner loops it must contain and how often they run, and how many elements one iteration
-     of the steady-state loop handles per warp. A structure that does not match its model
-     (a different number of loops, no loop with the model's loads...) raises ModelMismatch:
-     the tool fails, it never reports a number for a kernel it does not understand.
-  4. Cost of a path = its SASS instructions (one warp-instruction each: predicated-off ones
-     issue too); the most expensive path is an upper bound of the common path (it takes the
-     heavier side of every branch the launch decides, e.g. the loss kind), see NOTES.md.
+Method (csrc/cuda/NOTES.md, "Static SASS budget (make gpu-budget)"):
+  1. SASS (nvdisasm -c -gi: with the -lineinfo inlining chain) -> basic blocks (labels, branches,
+     EXIT/RET) -> dominators -> natural loops (back edges u -> h with h dominating u), nested by
+     containment. Indirect branches and irreducible flow raise ModelMismatch.
+  2. Off the counted path: blocks that call __assertfail (CALL.ABS), trap (BPT), call a libdevice
+     slow path or the 64-bit division subroutine, and every block that can only reach them; the
+     BRA.DIV fallback of a diverged warp; blocks all of whose instructions come from source text
+     the work model's skip patterns match (the loss kinds, options and gamma branches the case
+     does not run); the bodies of unrolled `if (c < C)` guards past C (unrolled_guards).
+  3. One iteration of a loop costs the most expensive remaining path from its header to a back
+     edge (an inner loop on the path: its trip count from the work model x its own iteration).
+     The data branches left are the warp's common path (a warp runs a side when any lane does).
+     Cost = SASS instructions, one warp-instruction each (predicated-off ones issue too).
+  4. The WORK MODEL of each kernel (cuda_work / triton_work, keyed by the template name and its
+     arguments, or the Triton kernel and its constexprs) says which loop is the steady state,
+     which inner loops it must contain and how often they run, and how many elements a warp
+     handles per iteration. A structure that does not match (another loop nest, an unexpected
+     call, a missing instance...) raises ModelMismatch: exit 2, never a number for a kernel the
+     tool does not understand.
+  5. % of the H100 roofline from the instruction issue time vs the memory time of the case's
+     bytes; a Little's-law latency estimate beside it (reported, not gated).
 """
 from __future__ import annotations
 
@@ -202,7 +207,11 @@ class Block:
     off_path: bool = False  # code of a variant the case does not run (the model's skip patterns)
 
 
-_ERROR_CALL = re.compile(r"slowpath|assertfail|__assert", re.I)
+# Calls off the counted path: libdevice slow paths (IEEE div/rcp/sqrt of denormal or huge
+# operands), asserts, and the 64-bit integer division subroutines the compiler calls only when an
+# operand does not fit 32 bits (it tests first and divides in 32 bits otherwise: tensors below
+# 2^32 elements take that fast path, which is counted).
+_ERROR_CALL = re.compile(r"slowpath|assertfail|__assert|__cuda_sm\d+_(?:div|rem)_[su]64", re.I)
 
 
 class CFG:
@@ -449,7 +458,12 @@ class Counter_:
 
         def cost(n):
             if n[0] == "B":
-                return Count.of(cfg.instrs(n[1]))
+                ins = cfg.instrs(n[1])
+                call = next((it for it in ins if it.op == "CALL"), None)
+                if call is not None:  # error calls (assert, slow paths) are in error blocks, never here
+                    raise ModelMismatch(f"{cfg.fn.name}: a subroutine call on the counted path at {call.addr:#x} "
+                                        f"({call.text}): its body is not counted; not modelled")
+                return Count.of(ins)
             k = n[1]
             ch = children[k]
             t = self.trips(ch, k)
@@ -896,7 +910,15 @@ def analyse(fn: Function, work: Work, case: Case, res: dict, threads: int) -> di
     row["target_pct"] = TARGETS[(case.backend, case.dtype)]
     row["meets_target"] = row["pct_roofline"] >= row["target_pct"]
     row["top_lines"] = top_lines(cfg, counter.path_weights(loop), e)
+    if EXPLAIN and re.search(EXPLAIN, case_key(row)):
+        print(f"== {case_key(row)}: {row['instance']}: warp-instructions per element by source line on the "
+              f"counted path ({per_iter.total:.0f} per iteration of {e:g} elements)")
+        for line in top_lines(cfg, counter.path_weights(loop), e, n=10 ** 6):
+            print("   ", line)
     return row
+
+
+EXPLAIN: str | None = None  # --explain REGEX: print the per-line breakdown of the matching cases
 
 
 def top_lines(cfg: CFG, weights: Counter, elems: float, n: int = 6) -> list[str]:
@@ -927,7 +949,10 @@ def disassemble(cubin: str) -> str:
     return subprocess.run([tool("nvdisasm"), "-c", "-gi", cubin], capture_output=True, text=True, check=True).stdout
 
 
-def load_cuda_functions(so: Path, workdir: Path) -> tuple[dict[str, Function], dict[str, dict]]:
+def load_cuda_functions(so: Path, workdir: Path, units: tuple | None = None
+                        ) -> tuple[dict[str, Function], dict[str, dict]]:
+    """Functions and resource usage of the sm_90 cubins of the extension (units: only the
+    translation units of these names; None: every one, so that moved kernels are still found)."""
     listing = subprocess.run([tool("cuobjdump"), "-lelf", str(so)], capture_output=True, text=True, check=True).stdout
     names = re.findall(r"ELF file\s+\d+:\s+(\S+)", listing)
     if not any("sm_90" in n for n in names):
@@ -935,7 +960,7 @@ def load_cuda_functions(so: Path, workdir: Path) -> tuple[dict[str, Function], d
     subprocess.run([tool("cuobjdump"), "-xelf", "all", str(so)], cwd=workdir, capture_output=True, check=True)
     funcs, res = {}, {}
     for name in names:
-        if "sm_90" not in name or not any(k in name for k in ("softmax_kernels", "sigmoid")):
+        if "sm_90" not in name or (units is not None and not any(name.startswith(k + ".") for k in units)):
             continue
         path = workdir / name
         funcs.update(parse_sass(disassemble(str(path))))
@@ -1080,10 +1105,15 @@ def main(argv=None) -> int:
     parser.add_argument("--update-limits", action="store_true",
                         help=f"rewrite {LIMITS.relative_to(ROOT)} from this build (+{MARGIN:.0%})")
     parser.add_argument("--markdown", action="store_true", help="also print the table of csrc/cuda/NOTES.md")
+    parser.add_argument("--explain", metavar="REGEX",
+                        help="print the counted path's warp-instructions per element by source line for the cases "
+                             "whose key (e.g. 'cuda/softmax rows/fp32/C=80') matches")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results (default %(default)s)")
     parser.add_argument("--limits", type=Path, default=LIMITS)
     args = parser.parse_args(argv)
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
+    global EXPLAIN
+    EXPLAIN = args.explain
     rows: list[dict] = []
     try:
         with tempfile.TemporaryDirectory(prefix="gpu_budget_") as tmp:
@@ -1109,7 +1139,18 @@ def main(argv=None) -> int:
         r["method"] = METHOD
         r["measured"] = "static analysis of the sm_90 SASS (no GPU)"
         r["host"] = platform.node()
-    print_table(rows)
+    if (args.no_cuda or args.no_triton) and args.output.exists():
+        # a partial run keeps the other backend's rows of the results file
+        skipped = "cuda" if args.no_cuda else "triton"
+        try:
+            kept = [r for r in json.loads(args.output.read_text()) if r.get("backend") == skipped]
+        except (ValueError, AttributeError):
+            kept = []
+        rows = [r for r in kept if skipped == "cuda"] + rows + [r for r in kept if skipped == "triton"]
+        rows_checked = [r for r in rows if r.get("backend") != skipped]
+    else:
+        rows_checked = rows
+    print_table(rows_checked)
     if args.markdown:
         print(markdown_table(rows))
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -1130,7 +1171,7 @@ def main(argv=None) -> int:
     if args.no_cuda or args.no_triton:
         backend = "cuda" if args.no_triton else "triton"
         limits = {"cases": {k: v for k, v in limits["cases"].items() if k.startswith(backend + "/")}}
-    errors = check(rows, limits, args.require_targets)
+    errors = check(rows_checked, limits, args.require_targets)
     for e in errors:
         print(f"gpu_budget: FAIL {e}", file=sys.stderr)
     if not errors:

@@ -1,11 +1,20 @@
 """fused_losses: fused softmax/sigmoid focal, OHEM, GHM-C, IB and class-balanced losses.
 
-    import fused_losses as fl
-    loss = fl.focal(logits, target)            # softmax focal, drop-in for F.cross_entropy
-    loss = fl.sigmoid_focal(logits, labels, reduction="sum") / num_pos
-    print(fl.backends())                       # which backends run here, and why not
+The losses (:func:`focal`, :func:`sigmoid_focal`, :func:`ohem`, :func:`ghmc`, :func:`ib`) and
+:func:`class_weights` live in ``fused_losses.functional`` and are re-exported here; the same
+losses as modules are in ``fused_losses.nn``, adapters with torchvision's and mmdet's
+signatures in ``fused_losses.compat``, the float64 ground truth in ``fused_losses.reference``
+and DDP helpers in ``fused_losses.distributed``. Importing never fails because a backend is
+missing: see :func:`backends`.
 
-Importing never fails because a backend is missing; see backends().
+Example:
+    >>> import torch
+    >>> import fused_losses as fl
+    >>> logits = torch.randn(8, 5, requires_grad=True)
+    >>> loss = fl.focal(logits, torch.randint(0, 5, (8,)))    # softmax focal, drop-in for F.cross_entropy
+    >>> loss.backward()
+    >>> fl.backends()["reference"].available
+    True
 """
 from fused_losses import nn, reference
 from fused_losses import _backends
@@ -21,6 +30,20 @@ __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "bac
 
 
 def backends() -> dict:
-    """{name: BackendStatus(available, reason)} for 'cuda', 'triton', 'cpu', 'reference', in the
-    order an automatic choice tries them."""
+    """Which backends can run on this machine, and why the others cannot.
+
+    Returns:
+        A dict ``{name: BackendStatus(available, reason)}`` for 'cuda', 'triton', 'cpu' and
+        'reference', in the order an automatic choice tries them. ``reason`` says what the
+        backend is, or why it is unavailable (no GPU, extension not built, built against another
+        torch, older than the Python code, or the import error).
+
+    Example:
+        >>> import fused_losses as fl
+        >>> status = fl.backends()
+        >>> list(status)
+        ['cuda', 'triton', 'cpu', 'reference']
+        >>> status["reference"].available
+        True
+    """
     return _status()

@@ -1,14 +1,20 @@
 """Adapters with other libraries' exact signatures, so existing training code calls the fused kernels.
 
-    from fused_losses.compat import sigmoid_focal_loss      # torchvision.ops.sigmoid_focal_loss's signature
-    from fused_losses.compat import patch_torchvision
-    from fused_losses.compat import MMDetFocalLoss          # mmdet.models.losses.FocalLoss's signature
-
-    with patch_torchvision():            # torchvision's RetinaNet head uses the fused loss inside the block
-        losses = model(images, targets)
+- :func:`sigmoid_focal_loss`: ``torchvision.ops.sigmoid_focal_loss``'s signature.
+- :func:`patch_torchvision`: torchvision's detection heads use the fused loss (returns a
+  :class:`TorchvisionPatch`, also a context manager).
+- :class:`MMDetFocalLoss`: ``mmdet.models.losses.FocalLoss``'s signature (mmdet 3.x).
 
 Nothing here imports torchvision at import time; patch_torchvision() imports it when called.
 mmdet is never imported: MMDetFocalLoss reproduces its semantics with the fused kernels.
+
+Example:
+    >>> import torch
+    >>> from fused_losses.compat import sigmoid_focal_loss, MMDetFocalLoss
+    >>> x = torch.randn(8, 4, requires_grad=True)
+    >>> y = (torch.rand(8, 4) < 0.25).float()
+    >>> sigmoid_focal_loss(x, y, reduction="sum").backward()
+    >>> loss = MMDetFocalLoss()(x, torch.randint(0, 5, (8,)), avg_factor=3.0)
 """
 from __future__ import annotations
 
@@ -34,21 +40,38 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
         loss = alpha_t * (1 - p_t)^gamma * BCE-with-logits(inputs, targets), elementwise
         p = sigmoid(inputs), p_t = p t + (1 - p)(1 - t), alpha_t = alpha t + (1 - alpha)(1 - t)
 
-    Args:
-        inputs: float tensor of any shape (logits).
-        targets: float tensor of the inputs' shape, 0/1 or soft targets in [0, 1]. Integer labels
-            (label == C meaning background) are fused_losses.sigmoid_focal's extension, not
-            torchvision's: pass them there.
-        alpha: in [0, 1], or -1 to disable (anything else is a ValueError, as in torchvision).
-        gamma: focusing parameter >= 0.
-        reduction: 'none' (default) | 'mean' (over all elements) | 'sum'.
-
     Differences from torchvision: 'mean' and 'sum' return float32 for float16/bfloat16 inputs
     (accumulated in float32; torchvision returns the inputs' dtype); 'none' has the inputs' dtype
     even when targets have a wider one; 'mean' of an empty tensor is 0 (the package's rule for a
     mean over nothing), where torchvision returns NaN. Targets that require grad are served by
     the plain-PyTorch reference backend (the fused kernels write the gradient of the inputs
     only), so their gradient is exact too.
+
+    Args:
+        inputs: float tensor of any shape (logits).
+        targets: float tensor of the inputs' shape, 0/1 or soft targets in [0, 1]. Integer labels
+            (label == C meaning background) are fused_losses.sigmoid_focal's extension, not
+            torchvision's: pass them there.
+        alpha: in [0, 1], or -1 to disable (anything else is a ValueError, as in torchvision); a
+            float or, as torchvision accepts, a 0-dim tensor.
+        gamma: focusing parameter >= 0.
+        reduction: 'none' (default) | 'mean' (over all elements) | 'sum'.
+
+    Returns:
+        The loss: the inputs' shape for 'none', else a 0-dim tensor.
+
+    Raises:
+        TypeError: targets that are not a float tensor (the message points integer labels to
+            fused_losses.sigmoid_focal).
+        ValueError: alpha outside [0, 1] and not -1, shapes that differ, an unknown reduction.
+
+    Example:
+        >>> import torch
+        >>> from torchvision.ops import sigmoid_focal_loss as tv_loss
+        >>> from fused_losses.compat import sigmoid_focal_loss
+        >>> x, y = torch.randn(16, 3), (torch.rand(16, 3) < 0.3).float()
+        >>> bool(torch.allclose(sigmoid_focal_loss(x, y, 0.25, 2, "mean"), tv_loss(x, y, 0.25, 2, "mean")))
+        True
     """
     if not isinstance(targets, torch.Tensor) or not targets.is_floating_point():
         got = type(targets).__name__ if not isinstance(targets, torch.Tensor) else str(targets.dtype)
@@ -84,9 +107,21 @@ _lock = threading.Lock()
 class TorchvisionPatch:
     """Handle returned by patch_torchvision(): the patch is applied when it is created.
 
-    restore() (or leaving the `with` block, also on an exception) puts back exactly the object
-    that was there when this handle patched, unless something else has replaced the function
-    since (then it leaves that alone). Calling it twice is harmless.
+    restore() (or leaving the `with` block, also on an exception) puts back, in each patched
+    module, exactly the object that was there when this handle patched, unless something else has
+    replaced the function since (then it leaves that alone). Calling it twice is harmless.
+
+    Attributes:
+        active: True until restore() runs.
+
+    Example:
+        >>> from fused_losses.compat import patch_torchvision
+        >>> handle = patch_torchvision()
+        >>> handle.active
+        True
+        >>> handle.restore()
+        >>> handle.active
+        False
     """
 
     def __init__(self, module, previous: Callable):
@@ -95,6 +130,9 @@ class TorchvisionPatch:
         self.active = True
 
     def restore(self) -> None:
+        """Put back what this handle replaced (a no-op after the first call, or when something else
+        has replaced the function since).
+        """
         with _lock:
             if not self.active:
                 return
@@ -122,23 +160,32 @@ class TorchvisionPatch:
 
 
 def patch_torchvision() -> TorchvisionPatch:
-    """Make torchvision's RetinaNet classification head use the fused sigmoid focal loss.
+    """Make torchvision's detection models that call sigmoid_focal_loss (RetinaNet's and FCOS's
+    classification losses) use the fused sigmoid focal loss.
 
-    A plain call patches until ``handle.restore()``; as a context manager it restores on exit:
-
-        fused_losses.compat.patch_torchvision()            # for the rest of the process
-        with fused_losses.compat.patch_torchvision():      # only inside the block
-            loss_dict = retinanet(images, targets)
-
+    A plain call patches until ``handle.restore()``; as a context manager it restores on exit.
     Idempotent: patching an already patched module changes nothing, and nested blocks restore in
     order (the innermost leaves the fused loss in place, the outermost puts the original back).
-    The head computes sum / max(1, num_foreground) per image, as before; only the
-    classification loss's kernel changes (same numbers to float32 rounding).
+    The heads compute their sums and divisions as before; only the classification loss's kernel
+    changes (same numbers to float32 rounding).
+
+    Returns:
+        A :class:`TorchvisionPatch` handle (the patch is already applied).
 
     Raises:
         ImportError: torchvision is not installed.
-        RuntimeError: this torchvision's RetinaNet module has no module-level sigmoid_focal_loss
-            (the layout this patch relies on; checked with torchvision 0.29.1).
+        RuntimeError: this torchvision's RetinaNet or FCOS module has no module-level
+            sigmoid_focal_loss (the layout this patch relies on; checked with torchvision 0.29.1);
+            nothing is patched then.
+
+    Example:
+        >>> import torchvision.models.detection.retinanet as tv_retinanet
+        >>> from fused_losses.compat import patch_torchvision, sigmoid_focal_loss
+        >>> with patch_torchvision():              # only inside the block
+        ...     tv_retinanet.sigmoid_focal_loss is sigmoid_focal_loss
+        True
+        >>> tv_retinanet.sigmoid_focal_loss is sigmoid_focal_loss
+        False
     """
     module = importlib.import_module(_RETINANET_MODULE)
     with _lock:
@@ -168,24 +215,30 @@ class MMDetFocalLoss(nn.Module):
         weight_reduce_loss: 'none' -> loss; 'sum' -> loss.sum(); 'mean' -> loss.mean(), or with
         avg_factor loss.sum() / (avg_factor + float32 eps)
 
-    forward(pred, target, weight=None, avg_factor=None, reduction_override=None):
-        pred: (N, C) logits.
-        target: (N,) integer labels in [0, C], label == C being background (all C outputs
-            negative; mmdet's one_hot(target, C + 1)[:, :C]), or one-hot / soft targets of
-            pred's shape (any dtype; cast to pred's, as mmdet's target.type_as(pred)).
-        weight: mmdet's reshaping: a weight of loss's shape is per element; otherwise one with
-            weight.size(0) == N is per row (mmdet's weight.view(-1, 1), the usual (N,) anchor
-            label_weights), else its numel must be N x C (weight.view(N, -1), FSAF's flattened
-            per-class weights).
-        avg_factor: a number or a 0-dim tensor (e.g. num_pos, also after reduce_mean), used with
-            'mean' only; with 'none' it is ignored and with 'sum' it is a ValueError, as in
-            mmdet. No host sync: the division runs on the device.
-        reduction_override: None, 'none', 'mean' or 'sum'.
-
     Differences from mmdet: 'mean' and 'sum' of float16/bfloat16 logits return float32 (the
     fused kernels accumulate in float32; mmdet returns the logits' dtype); ``activated`` (the
     loss on probabilities) is not offered; alpha may also be C per-class values (mmdet: a float).
-    backend (not in mmdet's signature): as everywhere in fused_losses (None = automatic).
+
+    Args:
+        use_sigmoid: must be True (mmdet's FocalLoss supports only the sigmoid focal loss).
+        gamma: focusing parameter >= 0.
+        alpha: weight of positives in [0, 1] (negatives get 1 - alpha), or C per-class values.
+        reduction: 'none' | 'mean' | 'sum' (default 'mean').
+        loss_weight: multiplies the loss.
+        backend: not in mmdet's signature: as everywhere in fused_losses (None = automatic).
+
+    Raises:
+        NotImplementedError: use_sigmoid is not True (use fused_losses.nn.FocalLoss for softmax).
+        ValueError: an unknown reduction.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.compat import MMDetFocalLoss
+        >>> pred = torch.randn(10, 4, requires_grad=True)            # 10 anchors, C = 4
+        >>> labels = torch.tensor([0, 4, 4, 1, 4, 4, 3, 4, 4, 4])    # 4 = background
+        >>> label_weights = torch.ones(10)
+        >>> loss = MMDetFocalLoss(loss_weight=1.0)(pred, labels, label_weights, avg_factor=3.0)
+        >>> loss.backward()
     """
 
     def __init__(self, use_sigmoid: bool = True, gamma: float = 2.0, alpha=0.25, reduction: str = "mean",
@@ -201,6 +254,30 @@ class MMDetFocalLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 avg_factor=None, reduction_override: Optional[str] = None) -> torch.Tensor:
+        """The loss of one batch (mmdet's FocalLoss.forward).
+
+        Args:
+            pred: (N, C) logits.
+            target: (N,) integer labels in [0, C], label == C being background (all C outputs
+                negative; mmdet's one_hot(target, C + 1)[:, :C]), or one-hot / soft targets of
+                pred's shape (any dtype; cast to pred's, as mmdet's target.type_as(pred)).
+            weight: mmdet's reshaping: a weight of loss's shape is per element; otherwise one with
+                weight.size(0) == N is per row (mmdet's weight.view(-1, 1), the usual (N,) anchor
+                label_weights), else its numel must be N x C (weight.view(N, -1), FSAF's flattened
+                per-class weights).
+            avg_factor: a number or a 0-dim tensor (e.g. num_pos, also after reduce_mean), used with
+                'mean' only; with 'none' it is ignored and with 'sum' it is a ValueError, as in
+                mmdet. No host sync: the division runs on the device.
+            reduction_override: None, 'none', 'mean' or 'sum'.
+
+        Returns:
+            The loss: pred's shape for 'none', else a 0-dim tensor.
+
+        Raises:
+            ValueError: avg_factor with 'sum', an unknown reduction_override, a weight of none of
+                the shapes above.
+            TypeError: a weight that is not a tensor.
+        """
         if reduction_override not in (None, "none", "mean", "sum"):
             raise ValueError(f"reduction_override: expected None, 'none', 'mean' or 'sum', got {reduction_override!r}")
         reduction = reduction_override if reduction_override else self.reduction

@@ -33,6 +33,24 @@ def reduce_mean(tensor: torch.Tensor, group: Optional["dist.ProcessGroup"] = Non
     `tensor` itself, unchanged. `tensor` is never written, and nothing waits on the host beyond
     the collective itself (NCCL runs it on the current stream). A statistic, not a loss: the
     result carries no gradient.
+
+    Args:
+        tensor: the rank's value, e.g. its number of positive anchors.
+        group: a torch.distributed process group, or None for the default group.
+
+    Returns:
+        The mean over the ranks (a new tensor), or `tensor` itself without torch.distributed.
+
+    Raises:
+        TypeError: tensor is not a torch.Tensor.
+        ValueError: this rank is not a member of `group`.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.distributed import reduce_mean
+        >>> labels = torch.tensor([0, 3, 3, 1])                       # C = 3: two positives
+        >>> reduce_mean((labels < 3).sum().float()).clamp(min=1.0)    # no process group: unchanged
+        tensor(2.)
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"tensor: expected a torch.Tensor, got {type(tensor).__name__}")
@@ -50,12 +68,27 @@ def global_bin_weights(counts: torch.Tensor, state: Optional[torch.Tensor], mome
                        group: Optional["dist.ProcessGroup"]) -> torch.Tensor:
     """GHM-C per-bin weights from the histogram of the global batch.
 
-    counts: this rank's int64 (bins + 1,) from the ghmc_bin_counts op (valid entries per bin, then
-    n_valid). They are summed over the ranks of `group` (all_reduce on the device: no host sync),
-    then the EMA `state` (float32 (bins,), when given) is updated in place and the weights
-    n_valid / divisor_b / n_nonempty are returned in `dtype` (fused_losses.reference's formula,
-    so a single process gives the same numbers as without a group). Every rank computes the same
-    weights and the same new state.
+    counts (this rank's, from the ghmc_bin_counts op) are summed over the ranks of `group`
+    (all_reduce on the device: no host sync), then the EMA `state` (when given) is updated in
+    place and the weights n_valid / divisor_b / n_nonempty are returned (fused_losses.reference's
+    formula, so a single process gives the same numbers as without a group). Every rank computes
+    the same weights and the same new state.
+
+    Args:
+        counts: int64 (bins + 1,): valid entries per bin, then n_valid.
+        state: None or the float32 (bins,) EMA state, updated in place.
+        momentum: EMA momentum in [0, 1).
+        dtype: dtype of the returned weights.
+        group: a torch.distributed process group, or None for the default group.
+
+    Returns:
+        The (bins,) per-bin weights in `dtype`.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.distributed import global_bin_weights
+        >>> global_bin_weights(torch.tensor([3, 0, 1, 4]), None, 0.0, torch.float32, None)
+        tensor([0.6667, 0.0000, 2.0000])
     """
     from fused_losses.reference import ghm_bin_weights  # noqa: PLC0415 - reference imports torch only
 

@@ -1,23 +1,35 @@
-"""The public functional API (re-exported as fused_losses.focal, ...).
+"""The public functional API, re-exported at the top level (``fused_losses.focal`` is
+:func:`fused_losses.functional.focal`).
 
-Each function validates its arguments (fused_losses._validate, one place for every check),
-picks a backend (fused_losses._backends.select, one place for the choice) and calls it.
-The contract is in README.md: "API" (signatures, shapes, dtypes, the semantics table against
-torchvision/mmcv/kornia), "Loss details and decisions", "Bad input" (the exceptions),
-"Autograd contract" (retain_graph, hooks, forward AD, torch.func, torch.compile) and
-"Accuracy".
+Each function validates its arguments (``fused_losses._validate``, one place for every check),
+picks a backend (``fused_losses._backends.select``, one place for the choice) and calls it. The
+contract (formulas, shapes, dtypes, the semantics against torchvision, mmcv, kornia, MONAI and
+mmdet, the bad-input table, the autograd contract and the accuracy rules) is in the
+documentation: docs/losses.md, docs/bad-input.md and docs/contract.md.
 
-``validate``: out-of-range target values (and non-finite sample weights, per-class values out
-of range) are a ValueError naming the value. None (default) checks on CPU tensors only; on CUDA
-the check costs a host sync, so it runs only with validate=True (without it an out-of-range
-target never reads out of bounds: a device-side assert, as in torch).
+Arguments every loss takes:
 
-Drop-in extras (README "Sample weights, avg_factor, label smoothing, per-class alpha"):
-``weight`` multiplies each sample's (softmax family) or row's/element's (sigmoid family) loss
-and gradient, a zero weight giving exactly 0 (a NaN logit there does not leak); 'mean'
-denominators are unchanged by weights (mmdet's weight_reduce_loss), except GHM-C, where a zero
-weight drops the entry. ``avg_factor`` (reduction='mean' only) replaces the mean's denominator:
-the loss is the backend's 'sum' divided by avg_factor, a device-side division (no host sync).
+- ``backend``: None (automatic: 'cuda', then 'triton' for CUDA tensors, 'cpu' for CPU tensors,
+  else 'reference'), or one of 'cuda', 'triton', 'cpu', 'reference'. An explicit backend that
+  cannot serve the call raises RuntimeError; the automatic choice never fails.
+  ``FUSED_LOSSES_BACKEND=<name>`` sets it globally.
+- ``validate``: out-of-range target values (and non-finite sample weights, per-class values
+  out of range) are a ValueError naming the value. None (default) checks CPU tensors only; on
+  CUDA the check costs a host sync, so it runs only with validate=True (without it an
+  out-of-range target never reads out of bounds: a device-side assert, as in torch).
+- ``weight`` multiplies each sample's (softmax family) or row's/element's (sigmoid family) loss
+  and gradient, a zero weight giving exactly 0 (a NaN logit there does not leak); 'mean'
+  denominators are unchanged by weights (mmdet's weight_reduce_loss), except GHM-C, where a
+  zero weight drops the entry.
+- ``avg_factor`` (reduction='mean' only) replaces the mean's denominator: the loss is the
+  backend's 'sum' divided by avg_factor, a device-side division (no host sync).
+
+Example:
+    >>> import torch
+    >>> import fused_losses as fl
+    >>> logits = torch.randn(4, 3, requires_grad=True)
+    >>> loss = fl.focal(logits, torch.tensor([0, 2, 1, 0]))
+    >>> loss.backward()
 """
 from __future__ import annotations
 
@@ -63,27 +75,63 @@ def focal(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alp
           ignore_index: int = -100, reduction: str = "mean", from_logits: bool = True,
           backend: Optional[str] = None, validate: Optional[bool] = None, weight: Optional[torch.Tensor] = None,
           avg_factor: AvgFactor = None, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Softmax focal loss: loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}.
+    """Softmax focal loss, ``loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}``.
+
+    p = softmax(logits) over the class dim. With gamma=0 and alpha=None this is
+    ``F.cross_entropy`` (also with ignore_index, spatial shapes and label_smoothing), except
+    that an all-ignored 'mean' is 0, not NaN.
 
     Args:
-        logits: (N, C) or channel-second (N, C, d1, ...) float tensor (probabilities when
-            from_logits=False).
-        target: (N,) or (N, d1, ...) int64/int32 class indices in [0, C) or ignore_index.
+        logits: (N, C) or channel-second (N, C, d1, ...) float tensor (float32, float16,
+            bfloat16; float64 on CPU). Probabilities instead of scores when from_logits=False.
+        target: (N,) or (N, d1, ...) int64/int32 class indices in [0, C), or ignore_index.
         gamma: focusing parameter >= 0; gamma=0 with alpha=None is cross entropy.
-        alpha: None (1), a float (every class), or C per-class factors (alpha_t = alpha[t]).
+        alpha: None (1 for every class), a float (every class), or C per-class factors (a
+            sequence or a (C,) tensor): alpha_t = alpha[t].
         ignore_index: target value that contributes no loss, no gradient and no count.
-        reduction: 'none' (shape of target) | 'mean' (over non-ignored samples; 0 if none) | 'sum'.
-        from_logits: False means logits already hold probabilities (no clamping).
-        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+        reduction: 'none' (the target's shape, the logits' dtype), 'mean' (over non-ignored
+            samples; 0 if there are none) or 'sum'.
+        from_logits: False means logits already hold probabilities (no clamping: p_t = 0 gives
+            inf, like ``F.nll_loss(p.log())``; the gradient lands on the target column only).
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference' (module docstring).
+        validate: None (check target values on CPU tensors), True (also on CUDA: a host sync)
+            or False (never).
         weight: per-sample weights broadcastable to the target's shape (torch broadcasting:
             (N,) for (N,) targets, (N, 1, 1) per image or (N, H, W) per pixel for (N, H, W)):
             loss_i and its gradient are multiplied by w_i; w_i == 0 gives exactly 0 (a NaN
             logit there does not leak). 'mean' still divides by the non-ignored count.
-        avg_factor: with reduction='mean' only: sum / avg_factor instead (a number, or a
+        avg_factor: with reduction='mean' only: sum / avg_factor instead (a number > 0, or a
             0-dim tensor on the logits' device, e.g. mmdet's num_pos; no host sync).
         label_smoothing: eps in [0, 1] (from_logits only): the target distribution
             q_c = (1 - eps) [c == t] + eps / C and loss_i = sum_c q_c a_c (1 - p_c)^gamma
-            (-log p_c); gamma=0 without alpha is F.cross_entropy(..., label_smoothing=eps).
+            (-log p_c); gamma=0 without alpha is ``F.cross_entropy(..., label_smoothing=eps)``.
+
+    Returns:
+        The loss: shape of target for 'none' (logits dtype), a 0-dim tensor for 'mean'/'sum'
+        (``promote_types(logits.dtype, float32)``). Differentiable in logits (first order;
+        forward-mode AD and torch.func transforms too).
+
+    Raises:
+        TypeError: logits not a floating tensor, a target of the wrong dtype (a float target of
+            the logits' shape for the softmax family: the message suggests ``target.argmax(1)``),
+            a weight that is not a real tensor.
+        ValueError: mismatched shapes or devices, out-of-range argument values, out-of-range
+            target values (CPU tensors, or validate=True), channel-last logits (the message
+            suggests ``logits.movedim(-1, 1)``); every message starts with the argument's name.
+        RuntimeError: an explicitly requested backend that is unavailable or cannot serve the
+            call (the message says why).
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> import fused_losses as fl
+        >>> logits = torch.randn(4, 3, requires_grad=True)
+        >>> target = torch.tensor([0, 2, 1, 0])
+        >>> loss = fl.focal(logits, target, gamma=2.0, alpha=[1.0, 2.0, 0.5])
+        >>> loss.backward()
+        >>> ce = fl.focal(logits, target, gamma=0.0)
+        >>> bool(torch.allclose(ce, F.cross_entropy(logits, target)))
+        True
     """
     kwargs = _validate.focal_args(logits, target, gamma=gamma, alpha=alpha, ignore_index=ignore_index,
                                   reduction=reduction, from_logits=from_logits, validate=validate, weight=weight,
@@ -95,29 +143,62 @@ def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: SigmoidA
                   ignore_index: int = -100, reduction: str = "none", backend: Optional[str] = None,
                   validate: Optional[bool] = None, weight: Optional[torch.Tensor] = None,
                   avg_factor: AvgFactor = None) -> torch.Tensor:
-    """Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss semantics), elementwise.
+    """Sigmoid focal loss (``torchvision.ops.sigmoid_focal_loss`` semantics), elementwise.
+
+    ``loss = alpha_t (1 - p_t)^gamma BCE(x, y)`` with p = sigmoid(x), p_t = p y + (1 - p)(1 - y)
+    and alpha_t = alpha y + (1 - alpha)(1 - y).
 
     Args:
         logits: (..., C) float tensor.
-        target: float tensor of logits' shape (soft targets allowed), or integer labels of shape
-            logits.shape[:-1]: label in [0, C) marks that class positive, label == C is background
-            (all negatives), label == ignore_index ignores the row (no one-hot is materialised).
+        target: a float tensor of the logits' shape (0/1 or soft targets), or integer labels of
+            shape ``logits.shape[:-1]``: label in [0, C) marks that class positive, label == C
+            is background (all C outputs negative), label == ignore_index ignores the row (no
+            one-hot is materialised).
         alpha: weight of positives (negatives get 1 - alpha); alpha < 0 disables it. Or C
-            per-class values in [0, 1] (sequence or tensor): alpha_t = alpha[c] y + (1 - alpha[c])(1 - y).
+            per-class values in [0, 1] (sequence or tensor):
+            alpha_t = alpha[c] y + (1 - alpha[c]) (1 - y).
         gamma: focusing parameter >= 0.
-        reduction: 'none' (default, like torchvision) | 'mean' (over elements; with integer labels
-            over non-ignored rows x C) | 'sum'. Detection heads usually want
-            ``sigmoid_focal(..., weight=label_weights, reduction='mean', avg_factor=num_pos)``.
-        weight: shape logits.shape[:-1] = one value per ROW (all C outputs; mmdet's (N,) anchor
-            label_weights; taken per row even when N == C), or logits.shape = per ELEMENT, or
-            anything else broadcastable to logits.shape. Multiplies loss and gradient; 0 gives
-            exactly 0 (NaN logits there do not leak). 'mean' denominators are unchanged.
+        ignore_index: integer label of rows that contribute nothing.
+        reduction: 'none' (default, like torchvision: the logits' shape) | 'mean' (over
+            elements; with integer labels over non-ignored rows x C) | 'sum'. Detection heads
+            usually want ``sigmoid_focal(..., weight=label_weights, reduction='mean',
+            avg_factor=num_pos)``.
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference'.
+        validate: None (check label values on CPU tensors), True (also on CUDA) or False.
+        weight: shape ``logits.shape[:-1]`` = one value per ROW (all C outputs; mmdet's (N,)
+            anchor label_weights; taken per row even when N == C), or ``logits.shape`` = per
+            ELEMENT, or anything else broadcastable to ``logits.shape``. Multiplies loss and
+            gradient; 0 gives exactly 0 (NaN logits there do not leak). 'mean' denominators are
+            unchanged.
         avg_factor: with reduction='mean' only: sum / avg_factor (a number or a 0-dim tensor on
             the logits' device, e.g. num_pos; no host sync).
 
-    A float target that requires grad (grad mode on, e.g. distillation targets) runs on the
-    'reference' backend, the only one that differentiates the target (the compiled kernels write
-    no target gradient); asking for 'cpu', 'triton' or 'cuda' explicitly then raises RuntimeError.
+    Returns:
+        The loss: the logits' shape for 'none' (logits dtype), a 0-dim tensor for 'mean'/'sum'.
+        A float target that requires grad (grad mode on, e.g. distillation targets) runs on the
+        'reference' backend, the only one that differentiates the target.
+
+    Raises:
+        TypeError: logits not a floating tensor, a target of the wrong dtype (a float target of
+            the logits' shape for the softmax family: the message suggests ``target.argmax(1)``),
+            a weight that is not a real tensor.
+        ValueError: mismatched shapes or devices, out-of-range argument values, out-of-range
+            target values (CPU tensors, or validate=True), channel-last logits (the message
+            suggests ``logits.movedim(-1, 1)``); every message starts with the argument's name.
+        RuntimeError: an explicitly requested backend that is unavailable or cannot serve the
+            call (the message says why), e.g. 'cpu' with a float target that
+            requires grad.
+
+    Example:
+        >>> import torch
+        >>> import fused_losses as fl
+        >>> cls_logits = torch.randn(6, 4, requires_grad=True)      # 6 anchors, C = 4
+        >>> labels = torch.tensor([0, 4, 4, 2, 4, -100])           # 4 = background, -100 ignored
+        >>> num_pos = (labels.clamp(min=0) < 4).sum().clamp(min=1)
+        >>> loss = fl.sigmoid_focal(cls_logits, labels, reduction="mean", avg_factor=num_pos)
+        >>> loss.backward()
+        >>> fl.sigmoid_focal(cls_logits, labels).shape              # 'none': elementwise
+        torch.Size([6, 4])
     """
     kwargs = _validate.sigmoid_focal_args(logits, target, alpha=alpha, gamma=gamma, ignore_index=ignore_index,
                                           reduction=reduction, validate=validate, weight=weight,
@@ -130,18 +211,56 @@ def ohem(logits: torch.Tensor, target: torch.Tensor, *, keep: Union[float, int] 
          reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None,
          weight: Optional[torch.Tensor] = None, avg_factor: AvgFactor = None,
          label_smoothing: float = 0.0) -> torch.Tensor:
-    """Online hard example mining over per-sample cross entropy (softmax family shapes).
+    """Online hard example mining: cross entropy over the hardest samples only.
 
-    keep: float in (0, 1] keeps k = max(1, floor(keep * n_valid)) hardest samples; int >= 1 keeps
-        min(keep, n_valid). k is computed on the device; ties go to the lower index.
-    thresh, min_kept: mmseg OHEMPixelSampler mode (keep is ignored): keep samples whose true-class
-        probability is below max(thresh, sorted_p[min(min_kept_total, n_valid - 1)]), where
-        min_kept counts per image (x N for (N, C, d...) inputs; as given for (N, C)).
-    Dropped samples get 0 loss ('none') and no gradient; 'mean' divides by the kept count.
-    weight, avg_factor: as :func:`focal`; the selection ignores weights (a zero-weight sample
-        can be kept and then contributes 0, and is counted by 'mean').
-    label_smoothing: a kept sample's loss is the cross entropy against the smoothed target
-        (as :func:`focal` with gamma=0); the selection ranks the unsmoothed CE / p_t.
+    Softmax-family shapes, as :func:`focal`. Dropped samples get 0 loss ('none') and no
+    gradient; 'mean' divides by the kept count.
+
+    Args:
+        logits: (N, C) or channel-second (N, C, d1, ...) float tensor.
+        target: (N,) or (N, d1, ...) int64/int32 class indices, or ignore_index.
+        keep: float in (0, 1] keeps k = max(1, floor(keep * n_valid)) hardest samples (by
+            cross entropy); int >= 1 keeps min(keep, n_valid). k is computed on the device;
+            ties go to the lower index.
+        thresh: mmseg ``OHEMPixelSampler`` mode (keep is then ignored): keep the samples whose
+            true-class probability is below max(thresh, sorted_p[min(min_kept_total,
+            n_valid - 1)]).
+        min_kept: with thresh: samples kept at least, per image (x N for (N, C, d...) inputs;
+            as given for (N, C)). Without thresh it is a ValueError.
+        ignore_index: target value that is never kept and never counted.
+        reduction: 'none' | 'mean' (over the kept samples) | 'sum'.
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference'.
+        validate: None (check target values on CPU tensors), True (also on CUDA) or False.
+        weight: as :func:`focal`; the selection ignores weights (a zero-weight sample can be
+            kept and then contributes 0, and is counted by 'mean').
+        avg_factor: as :func:`focal`.
+        label_smoothing: a kept sample's loss is the cross entropy against the smoothed target
+            (as :func:`focal` with gamma=0); the selection ranks the unsmoothed CE / p_t.
+
+    Returns:
+        The loss: the target's shape for 'none' (0 where not kept), else a 0-dim tensor.
+
+    Raises:
+        TypeError: logits not a floating tensor, a target of the wrong dtype (a float target of
+            the logits' shape for the softmax family: the message suggests ``target.argmax(1)``),
+            a weight that is not a real tensor.
+        ValueError: mismatched shapes or devices, out-of-range argument values, out-of-range
+            target values (CPU tensors, or validate=True), channel-last logits (the message
+            suggests ``logits.movedim(-1, 1)``); every message starts with the argument's name.
+        RuntimeError: an explicitly requested backend that is unavailable or cannot serve the
+            call (the message says why).
+
+    Example:
+        >>> import torch
+        >>> import fused_losses as fl
+        >>> logits = torch.randn(2, 5, 8, 8, requires_grad=True)     # (N, C, H, W)
+        >>> target = torch.randint(0, 5, (2, 8, 8))
+        >>> target[:, 0] = 255                                        # void pixels
+        >>> loss = fl.ohem(logits, target, thresh=0.7, min_kept=16, ignore_index=255)
+        >>> loss.backward()
+        >>> kept = fl.ohem(logits, target, keep=0.25, ignore_index=255, reduction="none")
+        >>> int((kept > 0).sum())                                     # a quarter of 112 pixels
+        28
     """
     kwargs = _validate.ohem_args(logits, target, keep=keep, thresh=thresh, min_kept=min_kept,
                                  ignore_index=ignore_index, reduction=reduction, validate=validate, weight=weight,
@@ -154,35 +273,74 @@ def ghmc(logits: torch.Tensor, target: torch.Tensor, *, bins: int = 10, momentum
          reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None,
          weight: Optional[torch.Tensor] = None, avg_factor: AvgFactor = None, label_smoothing: float = 0.0,
          process_group=None) -> torch.Tensor:
-    """Gradient harmonized classification loss (GHM-C, Li et al. 2019).
+    """Gradient harmonized classification loss (GHM-C, Li et al., AAAI 2019).
 
     NOTE the default use_sigmoid=True is mmdet's detection variant: C independent sigmoids, and
     integer targets are detection labels in [0, C] where label == C is BACKGROUND (all C outputs
-    negative). A softmax classifier with labels in [0, C) must pass use_sigmoid=False; with the
-    default, every row would get one positive class and C - 1 sigmoid negatives. On CPU targets
-    (validate=None; any device with validate=True) a UserWarning says so when the non-ignored
-    integer labels never contain C (Python's default filter: once per call site).
+    negative). A softmax classifier (or segmentation net) with labels in [0, C) must pass
+    use_sigmoid=False; with the default, every row would get one positive class and C - 1
+    sigmoid negatives. On CPU targets (validate=None; any device with validate=True) a
+    UserWarning says so when the non-ignored integer labels never contain C (Python's default
+    filter: once per call site).
 
-    use_sigmoid=True: sigmoid-family targets (float, or integer labels with C = background);
-    g = |sigmoid(x) - y| per element. use_sigmoid=False: softmax class indices, g = 1 - p_t per
-    sample. Bin = min(floor(g * bins), bins - 1) (g in float32). weight = n_valid / count(bin)
-    / n_nonempty_bins, no gradient; loss = weight * CE, 'mean' divides by n_valid.
-    state: float32 (bins,) EMA of bin counts, updated in place (first, then used) for bins
-    non-empty in this batch: state = momentum * state + (1 - momentum) * count. momentum > 0
-    needs a state; fused_losses.nn.GHMCLoss owns one.
-    A float target that requires grad (grad mode on) runs on the 'reference' backend, the only one
-    that differentiates the target; an explicit compiled backend then raises RuntimeError.
+    g = |sigmoid(x) - y| per element (use_sigmoid=True) or 1 - p_t per sample (False), in
+    float32; bin = min(floor(g * bins), bins - 1); bin weight = n_valid / count(bin) /
+    n_nonempty_bins (no gradient through it); loss = bin weight * CE, 'mean' divides by n_valid.
 
-    weight: shapes as :func:`focal` (use_sigmoid=False) or :func:`sigmoid_focal` (True). Unlike
-        the other losses, a ZERO weight marks the entry invalid, as mmdet's GHMC label_weight:
-        not in the histogram, n_valid or the 'mean' denominator; nonzero weights multiply the
-        loss after the bin weight. avg_factor: as :func:`focal`.
-    label_smoothing: use_sigmoid=False only: CE against the smoothed target; g = 1 - p_t and the
-        bins stay unsmoothed.
-    process_group: a torch.distributed group: the bin counts and n_valid are all-reduced (SUM, on
-        the device) before the weights and the EMA update, so every rank weights by the global
-        batch's histogram and keeps an identical `state`. 'mean' still divides by this rank's
-        n_valid (DDP averages the gradients: equal shards give the single-process loss).
+    Args:
+        logits: use_sigmoid=True: (..., C); use_sigmoid=False: (N, C) or (N, C, d1, ...).
+        target: use_sigmoid=True: float targets of the logits' shape or integer labels of shape
+            ``logits.shape[:-1]`` (C = background); use_sigmoid=False: class indices.
+        bins: number of bins >= 1.
+        momentum: EMA momentum in [0, 1); > 0 needs a state.
+        state: float32 (bins,) EMA of the bin counts, updated in place (first, then used) for
+            the bins non-empty in this batch: state = momentum * state + (1 - momentum) * count.
+            :class:`fused_losses.nn.GHMCLoss` owns one. May be a non-contiguous view.
+        use_sigmoid: True (detection variant, default) or False (softmax classifier).
+        ignore_index: target value that is not binned, counted or differentiated.
+        reduction: 'none' | 'mean' (over valid entries) | 'sum'.
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference'.
+        validate: None (check target values on CPU tensors), True (also on CUDA) or False.
+        weight: shapes as :func:`focal` (use_sigmoid=False) or :func:`sigmoid_focal` (True).
+            Unlike the other losses, a ZERO weight marks the entry invalid, as mmdet's GHMC
+            label_weight: not in the histogram, n_valid or the 'mean' denominator; nonzero
+            weights multiply the loss after the bin weight.
+        avg_factor: as :func:`focal`.
+        label_smoothing: use_sigmoid=False only: CE against the smoothed target; g = 1 - p_t
+            and the bins stay unsmoothed.
+        process_group: a torch.distributed group: the bin counts and n_valid are all-reduced
+            (SUM, on the device) before the weights and the EMA update, so every rank weights by
+            the global batch's histogram and keeps an identical ``state``. 'mean' still divides
+            by this rank's n_valid (DDP averages the gradients: equal shards give the
+            single-process loss).
+
+    Returns:
+        The loss: the per-entry loss for 'none', else a 0-dim tensor. A float target that
+        requires grad runs on the 'reference' backend.
+
+    Raises:
+        TypeError: logits not a floating tensor, a target of the wrong dtype (a float target of
+            the logits' shape for the softmax family: the message suggests ``target.argmax(1)``),
+            a weight that is not a real tensor.
+        ValueError: mismatched shapes or devices, out-of-range argument values, out-of-range
+            target values (CPU tensors, or validate=True), channel-last logits (the message
+            suggests ``logits.movedim(-1, 1)``); every message starts with the argument's name.
+        RuntimeError: under ``torch.func.vmap`` (the bins couple the batch); an explicitly requested backend that is unavailable or cannot serve the
+            call (the message says why).
+
+    Warns:
+        UserWarning: use_sigmoid=True with integer labels that never contain the background C.
+
+    Example:
+        >>> import torch
+        >>> import fused_losses as fl
+        >>> logits = torch.randn(16, 5, requires_grad=True)
+        >>> y = torch.randint(0, 5, (16,))
+        >>> state = torch.zeros(10)
+        >>> loss = fl.ghmc(logits, y, use_sigmoid=False, momentum=0.75, state=state)
+        >>> loss.backward()
+        >>> float(state.sum())                     # (1 - 0.75) x 16 valid samples
+        4.0
     """
     kwargs = _validate.ghmc_args(logits, target, bins=bins, momentum=momentum, state=state, use_sigmoid=use_sigmoid,
                                  ignore_index=ignore_index, reduction=reduction, validate=validate, weight=weight,
@@ -193,14 +351,52 @@ def ghmc(logits: torch.Tensor, target: torch.Tensor, *, bins: int = 10, momentum
 def ib(logits: torch.Tensor, target: torch.Tensor, features: torch.Tensor, *, alpha: float = 1000.0,
        epsilon: float = 1e-3, weight: Alpha = None, gamma: float = 0.0, detach_factor: bool = False,
        reduction: str = "mean", backend: Optional[str] = None, validate: Optional[bool] = None) -> torch.Tensor:
-    """Influence-balanced loss (Park et al., ICCV 2021; IB-focal with gamma > 0).
+    """Influence-balanced loss (Park et al., ICCV 2021); IB-focal with gamma > 0.
 
-    logits: (N, C); target: (N,) class indices (no ignore_index); features: (N,) or (N, 1)
-    feature norms used as given, or (N, D) raw features reduced to sum_d |f|.
     factor_i = alpha / (2 (1 - p_t) f_i + epsilon); loss_i = factor_i * CE_w,i (gamma = 0) or
-    factor_i * (1 - exp(-CE_w,i))^gamma * CE_w,i, CE_w,i = weight[t_i] * CE_i. 'mean' divides by N
-    (also when weight is set, as the official code). Gradient flows through the factor into
-    logits and features unless detach_factor=True.
+    factor_i * (1 - exp(-CE_w,i))^gamma * CE_w,i, with CE_w,i = weight[t_i] * CE_i. The
+    gradient flows through the factor into logits and features (as the official code) unless
+    detach_factor=True. Use it after a cross-entropy warm-up, as the paper does.
+
+    Args:
+        logits: (N, C) float tensor.
+        target: (N,) int64/int32 class indices in [0, C) (no ignore_index).
+        features: (N,) or (N, 1) feature norms used as given, or (N, D) raw features (e.g. the
+            penultimate activations) reduced to sum_d |f|.
+        alpha: numerator of the influence factor.
+        epsilon: > 0, added to the factor's denominator.
+        weight: None or C per-class weights of the cross entropy (e.g.
+            ``class_weights(counts, 'inverse')``).
+        gamma: IB-focal exponent >= 0 (0: plain IB).
+        detach_factor: True stops the gradient through the factor.
+        reduction: 'none' | 'mean' (divides by N, also when weight is set, as the official
+            code) | 'sum'.
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference'.
+        validate: None (check target values on CPU tensors), True (also on CUDA) or False.
+
+    Returns:
+        The loss: (N,) for 'none', else a 0-dim tensor; differentiable in logits and features.
+
+    Raises:
+        TypeError: logits not a floating tensor, a target of the wrong dtype (a float target of
+            the logits' shape for the softmax family: the message suggests ``target.argmax(1)``),
+            a weight that is not a real tensor.
+        ValueError: mismatched shapes or devices, out-of-range argument values, out-of-range
+            target values (CPU tensors, or validate=True), channel-last logits (the message
+            suggests ``logits.movedim(-1, 1)``); every message starts with the argument's name.
+        RuntimeError: an explicitly requested backend that is unavailable or cannot serve the
+            call (the message says why).
+
+    Example:
+        >>> import torch
+        >>> import fused_losses as fl
+        >>> logits = torch.randn(8, 3, requires_grad=True)
+        >>> features = torch.randn(8, 16, requires_grad=True)
+        >>> target = torch.randint(0, 3, (8,))
+        >>> loss = fl.ib(logits, target, features, alpha=1000.0)
+        >>> loss.backward()
+        >>> features.grad.shape
+        torch.Size([8, 16])
     """
     kwargs = _validate.ib_args(logits, target, features, alpha=alpha, epsilon=epsilon, weight=weight, gamma=gamma,
                                detach_factor=detach_factor, reduction=reduction, validate=validate)
@@ -210,7 +406,25 @@ def ib(logits: torch.Tensor, target: torch.Tensor, features: torch.Tensor, *, al
 def class_weights(counts, scheme: str = "inverse", beta: float = 0.9999) -> torch.Tensor:
     """Per-class weights from per-class sample counts, float32 (C,), normalised to sum C.
 
-    'inverse': proportional to 1 / n_k. 'effective': (1 - beta) / (1 - beta^n_k), the effective
-    number of samples (Cui et al., CVPR 2019). A zero or negative count is a ValueError.
+    Args:
+        counts: per-class sample counts: a sequence or a 1-D tensor of C positive numbers (e.g.
+            ``torch.bincount(train_labels, minlength=C)``).
+        scheme: 'inverse' (proportional to 1 / n_k) or 'effective' ((1 - beta) / (1 - beta^n_k),
+            the effective number of samples, Cui et al., CVPR 2019).
+        beta: the 'effective' scheme's beta, in (0, 1).
+
+    Returns:
+        A float32 (C,) tensor on the counts' device (CPU for a sequence) summing to C: pass it
+        as ``alpha`` of :func:`focal` or ``weight`` of :func:`ib`.
+
+    Raises:
+        TypeError: counts that are not a sequence or tensor of real numbers.
+        ValueError: a zero, negative, infinite or NaN count, counts that are not a non-empty 1-D
+            sequence, an unknown scheme, a beta outside (0, 1).
+
+    Example:
+        >>> import fused_losses as fl
+        >>> fl.class_weights([100, 200, 50])
+        tensor([0.8571, 0.4286, 1.7143])
     """
     return reference.class_weights(*_validate.class_weights_args(counts, scheme, beta))

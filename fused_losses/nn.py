@@ -10,6 +10,13 @@ call. Dtype casts of the model that owns them never round them: ``model.half()``
 ``.to(torch.bfloat16)`` leave them float32 (the losses compute in float32 whatever the logits
 dtype), ``model.double()`` makes alpha/weight float64 (exact); GHM-C's state stays float32
 under every cast. Device moves always apply.
+
+Example:
+    >>> import torch
+    >>> import fused_losses as fl
+    >>> criterion = fl.nn.FocalLoss(gamma=2.0, alpha=[1.0, 2.0, 0.5])
+    >>> logits = torch.randn(4, 3, requires_grad=True)
+    >>> criterion(logits, torch.tensor([0, 2, 1, 0])).backward()
 """
 from __future__ import annotations
 
@@ -71,7 +78,7 @@ class _Float32Buffers(nn.Module):
 
 
 class FocalLoss(_Float32Buffers):
-    """Softmax focal loss, loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}; see
+    """Softmax focal loss, ``loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}``; see
     :func:`fused_losses.focal`.
 
     Args:
@@ -84,9 +91,13 @@ class FocalLoss(_Float32Buffers):
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
         label_smoothing: eps in [0, 1] (F.cross_entropy's meaning at gamma=0). Default 0.0.
 
-    forward(logits, target, weight=None, avg_factor=None): logits (N, C) or (N, C, d1, ...),
-    target (N,) or (N, d1, ...) int64/int32 class indices; weight per sample (broadcastable to
-    the target's shape), avg_factor (reduction='mean' only): see :func:`fused_losses.focal`.
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import FocalLoss
+        >>> criterion = FocalLoss(gamma=2.0, ignore_index=255)
+        >>> logits = torch.randn(2, 4, 8, 8, requires_grad=True)      # (N, C, H, W)
+        >>> target = torch.randint(0, 4, (2, 8, 8))
+        >>> criterion(logits, target).backward()
     """
 
     def __init__(self, gamma: float = 2.0, alpha=None, ignore_index: int = -100, reduction: str = "mean",
@@ -98,6 +109,22 @@ class FocalLoss(_Float32Buffers):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 avg_factor=None) -> torch.Tensor:
+        """The loss of one batch; see :func:`fused_losses.focal`.
+
+        Args:
+            logits: (N, C) or channel-second (N, C, d1, ...) float tensor.
+            target: (N,) or (N, d1, ...) int64/int32 class indices, or ignore_index.
+            weight: per-sample weights broadcastable to the target's shape (a zero weight gives
+                exactly 0), or None.
+            avg_factor: with reduction='mean' only: the sum is divided by it (a number or a 0-dim
+                tensor on the logits' device), or None.
+
+        Returns:
+            The loss: the target's shape for 'none', else a 0-dim tensor.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as :func:`fused_losses.focal`.
+        """
         return F.focal(logits, target, gamma=self.gamma, alpha=self.alpha, ignore_index=self.ignore_index,
                        reduction=self.reduction, from_logits=self.from_logits, backend=self.backend, weight=weight,
                        avg_factor=avg_factor, label_smoothing=self.label_smoothing)
@@ -118,10 +145,13 @@ class SigmoidFocalLoss(_Float32Buffers):
         reduction: 'none' (default, like torchvision) | 'mean' | 'sum'.
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
 
-    forward(logits, target, weight=None, avg_factor=None): logits (..., C); target a float
-    tensor of the logits' shape or integer labels of shape logits.shape[:-1] (label == C is
-    background); weight per row (logits.shape[:-1]) or per element (logits.shape); avg_factor
-    with reduction='mean' (e.g. num_pos): see :func:`fused_losses.sigmoid_focal`.
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import SigmoidFocalLoss
+        >>> criterion = SigmoidFocalLoss(reduction="mean")
+        >>> logits = torch.randn(6, 4, requires_grad=True)
+        >>> labels = torch.tensor([0, 4, 4, 2, 4, 1])                 # 4 = background
+        >>> criterion(logits, labels, avg_factor=3.0).backward()
     """
 
     def __init__(self, alpha=0.25, gamma: float = 2.0, ignore_index: int = -100, reduction: str = "none",
@@ -133,6 +163,22 @@ class SigmoidFocalLoss(_Float32Buffers):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 avg_factor=None) -> torch.Tensor:
+        """The loss of one batch; see :func:`fused_losses.sigmoid_focal`.
+
+        Args:
+            logits: (..., C) float tensor.
+            target: a float tensor of the logits' shape, or integer labels of shape
+                ``logits.shape[:-1]`` (label == C is background, ignore_index ignores the row).
+            weight: per row (``logits.shape[:-1]``), per element (``logits.shape``), or anything
+                broadcastable to the logits' shape; or None.
+            avg_factor: with reduction='mean' only (e.g. num_pos), or None.
+
+        Returns:
+            The loss: the logits' shape for 'none', else a 0-dim tensor.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as :func:`fused_losses.sigmoid_focal`.
+        """
         return F.sigmoid_focal(logits, target, alpha=self.alpha, gamma=self.gamma, ignore_index=self.ignore_index,
                                reduction=self.reduction, backend=self.backend, weight=weight, avg_factor=avg_factor)
 
@@ -153,8 +199,12 @@ class OHEMLoss(nn.Module):
         label_smoothing: eps in [0, 1] for the kept samples' cross entropy (the selection ranks
             the unsmoothed one). Default 0.0.
 
-    forward(logits, target, weight=None, avg_factor=None): softmax-family shapes, as
-    :class:`FocalLoss`.
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import OHEMLoss
+        >>> criterion = OHEMLoss(thresh=0.7, min_kept=32, ignore_index=255)
+        >>> logits = torch.randn(2, 5, 8, 8, requires_grad=True)
+        >>> criterion(logits, torch.randint(0, 5, (2, 8, 8))).backward()
     """
 
     def __init__(self, keep: Union[float, int] = 0.25, thresh: Optional[float] = None, min_kept: Optional[int] = None,
@@ -167,6 +217,22 @@ class OHEMLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 avg_factor=None) -> torch.Tensor:
+        """The loss of one batch; see :func:`fused_losses.ohem`.
+
+        Args:
+            logits: (N, C) or channel-second (N, C, d1, ...) float tensor.
+            target: (N,) or (N, d1, ...) int64/int32 class indices, or ignore_index.
+            weight: per-sample weights broadcastable to the target's shape (a zero weight gives
+                exactly 0), or None.
+            avg_factor: with reduction='mean' only: the sum is divided by it (a number or a 0-dim
+                tensor on the logits' device), or None.
+
+        Returns:
+            The loss: the target's shape for 'none', else a 0-dim tensor.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as :func:`fused_losses.ohem`.
+        """
         return F.ohem(logits, target, keep=self.keep, thresh=self.thresh, min_kept=self.min_kept,
                       ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend, weight=weight,
                       avg_factor=avg_factor, label_smoothing=self.label_smoothing)
@@ -199,8 +265,17 @@ class GHMCLoss(_Float32Buffers):
             counts are all-reduced before the weights and the EMA update, so ``acc_sum`` stays
             identical on every rank. Default None (this rank's batch only).
 
-    forward(logits, target, weight=None, avg_factor=None): a zero weight drops the entry (mmdet's
-    label_weight mask); see :func:`fused_losses.ghmc`.
+    Raises:
+        ValueError: bins not an int >= 1, momentum outside [0, 1).
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import GHMCLoss
+        >>> criterion = GHMCLoss(bins=10, momentum=0.75, use_sigmoid=False)   # a classifier
+        >>> logits = torch.randn(16, 5, requires_grad=True)
+        >>> criterion(logits, torch.randint(0, 5, (16,))).backward()
+        >>> float(criterion.acc_sum.sum())                                    # 0.25 x 16 samples
+        4.0
     """
 
     _float32_only = ("acc_sum",)
@@ -219,6 +294,22 @@ class GHMCLoss(_Float32Buffers):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 avg_factor=None) -> torch.Tensor:
+        """The loss of one batch (updates ``acc_sum`` when momentum > 0); see :func:`fused_losses.ghmc`.
+
+        Args:
+            logits: use_sigmoid=True: (..., C); use_sigmoid=False: (N, C) or (N, C, d1, ...).
+            target: use_sigmoid=True: float targets of the logits' shape or integer labels with
+                C = background; use_sigmoid=False: class indices.
+            weight: as :func:`fused_losses.ghmc`: a zero weight drops the entry (mmdet's
+                label_weight mask); or None.
+            avg_factor: with reduction='mean' only, or None.
+
+        Returns:
+            The loss: the per-entry loss for 'none', else a 0-dim tensor.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as :func:`fused_losses.ghmc`.
+        """
         return F.ghmc(logits, target, bins=self.bins, momentum=self.momentum,
                       state=self.acc_sum if self.momentum > 0 else None, use_sigmoid=self.use_sigmoid,
                       ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend, weight=weight,
@@ -241,8 +332,13 @@ class IBLoss(_Float32Buffers):
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
         gamma: IB-focal exponent >= 0 (0: plain IB). Default 0.0.
 
-    forward(logits, target, features): logits (N, C), target (N,) class indices, features (N,)
-    or (N, 1) feature norms, or (N, D) features reduced to sum |f|.
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import IBLoss
+        >>> criterion = IBLoss(alpha=1000.0)
+        >>> logits = torch.randn(8, 3, requires_grad=True)
+        >>> features = torch.randn(8, 16, requires_grad=True)   # penultimate activations
+        >>> criterion(logits, torch.randint(0, 3, (8,)), features).backward()
     """
 
     def __init__(self, alpha: float = 1000.0, epsilon: float = 1e-3, weight=None, detach_factor: bool = False,
@@ -253,6 +349,19 @@ class IBLoss(_Float32Buffers):
         _class_buffer(self, "weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch; see :func:`fused_losses.ib`.
+
+        Args:
+            logits: (N, C) float tensor.
+            target: (N,) int64/int32 class indices (no ignore_index).
+            features: (N,) or (N, 1) feature norms, or (N, D) features reduced to sum |f|.
+
+        Returns:
+            The loss: (N,) for 'none', else a 0-dim tensor.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as :func:`fused_losses.ib`.
+        """
         return F.ib(logits, target, features, alpha=self.alpha, epsilon=self.epsilon, weight=self.weight,
                     gamma=self.gamma, detach_factor=self.detach_factor, reduction=self.reduction, backend=self.backend)
 
@@ -265,8 +374,20 @@ class IBFocalLoss(IBLoss):
     :func:`fused_losses.ib`.
 
     Args:
-        alpha, epsilon, weight, detach_factor, reduction, backend: as :class:`IBLoss`.
+        alpha: numerator of the influence factor. Default 1000.0.
+        epsilon: > 0, added to the denominator. Default 1e-3.
+        weight: None or C per-class weights of the cross entropy.
         gamma: focal exponent >= 0. Default 1.0.
+        detach_factor: True stops the gradient through the factor. Default False.
+        reduction: 'none' | 'mean' (divides by N) | 'sum'. Default 'mean'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import IBFocalLoss
+        >>> criterion = IBFocalLoss(gamma=1.0)
+        >>> logits = torch.randn(8, 3, requires_grad=True)
+        >>> criterion(logits, torch.randint(0, 3, (8,)), torch.rand(8)).backward()
     """
 
     def __init__(self, alpha: float = 1000.0, epsilon: float = 1e-3, weight=None, gamma: float = 1.0,

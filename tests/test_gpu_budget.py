@@ -182,7 +182,7 @@ def _built_cuda():
 def test_real_kernel_softmax_rows_fp32():
     _built_cuda()
     with tempfile.TemporaryDirectory() as tmp:
-        funcs, res = gb.load_cuda_functions(gb.cuda_so(), Path(tmp))
+        funcs, res = gb.load_cuda_functions(gb.cuda_so(), Path(tmp), units=("softmax_kernels",))
     dem = gb.demangle(list(funcs))
     want = "void fused_losses::cuda::softmax_rows_kernel<float, float, 4, 32, 1>"
     name = next(m for m, d in dem.items() if d.startswith(want))
@@ -231,3 +231,18 @@ def test_unrolled_guards_run_the_first_c_slots(tmp_path):
     cfg = gb.CFG(gb.parse_sass(sass)["k"])
     with pytest.raises(gb.ModelMismatch, match="expects 32"):
         gb.apply_unrolled_guards(cfg, cfg.top_loops()[0], r"if \(c < C\)", 2, 32)
+
+
+def test_calls_on_the_path():
+    # the 64-bit division subroutine (called only when an operand exceeds 32 bits) is off the
+    # path like a slow path; any other call on the counted path fails (its body is not counted)
+    wide = SYNTH.replace("        /*0090*/                   FMUL R5, R5, 2 ;",
+                         "        /*0090*/                   CALL.REL.NOINC `($__internal_1_$__cuda_sm20_div_s64) ;")
+    cfg = gb.CFG(gb.parse_sass(wide)["kern"])
+    c = gb.Counter_(cfg, lambda ch, k: 1).iteration(cfg.top_loops()[0])
+    assert c.total == 2 + 3 + 2 + 1 + 1 + 2 and "CALL" not in c.ops
+    other = SYNTH.replace("        /*0090*/                   FMUL R5, R5, 2 ;",
+                          "        /*0090*/                   CALL.REL.NOINC `(helper) ;")
+    cfg = gb.CFG(gb.parse_sass(other)["kern"])
+    with pytest.raises(gb.ModelMismatch, match="subroutine call"):
+        gb.Counter_(cfg, lambda ch, k: 1).iteration(cfg.top_loops()[0])

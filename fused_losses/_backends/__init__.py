@@ -26,6 +26,12 @@ _MODULES = {name: f"fused_losses._backends.{name}_backend" for name in ORDER}
 
 
 class BackendStatus(NamedTuple):
+    """Whether a backend can run here (``available``) and, in words, what it is or why not (``reason``).
+
+    Attributes:
+        available: True when the backend can serve calls on this machine.
+        reason: what the backend is, or why it is unavailable.
+    """
     available: bool
     reason: str
 
