@@ -1297,6 +1297,19 @@ def triton_work(fn_name: str, consts: dict, case: Case, num_warps: int) -> Work:
                 raise ModelMismatch(f"{cfg.fn.name}: the elementwise kernel has a loop")
             return lp
         return Work(steady, blk / num_warps, [], [], f"one program: BLOCK = {blk} elements, {num_warps} warps")
+    if fn_name in ("softmax_focal_tile_kernel", "sigmoid_focal_labels_kernel"):
+        # The one-pass tile kernels (issue #28 part 2): one tile of BLOCK_M (BLOCK_R) whole rows per
+        # program, straight-line code (the row held in registers: no column loop).
+        bm = consts["BLOCK_M" if fn_name == "softmax_focal_tile_kernel" else "BLOCK_R"]
+
+        def steady(cfg: CFG) -> Loop:
+            lp = _whole_kernel(cfg)
+            if lp.live_children():
+                raise ModelMismatch(f"{cfg.fn.name}: the one-pass tile kernel has a loop")
+            return lp
+        return Work(steady, bm * case.C / num_warps, [], [],
+                    f"one program: {bm} rows x C = {case.C} (tile {consts['BLOCK_A']} + {consts['BLOCK_B']} "
+                    f"columns), {num_warps} warps, no loop")
     raise ModelMismatch(f"no work model for the Triton kernel {fn_name}")
 
 
@@ -1305,7 +1318,8 @@ def run_triton(workdir: Path) -> list[dict]:
     rows = []
     for case, call in triton_cases():
         launches = record_triton_launches(call)
-        hot = [l for l in launches if l[0].__name__ in ("softmax_rows_kernel", "sigmoid_kernel")]
+        hot = [l for l in launches if l[0].__name__ in ("softmax_rows_kernel", "sigmoid_kernel",
+                                                         "softmax_focal_tile_kernel", "sigmoid_focal_labels_kernel")]
         if len(hot) != 1:
             raise ModelMismatch(f"triton {case.kernel} {case.dtype} C={case.C}: expected one launch of the loss "
                                 f"kernel, recorded {[l[0].__name__ for l in launches]}")

@@ -314,6 +314,9 @@ def test_online_softmax_over_several_column_blocks(device, monkeypatch):
 
     logits, target = softmax_case((3, 2500), torch.float32, device, scale=8.0)
     _check("focal", logits, target, gamma=2.0, reduction="none")
+    # The general row kernel (the one-pass tile kernel would take these (N, C) focal rows).
+    monkeypatch.setattr(launch, "_ONE_PASS_MAX_C", 0)
+    _check("focal", logits, target, gamma=2.0, reduction="none")
     monkeypatch.setattr(launch, "_row_blocks", lambda m, c, s: (4, 16))
     for shape in [(7, 80), (2, 37, 2, 3)]:
         for dtype in DTYPES:
@@ -337,6 +340,72 @@ def test_online_softmax_over_several_column_blocks(device, monkeypatch):
                                            **kw)
                 for got, want, lowp, what in zip((out, gx, gf), ref, eager, ("loss", "logits grad", "features grad")):
                     assert_matches_reference(got, want, dtype, f"ib {what}", lowp)
+
+
+def test_one_pass_tiles_from_c():
+    """The one-pass tiles: A the largest power of two <= C, B the next power of two >= C - A."""
+    from fused_losses._triton import launch
+
+    assert launch._pieces(80) == (64, 16) and launch._pieces(1203) == (1024, 256)
+    assert launch._pieces(64) == (64, 0) and launch._pieces(1) == (1, 0) and launch._pieces(3) == (2, 1)
+    for c in (1, 3, 19, 80, 100, 1203, 2049, 4096):
+        cfg = launch._one_pass_config(10 ** 6, c)
+        a, b = cfg["BLOCK_A"], cfg["BLOCK_B"]
+        assert a <= c <= a + b or (b == 0 and a == c)
+        assert cfg["BLOCK_M"] * (a + b) <= max(launch._ONE_PASS_TILE, a + b)
+        assert cfg["num_warps"] in (4, 8) and cfg["num_stages"] == 1
+    assert launch._gamma_mode(0.0) == 0 and launch._gamma_mode(2.0) == 2 and launch._gamma_mode(1.5) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("int64, emulate", [(False, False), (True, False), (False, True)])
+def test_one_pass_kernels(device, int64, emulate, monkeypatch):
+    """The one-pass tile kernels (softmax focal, sigmoid focal with integer labels): rows of two
+    pieces with a masked edge (C = 37, 200), a single piece (C = 64), every gamma specialisation,
+    class alpha, weights, background labels, the int64-offset variant (forced), and (emulate,
+    interpreter only) the GPU's approximate ex2/lg2/rcp error bounds applied in one direction
+    (kernels._EMULATE_APPROX), plus confident rows, which the accuracy rule must survive."""
+    import triton.language as tl
+
+    from fused_losses._triton import kernels, launch
+
+    monkeypatch.setattr(launch, "_FORCE_INT64", int64)
+    monkeypatch.setattr(kernels, "_EMULATE_APPROX", tl.constexpr(emulate))
+    confident = torch.tensor([[40.0, 0.0, -5.0], [0.0, 30.0, 1.0], [2.0, 1.0, 0.5], [-3.0, 12.0, 11.5]],
+                             device=device)
+    for gamma in (0.0, 0.5, 2.0):
+        for reduction in REDUCTIONS:
+            _check("focal", confident, torch.tensor([0, 1, 2, 1], device=device), gamma=gamma, reduction=reduction)
+            _check("sigmoid_focal", confident * 0.5, torch.tensor([0, 1, 3, 1], device=device), alpha=0.25,
+                   gamma=gamma, reduction=reduction)
+    for c in (37, 64, 200):
+        logits, target = softmax_case((9, c), torch.float32, device, ignore_frac=0.2, scale=6.0)
+        for gamma, alpha in [(0.0, "none"), (2.0, "class"), (0.7, "float")]:
+            for reduction in REDUCTIONS:
+                _check("focal", logits, target, gamma=gamma, alpha=_alpha(alpha, c, device), reduction=reduction)
+        _check_extras("focal", logits, target, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean",
+                      from_logits=True, weight=_row_weights(target.shape, device), label_smoothing=0.0)
+        slogits, labels = sigmoid_case((9, c), torch.float32, device, kind="labels", ignore_frac=0.2)
+        labels[0] = c  # background
+        for alpha, gamma in SIGMOID_PARAMS + [(0.75, 1.5)]:
+            for reduction in REDUCTIONS:
+                _check("sigmoid_focal", slogits, labels, alpha=alpha, gamma=gamma, reduction=reduction)
+
+
+def test_one_pass_kernels_are_the_ones_launched(monkeypatch):
+    """The hot cases go to the one-pass kernels (recorded launches, nothing run)."""
+    from fused_losses._triton import launch
+    from fused_losses._triton.sass_count import _record
+
+    x = torch.zeros(64, 80)
+    t = torch.zeros(64, dtype=torch.int64)
+    names = [l[0].fn.__name__ for l in _record(lambda: launch.softmax_focal(x, t, None, 1.0, 2.0, -100, "mean",
+                                                                            True, True))]
+    assert names == ["softmax_focal_tile_kernel"]
+    names = [l[0].fn.__name__ for l in _record(lambda: launch.sigmoid_focal(x, t, 0.25, 2.0, -100, "mean", True))]
+    assert names == ["sigmoid_focal_labels_kernel"]
+    launches = _record(lambda: launch.softmax_focal(x, t, None, 1.0, 2.0, -100, "mean", True, True))
+    assert launches[0][2]["num_warps"] == 4 and launches[0][2]["GAMMA_MODE"] == 2 and not launches[0][2]["INT64"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -603,6 +672,7 @@ def test_dropin_softmax_extras_over_several_column_blocks(device, dtype, monkeyp
     from fused_losses._triton import launch
 
     monkeypatch.setattr(launch, "_row_blocks", lambda m, c, s: (4, 16))
+    monkeypatch.setattr(launch, "_ONE_PASS_MAX_C", 0)
     for shape in [(7, 80), (2, 37, 2, 3)]:
         logits, target = softmax_case(shape, dtype, device, ignore_frac=0.2, scale=8.0)
         c = shape[1]

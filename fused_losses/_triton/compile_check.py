@@ -63,17 +63,37 @@ def _variants(full: bool):
                                  bins="i32", num_programs="i32"),
                             dict(LABELS=labels, HAS_WEIGHT=extras, WEIGHT_PER_ELEM=not labels, NUM_BINS_P2=16,
                                  BLOCK=1024)))
+    # The one-pass tile kernels (issue #28): every gamma specialisation, int32 and int64 offsets,
+    # two pieces (C = 80: 64 + 16) and one (C = 64); the hot cases as the launcher configures them
+    # are counted by sass_count.
+    tiles = []
+    for n, (xdt, mode, int64, extras) in enumerate(itertools.product(dtypes, (0, 1, 2), (False, True),
+                                                                        (False, True))):
+        idx = "i64" if int64 else "i32"
+        block_b = 16 if n % 2 else 0
+        tiles.append((K.softmax_focal_tile_kernel,
+                      dict(X=f"*{xdt}", T="*i64", CLASS_W="*fp32", SCALE="*fp32", W="*fp32", LOSS=f"*{xdt}",
+                           PARTIAL="*fp32", GRAD=f"*{xdt}", M=idx, C="i32", sxn=idx, sgn=idx, gamma="fp32",
+                           alpha="fp32", ignore_index="i32"),
+                      dict(GAMMA_MODE=mode, HAS_CLASS_W=extras, HAS_IGNORE=True, HAS_WEIGHT=extras, WRITE_GRAD=True,
+                           STORE_ROWS=extras, REDUCE=not extras, INT64=int64, BLOCK_M=32, BLOCK_A=64,
+                           BLOCK_B=block_b)))
+        tiles.append((K.sigmoid_focal_labels_kernel,
+                      dict(X=f"*{xdt}", T="*i64", SCALE="*fp32", LOSS=f"*{xdt}", PARTIAL="*fp32", GRAD=f"*{xdt}",
+                           R=idx, C="i32", alpha="fp32", gamma="fp32", ignore_index="i32"),
+                      dict(GAMMA_MODE=mode, WRITE_GRAD=not extras or mode == 1, STORE_ELEMS=extras, REDUCE=not extras,
+                           INT64=int64, BLOCK_R=32, BLOCK_A=64, BLOCK_B=block_b)))
     rescale = [(K.rescale_grad_kernel, dict(GRAD=f"*{gdt}", GO="*fp32", APPLIED="*fp32", numel="i64", X=f"*{gdt}"),
                 dict(BLOCK=4096)) for gdt in ("fp32", "bf16", "fp16")]
     rescale.append((K.record_scale_kernel, dict(GO="*fp32", APPLIED="*fp32", X="*fp32"), {}))
-    everything = rows + grads + sigmoid + rescale
+    everything = rows + grads + sigmoid + tiles + rescale
     if full:
         return everything
     # One representative per kernel and kind, the dtypes taking turns.
     groups: dict = {}
     for fn, types, consts in everything:
         key = (fn.__name__, consts.get("KIND"), consts.get("FROM_LOGITS"), consts.get("LABELS"),
-               consts.get("HAS_WEIGHT"))
+               consts.get("HAS_WEIGHT"), consts.get("GAMMA_MODE"), consts.get("INT64"))
         groups.setdefault(key, []).append((fn, types, consts))
     picked = []
     for n, group in enumerate(groups.values()):

@@ -640,3 +640,323 @@ def record_scale_kernel(GO, APPLIED):
     """APPLIED = GO, launched after rescale_grad_kernel (stream order: every program has read
     APPLIED by then)."""
     tl.store(APPLIED, tl.load(GO).to(APPLIED.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------
+# One-pass kernels of the hot cases (issue #28): the row in registers from load to store
+# --------------------------------------------------------------------------------------------
+# Budget (H100 SXM, fwd+bwd: read the logits once, write the gradient once): 3.35 TB/s against
+# 4 warp-instructions/cycle/SM x 132 SMs x 1.98 GHz gives about 2.5 warp-instructions per fp32
+# element and 1.25 per bf16 element. Counted on the sm_90 SASS by
+# `python -m fused_losses._triton.sass_count` (fused_losses/_triton/NOTES.md has the table).
+#
+# Tiles: a row of C columns is held as two pieces, A = the largest power of two <= C and B =
+# the next power of two >= C - A (0 when C is a power of two): C = 80 is 64 + 16 (no idle lane),
+# C = 1203 is 1024 + 256 (6% idle instead of 41% for a 2048-wide tile).
+# Offsets are int32 unless the launcher sets INT64 (a tensor over 2^31 elements).
+# GAMMA_MODE (constexpr, the launcher picks): 0 -> gamma = 0, 2 -> gamma = 2 (closed forms, no
+# pow), 1 -> any gamma (runtime, exp2/log2).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# Under the interpreter the fast helpers below compute numpy's exact functions; with
+# FUSED_LOSSES_TRITON_EMULATE_APPROX=1 they add the GPU instructions' error bound instead, all
+# in one direction (the worst case for a sum): ex2.approx x (1 + 2^-22) with subnormal results
+# flushed to 0 (.ftz), lg2.approx + 2^-22 absolute, rcp.approx x (1 + 2^-23). The tests run the
+# one-pass kernels both ways (the accuracy rule must hold with the error bound applied).
+_EMULATE_APPROX = tl.constexpr(os.environ.get("FUSED_LOSSES_TRITON_EMULATE_APPROX", "0") not in ("", "0"))
+
+
+@triton.jit
+def _ex2_fast(v):
+    """2^v: tl.exp2 is ex2.approx.ftz.f32 on the GPU (~2 ulps, subnormal results flushed)."""
+    if _INTERPRETING and _EMULATE_APPROX:
+        r = tl.exp2(v) * (1.0 + 2.384185791015625e-07)
+        return tl.where(r < 1.1754943508222875e-38, 0.0, r)
+    else:
+        return tl.exp2(v)
+
+
+@triton.jit
+def _lg2_fast(v):
+    """log2(v), v > 0: lg2.approx.f32 on the GPU (absolute error about 2^-22, MUFU, one
+    instruction); numpy's log2 under the interpreter. Callers use it only where the result is
+    at least ~0.2 in magnitude (relative error <= 1e-6) or an absolute error is what counts."""
+    if _INTERPRETING:
+        if _EMULATE_APPROX:
+            return tl.log2(v) + 2.384185791015625e-07
+        else:
+            return tl.log2(v)
+    else:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+
+
+@triton.jit
+def _log1p_small(v):
+    """log(1 + v) for 0 <= v <= 1/4 to ~1 ulp: 2 atanh(z), z = v / (2 + v) <= 1/9, odd series to
+    z^11 (the first term left out, z^13 / 13, is below 2^-40 of the sum)."""
+    z = v * _rcp_fast(2.0 + v)
+    z2 = z * z
+    acc = 1.0 / 11.0 + z2 * 0.0
+    acc = 1.0 / 9.0 + z2 * acc
+    acc = 1.0 / 7.0 + z2 * acc
+    acc = 1.0 / 5.0 + z2 * acc
+    acc = 1.0 / 3.0 + z2 * acc
+    return 2.0 * z + (2.0 * z) * (z2 * acc)
+
+
+@triton.jit
+def _log1p_fast(v):
+    """log(1 + v), v >= 0, relative error <= ~1e-6: the series below 1/4, lg2.approx above (where
+    log(1 + v) >= 0.22, so lg2's absolute error is a small relative one)."""
+    small = v < 0.25
+    series = _log1p_small(tl.where(small, v, 0.0))
+    direct = _lg2_fast(1.0 + v) * _LN2
+    return tl.where(small, series, direct)
+
+
+@triton.jit
+def _rcp_fast(v):
+    """1 / v for 1 <= |v| <= 3: rcp.approx.ftz.f32 on the GPU (one MUFU, ~1 ulp; div.full costs
+    a range test, a scaling and a multiply more), exact division under the interpreter."""
+    if _INTERPRETING:
+        if _EMULATE_APPROX:
+            return (1.0 / v) * (1.0 + 1.1920928955078125e-07)
+        else:
+            return 1.0 / v
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _log1p_unit(v):
+    """log(1 + v) for 0 <= v <= 1 (softplus' tail), ~1 ulp: 2 atanh(z), z = v / (2 + v) <= 1/3,
+    odd series to z^13 (the first term left out, z^15 / 15, is below 2^-26 of the sum)."""
+    z = v * _rcp_fast(2.0 + v)
+    z2 = z * z
+    acc = 1.0 / 11.0 + z2 * (1.0 / 13.0)
+    acc = 1.0 / 9.0 + z2 * acc
+    acc = 1.0 / 7.0 + z2 * acc
+    acc = 1.0 / 5.0 + z2 * acc
+    acc = 1.0 / 3.0 + z2 * acc
+    w = z + z
+    return w + w * (z2 * acc)
+
+
+@triton.jit
+def _focal_row(logpt, omp, pt, gamma, GAMMA_MODE: tl.constexpr):
+    """(L, dL/dlog p_t) of the softmax focal term L = (1 - p_t)^gamma (-log p_t) (_focal_term),
+    closed forms for gamma = 0 and 2: dL/dl = gamma p_t (1 - p_t)^gamma l / (1 - p_t) - (1 - p_t)^gamma,
+    at gamma = 2: 2 p_t (1 - p_t) l - (1 - p_t)^2 (no division, finite at p_t = 1)."""
+    if GAMMA_MODE == 0:
+        return -logpt, tl.zeros_like(logpt) - 1.0
+    elif GAMMA_MODE == 2:
+        mod = omp * omp
+        return mod * (-logpt), 2.0 * pt * omp * logpt - mod
+    else:
+        return _focal_term(logpt, omp, gamma)
+
+
+@triton.jit
+def _row_piece(X, xbase, c0, valid, C, BLOCK: tl.constexpr, EDGE: tl.constexpr):
+    """Columns c0 .. c0 + BLOCK of the rows at xbase (float32, -inf where masked); EDGE: the piece
+    may pass C (piece B), else every column is in range (piece A) and the mask is per row only."""
+    cols = c0 + tl.arange(0, BLOCK)
+    if EDGE:
+        mask = valid[:, None] & (cols < C)[None, :]
+    else:
+        mask = valid[:, None] & (cols >= 0)[None, :]
+    x = tl.load(X + xbase[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    return x, cols
+
+
+@triton.jit
+def _store_grad_piece(GRAD, gbase, cols, e, inv_s, t, omp, coef, in_range, C, EDGE: tl.constexpr):
+    """GRAD[row, cols] = coef (p - [col == t]) with p = e / s; the target column -coef (1 - p_t)."""
+    grad = coef[:, None] * tl.where(cols[None, :] == t[:, None], -omp[:, None], e * inv_s[:, None])
+    if EDGE:
+        mask = in_range[:, None] & (cols < C)[None, :]
+    else:
+        mask = in_range[:, None] & (cols >= 0)[None, :]
+    tl.store(GRAD + gbase[:, None] + cols[None, :], _cast(grad, GRAD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_focal_tile_kernel(
+    X, T, CLASS_W, SCALE, W,  # logits (rows of C contiguous columns), targets, per-class alpha, grad scale, weights
+    LOSS, PARTIAL, GRAD,  # outputs
+    M, C, sxn, sgn,
+    gamma, alpha, ignore_index,
+    GAMMA_MODE: tl.constexpr, HAS_CLASS_W: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, STORE_ROWS: tl.constexpr, REDUCE: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Softmax focal loss (cross entropy at gamma = 0) and its gradient in one pass, for rows that
+    fit one tile (C <= BLOCK_A + BLOCK_B, columns contiguous): the logits are read once, the
+    exponentials computed once and the gradient written from the same registers.
+
+    Per row: m = max x, e_j = 2^((x_j - m) log2 e) (ex2.approx: |x_j - m| 2^-24 + 2 ulps
+    relative), s = sum e_j, s_t' = sum_{j != t} e_j, x_t gathered (one load per row, in L1),
+    1 - p_t = s_t' / s, log p_t = (x_t - m) - log s with log s = log1p(s_t') when t is the max
+    (exact for a confident sample, _log1p_fast) and lg2.approx(s) otherwise (then |log p_t| >=
+    log 2, so its absolute error 2^-22 is relative <= 3e-7). Loss a_t w L, coef = -a_t w dL/dl
+    x SCALE, GRAD_j = coef (e_j / s - [j == t]), the target column -coef (1 - p_t) (no
+    cancellation). Ignored and zero-weight rows: loss 0, grad 0, logits not read. Semantics and
+    outputs as softmax_rows_kernel (KIND = FOCAL, FROM_LOGITS, no label smoothing, S = 1).
+    """
+    pid = tl.program_id(0)
+    if INT64:
+        rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    else:
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_range = rows < M
+    t = tl.load(T + rows, mask=in_range, other=0)
+    if HAS_IGNORE:
+        valid = in_range & (t != ignore_index)
+    else:
+        valid = in_range
+    if HAS_WEIGHT:
+        w = tl.load(W + rows, mask=valid, other=0.0).to(tl.float32)
+        valid = valid & (w != 0)
+    # The target as a column index (int32 unless INT64): out-of-range targets match no column and
+    # gather a clamped one (as softmax_rows_kernel).
+    t_safe = tl.minimum(tl.maximum(tl.where(valid, t, 0), 0), C - 1).to(rows.dtype)
+    t_col = tl.where(valid & (t >= 0) & (t < C), t_safe, -1)
+    xbase = rows * sxn
+    xa, cols_a = _row_piece(X, xbase, 0, valid, C, BLOCK_A, False)
+    m = tl.max(xa, axis=1)
+    if BLOCK_B > 0:
+        xb, cols_b = _row_piece(X, xbase, BLOCK_A, valid, C, BLOCK_B, True)
+        m = tl.maximum(m, tl.max(xb, axis=1))
+    x_t = tl.load(X + xbase + t_safe, mask=valid, other=0.0).to(tl.float32)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    ea = _ex2_fast((xa - m_ref[:, None]) * _LOG2E)
+    s_all = tl.sum(ea, axis=1)
+    s_oth = tl.sum(tl.where(cols_a[None, :] == t_col[:, None], 0.0, ea), axis=1)
+    if BLOCK_B > 0:
+        eb = _ex2_fast((xb - m_ref[:, None]) * _LOG2E)
+        s_all += tl.sum(eb, axis=1)
+        s_oth += tl.sum(tl.where(cols_b[None, :] == t_col[:, None], 0.0, eb), axis=1)
+    s_all = tl.where(valid, s_all, 1.0)  # ignored rows read nothing; keep their math finite
+    s_oth = tl.where(valid, s_oth, 0.0)
+    x_t = tl.where(valid, x_t, m_ref)
+    inv_s = _rcp_fast(s_all)  # s in [1, C] (or NaN)
+    is_max = x_t == m_ref
+    log_s = tl.where(is_max, _log1p_fast(s_oth), _lg2_fast(s_all) * _LN2)
+    logpt = (x_t - m_ref) - log_s
+    omp = s_oth * inv_s
+    pt = _ex2_fast(logpt * _LOG2E)
+    value, dvalue = _focal_row(logpt, omp, pt, gamma, GAMMA_MODE)
+    if HAS_CLASS_W:
+        a_t = tl.load(CLASS_W + t_safe, mask=valid, other=0.0).to(tl.float32)
+        value = a_t * value
+        dvalue = a_t * dvalue
+    else:
+        value = alpha * value
+        dvalue = alpha * dvalue
+    if HAS_WEIGHT:
+        value = w * value
+        dvalue = w * dvalue
+    loss = tl.where(valid, value, 0.0)
+    if STORE_ROWS:
+        tl.store(LOSS + rows, _cast(loss, LOSS.dtype.element_ty), mask=in_range)
+    if REDUCE:
+        tl.store(PARTIAL + pid, tl.sum(loss, axis=0))
+    if WRITE_GRAD:
+        coef = tl.where(valid, -dvalue * tl.load(SCALE), 0.0)
+        gbase = rows * sgn
+        _store_grad_piece(GRAD, gbase, cols_a, ea, inv_s, t_col, omp, coef, in_range, C, False)
+        if BLOCK_B > 0:
+            _store_grad_piece(GRAD, gbase, cols_b, eb, inv_s, t_col, omp, coef, in_range, C, True)
+
+
+@triton.jit
+def _sigmoid_focal_piece(X, LOSS, GRAD, base, c0, label, a_pos, a_neg, g_pos, g_neg, valid, in_range, C, gamma,
+                         GAMMA_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr, STORE_ELEMS: tl.constexpr,
+                         BLOCK: tl.constexpr, EDGE: tl.constexpr):
+    """Sigmoid focal loss and gradient of columns c0 .. c0 + BLOCK of integer-labelled rows
+    (y = [col == label]); returns the per-row loss sum of the piece.
+
+    With z = x (y = 0) or -x (y = 1): 1 - p_t = sigmoid(z), CE = softplus(z) = max(z, 0) +
+    log1p(e), e = e^-|x| (ex2.approx), dCE/dx = sign sigmoid(z) (sign = 1 - 2y), so
+    L = a_t CE (1 - p_t)^gamma and dL/dx = a_t sign (1 - p_t)^gamma ((1 - p_t) + gamma CE p_t).
+    p_t = sigmoid(-z) and 1 - p_t each as 1 / (1 + e) or e / (1 + e): no 1 - p anywhere. Masked
+    elements (ignored rows, columns past C) load x = -inf with no positive column (the caller
+    sets their label to -1): z = -inf gives CE = 0, 1 - p_t = 0, so loss and gradient are exactly 0
+    without a select; CE is clamped to FLT_MAX in CE p_t (x = +-inf: p_t = 0, never inf * 0).
+    a_pos/a_neg: alpha_t of a positive/negative element, g_pos/g_neg: the signed gradient factors
+    (a_t sign SCALE), per row, 0 for invalid rows."""
+    cols = c0 + tl.arange(0, BLOCK)
+    if EDGE:
+        cmask = (cols < C)[None, :]
+    else:
+        cmask = (cols >= 0)[None, :]
+    mask = valid[:, None] & cmask
+    x = tl.load(X + base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    pos = cols[None, :] == label[:, None]
+    z = tl.where(pos, -x, x)
+    e = _ex2_fast(tl.abs(x) * (-_LOG2E))
+    inv = _rcp_fast(1.0 + e)
+    ez = e * inv
+    omp = tl.where(z >= 0, inv, ez)  # sigmoid(z) = 1 - p_t
+    pt = tl.where(z >= 0, ez, inv)  # sigmoid(-z) = p_t
+    ce = tl.maximum(z, 0.0) + _log1p_unit(e)
+    if GAMMA_MODE == 0:
+        mod = tl.zeros_like(x) + 1.0
+        inner = omp
+    elif GAMMA_MODE == 2:
+        mod = omp * omp
+        inner = omp + 2.0 * (tl.minimum(ce, 3.4028234663852886e38) * pt)
+    else:
+        mod = _pow(omp, gamma)
+        inner = omp + gamma * (tl.minimum(ce, 3.4028234663852886e38) * pt)
+    loss = tl.where(pos, a_pos[:, None], a_neg[:, None]) * (ce * mod)
+    if STORE_ELEMS:
+        tl.store(LOSS + base[:, None] + cols[None, :], _cast(loss, LOSS.dtype.element_ty),
+                 mask=in_range[:, None] & cmask)
+    if WRITE_GRAD:
+        grad = tl.where(pos, g_pos[:, None], g_neg[:, None]) * (mod * inner)
+        tl.store(GRAD + base[:, None] + cols[None, :], _cast(grad, GRAD.dtype.element_ty),
+                 mask=in_range[:, None] & cmask)
+    return tl.sum(loss, axis=1)
+
+
+@triton.jit
+def sigmoid_focal_labels_kernel(
+    X, T, SCALE,  # logits (rows x C, contiguous), integer labels per row, grad scale
+    LOSS, PARTIAL, GRAD,  # outputs
+    R, C, alpha, gamma, ignore_index,
+    GAMMA_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr, STORE_ELEMS: tl.constexpr, REDUCE: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Sigmoid focal loss with integer labels (label == C: background, ignore_index: row ignored)
+    and its gradient, one pass over a (BLOCK_R, C) tile: the label is loaded once per row and
+    the column is the tile's own index (no division of flat offsets). Semantics and outputs as
+    sigmoid_kernel (KIND = SIGMOID_FOCAL, LABELS, no weight, scalar alpha)."""
+    pid = tl.program_id(0)
+    if INT64:
+        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    else:
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_range = rows < R
+    label = tl.load(T + rows, mask=in_range, other=0)
+    valid = in_range & (label != ignore_index)
+    label = tl.where(valid & (label >= 0) & (label < C), label, -1).to(rows.dtype)
+    base = rows * C
+    if WRITE_GRAD:
+        scale = tl.load(SCALE)
+    else:
+        scale = 1.0
+    # alpha_t of a positive and of a negative element (alpha < 0: 1 for both), 0 on invalid rows.
+    a_pos = tl.where(valid, tl.where(alpha >= 0, alpha, 1.0), 0.0)
+    a_neg = tl.where(valid, tl.where(alpha >= 0, 1.0 - alpha, 1.0), 0.0)
+    g_pos = tl.where(valid, -a_pos * scale, 0.0)
+    g_neg = a_neg * scale
+    loss = _sigmoid_focal_piece(X, LOSS, GRAD, base, 0, label, a_pos, a_neg, g_pos, g_neg, valid, in_range, C,
+                                gamma, GAMMA_MODE, WRITE_GRAD, STORE_ELEMS, BLOCK_A, False)
+    if BLOCK_B > 0:
+        loss += _sigmoid_focal_piece(X, LOSS, GRAD, base, BLOCK_A, label, a_pos, a_neg, g_pos, g_neg, valid,
+                                     in_range, C, gamma, GAMMA_MODE, WRITE_GRAD, STORE_ELEMS, BLOCK_B, True)
+    if REDUCE:
+        tl.store(PARTIAL + pid, tl.sum(loss, axis=0))

@@ -22,6 +22,13 @@ from fused_losses.reference import ghm_bin_weights, ohem_kept_mask, ohem_min_kep
 _TILE = 4096
 _ELEM_BLOCK = 1024
 _HIST_PROGRAMS = 512
+# One-pass tile kernels (softmax_focal_tile_kernel, sigmoid_focal_labels_kernel): rows up to
+# _ONE_PASS_MAX_C columns are held in registers; about _ONE_PASS_TILE elements per program.
+_ONE_PASS_MAX_C = 4096
+_ONE_PASS_TILE = 4096
+_INT32_LIMIT = 2**31 - 1
+# Tests set this to run the int64-offset variants on small tensors.
+_FORCE_INT64 = False
 
 
 def _pow2(v: int) -> int:
@@ -38,6 +45,38 @@ def _row_blocks(m: int, c: int, s: int) -> tuple[int, int]:
         block_c = min(max(2, _pow2(c)), 2048)
         block_m = max(2, min(_TILE // block_c, 64, _pow2(m)))
     return block_m, block_c
+
+
+def _pieces(c: int) -> tuple[int, int]:
+    """(BLOCK_A, BLOCK_B) of a one-pass row tile: A the largest power of two <= C, B the next
+    power of two >= C - A (0 when C is a power of two); C = 80 -> 64 + 16, 1203 -> 1024 + 256."""
+    a = 1 << (int(c).bit_length() - 1)
+    return a, (_pow2(c - a) if c > a else 0)
+
+
+def _one_pass_config(rows: int, c: int, elementwise: bool = False) -> dict:
+    """Tile and launch configuration of the one-pass kernels, from C: BLOCK_M rows of A + B
+    columns, about _ONE_PASS_TILE elements per program (>= 1 row); 4 warps (a thread holds at
+    most 32 elements), and 8 for the elementwise sigmoid from 2048 padded columns (fewer registers
+    at the same count; the softmax row's reductions and row math cost more over 8 warps: +0.1 to
+    +0.4 warp-instructions per element, NOTES.md); no loop, so one stage."""
+    a, b = _pieces(c)
+    width = a + b
+    block_m = max(1, min(_ONE_PASS_TILE // width, 64, _pow2(rows)))
+    block_m = 1 << (block_m.bit_length() - 1)
+    num_warps = 8 if elementwise and width >= 2048 else 4
+    return dict(BLOCK_A=a, BLOCK_B=b, BLOCK_M=block_m, num_warps=num_warps, num_stages=1)
+
+
+def _gamma_mode(gamma: float) -> int:
+    """Specialisation of the one-pass kernels: 0 for gamma = 0, 2 for gamma = 2, 1 otherwise."""
+    return 0 if gamma == 0 else 2 if gamma == 2 else 1
+
+
+def _needs_int64(rows: int, block: int, *row_strides: int, c: int) -> bool:
+    """Whether some offset of a one-pass launch (padded to whole programs) passes int32."""
+    padded = triton.cdiv(rows, block) * block
+    return _FORCE_INT64 or any(padded * stride + c > _INT32_LIMIT for stride in row_strides) or padded > _INT32_LIMIT
 
 
 def _rows3(logits: torch.Tensor):
@@ -118,6 +157,23 @@ def _softmax_launch(kind, logits, target, *, scale, class_w=None, feat=None, gam
     out["grad"] = grad
     grad3 = grad.view(n, c, s) if write_grad else x3
     dfeat_needed = write_grad and kind == K.IB and not detach_factor
+    if (kind == K.FOCAL and from_logits and not smooth and s == 1 and c <= _ONE_PASS_MAX_C and x3.stride(1) == 1
+            and (not write_grad or grad3.stride(1) == 1)):
+        cfg = _one_pass_config(m, c)
+        block_m = cfg.pop("BLOCK_M")
+        grid = (triton.cdiv(m, block_m),)
+        if reduce:
+            out["partial"] = torch.empty(grid[0], **f32)
+        K.softmax_focal_tile_kernel[grid](
+            x3, t, dummy if class_w is None else class_w, scale, dummy if weight is None else weight.reshape(-1),
+            out.get("rows", dummy), out.get("partial", dummy), grad3,
+            m, c, x3.stride(0), grad3.stride(0), float(gamma), float(alpha),
+            0 if ignore_index is None else int(ignore_index),
+            GAMMA_MODE=_gamma_mode(gamma), HAS_CLASS_W=class_w is not None, HAS_IGNORE=ignore_index is not None,
+            HAS_WEIGHT=weight is not None, WRITE_GRAD=write_grad, STORE_ROWS=store_rows, REDUCE=reduce,
+            INT64=_needs_int64(m, block_m, x3.stride(0), grad3.stride(0), c=c), BLOCK_M=block_m, **cfg,
+        )
+        return out
     if dfeat_needed:
         out["dfeat"] = torch.empty(m, **f32)
     K.softmax_rows_kernel[grid](
@@ -333,6 +389,9 @@ def _weight_args(weight, numel):
 def _sigmoid_launch(kind, logits, x, t, c, labels, *, scale, bin_w, alpha, gamma, ignore_index, bins, reduction,
                     need_grad, weight=None, alpha_c=None):
     numel = x.numel()
+    if kind == K.SIGMOID_FOCAL and labels and weight is None and alpha_c is None and c <= _ONE_PASS_MAX_C:
+        return _sigmoid_focal_labels_launch(logits, x, t, c, scale=scale, alpha=alpha, gamma=gamma,
+                                            ignore_index=ignore_index, reduction=reduction, need_grad=need_grad)
     grid = (triton.cdiv(numel, _ELEM_BLOCK),)
     rows = torch.empty(numel, dtype=logits.dtype, device=x.device) if reduction == "none" else scale
     partial = torch.empty(grid[0], dtype=torch.float32, device=x.device) if reduction != "none" else scale
@@ -345,6 +404,25 @@ def _sigmoid_launch(kind, logits, x, t, c, labels, *, scale, bin_w, alpha, gamma
         KIND=kind, LABELS=labels, WRITE_GRAD=need_grad, STORE_ELEMS=reduction == "none",
         REDUCE=reduction != "none", HAS_WEIGHT=w is not None, WEIGHT_PER_ELEM=per_elem,
         ALPHA_PER_CLASS=alpha_c is not None, BLOCK=_ELEM_BLOCK,
+    )
+    return rows, partial, grad
+
+
+def _sigmoid_focal_labels_launch(logits, x, t, c, *, scale, alpha, gamma, ignore_index, reduction, need_grad):
+    """sigmoid_focal_labels_kernel over (numel / C) rows of C: one-pass tiles chosen from C."""
+    numel = x.numel()
+    r = numel // c
+    cfg = _one_pass_config(r, c, elementwise=True)
+    block_r = cfg.pop("BLOCK_M")
+    grid = (triton.cdiv(r, block_r),)
+    rows = torch.empty(numel, dtype=logits.dtype, device=x.device) if reduction == "none" else scale
+    partial = torch.empty(grid[0], dtype=torch.float32, device=x.device) if reduction != "none" else scale
+    grad = _grad_like(logits, need_grad, reduction)
+    K.sigmoid_focal_labels_kernel[grid](
+        x, t, scale, rows, partial, grad if need_grad else x,
+        r, c, float(alpha), float(gamma), int(ignore_index),
+        GAMMA_MODE=_gamma_mode(gamma), WRITE_GRAD=need_grad, STORE_ELEMS=reduction == "none",
+        REDUCE=reduction != "none", INT64=_needs_int64(r, block_r, c, c=c), BLOCK_R=block_r, **cfg,
     )
     return rows, partial, grad
 
