@@ -1103,7 +1103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--require-targets", action="store_true",
                         help="also fail when a case misses the issue's roofline target")
     parser.add_argument("--update-limits", action="store_true",
-                        help=f"rewrite {LIMITS.relative_to(ROOT)} from this build (+{MARGIN:.0%})")
+                        help=f"rewrite {LIMITS.relative_to(ROOT)} from this build (+{MARGIN:.0%}%)")
     parser.add_argument("--markdown", action="store_true", help="also print the table of csrc/cuda/NOTES.md")
     parser.add_argument("--explain", metavar="REGEX",
                         help="print the counted path's warp-instructions per element by source line for the cases "
@@ -1187,21 +1187,26 @@ TRITON_ROWS = {80: 8192, 1203: 1024}  # rows of each case: multiples of 16, as a
 
 def record_triton_launches(call: Callable[[], object]) -> list[tuple]:
     """Runs a launcher of fused_losses/_triton/launch.py on CPU tensors with JITFunction.run
-    patched to record (kernel, args, kwargs, grid) instead of compiling and launching."""
+    patched to record (kernel, args, kwargs, grid) instead of compiling and launching. The
+    interpreter's InterpretedFunction.run is patched too, so that the tests (TRITON_INTERPRET=1)
+    can ask which kernels and constexprs a launcher picks."""
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     launches = []
-    original = JITFunction.run
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, dict(kwargs), grid))
         return None
 
-    JITFunction.run = record
+    for cls in originals:
+        cls.run = record
     try:
         call()
     finally:
-        JITFunction.run = original
+        for cls, run in originals.items():
+            cls.run = run
     return launches
 
 

@@ -65,7 +65,7 @@ def _variants(full: bool):
                                  BLOCK=1024)))
     # The one-pass tile kernels (issue #28): every gamma specialisation, int32 and int64 offsets,
     # two pieces (C = 80: 64 + 16) and one (C = 64); the hot cases as the launcher configures them
-    # are counted by sass_count.
+    # are counted by make gpu-budget.
     tiles = []
     for n, (xdt, mode, int64, extras) in enumerate(itertools.product(dtypes, (0, 1, 2), (False, True),
                                                                         (False, True))):

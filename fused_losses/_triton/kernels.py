@@ -648,7 +648,7 @@ def record_scale_kernel(GO, APPLIED):
 # Budget (H100 SXM, fwd+bwd: read the logits once, write the gradient once): 3.35 TB/s against
 # 4 warp-instructions/cycle/SM x 132 SMs x 1.98 GHz gives about 2.5 warp-instructions per fp32
 # element and 1.25 per bf16 element. Counted on the sm_90 SASS by
-# `python -m fused_losses._triton.sass_count` (fused_losses/_triton/NOTES.md has the table).
+# `make gpu-budget` (benchmarks/gpu_budget.py) (fused_losses/_triton/NOTES.md has the table).
 #
 # Tiles: a row of C columns is held as two pieces, A = the largest power of two <= C and B =
 # the next power of two >= C - A (0 when C is a power of two): C = 80 is 64 + 16 (no idle lane),
