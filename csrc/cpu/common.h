@@ -1,5 +1,5 @@
 // Shared host utilities of the CPU kernels of fused_losses (registered for the CPU dispatch key
-// in csrc/cpu/register.cpp; one file per loss family, as csrc/cuda: csrc/DESIGN.md "Files").
+// at the end of csrc/cpu/common.cpp; one file per loss family, as csrc/cuda: csrc/DESIGN.md "Files").
 //
 // Layout. Softmax-family logits are viewed as (N, C, S) with S = prod(d...) (S = 1 for (N, C)):
 // row r = n * S + s holds classes at offsets n*C*S + c*S + s. For S = 1 a row is contiguous
@@ -15,10 +15,16 @@
 // so results are bitwise identical from run to run and for any number of threads.
 #pragma once
 
-#include <ATen/ATen.h>
+// Only the ATen headers the kernels use (not <ATen/ATen.h>, all of whose ~2k operator headers
+// each csrc/cpu file would parse again: a third of a small file's compile time).
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/promote_types.h>
+#include <ATen/ops/scalar_tensor.h>
 
 #include <algorithm>
 #include <atomic>

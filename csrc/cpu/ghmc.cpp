@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> ghmc_forward_cpu(const at::Tensor& logits_in,
 
 // ------------------------------------------------------------------------------------------
 // GHM-C softmax on float32 logits as two CPU-only ops (cpu_backend.ghmc's path without label
-// smoothing, process_group or a transform; defined in csrc/cpu/register.cpp's TORCH_LIBRARY_FRAGMENT,
+// smoothing, process_group or a transform; defined in csrc/cpu/common.cpp's TORCH_LIBRARY_FRAGMENT,
 // not in op_schemas.h: there is no CUDA or emulator kernel). The softmax does not depend on the
 // bins, only each row's factor does, so the one softmax pass comes first:
 //   ghmc_softmax_prepass: one rows pass that writes the cross-entropy gradient

@@ -1,4 +1,4 @@
-// The CPU implementations of the fused_losses ops, registered in csrc/cpu/register.cpp; one
+// The CPU implementations of the fused_losses ops, registered in csrc/cpu/common.cpp; one
 // file per loss family (csrc/DESIGN.md "Files").
 #pragma once
 
