@@ -1,0 +1,101 @@
+// Sigmoid-family losses on the CPU: sigmoid focal (the elementwise pass is csrc/cpu/sigmoid.h).
+
+#include "cpu/ops_cpu.h"
+#include "cpu/sigmoid.h"
+
+namespace fused_losses {
+namespace cpu_impl __attribute__((visibility("hidden"))) {
+
+SigmoidInputs sigmoid_inputs(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t ignore_index) {
+  SigmoidInputs in;
+  TORCH_CHECK(logits_in.dim() >= 1, "logits: expected (..., C), got a 0-dim tensor");
+  in.logits = logits_in.contiguous();
+  in.C = in.logits.size(-1);
+  in.M = in.C == 0 ? 0 : in.logits.numel() / in.C;
+  if (target_in.is_floating_point()) {
+    TORCH_CHECK(target_in.sizes() == logits_in.sizes(), "target: a float target must have the logits' shape");
+    const at::ScalarType math = at::toOpMathType(in.logits.scalar_type());
+    const at::ScalarType td = target_in.scalar_type();
+    in.float_target = (td == in.logits.scalar_type() ? target_in : target_in.to(math)).contiguous();
+    in.count = static_cast<double>(in.logits.numel());
+  } else {
+    TORCH_CHECK(target_in.numel() == in.M, "target: integer labels must have shape logits.shape[:-1]");
+    in.labels = index_target(target_in);
+    in.count = static_cast<double>(count_valid(in.labels.data_ptr<int64_t>(), in.M, ignore_index) * in.C);
+  }
+  return in;
+}
+
+// Sigmoid focal: loss = alpha_t * BCE * (1 - p_t)^gamma elementwise (losses_math.h).
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                           double alpha, double gamma, int64_t ignore_index,
+                                                           c10::string_view reduction_name, bool compute_grad,
+                                                           const c10::optional<at::Tensor>& alpha_per_class,
+                                                           const c10::optional<at::Tensor>& weight) {
+  const Reduction reduction = parse_reduction(reduction_name);
+  const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
+  const at::ScalarType math = at::toOpMathType(in.logits.scalar_type());
+  const at::Tensor weight_t = extra_weight(weight, math, {in.M, in.M * in.C});
+  at::Tensor alpha_vec;
+  if (alpha_per_class.has_value()) {
+    alpha_vec = alpha_per_class->to(math).contiguous().reshape({-1});
+    TORCH_CHECK(alpha_vec.numel() == in.C, "alpha: expected ", in.C, " per-class values, got ", alpha_vec.numel());
+  }
+  at::Tensor grad = grad_buffer(in.logits, compute_grad, reduction);
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.logits.scalar_type(), "sigmoid_focal_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const T a = static_cast<T>(alpha), gm = static_cast<T>(gamma);
+    const T* apc = weight_ptr<T>(alpha_vec);
+    const SigmoidWeight<T> sw = sigmoid_weight<T>(weight_t, in.M);
+    // The SIMD row with extras takes alpha_t's two factors per class (a_c, 1 - a_c; both 1 when
+    // the scalar alpha < 0 disables it), built once here.
+    const bool extras = apc != nullptr || sw.w != nullptr;
+    std::vector<float> a_pos, a_neg;  // used by the fp32 row only
+    if (extras && std::is_same<T, float>::value) {
+      a_pos.resize(in.C);
+      a_neg.resize(in.C);
+      for (int64_t c = 0; c < in.C; ++c) {
+        const T ac = apc != nullptr ? apc[c] : a;
+        const bool on = apc != nullptr || a >= T(0);
+        a_pos[c] = static_cast<float>(on ? ac : T(1));
+        a_neg[c] = static_cast<float>(on ? T(1) - ac : T(1));
+      }
+    }
+    const scalar_t* x = in.logits.data_ptr<scalar_t>();
+    at::Tensor loss_none = reduction == Reduction::None ? empty_output(logits_in.sizes(), in.logits.options()) : at::Tensor();
+    scalar_t* lo = loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr;
+    const int64_t* labels = in.labels.defined() ? in.labels.data_ptr<int64_t>() : nullptr;
+    const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max(in.count, 1.0)) : T(1);
+    double total = 0.0;
+    with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
+    with_sigmoid_target<scalar_t, T>(in, [&](auto* y) {
+      // flatten: sigmoid_focal_element inlined into the element loop. In this file of its own GCC
+      // left it out of line for fp16/bf16 logits (a call per element: 10% slower than when the
+      // family shared one file with the others).
+      auto elem = [&](T xv, T yv, T e, int64_t c) __attribute__((flatten)) {
+        // Per-class alpha: a_c y + (1 - a_c)(1 - y) (sigmoid_focal_element with alpha = a_c >= 0).
+        LossGrad<T> lg = sigmoid_focal_element(xv, yv, apc != nullptr ? apc[c] : a, gm, e);
+        lg.grad *= scale;
+        return lg;
+      };
+      using target_t = std::remove_const_t<std::remove_pointer_t<decltype(y)>>;
+      if constexpr (std::is_same<scalar_t, float>::value && std::is_same<target_t, float>::value) {
+        auto fast_row = [&](const float* xr, const float* yr, int64_t label, int64_t n, float* lr, float* gr,
+                            const float* wrow, float wr) {
+          if (!extras) return cpu::sigmoid_focal_row(xr, yr, label, n, a, gm, scale, lr, gr);
+          return cpu::sigmoid_focal_row_ex(xr, yr, label, n, a_pos.data(), a_neg.data(), wrow, wr, gm, scale, lr, gr);
+        };
+        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, sw, elem, fast_row);
+      } else {
+        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, sw, elem);
+      }
+    });
+    });
+    loss = loss_none.defined() ? loss_none : reduced_loss(in.logits, total, in.count, reduction);
+  });
+  return {loss, grad};
+}
+
+}  // namespace cpu_impl
+}  // namespace fused_losses
