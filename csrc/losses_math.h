@@ -1,5 +1,5 @@
 // Per-row and per-element formulas of every fused_losses loss, shared by the CPU kernels
-// (csrc/cpu/losses_cpu.cpp, g++) and the CUDA kernels (csrc/cuda/*.cu, nvcc).
+// (csrc/cpu/*.cpp, g++) and the CUDA kernels (csrc/cuda/*.cu, nvcc).
 //
 // Rules for this header, so that it compiles for the host and the device alike:
 //   * every function is FL_HOST_DEVICE inline and templated on the math type T (float for

@@ -408,7 +408,7 @@ def register() -> None:
         torch.library.register_fake(qualname)(fake)
         torch.library.register_autograd(qualname, backward, setup_context=setup_saved_grads_for(name))
     if hasattr(torch.ops.fused_losses, "ghmc_softmax_prepass"):
-        # CPU-only ops (csrc/cpu/losses_cpu.cpp): not in _FORWARD_OPS, which the emulator's
+        # CPU-only ops (csrc/cpu/common.cpp registers them): not in _FORWARD_OPS, which the emulator's
         # namespace mirrors.
         torch.library.register_fake("fused_losses::ghmc_softmax_prepass")(_fake_ghmc_softmax_prepass)
         torch.library.register_fake("fused_losses::ghmc_softmax_scale")(_fake_ghmc_softmax_scale)

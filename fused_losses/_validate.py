@@ -175,7 +175,7 @@ def _check_range(target: torch.Tensor, ignore_index: int, high: int, validate) -
         target = torch._C._functorch.get_unwrapped(target)
     target_range = _target_range_op() if target.device.type == "cpu" and target.dtype in _INDEX_DTYPES else None
     if target_range is not None:
-        # One pass in the extension (csrc/cpu/losses_cpu.cpp target_range): min, max and count of
+        # One pass in the extension (csrc/cpu/common.cpp target_range): min, max and count of
         # the entries that are not ignore_index.
         lo, hi, count = target_range(target, ignore_index).tolist()
         if count == 0:

@@ -63,7 +63,7 @@ void log_softmax_target_rows(const float* x_t, const float* max, const float* su
                              float* log_pt);
 
 // Min, max and count of the n values of t that are not `ignore` (lo = INT64_MAX, hi = INT64_MIN
-// when none is): the validation scan of integer targets (losses_cpu.cpp target_range), 4 or 8
+// when none is): the validation scan of integer targets (common.cpp target_range), 4 or 8
 // lanes of int64 at a time instead of a branch per value. Exact in every variant.
 struct IndexRange {
   int64_t lo, hi, count;

@@ -1,4 +1,4 @@
-"""'cpu': fused C++ kernels of fused_losses._C for CPU tensors (csrc/cpu/losses_cpu.cpp).
+"""'cpu': fused C++ kernels of fused_losses._C for CPU tensors (csrc/cpu/*.cpp, one file per loss family).
 
 Each function takes the normalised arguments of fused_losses._validate (like the matching
 reference function) and calls one op of torch.ops.fused_losses; the ops' fake kernels and
@@ -129,7 +129,7 @@ def ohem(logits, target, *, keep, thresh, min_kept, ignore_index, reduction, wei
 
 def _ghmc_softmax_one_pass(ns, logits, target, *, bins, momentum, state, ignore_index, reduction, weight):
     """GHM-C softmax on float32 CPU logits through the CPU-only op pair of
-    csrc/cpu/losses_cpu.cpp (ghmc_softmax_prepass): one softmax pass writes the cross-entropy
+    csrc/cpu/ghmc.cpp (ghmc_softmax_prepass): one softmax pass writes the cross-entropy
     gradient and the rows' log p_t and g, the bins come from those g, and the loss op only
     scales the gradient rows, instead of a second softmax over the logits. Losses, bins and EMA
     state as ghmc_bin_weights + ghmc_forward bit for bit, gradients within 2 ulp
