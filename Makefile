@@ -39,7 +39,7 @@ NINJA_FILTER := sed -u -E -e 's|^(\[[0-9]+/[0-9]+\]) .* -c ($(CURDIR)/)?([^ ]+) 
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: venv build build-cpu test demo bench clean test-cuda-emu
+.PHONY: venv build build-cpu test demo bench clean test-cuda-emu gpu-budget
 .DEFAULT_GOAL := test
 
 # One pip call for torch and the tools, --no-compile: pip would byte-compile every module of
@@ -126,6 +126,17 @@ else
 	FL_CUDA_EMU=threads=forward $(PY) -m pytest -n 2 -q -p no:cacheprovider tests/cuda_emu $(PYTEST_ARGS)
 	if [ -n "$(CUDA_HOME)" ]; then $(PY) -m tests.cuda_emu.resource_check; fi
 endif
+
+# The static SASS budget of the GPU kernels (issues #23, #28; csrc/cuda/NOTES.md "Static SASS budget"):
+# counts the sm_90 SASS of the built fused_losses/_C_cuda*.so and of the Triton kernels compiled for
+# sm_90, writes benchmarks/results/gpu-static-sm90.json, fails when a case exceeds its ceiling in
+# benchmarks/gpu_budget_limits.json. No GPU needed; about 1 min on 2 cores. It reads the CUDA part
+# as built and does not build it (so that running it in a worktree never rebuilds or re-installs):
+# run `make build` first (.ci/run does). GPU_BUDGET_ARGS=--require-targets: also fail below the
+# issues' roofline targets.
+GPU_BUDGET_ARGS ?=
+gpu-budget:
+	TRITON_INTERPRET=0 $(PY) -m benchmarks.gpu_budget $(GPU_BUDGET_ARGS)
 
 bench: build
 	$(PY) -m benchmarks.bench --size small
