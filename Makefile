@@ -27,7 +27,7 @@ export MAX_JOBS ?= 2
 # build silently falls back to one file at a time, without incremental rebuilds.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 CPU_SOURCES  := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
-CUDA_SOURCES := setup.py $(wildcard csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+CUDA_SOURCES := setup.py $(wildcard csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/kernels/*.cuh)
 # Stamps live in build/ (ignored by git, removed by `make clean`).
 CPU_STAMP   := build/.stamp-cpu
 CUDA_STAMP  := build/.stamp-cuda
