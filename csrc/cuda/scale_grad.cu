@@ -54,7 +54,7 @@ at::Tensor scale_grad_cuda(const at::Tensor& saved_in, const at::Tensor& grad_ou
 
 // The C++ signature must be the one of every other backend's kernel of this op (the dispatcher
 // rejects a second kernel with another signature when the library loads): the CPU kernel
-// (csrc/cpu/losses_cpu.cpp, scale_grad_inplace_cpu) takes three const references, so this one
+// (csrc/cpu/scale_grad.cpp, scale_grad_inplace_cpu) takes three const references, so this one
 // does too; the tensors' data are written through data_ptr, which const does not restrict.
 void scale_grad_inplace_cuda(const at::Tensor& grad, const at::Tensor& grad_output, const at::Tensor& applied_scale) {
   TORCH_CHECK(on_kernel_device(grad), "scale_grad_: grad must be a ", kKernelDeviceName, " tensor, got ", grad.device());
