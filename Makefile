@@ -25,7 +25,7 @@ export MAX_JOBS ?= 2
 # build silently falls back to one file at a time, without incremental rebuilds.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 CPU_SOURCES  := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
-CUDA_SOURCES := setup.py $(wildcard csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+CUDA_SOURCES := setup.py $(wildcard csrc/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/kernels/*.cuh)
 # Stamps live in build/ (ignored by git, removed by `make clean`).
 CPU_STAMP   := build/.stamp-cpu
 CUDA_STAMP  := build/.stamp-cuda
@@ -39,7 +39,7 @@ NINJA_FILTER := sed -u -E -e 's|^(\[[0-9]+/[0-9]+\]) .* -c ($(CURDIR)/)?([^ ]+) 
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: venv build build-cpu test demo bench clean test-cuda-emu gpu-sim
+.PHONY: venv build build-cpu test demo bench clean test-cuda-emu gpu-budget gpu-sim
 .DEFAULT_GOAL := test
 
 # One pip call for torch and the tools, --no-compile: pip would byte-compile every module of
@@ -126,6 +126,17 @@ else
 	FL_CUDA_EMU=threads=forward $(PY) -m pytest -n 2 -q -p no:cacheprovider tests/cuda_emu $(PYTEST_ARGS)
 	if [ -n "$(CUDA_HOME)" ]; then $(PY) -m tests.cuda_emu.resource_check; fi
 endif
+
+# The static SASS budget of the GPU kernels (issues #23, #28; csrc/cuda/NOTES.md "Static SASS budget"):
+# counts the sm_90 SASS of the built fused_losses/_C_cuda*.so and of the Triton kernels compiled for
+# sm_90, writes benchmarks/results/gpu-static-sm90.json, fails when a case exceeds its ceiling in
+# benchmarks/gpu_budget_limits.json. No GPU needed; about 1 min on 2 cores. It reads the CUDA part
+# as built and does not build it (so that running it in a worktree never rebuilds or re-installs):
+# run `make build` first (.ci/run does). GPU_BUDGET_ARGS=--require-targets: also fail below the
+# issues' roofline targets.
+GPU_BUDGET_ARGS ?=
+gpu-budget:
+	TRITON_INTERPRET=0 $(PY) -m benchmarks.gpu_budget $(GPU_BUDGET_ARGS)
 
 # Simulated measurement of the real CUDA kernels (issue #23; a developer tool, not in CI: minutes
 # of CPU): GPGPU-Sim from ../shared/gpusim (build once: ../shared/gpusim/build.sh $(GPUSIM_HOME)),

@@ -46,23 +46,59 @@
 #include <type_traits>
 
 #include "cuda/platform.cuh"
-#include "cuda/kernel_utils.cuh"
-#include "losses_math.h"
+#include "cuda/kernels/common_kernels.cuh"
 
 namespace fused_losses {
 namespace cuda {
 
 namespace lm = fused_losses::math;
 
-// The three input dtypes of the CUDA kernels (math in float32 for all of them).
-#define FL_DISPATCH_CUDA_FLOATING_TYPES(TYPE, NAME, ...)            \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// The three input dtypes of the CUDA kernels (math in float32 for all of them). In the body,
+// scalar_t is the kernels' platform-neutral type (float, fl_half, fl_bf16: kernels/device.cuh),
+// not at::Half / at::BFloat16; data pointers come from data_of<scalar_t>(tensor).
+#define FL_DISPATCH_CUDA_FLOATING_TYPES(TYPE, NAME, ...)                                       \
+  [&] {                                                                                        \
+    const at::ScalarType fl_dispatch_type_ = (TYPE);                                           \
+    switch (fl_dispatch_type_) {                                                               \
+      case at::kFloat: {                                                                       \
+        using scalar_t = float;                                                                \
+        return __VA_ARGS__();                                                                  \
+      }                                                                                        \
+      case at::kHalf: {                                                                        \
+        using scalar_t = ::fused_losses::cuda::fl_half;                                        \
+        return __VA_ARGS__();                                                                  \
+      }                                                                                        \
+      case at::kBFloat16: {                                                                    \
+        using scalar_t = ::fused_losses::cuda::fl_bf16;                                        \
+        return __VA_ARGS__();                                                                  \
+      }                                                                                        \
+      default:                                                                                 \
+        TORCH_CHECK(false, NAME, ": expected float32, float16 or bfloat16, got ", fl_dispatch_type_); \
+    }                                                                                          \
+  }()
+
+// The at::ScalarType of a kernel element type.
+template <typename T>
+constexpr at::ScalarType scalar_type_of() {
+  if constexpr (std::is_same_v<T, float>) return at::kFloat;
+  if constexpr (std::is_same_v<T, fl_half>) return at::kHalf;
+  if constexpr (std::is_same_v<T, fl_bf16>) return at::kBFloat16;
+  if constexpr (std::is_same_v<T, double>) return at::kDouble;
+  if constexpr (std::is_same_v<T, int64_t>) return at::kLong;
+}
+
+// t's data as T* (T a kernel element type: fl_half for at::kHalf, ...), dtype-checked like
+// data_ptr<T>() (the 16-bit types share at::Half / at::BFloat16's layout).
+template <typename T>
+T* data_of(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.scalar_type() == scalar_type_of<T>(), "fused_losses: expected a tensor of ",
+                        scalar_type_of<T>(), ", got ", t.scalar_type());
+  return reinterpret_cast<T*>(t.data_ptr());
+}
 
 // ==========================================================================================
 // Shared pieces
 // ==========================================================================================
-enum class Reduction : int { None, Mean, Sum };
 
 inline Reduction parse_reduction(c10::string_view name) {
   if (name == "none") return Reduction::None;
@@ -71,49 +107,18 @@ inline Reduction parse_reduction(c10::string_view name) {
   TORCH_CHECK(false, "reduction: expected 'none', 'mean' or 'sum', got '", std::string(name), "'");
 }
 
-// The denominator of 'mean': count_dev[0] * count_mult when count_dev is given (a count made on
-// the device), else count_host (known on the host: N for IB, numel for float targets).
-struct MeanCount {
-  const int64_t* count_dev = nullptr;
-  int64_t count_mult = 1;
-  int64_t count_host = 0;
-};
-
-__device__ __forceinline__ int64_t mean_count(const MeanCount& c) {
-  return c.count_dev != nullptr ? c.count_dev[0] * c.count_mult : c.count_host;
-}
-
-// 1 / max(count, 1) for 'mean' (as the CPU kernels: float(1) / float(count)), else 1.
-__device__ __forceinline__ float grad_scale(Reduction reduction, const MeanCount& c) {
-  if (reduction != Reduction::Mean) return 1.0f;
-  const int64_t n = mean_count(c);
-  return 1.0f / static_cast<float>(n > 1 ? n : int64_t(1));
-}
 
 // Blocks for `work` independent items of `per_block` each, at most the number of blocks of
 // `kernel` the device holds at once (multiprocessors x resident blocks per multiprocessor, from
 // the occupancy calculator, i.e. the kernel's real register and shared-memory use): a persistent
 // grid whose size, and so the order of every sum, depends only on the size, the kernel and the
 // device.
+// (grid_size, kernels/common_kernels.cuh).
 template <typename Kernel>
 int64_t grid_for(Kernel kernel, int64_t work, int64_t per_block) {
-  const int64_t resident = static_cast<int64_t>(multiprocessor_count()) * resident_blocks_per_sm(kernel, kThreads);
-  const int64_t wanted = (work + per_block - 1) / per_block;
-  return std::max<int64_t>(1, std::min(wanted, resident));
+  return grid_size(multiprocessor_count(), resident_blocks_per_sm(kernel, kThreads), work, per_block);
 }
 
-// What count_valid_into counts: entry i of n is valid when its target value
-// target[i / per_target] is a valid index (!= ignore_index and in [0, upper); no target: every
-// entry) and, when weight is given, weight[i] != 0 (GHM-C: a zero weight marks an entry
-// invalid). The count is multiplied by `mult` (sigmoid labels: valid rows x C).
-struct CountSpec {
-  const int64_t* target = nullptr;
-  int64_t per_target = 1;
-  int64_t ignore_index = 0;
-  int64_t upper = 0;
-  const float* weight = nullptr;
-  int64_t mult = 1;
-};
 
 // out[0] += the count of valid entries among n (out: an int64 on the device, zeroed by the
 // caller); integer atomics only, no host read.
@@ -179,15 +184,15 @@ struct TypeTag {
 };
 
 // Calls body(TypeTag<grad_t>{}) with grad_t the element type of the gradient buffer `grad` of a
-// forward op over scalar_t logits: at::BFloat16 only when scalar_t is bf16 and `grad` is bf16
+// forward op over scalar_t logits: fl_bf16 only when scalar_t is bf16 and `grad` is bf16
 // (a reduced loss), else float. The bf16 branch is compiled for scalar_t = bf16 only, so fp16
 // and fp32 logits instantiate every kernel once, as before. An empty (0,) buffer (no gradient
 // wanted) dispatches on its dtype too; the kernels then get grad == nullptr.
 template <typename scalar_t, typename Body>
 void dispatch_grad_t(const at::Tensor& grad, Body&& body) {
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+  if constexpr (std::is_same_v<scalar_t, fl_bf16>) {
     if (grad.scalar_type() == at::kBFloat16) {
-      body(TypeTag<at::BFloat16>{});
+      body(TypeTag<fl_bf16>{});
       return;
     }
   }

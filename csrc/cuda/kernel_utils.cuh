@@ -7,7 +7,7 @@
 // atomics anywhere; the only atomics are integer additions (exact, order-free).
 #pragma once
 
-#include "cuda/platform.cuh"
+#include "cuda/kernels/device.cuh"
 #include <stdint.h>
 
 namespace fused_losses {

@@ -8,15 +8,19 @@
 // Kernel code uses FL_LAUNCH(grid, block, smem, stream, kernel)(args...) instead of <<<>>>,
 // FL_SHARED(type, name, count) instead of a static __shared__ array and
 // FL_KERNEL_LAUNCH_CHECK() after each launch; host code uses the helpers below instead of
-// is_cuda() and the at::cuda / c10::cuda calls. Include after <ATen/ATen.h>.
+// is_cuda() and the at::cuda / c10::cuda calls. Include after <ATen/ATen.h>. The kernels
+// themselves live in csrc/cuda/kernels/*.cuh and need only kernels/device.cuh (no ATen).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <stdint.h>
 
+// The kernels' device layer (cuda_emu.h in the emulated build; cuda_runtime.h, FL_LAUNCH and
+// FL_SHARED under nvcc), after ATen (the emulator's header must come after every host header).
+#include "cuda/kernels/device.cuh"
+
 #ifdef FUSED_LOSSES_CUDA_EMU
-#include "cuda_emu/cuda_emu.h"
 #define FL_OPS_NAMESPACE fused_losses_emu
 #define FL_KERNEL_DISPATCH_KEY CPU
 #define FL_KERNEL_LAUNCH_CHECK() ((void)0)  // an emulated launch has finished (or thrown)
@@ -25,11 +29,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #define FL_OPS_NAMESPACE fused_losses
 #define FL_KERNEL_DISPATCH_KEY CUDA
-#define FL_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
-#define FL_SHARED(type, name, count) __shared__ type name[count]
 #define FL_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #endif
 

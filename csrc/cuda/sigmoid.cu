@@ -1,153 +1,11 @@
-// Sigmoid-family kernel of fused_losses (elementwise over (M, C), 16-byte packs) and the host
-// code of sigmoid_focal_forward; the GHM-C sigmoid forward reuses sigmoid_forward (ghmc.cu).
+// Host code of the sigmoid family (the kernel: kernels/sigmoid_kernels.cuh) and of
+// sigmoid_focal_forward; the GHM-C sigmoid forward reuses sigmoid_forward (ghmc.cu).
 // Conventions: common.cuh.
 #include "cuda/sigmoid.cuh"
 
 namespace fused_losses {
 namespace cuda {
 
-// Element loss and gradient (gradient already scaled):
-//   Focal: math::sigmoid_focal_element (alpha_t * BCE * (1 - p_t)^gamma and its derivative)
-//   Ghmc:  loss = w[bin(|p - y|)] * BCE, grad = scale * w * (p - y)
-// alpha: the scalar alpha, or the element's class alpha (kExtras with alpha_per_class).
-template <typename A>
-__device__ __forceinline__ lm::LossGrad<float> sigmoid_element(const A& a, float x, float y, float scale, float alpha) {
-  const float e = lm::exp_(-lm::abs_(x));
-  lm::LossGrad<float> out;
-  if (a.loss == SigmoidLoss::Focal) {
-    out = lm::sigmoid_focal_element(x, y, alpha, a.gamma, e);
-    out.grad *= scale;
-  } else {
-    const int64_t b = lm::ghm_bin(lm::ghm_sigmoid_g(x, y), a.bins);
-    const float w = b >= 0 ? a.bin_weights[b] : 0.0f;
-    const lm::SigmoidParts<float> s = lm::sigmoid_parts(x, y, e);
-    out.loss = w * s.bce;
-    out.grad = scale * w * (s.p - y);
-  }
-  return out;
-}
-
-// ------------------------------------------------------------------------------------------
-// sigmoid_kernel: elementwise over (M, C). A thread takes packs of VEC = 16 / sizeof(scalar_t)
-// consecutive elements (one 16-byte load of logits, one of a same-dtype target; a float32
-// target of fp16/bf16 logits is two), the last numel % VEC elements one by one. Integer labels:
-// y_c = [label == c] from the row's label (8 bytes per row, no one-hot); ignored rows give 0.
-// Memory traffic per element: sizeof(scalar_t) read (+ sizeof(target_t) for a float target),
-// sizeof(grad_t) written for the gradient (computed in float32, rounded once; a pack is 16
-// bytes in the logits dtype, 4 * VEC of float32), + sizeof(scalar_t) for 'none' losses.
-// kExtras (drop-in extras; the plain instances are unchanged): per-class alpha a_c replaces
-// alpha, and the weight w of the element (per row or per element; + 4 bytes read) multiplies
-// loss and gradient; w == 0 selects exactly 0 for both (a NaN logit there does not leak).
-// ------------------------------------------------------------------------------------------
-template <typename scalar_t, typename target_t, typename grad_t, bool kLabels, bool kExtras>
-__global__ void __launch_bounds__(kThreads) sigmoid_kernel(const SigmoidArgs<scalar_t, target_t, grad_t> a) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  const float scale = grad_scale(a.reduction, a.count);
-  const bool small = a.numel <= static_cast<int64_t>(UINT32_MAX);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  double acc = 0.0;
-  const int64_t packs = a.numel / VEC;
-  for (int64_t p = first; p < packs; p += stride) {
-    const int64_t i0 = p * VEC;
-    const Pack<scalar_t, VEC> xs = load_pack<VEC>(a.logits + i0);
-    float y[VEC];
-    bool valid[VEC];
-    [[maybe_unused]] float alpha[VEC];
-    [[maybe_unused]] float w[VEC];
-    if constexpr (kExtras && !kLabels) {  // the targets below; here the per-element extras
-      int64_t r = row_of(i0, a.C, small);
-      int64_t c = i0 - r * a.C;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        alpha[e] = lm::class_alpha(a.alpha_per_class, a.alpha, c);
-        w[e] = element_weight(a, i0 + e, r);
-        if (++c == a.C) {
-          c = 0;
-          ++r;
-        }
-      }
-    }
-    if constexpr (kLabels) {
-      int64_t r = row_of(i0, a.C, small);
-      int64_t c = i0 - r * a.C;
-      bool row_valid;
-      int64_t label = row_label(a, r, row_valid);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        valid[e] = row_valid;
-        y[e] = label == c ? 1.0f : 0.0f;
-        if constexpr (kExtras) {
-          alpha[e] = lm::class_alpha(a.alpha_per_class, a.alpha, c);
-          w[e] = element_weight(a, i0 + e, r);
-        }
-        if (++c == a.C && e + 1 < VEC) {  // the next element starts row r + 1 (< M: it exists)
-          c = 0;
-          label = row_label(a, ++r, row_valid);
-        }
-      }
-    } else {
-      const Pack<target_t, VEC> ts = load_pack<VEC>(a.target + i0);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        valid[e] = true;
-        y[e] = static_cast<float>(ts.v[e]);
-      }
-    }
-    Pack<grad_t, VEC> grads;
-    Pack<scalar_t, VEC> losses;
-    float pack_loss = 0.0f;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      lm::LossGrad<float> lg{0.0f, 0.0f};
-      if constexpr (kExtras) {
-        if (valid[e] && w[e] != 0.0f) {
-          lg = sigmoid_element(a, static_cast<float>(xs.v[e]), y[e], scale, alpha[e]);
-          lg.loss *= w[e];
-          lg.grad *= w[e];
-        }
-      } else {
-        if (valid[e]) lg = sigmoid_element(a, static_cast<float>(xs.v[e]), y[e], scale, a.alpha);
-      }
-      pack_loss += lg.loss;
-      grads.v[e] = static_cast<grad_t>(lg.grad);
-      losses.v[e] = static_cast<scalar_t>(lg.loss);
-    }
-    if (a.grad != nullptr) store_pack<VEC>(a.grad + i0, grads);
-    if (a.loss_elems != nullptr) store_pack<VEC>(a.loss_elems + i0, losses);
-    acc += pack_loss;
-  }
-  for (int64_t i = packs * VEC + first; i < a.numel; i += stride) {
-    float y;
-    bool valid = true;
-    const int64_t r = kLabels || kExtras ? row_of(i, a.C, small) : 0;
-    if constexpr (kLabels) {
-      const int64_t label = row_label(a, r, valid);
-      y = label == i - r * a.C ? 1.0f : 0.0f;
-    } else {
-      y = static_cast<float>(a.target[i]);
-    }
-    lm::LossGrad<float> lg{0.0f, 0.0f};
-    if constexpr (kExtras) {
-      const float w = element_weight(a, i, r);
-      if (valid && w != 0.0f) {
-        lg = sigmoid_element(a, static_cast<float>(a.logits[i]), y, scale,
-                             lm::class_alpha(a.alpha_per_class, a.alpha, i - r * a.C));
-        lg.loss *= w;
-        lg.grad *= w;
-      }
-    } else {
-      if (valid) lg = sigmoid_element(a, static_cast<float>(a.logits[i]), y, scale, a.alpha);
-    }
-    if (a.grad != nullptr) a.grad[i] = static_cast<grad_t>(lg.grad);
-    if (a.loss_elems != nullptr) a.loss_elems[i] = static_cast<scalar_t>(lg.loss);
-    acc += lg.loss;
-  }
-  if (a.partials != nullptr) {
-    const double total = block_sum(acc);
-    if (threadIdx.x == 0) a.partials[blockIdx.x] = total;
-  }
-}
 
 SigmoidCall sigmoid_call(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t ignore_index, bool need_count,
                          const char* op) {
@@ -230,15 +88,15 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_forward(const SigmoidCall& call, cons
     dispatch_grad_t<scalar_t>(grad, [&](auto grad_tag) {
       using grad_t = typename decltype(grad_tag)::type;
       auto fill = [&](auto& a) {
-        a.logits = call.logits.data_ptr<scalar_t>();
+        a.logits = data_of<scalar_t>(call.logits);
         a.M = call.M;
         a.C = call.C;
         a.numel = call.logits.numel();
         a.ignore_index = ignore_index;
         a.reduction = reduction;
         a.count = params.count.count_dev != nullptr ? params.count : sigmoid_mean_count(call);
-        a.grad = compute_grad && a.numel > 0 ? grad.data_ptr<grad_t>() : nullptr;
-        a.loss_elems = reduction == Reduction::None && a.numel > 0 ? loss.data_ptr<scalar_t>() : nullptr;
+        a.grad = compute_grad && a.numel > 0 ? data_of<grad_t>(grad) : nullptr;
+        a.loss_elems = reduction == Reduction::None && a.numel > 0 ? data_of<scalar_t>(loss) : nullptr;
         a.loss = params.loss;
         a.alpha = params.alpha;
         a.gamma = params.gamma;
@@ -256,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_forward(const SigmoidCall& call, cons
       } else if (call.float_target.scalar_type() == call.logits.scalar_type()) {
         SigmoidArgs<scalar_t, scalar_t, grad_t> a;
         fill(a);
-        a.target = call.float_target.data_ptr<scalar_t>();
+        a.target = data_of<scalar_t>(call.float_target);
         launch_sigmoid<false>(a, reduced);
       } else {
         if constexpr (!std::is_same_v<scalar_t, float>) {

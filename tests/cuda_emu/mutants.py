@@ -27,18 +27,20 @@ TESTS = ["tests/test_compiled_backends.py", "tests/test_backward.py", "tests/cud
 
 # Grid-stride loops: (file, the stride expression, its broken form).
 _GRID_STRIDES = [
-    ("cuda/common.cu", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "count_valid"),
-    ("cuda/sigmoid.cu", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "sigmoid"),
-    ("cuda/softmax_kernels.cu", "const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;", "rows"),
-    ("cuda/ghmc.cu", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "histogram"),
-    ("cuda/scale_grad.cu", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "scale_grad"),
+    ("cuda/kernels/common_kernels.cuh", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "count_valid"),
+    ("cuda/kernels/sigmoid_kernels.cuh", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "sigmoid"),
+    ("cuda/kernels/softmax_kernels.cuh", "const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;", "rows"),
+    ("cuda/kernels/ghmc_kernels.cuh", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "histogram"),
+    ("cuda/kernels/scale_grad_kernels.cuh", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "scale_grad"),
 ]
 
 
 def mutants(csrc: str):
     """(id, relative path, source text of the mutant) for every mutant."""
     out = []
-    for rel in sorted(os.listdir(os.path.join(csrc, "cuda"))):
+    cuda_dir = os.path.join(csrc, "cuda")
+    files = sorted(os.path.relpath(os.path.join(d, f), cuda_dir) for d, _, fs in os.walk(cuda_dir) for f in fs)
+    for rel in files:  # csrc/cuda and csrc/cuda/kernels (the kernel headers)
         if not rel.endswith((".cu", ".cuh")):
             continue
         path = os.path.join("cuda", rel)
