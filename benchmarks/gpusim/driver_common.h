@@ -1,10 +1,13 @@
 // Shared pieces of the standalone drivers of `make gpu-sim` (benchmarks/gpusim/run.py): no torch,
 // the project's kernel headers only. A driver is run as
-//     driver CASE DTYPE ROWS C S GRID
-// (GRID: the launchers' grid_for value that run.py computed for the config, 0: the work's own
-// block count), launches the real kernel once, copies the outputs back, checks them against a
-// float64 computation on the CPU and prints
+//     driver CASE DTYPE ROWS C S GRID SMS
+// (GRID: the launchers' grid_for value that run.py computed for the config's SMS multiprocessors
+// from the sm_90 registers, 0: the work's own block count), launches the real kernel once, copies
+// the outputs back, checks them against a float64 computation on the CPU and prints
 //     CASE bytes=<device bytes the kernel must move> grid=<blocks> occupancy_api=<value or error>
+// The grid is GRID capped at the work's blocks and at SMS x the simulator's own resident blocks
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor of its runtime, from ptxas for sm_80): a block
+// beyond what the simulated SMs hold would run in a second wave, which the H100 grid never does.
 //     CHECK ok=<0|1> loss_rel=<..> grad_rel=<..>
 #pragma once
 
@@ -15,6 +18,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -34,11 +38,12 @@ struct Args {
   std::string name, dtype;
   int64_t rows = 0, C = 0, S = 1;
   int64_t grid = 0;
+  int64_t sms = 0;
 };
 
 inline Args parse(int argc, char** argv) {
-  if (argc < 7) {
-    std::fprintf(stderr, "usage: %s CASE DTYPE ROWS C S GRID\n", argv[0]);
+  if (argc < 8) {
+    std::fprintf(stderr, "usage: %s CASE DTYPE ROWS C S GRID SMS\n", argv[0]);
     std::exit(2);
   }
   Args a;
@@ -48,6 +53,7 @@ inline Args parse(int argc, char** argv) {
   a.C = std::atoll(argv[4]);
   a.S = std::atoll(argv[5]);
   a.grid = std::atoll(argv[6]);
+  a.sms = std::atoll(argv[7]);
   if (a.dtype != "fp32" && a.dtype != "bf16") {
     std::fprintf(stderr, "driver: dtype fp32 or bf16, got %s\n", a.dtype.c_str());
     std::exit(2);
@@ -128,6 +134,16 @@ std::string occupancy_api(Kernel kernel, int threads) {
     return "error:" + s;
   }
   return std::to_string(blocks);
+}
+
+// The launch grid (see the top of this file); occ: occupancy_api's answer.
+inline int64_t launch_grid(const Args& args, int64_t work_blocks, const std::string& occ) {
+  int64_t grid = args.grid > 0 ? std::min(args.grid, work_blocks) : work_blocks;
+  if (!occ.empty() && occ[0] != 'e' && args.sms > 0) {
+    const int64_t sim_resident = args.sms * std::max<int64_t>(1, std::atoll(occ.c_str()));
+    grid = std::min(grid, sim_resident);
+  }
+  return std::max<int64_t>(grid, 1);
 }
 
 inline void report(int64_t bytes, int64_t grid, const std::string& occ, double loss_rel, double grad_rel, double loss_tol,

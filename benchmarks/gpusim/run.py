@@ -44,7 +44,7 @@ class Case:
     name: str      # case id (--cases)
     driver: str    # benchmarks/gpusim/<driver>.cu
     kernel: str    # regex on the (mangled) kernel name of the measured launch
-    instance: str  # regex on the demangled sm_90 instance ({T}: the C++ type of the dtype)
+    instance: dict  # dtype -> the demangled sm_90 instance's name up to "(" ({T}: the C++ type)
     C: int
     rows: dict     # config name -> rows (N * S for channel-second); "default" for others
     S: int = 1     # channel-second spatial size (rows = N * S)
@@ -55,15 +55,23 @@ class Case:
 
 
 # rows: the grid (SMs x resident blocks) sweeps the problem several times on slice-dram (16 SMs).
+# instance: the demangled sm_90 kernel the launcher picks for these arguments ({T}: the C++ type
+# of the dtype); softmax: pick_rows_kernel / softmax_launch_for (C = 80: 16-byte packs, 20 (fp32)
+# or 10 (bf16) per row; C = 1203: not a multiple of the pack, single values, the three-sweep
+# kernel; channel-second C = 19 <= 32: in registers).
 CASES = [
-    Case("focal80", "softmax_driver", r"softmax_rows_kernel", r"softmax_rows_kernel<{T}, {T},", 80,
+    Case("focal80", "softmax_driver", r"softmax_rows_kernel",
+         {"fp32": "softmax_rows_kernel<{T}, {T}, 4, 32, 1>(", "bf16": "softmax_rows_kernel<{T}, {T}, 8, 16, 1>("}, 80,
          {"default": 4096, "h100-dram": 32768}),
-    Case("focal1203", "softmax_driver", r"softmax_rows_large_kernel", r"softmax_rows_large_kernel<{T}, {T},", 1203,
-         {"default": 1024, "h100-dram": 8192}),
-    Case("focal19cs", "softmax_driver", r"softmax_spatial_kernel", r"softmax_spatial_kernel<{T}, {T},", 19,
-         {"default": 65536, "h100-dram": 524288}, S=16384),
-    Case("sigmoid80", "sigmoid_driver", r"sigmoid_focal_kernel", r"sigmoid_focal_kernel<{T}, float, {T}, true, 2>", 80,
-         {"default": 4096, "h100-dram": 32768}),
+    Case("focal1203", "softmax_driver", r"softmax_rows_large_kernel",
+         {"fp32": "softmax_rows_large_kernel<{T}, {T}, 1, false>(", "bf16": "softmax_rows_large_kernel<{T}, {T}, 1, false>("},
+         1203, {"default": 1024, "h100-dram": 8192}),
+    Case("focal19cs", "softmax_driver", r"softmax_spatial_kernel",
+         {"fp32": "softmax_spatial_kernel<{T}, {T}, 32, false>(", "bf16": "softmax_spatial_kernel<{T}, {T}, 32, false>("},
+         19, {"default": 32768, "h100-dram": 262144}, S=16384),
+    Case("sigmoid80", "sigmoid_driver", r"sigmoid_focal_kernel",
+         {"fp32": "sigmoid_focal_kernel<{T}, float, {T}, true, 2>(", "bf16": "sigmoid_focal_kernel<{T}, float, {T}, true, 2>("},
+         80, {"default": 4096, "h100-dram": 32768}),
 ]
 CTYPE = {"fp32": "float", "bf16": "__nv_bfloat16"}
 
@@ -205,15 +213,15 @@ def main() -> int:
         rows = args.rows or case.rows_for(config)
         for dtype in dtypes:
             # The instance the driver launches for this dtype: its sm_90 registers size the grid.
-            pattern = case.instance.format(T=CTYPE[dtype])
-            found = [k for k in resources if re.search(pattern, k)]
+            pattern = case.instance[dtype].format(T=CTYPE[dtype])
+            found = [k for k in resources if pattern in k]
             if len(found) != 1:
                 raise RuntimeError(f"{case.name} {dtype}: {len(found)} sm_90 kernels match {pattern!r}: {found or list(resources)}")
             kname = found[0]
             regs, smem = resources[kname]
             per_sm = h100_blocks_per_sm(regs, smem)
             resident = sms * per_sm
-            stdout, launches, secs = run_sim(binary, [case.name, dtype, rows, case.C, case.S, resident], cfg,
+            stdout, launches, secs = run_sim(binary, [case.name, dtype, rows, case.C, case.S, resident, sms], cfg,
                                              bdir / "run" / config / f"{case.name}-{dtype}")
             check = driver_line(stdout, "CHECK")
             info = driver_line(stdout, "CASE")
@@ -233,8 +241,8 @@ def main() -> int:
             ok = check.get("ok") == "1"
             rec = {
                 "case": case.name, "dtype": dtype, "C": case.C, "rows": rows, "S": case.S,
-                "kernel": kname, "grid": int(info.get("grid", resident)), "blocks_per_sm": per_sm,
-                "regs_sm90": regs, "occupancy_api": info.get("occupancy_api", "?"),
+                "kernel": kname, "grid": int(info.get("grid", resident)), "grid_for_sm90": resident, "blocks_per_sm_sm90": per_sm,
+                "regs_sm90": regs, "sim_blocks_per_sm": info.get("occupancy_api", "?"),
                 "bytes": bytes_moved, "cycles": cycles, "copy_cycles": copy_cycles,
                 "pct_copy": round(100.0 * copy_cycles / cycles, 1),
                 "sim_insn": int(info["insn"]) if "insn" in info else None,
