@@ -9,6 +9,7 @@
 // against float64 on the CPU.
 #include "driver_common.h"
 #include "cuda/kernels/softmax_kernels.cuh"
+#include "sim_bf16.h"
 
 using namespace fused_losses::cuda;
 
@@ -113,5 +114,5 @@ int run(const drv::Args& args) {
 
 int main(int argc, char** argv) {
   const drv::Args args = drv::parse(argc, argv);
-  return args.dtype == "fp32" ? run<float>(args) : run<fl_bf16>(args);
+  return args.dtype == "fp32" ? run<float>(args) : run<simbf16::bf16>(args);
 }
