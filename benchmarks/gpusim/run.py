@@ -105,7 +105,7 @@ def git_commit() -> str:
 
 def build(src: Path, out: Path, extra=()) -> Path:
     """nvcc for the simulator; rebuilt when the driver or any csrc header is newer."""
-    deps = [src] + list((ROOT / "csrc").rglob("*.cuh")) + list((ROOT / "csrc").glob("*.h"))
+    deps = [src] + list((ROOT / "csrc").rglob("*.cuh")) + list((ROOT / "csrc").glob("*.h")) + list(HERE.glob("*.h"))
     if out.exists() and out.stat().st_mtime > max(d.stat().st_mtime for d in deps):
         return out
     print(f"gpu-sim: nvcc {src.relative_to(ROOT.parent) if ROOT.parent in src.parents else src}", flush=True)
