@@ -193,7 +193,7 @@ def main() -> int:
     cfg = config_dir(args.config)
     config = cfg.name
     sms = config_sms(cfg)
-    bdir = Path(args.build_dir)
+    bdir = Path(args.build_dir).resolve()
     bdir.mkdir(parents=True, exist_ok=True)
     wanted = [c for c in re.split(r"[ ,]+", args.cases.strip()) if c]
     cases = [c for c in CASES if not wanted or c.name in wanted]
