@@ -143,8 +143,26 @@ def h100_blocks_per_sm(regs: int, smem: int, threads: int = 256) -> int:
     return max(1, min(by_regs, by_threads, by_smem, 32))
 
 
+COLLECT = False  # --collect: parse the run folders of an earlier (possibly interrupted) run instead
+
+
 def run_sim(binary: Path, args, cfg: Path, run_dir: Path):
     """Runs binary under the simulator in run_dir (a copy of the config); returns (stdout, [(kernel, cycles)])."""
+    if COLLECT:
+        out = run_dir / "stdout.txt"
+        if not out.exists():
+            raise RuntimeError(f"--collect: no finished run in {run_dir}")
+        stdout = out.read_text()
+        launches, name = [], None
+        for line in stdout.splitlines():
+            m = re.match(r"kernel_name = (\S+)", line)
+            if m:
+                name = m.group(1)
+            m = re.match(r"gpu_sim_cycle = (\d+)", line)
+            if m and name:
+                launches.append((name, int(m.group(1))))
+                name = None
+        return stdout, launches, 0.0
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -186,7 +204,12 @@ def main() -> int:
     ap.add_argument("--build-dir", default=str(ROOT / "build" / "gpusim"))
     ap.add_argument("--out", default="", help="JSON path (default benchmarks/results/gpu-sim-<config>.json)")
     ap.add_argument("--no-json", action="store_true")
+    ap.add_argument("--collect", action="store_true",
+                    help="no simulation: read the run folders an earlier run of the same cases left (its stdout.txt)")
+    ap.add_argument("--commit", default="", help="with --collect: the git commit the runs were made at")
     args = ap.parse_args()
+    global COLLECT
+    COLLECT = args.collect
 
     if "gpgpu" not in os.environ.get("LD_LIBRARY_PATH", "") and "GPGPUSIM_ROOT" not in os.environ:
         sys.exit("gpu-sim: the simulator's env.sh is not sourced (run through `make gpu-sim`)")
@@ -198,7 +221,7 @@ def main() -> int:
     wanted = [c for c in re.split(r"[ ,]+", args.cases.strip()) if c]
     cases = [c for c in CASES if not wanted or c.name in wanted]
     dtypes = [d for d in re.split(r"[ ,]+", args.dtypes.strip()) if d]
-    commit = git_commit()
+    commit = args.commit or git_commit()
     print(f"gpu-sim: config {config} ({sms} SMs), git {commit}; simulated (GPGPU-Sim, uncalibrated)", flush=True)
 
     copy_bin = build(GPUSIM / "copy.cu", bdir / "copy")
