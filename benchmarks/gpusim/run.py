@@ -299,7 +299,7 @@ def main() -> int:
             done = {(r["case"], r["dtype"]) for r in results}
             old = [r for r in json.loads(out.read_text()) if (r["case"], r["dtype"]) not in done]
         out.write_text(json.dumps(old + results, indent=1) + "\n")
-        print(f"gpu-sim: wrote {out.relative_to(ROOT)}")
+        print(f"gpu-sim: wrote {out}")
     if failed:
         print(f"gpu-sim: did not run: {', '.join(failed)}")
     return 0 if not failed and all(r["result_check"].startswith("ok") for r in results) else 1
