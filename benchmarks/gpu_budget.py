@@ -655,7 +655,8 @@ def split_template_args(args: str) -> list[str]:
     return out
 
 
-_CTYPE = {"float": "fp32", "c10::BFloat16": "bf16", "c10::Half": "fp16"}
+# the kernels' element types (csrc/cuda/kernels/device.cuh: fl_bf16 / fl_half under nvcc)
+_CTYPE = {"float": "fp32", "__nv_bfloat16": "bf16", "__half": "fp16"}
 
 # Source text of code the hot cases never run (the loss is focal with gamma = 2, a reduced
 # loss with the gradient, no per-row weight, no OHEM mask, no label smoothing): the other loss
@@ -787,7 +788,9 @@ def cuda_instance(case: Case) -> tuple[str, list[str]]:
         packed = case.C % vec == 0
         v = vec if packed else 1
         packs = -(-case.C // v)
-        for lim, g, items in ((4, 4, 1), (16, 16, 1), (32, 32, 1), (128, 32, 4)):
+        long_items = 1280 // (32 * v)  # pick_rows_kernel (csrc/cuda/kernels/softmax_kernels.cuh)
+        for lim, g, items in ((4, 4, 1), (12, 4, 3), (24, 8, 3), (48, 16, 3), (128, 32, 4),
+                              (32 * long_items, 32, long_items)):
             if packs <= lim:
                 return "softmax_rows_kernel", [x, gt, str(v), str(g), str(items)]
         return "softmax_rows_large_kernel", [x, gt, str(v), "false"]
@@ -1037,7 +1040,7 @@ def markdown_table(rows: list[dict]) -> str:
            "| % roofline | with latency | target |",
            "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        inst = r["instance"].replace("c10::BFloat16", "bf16").replace("c10::Half", "half")
+        inst = r["instance"].replace("__nv_bfloat16", "bf16").replace("__half", "half")
         if r["backend"] == "triton":
             kv = dict(x.split("=", 1) for x in re.split(r"[,;] ", inst.split(" ", 1)[1]) if "=" in x)
             tile = f"BLOCK_M {kv['BLOCK_M']}, BLOCK_C {kv['BLOCK_C']}" if "BLOCK_M" in kv else f"BLOCK {kv['BLOCK']}"

@@ -130,13 +130,15 @@ def test_work_model_rejects_unexpected_structure():
 
 def test_launcher_instance_choice():
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp32", 80, "fp32", 0.1)
-    assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["float", "float", "4", "32", "1"])
+    assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["float", "float", "4", "8", "3"])
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "bf16", 80, "bf16", 0.1)
-    assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["c10::BFloat16", "c10::BFloat16", "8", "16", "1"])
+    assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["__nv_bfloat16", "__nv_bfloat16", "8", "4", "3"])
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp32", 1203, "fp32", 0.1)  # 1203 % 4: scalar packs
-    assert gb.cuda_instance(case) == ("softmax_rows_large_kernel", ["float", "float", "1", "false"])
+    assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["float", "float", "1", "32", "40"])
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp16", 1203, "fp32", 0.1)
-    assert gb.cuda_instance(case) == ("softmax_rows_large_kernel", ["c10::Half", "float", "1", "false"])
+    assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["__half", "float", "1", "32", "40"])
+    case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp32", 4096, "fp32", 0.1)  # past 1280 values
+    assert gb.cuda_instance(case) == ("softmax_rows_large_kernel", ["float", "float", "4", "false"])
 
 
 def test_machine_model():
@@ -184,15 +186,16 @@ def test_real_kernel_softmax_rows_fp32():
     with tempfile.TemporaryDirectory() as tmp:
         funcs, res = gb.load_cuda_functions(gb.cuda_so(), Path(tmp), units=("softmax_kernels",))
     dem = gb.demangle(list(funcs))
-    want = "void fused_losses::cuda::softmax_rows_kernel<float, float, 4, 32, 1>"
+    want = "void fused_losses::cuda::softmax_rows_kernel<float, float, 4, 8, 3>"
     name = next(m for m, d in dem.items() if d.startswith(want))
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp32", 80, "fp32", 8 / 80)
-    work = gb.cuda_work("softmax_rows_kernel", ["float", "float", "4", "32", "1"], 80)
+    work = gb.cuda_work("softmax_rows_kernel", ["float", "float", "4", "8", "3"], 80)
     row = gb.analyse(funcs[name], work, case, res[name], 256)
-    # one row of 80 per warp-iteration: 128-bit logits loads and gradient stores, one exp per element
+    # four rows of 80 per warp-iteration (8 lanes x 3 packs of 4 per row): 128-bit logits loads and
+    # gradient stores, one exp per element
     assert row["warp_inst_per_elem"] > 1.0
     assert row["ld_bits"] == 128 and row["st_bits"] == 128
-    assert row["mufu_per_elem"] * 80 >= 4  # at least the 4 exponentials of a lane's pack per row
+    assert row["mufu_per_elem"] * 4 * 80 >= 12  # at least the 12 exponentials of a lane's 3 packs
     assert row["regs"] > 0 and 0 < row["warps_per_sm"] <= 64
     assert row["off_path_blocks"] > 0  # the other loss kinds' code was found and set aside
     # the large-C kernel keeps its scalar accesses at C = 1203 (not a multiple of 4)

@@ -490,3 +490,20 @@ def test_inplace_rescale_touches_every_element_once(dtype, offset):
     cuda_emu.ops().scale_grad_(grad, grad_output, applied)
     assert torch.equal(grad, before * 2)
     assert applied.item() == 3.0
+
+
+# Row lengths on both sides of every register layout of softmax_rows_kernel (pick_rows_kernel in
+# csrc/cuda/kernels/softmax_kernels.cuh: 4, 12, 24, 48 and 128 packs per row, then a warp per
+# row up to 1280 values in registers, then the three-sweep kernel), for packs of 4 (fp32) and 8
+# (fp16/bf16) values and single values (C not a multiple of the pack); test_compiled_backends.py
+# test_focal_every_row_kernel has the older boundaries.
+_LAYOUT_LENGTHS = [48, 52, 96, 100, 192, 196, 384, 392, 1279, 1280, 1281, 1284]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("c", _LAYOUT_LENGTHS)
+def test_focal_register_layout_boundaries(dtype, c):
+    from tests.test_compiled_backends import CUDA_EMU, check
+    logits, target = softmax_case((37, c), dtype, ignore_frac=0.1, seed=c)
+    check(CUDA_EMU, "focal", logits, target, gamma=2.0, reduction="none")
+    check(CUDA_EMU, "focal", logits, target, gamma=0.5, alpha=0.25, reduction="mean")

@@ -100,15 +100,21 @@ struct RowValues {
   float one_minus_pt;
 };
 
-// From the row's max m, s = sum_c e^{x_c - m} and sum_others = the same sum without the target
-// column. e_t = exp(x_t - m) is the value the exponential sweep computed for the target column
-// (same inputs, same expf), recomputed here by the thread that finishes the row.
-__device__ __forceinline__ RowValues softmax_row_values(float x_t, float row_max, float row_sum, float sum_others) {
+// From the row's max m, s = sum_c e^{x_c - m}, sum_others = the same sum without the target
+// column and e_t = e^{x_t - m} (the value the kernel's exponential gives the target column: same
+// input, same function), with one reciprocal of s for p_t and 1 - p_t (<= 1.5 ulp each, as
+// against 0.5 for a division: far inside the accuracy rule).
+__device__ __forceinline__ RowValues softmax_row_values(float x_t, float row_max, float row_sum, float sum_others,
+                                                        float e_t, float inv_s) {
   RowValues r;
   r.log_pt = lm::log_softmax_target_sums(x_t, row_max, row_sum, sum_others);
-  r.p_t = lm::exp_(x_t - row_max) / row_sum;
-  r.one_minus_pt = sum_others / row_sum;
+  r.p_t = e_t * inv_s;
+  r.one_minus_pt = sum_others * inv_s;
   return r;
+}
+
+__device__ __forceinline__ RowValues softmax_row_values(float x_t, float row_max, float row_sum, float sum_others) {
+  return softmax_row_values(x_t, row_max, row_sum, sum_others, lm::exp_(x_t - row_max), 1.0f / row_sum);
 }
 
 struct RowResult {
@@ -255,20 +261,29 @@ __device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t, g
 
 // ------------------------------------------------------------------------------------------
 // softmax_rows_kernel: (N, C) rows (S = 1), C <= G * ITEMS * VEC. A group of G lanes per row
-// (32 / G rows per warp); lane j of the group holds packs j, j + G, ... (VEC values each) in
-// registers, so the row is read once and its exponentials are computed once:
-//   m = max_c x_c (group shuffle), e_c = exp(x_c - m), s = sum_c e_c and sum_others =
-//   sum_{c != t} e_c (two group shuffles, the same butterfly), RowValues (log p_t, p_t,
-//   1 - p_t = sum_others / s), (loss, k) = softmax_row_result(...),
-//   grad_c = -k e_c / s for c != t, grad_{c=t} = k (1 - p_t) (sum_others / s: 1 - e_t / s would cancel as p_t -> 1),
-// each computed in float32 and rounded once to the gradient's element type grad_t. Memory traffic per element:
-// sizeof(scalar_t) read + sizeof(grad_t) written (VEC-value packs: 16 bytes of bf16 gradient
-// for bf16 'mean'/'sum', 4 * VEC bytes of float32 otherwise); per row: 8 bytes of target
-// (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t). Ignored rows skip the logits
-// read and write a zero gradient row.
+// (32 / G rows per warp: short rows keep every lane busy, and the per-row work (target, log,
+// loss, reciprocal, butterflies) is shared by 32 / G rows per instruction); lane j of the group
+// holds packs j, j + G, ... (VEC values each) in registers, so the row is read once and its
+// exponentials are computed once:
+//   m = max_c x_c (group butterfly), e_c = fast_exp(x_c - m) (FMUL + MUFU.EX2, device.cuh),
+//   sum_others = sum_{c != t} e_c (group butterfly), e_t = fast_exp(x_t - m), s = sum_others +
+//   e_t (one rounding; no second per-element sum or butterfly), one reciprocal 1 / s,
+//   RowValues (log p_t, p_t = e_t / s, 1 - p_t = sum_others / s), (loss, k) =
+//   softmax_row_result(...), grad_c = -k e_c / s for c != t, grad_{c=t} = k (1 - p_t)
+//   (sum_others / s: 1 - e_t / s would cancel as p_t -> 1),
+// each computed in float32 and rounded once to the gradient's element type grad_t. Class
+// indices are 32-bit in the loops (C <= G * ITEMS * VEC <= 1280), the row offset 64-bit once per
+// row. Budget (H100, 3.35 TB/s, 4 warp-instructions/cycle/SM at 1.98 GHz, 132 SMs): fwd+bwd
+// reads and writes each element once, so ~2.5 warp-instructions per fp32 element and ~1.25 per
+// bf16 element at the roofline; `make gpu-budget` counts them in the SASS.
+// Memory traffic per element: sizeof(scalar_t) read + sizeof(grad_t) written (VEC-value packs:
+// 16 bytes of bf16 gradient for bf16 'mean'/'sum', 4 * VEC bytes of float32 otherwise); per
+// row: 8 bytes of target (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t). Ignored
+// rows skip the logits read and write a zero gradient row.
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t, typename grad_t, int VEC, int G, int ITEMS>
 __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
+  static_assert(G * ITEMS * VEC <= 2048, "register rows are short (32-bit class indices)");
   constexpr int kRowsPerWarp = 32 / G;
   const int lane = threadIdx.x % 32;
   const int group = lane / G;
@@ -276,20 +291,21 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
   const int64_t rows = a.N;
-  const int64_t C = a.C;
+  const int C = static_cast<int>(a.C);  // <= G * ITEMS * VEC (softmax_launch_for)
   const float scale = grad_scale(a.reduction, a.count);
   double acc = 0.0;
   // The loop bound is the same for every lane of the warp (the shuffles need all 32 lanes).
   for (int64_t first = warp * kRowsPerWarp; first < rows; first += warps * kRowsPerWarp) {
     const int64_t row = first + group;
     const RowTarget rt = row_target<false>(a, row, rows);
-    const int64_t row_offset = (rt.in_range ? row : int64_t(0)) * C;
+    const int t = rt.active ? static_cast<int>(rt.t) : -1;  // in [0, C) when active
+    const int64_t row_offset = (rt.in_range ? row : int64_t(0)) * a.C;
     const scalar_t* x = a.logits + row_offset;
     float v[ITEMS][VEC];
     float row_max = -INFINITY;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t c0 = static_cast<int64_t>(member + i * G) * VEC;
+      const int c0 = (member + i * G) * VEC;
       if (rt.active && c0 < C) {
         const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
 #pragma unroll
@@ -300,39 +316,42 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
       }
     }
     row_max = group_max<G>(row_max);
-    float row_sum = 0.0f, sum_others = 0.0f;
+    float sum_others = 0.0f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-      const int64_t c0 = static_cast<int64_t>(member + i * G) * VEC;
+      const int c0 = (member + i * G) * VEC;
       if (rt.active && c0 < C) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          v[i][e] = lm::exp_(v[i][e] - row_max);
-          row_sum += v[i][e];
-          sum_others += c0 + e == rt.t ? 0.0f : v[i][e];
+          v[i][e] = fast_exp(v[i][e] - row_max);
+          sum_others += c0 + e == t ? 0.0f : v[i][e];
         }
       }
     }
-    row_sum = group_sum<G>(row_sum);
     sum_others = group_sum<G>(sum_others);
     RowResult res{0.0f, 0.0f, 0.0f};
     RowValues rv{0.0f, 0.0f, 0.0f};
+    float inv_s = 0.0f;
     if (rt.active) {
-      rv = softmax_row_values(to_float(x[rt.t]), row_max, row_sum, sum_others);
+      const float x_t = to_float(x[t]);
+      const float e_t = fast_exp(x_t - row_max);
+      const float row_sum = sum_others + e_t;
+      inv_s = 1.0f / row_sum;
+      rv = softmax_row_values(x_t, row_max, row_sum, sum_others, e_t, inv_s);
       res = softmax_row_result<false>(a, row, rt.t, rv, scale);
     }
     if (a.grad != nullptr && rt.in_range) {
       grad_t* g = a.grad + row_offset;
-      const float p_scale = -res.k / row_sum;
+      const float p_scale = -res.k * inv_s;
       const float target_grad = res.k * rv.one_minus_pt;
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
-        const int64_t c0 = static_cast<int64_t>(member + i * G) * VEC;
+        const int c0 = (member + i * G) * VEC;
         if (c0 < C) {
           Pack<grad_t, VEC> out;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            out.v[e] = from_float<grad_t>(!rt.active ? 0.0f : (c0 + e == rt.t ? target_grad : p_scale * v[i][e]));
+            out.v[e] = from_float<grad_t>(!rt.active ? 0.0f : (c0 + e == t ? target_grad : p_scale * v[i][e]));
           }
           store_pack<VEC>(g + c0, out);
         }
@@ -378,6 +397,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
     RowValues rv{0.0f, 0.0f, 0.0f};
     [[maybe_unused]] SmoothRow sr{};
     const bool smooth = kExtras && a.label_smoothing > 0.0f;  // uniform over the launch
+    float inv_s = 0.0f;  // 1 / s of an active row
     if (rt.active) {
 #pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
@@ -487,6 +507,7 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
     RowValues rv{0.0f, 0.0f, 0.0f};
     [[maybe_unused]] SmoothRow sr{};
     const bool smooth = kExtras && a.label_smoothing > 0.0f;  // uniform over the launch
+    float inv_s = 0.0f;  // 1 / s of an active row
     if (rt.active) {
       if constexpr (kRegs > 0) {
 #pragma unroll
@@ -496,14 +517,20 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
             row_max = v[c] > row_max ? v[c] : row_max;
           }
         }
+        const int t = static_cast<int>(rt.t);  // in [0, C) (active)
 #pragma unroll
         for (int c = 0; c < kRegs; ++c) {
           if (c < C) {
-            v[c] = lm::exp_(v[c] - row_max);
-            row_sum += v[c];
-            sum_others += c == rt.t ? 0.0f : v[c];
+            v[c] = fast_exp(v[c] - row_max);
+            sum_others += c == t ? 0.0f : v[c];
           }
         }
+        // As softmax_rows_kernel: s = sum_others + e_t, one reciprocal.
+        const float x_t = to_float(x[rt.t * S]);
+        const float e_t = fast_exp(x_t - row_max);
+        row_sum = sum_others + e_t;
+        inv_s = 1.0f / row_sum;
+        rv = softmax_row_values(x_t, row_max, row_sum, sum_others, e_t, inv_s);
       } else {
         for (int64_t c = 0; c < C; ++c) {
           const float value = to_float(x[c * S]);
@@ -514,8 +541,9 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
           row_sum += ex;
           sum_others += c == rt.t ? 0.0f : ex;
         }
+        rv = softmax_row_values(to_float(x[rt.t * S]), row_max, row_sum, sum_others);
+        inv_s = 1.0f / row_sum;
       }
-      rv = softmax_row_values(to_float(x[rt.t * S]), row_max, row_sum, sum_others);
       if (smooth) {
         sr = smooth_row(a, row_sum);
         float sum_f = 0.0f, sum_d = 0.0f;
@@ -533,7 +561,7 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
     }
     if (a.grad != nullptr) {
       grad_t* g = a.grad + base;
-      const float p_scale = -res.k / row_sum;
+      const float p_scale = -res.k * inv_s;
       const float target_grad = smooth ? sr.target_grad : res.k * rv.one_minus_pt;
       if constexpr (kRegs > 0) {
 #pragma unroll
@@ -608,11 +636,18 @@ struct SoftmaxLaunch {
 // holds the row, or the three-sweep kernel for long rows.
 template <typename scalar_t, typename grad_t, int VEC>
 inline SoftmaxLaunch<scalar_t, grad_t> pick_rows_kernel(int64_t C) {
+  // Lanes per row G and packs per lane ITEMS: enough rows per warp that most lanes hold a pack
+  // (C = 80: fp32 20 packs -> 8 lanes x 3, 4 rows per warp; bf16 10 packs -> 4 x 3, 8 rows per
+  // warp), a warp per row up to 1280 values in registers (LVIS C = 1203: read once), longer
+  // rows the three-sweep kernel.
+  constexpr int kLongItems = 1280 / (32 * VEC);  // 40 single values, 10 fp32 packs, 5 16-bit packs
   const int64_t packs = (C + VEC - 1) / VEC;
   if (packs <= 4) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 4, 1>, kWarps * 8};
-  if (packs <= 16) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 16, 1>, kWarps * 2};
-  if (packs <= 32) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 32, 1>, kWarps};
+  if (packs <= 12) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 4, 3>, kWarps * 8};
+  if (packs <= 24) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 8, 3>, kWarps * 4};
+  if (packs <= 48) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 16, 3>, kWarps * 2};
   if (packs <= 128) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 32, 4>, kWarps};
+  if (packs <= 32 * kLongItems) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 32, kLongItems>, kWarps};
   return {softmax_rows_large_kernel<scalar_t, grad_t, VEC, false>, kWarps};
 }
 
