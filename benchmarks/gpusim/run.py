@@ -57,14 +57,15 @@ class Case:
 # rows: the grid (SMs x resident blocks) sweeps the problem several times on slice-dram (16 SMs).
 # instance: the demangled sm_90 kernel the launcher picks for these arguments ({T}: the C++ type
 # of the dtype); softmax: pick_rows_kernel / softmax_launch_for (C = 80: 16-byte packs, 20 (fp32)
-# or 10 (bf16) per row; C = 1203: not a multiple of the pack, single values, the three-sweep
-# kernel; channel-second C = 19 <= 32: in registers).
+# or 10 (bf16) per row, 8 or 4 lanes x 3 packs; C = 1203: not a multiple of the pack, single
+# values, a warp per row in registers; channel-second C = 19 <= 32: in registers). Update these
+# when the launcher's choice changes (run.py fails when no sm_90 instance matches).
 CASES = [
     Case("focal80", "softmax_driver", r"softmax_rows_kernel",
-         {"fp32": "softmax_rows_kernel<{T}, {T}, 4, 32, 1>(", "bf16": "softmax_rows_kernel<{T}, {T}, 8, 16, 1>("}, 80,
+         {"fp32": "softmax_rows_kernel<{T}, {T}, 4, 8, 3>(", "bf16": "softmax_rows_kernel<{T}, {T}, 8, 4, 3>("}, 80,
          {"default": 4096, "h100-dram": 32768}),
-    Case("focal1203", "softmax_driver", r"softmax_rows_large_kernel",
-         {"fp32": "softmax_rows_large_kernel<{T}, {T}, 1, false>(", "bf16": "softmax_rows_large_kernel<{T}, {T}, 1, false>("},
+    Case("focal1203", "softmax_driver", r"softmax_rows_kernel",
+         {"fp32": "softmax_rows_kernel<{T}, {T}, 1, 32, 40>(", "bf16": "softmax_rows_kernel<{T}, {T}, 1, 32, 40>("},
          1203, {"default": 1024, "h100-dram": 8192}),
     Case("focal19cs", "softmax_driver", r"softmax_spatial_kernel",
          {"fp32": "softmax_spatial_kernel<{T}, {T}, 32, false>(", "bf16": "softmax_spatial_kernel<{T}, {T}, 32, false>("},
