@@ -114,9 +114,9 @@ def build(src: Path, out: Path, extra=()) -> Path:
     return out
 
 
-def sm90_resources(src: Path, out_dir: Path) -> dict:
-    """{mangled kernel name: (registers, static shared bytes)} of the driver's kernels for sm_90."""
-    res = sh([NVCC, *NVCC_SM90, "-I", str(ROOT / "csrc"), "-o", str(out_dir / (src.stem + ".sm90.cubin")), str(src)])
+def sm90_resources(src: Path, out_dir: Path, extra=()) -> dict:
+    """{demangled kernel name: (registers, static shared bytes)} of the driver's kernels for sm_90."""
+    res = sh([NVCC, *NVCC_SM90, *extra, "-I", str(ROOT / "csrc"), "-o", str(out_dir / (src.stem + ".sm90.cubin")), str(src)])
     kernels, current = {}, None
     for line in res.stderr.splitlines():
         m = re.search(r"Compiling entry function '([^']+)'", line)
@@ -231,12 +231,14 @@ def main() -> int:
     failed: list = []
     drivers: dict = {}
     for case in cases:
-        if case.driver not in drivers:
-            src = HERE / f"{case.driver}.cu"
-            drivers[case.driver] = (build(src, bdir / case.driver), sm90_resources(src, bdir))
-        binary, resources = drivers[case.driver]
         rows = args.rows or case.rows_for(config)
         for dtype in dtypes:
+            key = (case.driver, dtype)
+            if key not in drivers:
+                src = HERE / f"{case.driver}.cu"
+                flag = [f"-DGPUSIM_DTYPE_{dtype.upper()}"]
+                drivers[key] = (build(src, bdir / f"{case.driver}_{dtype}", flag), sm90_resources(src, bdir, flag))
+            binary, resources = drivers[key]
             # The instance the driver launches for this dtype: its sm_90 registers size the grid.
             pattern = case.instance[dtype].format(T=CTYPE[dtype])
             found = [k for k in resources if pattern in k]
