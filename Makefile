@@ -41,7 +41,7 @@ NINJA_FILTER := sed -u -E -e 's|^(\[[0-9]+/[0-9]+\]) .* -c ($(CURDIR)/)?([^ ]+) 
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: venv build build-cpu test demo bench clean test-cuda-emu gpu-budget docs
+.PHONY: venv build build-cpu test demo bench clean test-cuda-emu gpu-budget gpu-sim docs
 .DEFAULT_GOAL := test
 
 # One pip call for torch and the tools, --no-compile: pip would byte-compile every module of
@@ -147,6 +147,21 @@ gpu-budget:
 docs: $(VENV)/.installed
 	@echo "make: building the documentation site into build/site (mkdocs build --strict; about 15 s)"
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict -d build/site
+
+# Simulated measurement of the real CUDA kernels (issue #23; a developer tool, not in CI: minutes
+# of CPU): GPGPU-Sim from ../shared/gpusim (build once: ../shared/gpusim/build.sh $(GPUSIM_HOME)),
+# standalone drivers of benchmarks/gpusim/ (no torch at run time) against the copy yardstick
+# moving the same bytes. Writes benchmarks/results/gpu-sim-<config>.json. SIM_CONFIG: a config
+# folder name of ../shared/gpusim/configs (slice-dram: 16 SMs; h100-dram: the whole chip) or a
+# path. GPU_SIM_CASES / GPU_SIM_DTYPES: a subset (benchmarks/gpusim/run.py --help).
+SIM_CONFIG     ?= slice-dram
+GPUSIM_HOME    ?= $(HOME)/.cache/gpgpu-sim
+GPU_SIM_CASES  ?=
+GPU_SIM_DTYPES ?= fp32 bf16
+gpu-sim:
+	@[ -f "$(GPUSIM_HOME)/env.sh" ] || { echo "make: no simulator in $(GPUSIM_HOME): PYTHON=$(PY) ../shared/gpusim/build.sh $(GPUSIM_HOME) (about 5 CPU-minutes)"; exit 1; }
+	source "$(GPUSIM_HOME)/env.sh" && $(PY) benchmarks/gpusim/run.py --config "$(SIM_CONFIG)" \
+	  --cases "$(GPU_SIM_CASES)" --dtypes "$(GPU_SIM_DTYPES)"
 
 bench: build
 	$(PY) -m benchmarks.bench --size small

@@ -67,12 +67,37 @@ void launch_sigmoid_kernel(SigmoidArgs<scalar_t, target_t, grad_t> a, const at::
   if (reduced.defined()) finish_loss(partials, a.count, a.reduction, reduced);
 }
 
+// The plain sigmoid focal loss: sigmoid_focal_kernel with gamma 0 / 2 compiled in, or any gamma.
+template <bool kLabels, int kGamma, typename scalar_t, typename target_t, typename grad_t>
+void launch_sigmoid_focal_kernel(SigmoidArgs<scalar_t, target_t, grad_t> a, const at::Tensor& reduced) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const auto kernel = sigmoid_focal_kernel<scalar_t, target_t, grad_t, kLabels, kGamma>;
+  const int64_t blocks = grid_for(kernel, a.numel, static_cast<int64_t>(kThreads) * VEC);
+  at::Tensor partials;
+  if (reduced.defined()) {
+    partials = at::empty({blocks}, reduced.options().dtype(at::kDouble));
+    a.partials = partials.data_ptr<double>();
+  }
+  TORCH_INTERNAL_ASSERT(a.grad == nullptr || aligned_to(a.grad, VEC * sizeof(grad_t)),
+                        "fused_losses: misaligned gradient buffer");
+  FL_LAUNCH(blocks, kThreads, 0, current_stream(), kernel)(a);
+  FL_KERNEL_LAUNCH_CHECK();
+  if (reduced.defined()) finish_loss(partials, a.count, a.reduction, reduced);
+}
+
 template <bool kLabels, typename scalar_t, typename target_t, typename grad_t>
 void launch_sigmoid(SigmoidArgs<scalar_t, target_t, grad_t> a, const at::Tensor& reduced) {
   if (a.alpha_per_class != nullptr || a.weight != nullptr) {
     launch_sigmoid_kernel<kLabels, true>(a, reduced);
-  } else {
+  } else if (a.loss != SigmoidLoss::Focal || a.numel == 0 || a.numel >= (int64_t(1) << 31) ||
+             (kLabels && a.C < 16 / static_cast<int64_t>(sizeof(scalar_t)))) {
     launch_sigmoid_kernel<kLabels, false>(a, reduced);
+  } else if (a.gamma == 2.0f) {
+    launch_sigmoid_focal_kernel<kLabels, 2>(a, reduced);
+  } else if (a.gamma == 0.0f) {
+    launch_sigmoid_focal_kernel<kLabels, 0>(a, reduced);
+  } else {
+    launch_sigmoid_focal_kernel<kLabels, -1>(a, reduced);
   }
 }
 

@@ -202,5 +202,256 @@ __global__ void __launch_bounds__(kThreads) sigmoid_kernel(const SigmoidArgs<sca
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// Fast path of sigmoid focal (no extras): sigmoid_focal_kernel<.., kLabels, kGamma>.
+// kGamma: 0 (gamma == 0), 2 (gamma == 2), -1 (any gamma > 0, runtime value); the launcher picks.
+// Per element (x the logit, e = 2^(-|x| log2 e) = e^{-|x|}, hardware MUFU.EX2):
+//   r = 1 / (1 + e) (MUFU.RCP), sigmoid(-|x|) = e r, p = x >= 0 ? r : e r, q = x >= 0 ? e r : r
+//   log1p(e) = 2 w P(w^2), w = e / (2 + e) (MUFU.RCP; P = math::log1p_unit_series, 0.08 ulp)
+//   bce = ((1 - y) x - min(x, 0)) + log1p(e); 1 - p_t, p_t, alpha_t: selects for labels
+//   loss = alpha_t (1 - p_t)^gamma bce;  labels (closed form, csrc/DESIGN.md):
+//   grad = -+ scale alpha_t (1 - p_t)^gamma ((1 - p_t) + gamma p_t bce)   (- for y = 1)
+//   float targets: scale alpha_t ((p - y) m + bce dm/d(1-p_t) p q (1 - 2y)), m = (1 - p_t)^gamma
+//   general gamma: m = 2^(gamma log2(1 - p_t)) (MUFU.LG2, MUFU.EX2; 0 at 1 - p_t = 0).
+// Accuracy (fp32, against float64): ex2.approx and rcp.approx are within 2 ulp (+ the rounding of
+// -|x| log2 e: |x| 2^-24 relative in e, 1.2e-6 at |x| = 20); the element loss and gradient stay
+// within ~1e-6 relative for |x| <= 20 and within 1e-5 while (gamma + 1)|x| < 160. Results that
+// underflow float32 (e < 2^-126: |x| > 87.3) are flushed to 0 (.ftz), within the rule's
+// absolute 2^-126. NaN logits give NaN loss and gradient; +-inf give the reference's inf and, where
+// the reference is NaN (0 * inf), NaN, like the general path.
+// ------------------------------------------------------------------------------------------
+
+// Hardware approximations (MUFU) and their emulator spellings (the emulator computes the exact
+// functions, flushing results below float32's smallest normal like .ftz).
+#ifdef FUSED_LOSSES_CUDA_EMU
+__device__ __forceinline__ float fast_ex2(float x) {
+  const float y = exp2f(x);
+  return y < 1.17549435e-38f ? 0.0f : y;
+}
+__device__ __forceinline__ float fast_lg2(float x) { return x < 1.17549435e-38f && x >= 0.0f ? -INFINITY : log2f(x); }
+__device__ __forceinline__ float fast_rcp(float x) { return 1.0f / x; }
+#else
+__device__ __forceinline__ float fast_ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float fast_lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+#endif
+
+// Row constants of the fast path: alpha_t of a positive / negative element and the gradient
+// factor -scale alpha_t / +scale alpha_t (labels: one select per element).
+struct SigmoidFocalConsts {
+  float a_pos, a_neg, g_pos, g_neg, gamma;
+};
+
+__device__ __forceinline__ SigmoidFocalConsts sigmoid_focal_consts(float alpha, float gamma, float scale) {
+  SigmoidFocalConsts k;
+  k.a_pos = alpha >= 0.0f ? alpha : 1.0f;
+  k.a_neg = alpha >= 0.0f ? 1.0f - alpha : 1.0f;
+  k.g_pos = -(scale * k.a_pos);
+  k.g_neg = scale * k.a_neg;
+  k.gamma = gamma;
+  return k;
+}
+
+// The shared first steps: e = e^{-|x|}, p, q and log1p(e).
+struct SigmoidFast {
+  float p, q, log1p_e;
+};
+
+__device__ __forceinline__ SigmoidFast sigmoid_fast(float x) {
+  constexpr float kMinusLog2e = -1.44269504088896341f;
+  const float e = fast_ex2(lm::abs_(x) * kMinusLog2e);
+  const float r = fast_rcp(1.0f + e);
+  const float small = e * r;  // sigmoid(-|x|)
+  const bool pos = x >= 0.0f;
+  SigmoidFast s;
+  s.p = pos ? r : small;
+  s.q = pos ? small : r;
+  const float w = e * fast_rcp(2.0f + e);  // log1p(e) = 2 atanh(w)
+  s.log1p_e = (w + w) * lm::log1p_unit_series(w * w);
+  return s;
+}
+
+// (1 - p_t)^gamma for kGamma 0, 2 or any (runtime gamma > 0; 0 at 1 - p_t = 0).
+template <int kGamma>
+__device__ __forceinline__ float focal_modulation(float omp, float gamma) {
+  if constexpr (kGamma == 0) {
+    return 1.0f;
+  } else if constexpr (kGamma == 2) {
+    return omp * omp;
+  } else {
+    return fast_ex2(gamma * fast_lg2(omp));
+  }
+}
+
+// Integer labels: element with y = ypos; returns the loss, sets grad (both before validity).
+template <int kGamma>
+__device__ __forceinline__ float sigmoid_focal_label_fast(float x, bool ypos, const SigmoidFocalConsts& k,
+                                                          float& grad) {
+  const SigmoidFast s = sigmoid_fast(x);
+  const float omp = ypos ? s.q : s.p;  // 1 - p_t
+  const float pt = ypos ? s.p : s.q;
+  // (1 - y) x - min(x, 0) = max(-+x, 0) (+ for y = 0)
+  const float bce = fmaxf(ypos ? -x : x, 0.0f) + s.log1p_e;
+  const float mod = focal_modulation<kGamma>(omp, k.gamma);
+  const float gamma = kGamma >= 0 ? static_cast<float>(kGamma) : k.gamma;
+  const float gv = kGamma == 0 ? omp : mod * (omp + gamma * (pt * bce));
+  grad = (ypos ? k.g_pos : k.g_neg) * gv;
+  return (ypos ? k.a_pos : k.a_neg) * (bce * mod);
+}
+
+// Float targets y in [0, 1] (soft targets too): the general form.
+template <int kGamma>
+__device__ __forceinline__ float sigmoid_focal_target_fast(float x, float y, const SigmoidFocalConsts& k, float scale,
+                                                           float& grad) {
+  const SigmoidFast s = sigmoid_fast(x);
+  const float omy = 1.0f - y;
+  const float bce = (omy * x - (x < 0.0f ? x : 0.0f)) + s.log1p_e;
+  const float omp = s.p * omy + s.q * y;  // 1 - p_t
+  const float alpha_t = k.a_pos * y + k.a_neg * omy;
+  const float mod = focal_modulation<kGamma>(omp, k.gamma);
+  float gv = (s.p * omy - s.q * y) * mod;  // (p - y) (1 - p_t)^gamma
+  if constexpr (kGamma != 0) {
+    // d(1 - p_t)^gamma / d(1 - p_t) = gamma (1 - p_t)^(gamma - 1), times d(1 - p_t)/dx = p q (1 - 2y)
+    const float dmod = kGamma == 2 ? 2.0f * omp : k.gamma * mod * fast_rcp(omp > 0.0f ? omp : 1.0f);
+    const float chain = dmod * (s.p * s.q) * (1.0f - 2.0f * y);
+    gv += bce * (omp > 0.0f ? chain : 0.0f);
+  }
+  grad = scale * (alpha_t * gv);
+  return alpha_t * (bce * mod);
+}
+
+// ------------------------------------------------------------------------------------------
+// sigmoid_focal_kernel: the plain sigmoid focal loss (no per-class alpha, no weight) over (M, C),
+// a thread per 16-byte pack of VEC logits (grid-stride), the last numel % VEC elements one by one.
+// The launcher (csrc/cuda/sigmoid.cu launch_sigmoid) runs it for numel < 2^31 only: index math
+// in I = uint32_t; the 64-bit path beyond 2^31 elements (and C < VEC with labels, GHM-C, the
+// extras) is sigmoid_kernel.
+// Labels: the row r and column c of a thread's pack are advanced by the grid stride (no division
+// in the loop); with C >= VEC a pack ends at most one row later, so two label loads give bit
+// masks of the pack's positive elements and of its elements in valid rows. Ignored rows: exactly
+// 0 (selected, so a NaN logit there does not leak).
+// ------------------------------------------------------------------------------------------
+template <typename I, typename scalar_t, typename target_t, typename grad_t, bool kLabels, int kGamma>
+__device__ __forceinline__ void sigmoid_focal_loop(const SigmoidArgs<scalar_t, target_t, grad_t>& a, double& acc) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const float scale = grad_scale(a.reduction, a.count);
+  const SigmoidFocalConsts k = sigmoid_focal_consts(a.alpha, a.gamma, scale);
+  const I numel = static_cast<I>(a.numel), C = static_cast<I>(a.C);
+  const I packs = numel / VEC;
+  const I stride = static_cast<I>(gridDim.x) * kThreads;
+  const I first = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x;
+  // Row and column of element first * VEC, and what one grid stride adds to them.
+  I r = 0, c = 0, dr = 0, dc = 0;
+  if constexpr (kLabels) {
+    if (first < packs) {
+      r = first * VEC / C;
+      c = first * VEC - r * C;
+      dr = stride * VEC / C;
+      dc = stride * VEC - dr * C;
+    }
+  }
+  for (I p = first; p < packs; p += stride) {
+    const I i0 = p * VEC;
+    const Pack<scalar_t, VEC> xs = load_pack<VEC>(a.logits + i0);
+    bool ypos[VEC];
+    bool valid[VEC];
+    float y[VEC];
+    if constexpr (kLabels) {
+      bool v0;
+      const int64_t lab0 = row_label(a, static_cast<int64_t>(r), v0);
+      const I left = C - c;  // elements of row r in this pack (>= 1)
+      // The pack index of a positive: lab - c in row r, left + lab in row r + 1 (an index
+      // outside [0, VEC) matches no element; background label == C has none).
+      // Bit e of pos / ok: element e of the pack is the row's positive / in a valid row.
+      const I d0 = static_cast<I>(lab0) - c;
+      uint32_t pos = v0 && lab0 < a.C && d0 < static_cast<I>(VEC) ? 1u << d0 : 0u;
+      uint32_t ok = v0 ? (1u << VEC) - 1u : 0u;
+      if (left < static_cast<I>(VEC)) {  // the pack ends in row r + 1 (C >= VEC: not later)
+        bool v1;
+        const int64_t lab1 = row_label(a, static_cast<int64_t>(r) + 1, v1);
+        const uint32_t first_row = (1u << left) - 1u;
+        ok = (ok & first_row) | (v1 ? ((1u << VEC) - 1u) & ~first_row : 0u);
+        if (v1 && lab1 < a.C && left + static_cast<I>(lab1) < static_cast<I>(VEC)) pos |= 1u << (left + lab1);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        ypos[e] = (pos >> e) & 1u;
+        valid[e] = (ok >> e) & 1u;
+      }
+      c += dc;
+      r += dr;
+      if (c >= C) {
+        c -= C;
+        ++r;
+      }
+    } else {
+      const Pack<target_t, VEC> ts = load_pack<VEC>(a.target + i0);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) y[e] = to_float(ts.v[e]);
+    }
+    Pack<grad_t, VEC> grads;
+    Pack<scalar_t, VEC> losses;
+    float pack_loss = 0.0f;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float x = to_float(xs.v[e]);
+      float g, l;
+      if constexpr (kLabels) {
+        l = sigmoid_focal_label_fast<kGamma>(x, ypos[e], k, g);
+        l = valid[e] ? l : 0.0f;
+        g = valid[e] ? g : 0.0f;
+      } else {
+        l = sigmoid_focal_target_fast<kGamma>(x, y[e], k, scale, g);
+      }
+      pack_loss += l;
+      grads.v[e] = from_float<grad_t>(g);
+      losses.v[e] = from_float<scalar_t>(l);
+    }
+    if (a.grad != nullptr) store_pack<VEC>(a.grad + i0, grads);
+    if (a.loss_elems != nullptr) store_pack<VEC>(a.loss_elems + i0, losses);
+    acc += pack_loss;
+  }
+  // The tail: numel % VEC elements, one per thread.
+  for (I i = packs * VEC + first; i < numel; i += stride) {
+    const float x = to_float(a.logits[i]);
+    float g, l;
+    if constexpr (kLabels) {
+      const I rr = i / C;
+      bool v;
+      const int64_t lab = row_label(a, static_cast<int64_t>(rr), v);
+      l = sigmoid_focal_label_fast<kGamma>(x, static_cast<int64_t>(i - rr * C) == lab, k, g);
+      l = v ? l : 0.0f;
+      g = v ? g : 0.0f;
+    } else {
+      l = sigmoid_focal_target_fast<kGamma>(x, to_float(a.target[i]), k, scale, g);
+    }
+    if (a.grad != nullptr) a.grad[i] = from_float<grad_t>(g);
+    if (a.loss_elems != nullptr) a.loss_elems[i] = from_float<scalar_t>(l);
+    acc += l;
+  }
+}
+
+template <typename scalar_t, typename target_t, typename grad_t, bool kLabels, int kGamma>
+__global__ void __launch_bounds__(kThreads) sigmoid_focal_kernel(const SigmoidArgs<scalar_t, target_t, grad_t> a) {
+  double acc = 0.0;
+  sigmoid_focal_loop<uint32_t, scalar_t, target_t, grad_t, kLabels, kGamma>(a, acc);
+  if (a.partials != nullptr) {
+    const double total = block_sum(acc);
+    if (threadIdx.x == 0) a.partials[blockIdx.x] = total;
+  }
+}
+
 }  // namespace cuda
 }  // namespace fused_losses
