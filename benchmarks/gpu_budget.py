@@ -746,6 +746,17 @@ def cuda_work(template: str, args: list[str], C: int) -> Work:
         return Work(_pick_sigmoid, 32 * vec, [], skip,
                     f"grid-stride loop over packs: 32 packs of VEC = {vec} elements per warp per iteration "
                     f"(the scalar tail loop is not the steady state)")
+    if template == "sigmoid_focal_kernel":
+        scalar = _CTYPE[args[0]]
+        vec = 16 // DTYPE_BYTES[scalar]
+        skip = list(SIGMOID_FOCAL_SKIP)
+        if args[3] == "true" and C % vec == 0:
+            # packs start at multiples of VEC, so no pack crosses a row end: the second label
+            # load (a pack ending in row r + 1) never runs
+            skip.append(r"\blab1\b|first_row")
+        return Work(_pick_sigmoid, 32 * vec, [], skip,
+                    f"grid-stride loop over packs: 32 packs of VEC = {vec} elements per warp per iteration "
+                    f"(32-bit indices; the scalar tail loop is not the steady state)")
     raise ModelMismatch(f"no work model for kernel template {template}")
 
 
@@ -796,10 +807,12 @@ def cuda_instance(case: Case) -> tuple[str, list[str]]:
         return "softmax_rows_large_kernel", [x, gt, str(v), "false"]
     if case.kernel == "softmax spatial":
         return "softmax_spatial_kernel", [x, gt, "32" if case.C <= 32 else "0", "false"]
+    # plain sigmoid focal (no weight, no per-class alpha, numel < 2^31, C >= VEC with labels),
+    # gamma 2 compiled in: launch_sigmoid's sigmoid_focal_kernel<.., kLabels, kGamma = 2>
     if case.kernel == "sigmoid labels":
-        return "sigmoid_kernel", [x, "float", gt, "true", "false"]
+        return "sigmoid_focal_kernel", [x, "float", gt, "true", "2"]
     if case.kernel == "sigmoid float target":
-        return "sigmoid_kernel", [x, x, gt, "false", "false"]
+        return "sigmoid_focal_kernel", [x, x, gt, "false", "2"]
     raise ValueError(case.kernel)
 
 

@@ -29,6 +29,7 @@ TESTS = ["tests/test_compiled_backends.py", "tests/test_backward.py", "tests/cud
 _GRID_STRIDES = [
     ("cuda/kernels/common_kernels.cuh", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "count_valid"),
     ("cuda/kernels/sigmoid_kernels.cuh", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "sigmoid"),
+    ("cuda/kernels/sigmoid_kernels.cuh", "const I stride = static_cast<I>(gridDim.x) * kThreads;", "sigmoid_focal"),
     ("cuda/kernels/softmax_kernels.cuh", "const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;", "rows"),
     ("cuda/kernels/ghmc_kernels.cuh", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "histogram"),
     ("cuda/kernels/scale_grad_kernels.cuh", "const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;", "scale_grad"),
