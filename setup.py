@@ -177,6 +177,15 @@ class BuildExt(cpp_extension.BuildExtension):
             print(line, file=sys.stderr, flush=True)
         super().build_extensions()
 
+    def run(self):
+        super().run()
+        # A build directory reused from an earlier build (make build, then `pip wheel .`) can hold
+        # a _C_cuda of that build in build/lib.*: a build without the CUDA part must not ship it
+        # (bdist_wheel packs everything under build/lib.*). The in-place copy is make's business.
+        if not self.inplace and not any(ext.name == "fused_losses._C_cuda" for ext in self.extensions):
+            for stale in glob.glob(os.path.join(self.build_lib, "fused_losses", "_C_cuda*")):
+                os.remove(stale)
+
     def finalize_options(self):
         super().finalize_options()
         if self.editable_mode:

@@ -1056,8 +1056,8 @@ def markdown_table(rows: list[dict]) -> str:
         inst = r["instance"].replace("__nv_bfloat16", "bf16").replace("__half", "half")
         if r["backend"] == "triton":
             kv = dict(x.split("=", 1) for x in re.split(r"[,;] ", inst.split(" ", 1)[1]) if "=" in x)
-            tile = f"BLOCK_M {kv['BLOCK_M']}, BLOCK_C {kv['BLOCK_C']}" if "BLOCK_M" in kv else f"BLOCK {kv['BLOCK']}"
-            inst = f"{inst.split()[0]} {tile}, {kv['num_warps']} warps"
+            blocks = [f"{k} {v}" for k, v in kv.items() if k.startswith("BLOCK")]  # the kernel's tile constexprs
+            inst = f"{inst.split()[0]} {', '.join(blocks)}, {kv.get('num_warps', '?')} warps"
         out.append(f"| {r['backend']} | {r['kernel']}: `{inst}` | {r['dtype']} | {r['C']} | "
                    f"{r['warp_inst_per_elem']:.2f} | {r['mufu_per_elem']:.3f} | {r['ld_bits']}/{r['st_bits']} | "
                    f"{r['regs']} | {r['warps_per_sm']} | {r['pct_roofline']:.0f}% | {r['pct_roofline_with_latency']:.0f}% "
