@@ -41,8 +41,11 @@ MODULES = {
 }
 
 
-def _trainer(loss_fn, kind, head):
-    opt = torch.optim.SGD(head.parameters(), lr=0.01)
+def trainer(loss_fn, kind, head, lr=0.01):
+    """One training step (zero_grad, head, loss, backward, plain SGD) as a function of a batch;
+    tests/test_compile_steps.py compiles the same step. No momentum: with momentum torch
+    recompiles opt.step once, when its momentum buffers appear."""
+    opt = torch.optim.SGD(head.parameters(), lr=lr)
 
     def step(x, t):
         opt.zero_grad(set_to_none=True)
@@ -112,11 +115,11 @@ def main(argv=None):
                     torch.randint(0, c + 1 if kind == "labels" else c, (n,), generator=g))
                    for _ in range(args.warmup + args.steps)]
         torch.manual_seed(0)
-        eager = _trainer(factory(c), kind, torch.nn.Linear(d, c))
+        eager = trainer(factory(c), kind, torch.nn.Linear(d, c))
         torch.manual_seed(0)
         torch._dynamo.reset()
         counter = CompileCounterWithBackend("inductor")
-        compiled = torch.compile(_trainer(factory(c), kind, torch.nn.Linear(d, c)), backend=counter)
+        compiled = torch.compile(trainer(factory(c), kind, torch.nn.Linear(d, c)), backend=counter)
         start = time.perf_counter()
         compiled(*batches[0])
         compile_s = time.perf_counter() - start

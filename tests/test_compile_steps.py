@@ -15,6 +15,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fused_losses as fl
+from benchmarks.compile_step import trainer
 from tests.utils import TOL, assert_rel_close
 
 N, D, C = 24, 8, 5
@@ -41,21 +42,6 @@ def _batches(kind, steps, seed):
     return out
 
 
-def _trainer(loss_fn, kind, head):
-    # plain SGD: with momentum, torch recompiles opt.step once, when its momentum buffers appear
-    opt = torch.optim.SGD(head.parameters(), lr=0.1)
-
-    def step(x, t):
-        opt.zero_grad(set_to_none=True)
-        logits = head(x)
-        loss = loss_fn(logits, t, x) if kind == "features" else loss_fn(logits, t)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step
-
-
 @pytest.mark.compile
 @pytest.mark.parametrize("name", list(MODULES))
 def test_compiled_training_step_does_not_recompile_and_matches_eager(name):
@@ -66,8 +52,8 @@ def test_compiled_training_step_does_not_recompile_and_matches_eager(name):
     eager_head, eager_loss = copy.deepcopy(head), copy.deepcopy(loss_fn)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(_trainer(loss_fn, kind, head), backend=counter)
-    eager = _trainer(eager_loss, kind, eager_head)
+    compiled = torch.compile(trainer(loss_fn, kind, head, lr=0.1), backend=counter)
+    eager = trainer(eager_loss, kind, eager_head, lr=0.1)
     frames = []
     for i, (x, t) in enumerate(_batches(kind, 3, seed=len(name))):
         got = compiled(x, t)

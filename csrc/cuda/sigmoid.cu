@@ -46,14 +46,15 @@ MeanCount sigmoid_mean_count(const SigmoidCall& call) {
 
 // a.grad (a fresh buffer, or nullptr) is aligned for any pack: the CUDA caching allocator
 // returns blocks aligned to far more than the 32 bytes of a Pack<float, 8>.
-template <bool kLabels, bool kExtras, typename scalar_t, typename target_t, typename grad_t>
-void launch_sigmoid_kernel(SigmoidArgs<scalar_t, target_t, grad_t> a, const at::Tensor& reduced) {
+// One launch of a pack kernel (sigmoid_kernel or sigmoid_focal_kernel: a thread per 16-byte pack,
+// grid-stride): the grid, the per-block partial sums of a reduced loss and their ordered finish.
+template <typename Kernel, typename scalar_t, typename target_t, typename grad_t>
+void launch_pack_kernel(Kernel kernel, SigmoidArgs<scalar_t, target_t, grad_t> a, const at::Tensor& reduced) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   if (a.numel == 0) {
     if (reduced.defined()) reduced.zero_();
     return;
   }
-  const auto kernel = sigmoid_kernel<scalar_t, target_t, grad_t, kLabels, kExtras>;
   const int64_t blocks = grid_for(kernel, a.numel, static_cast<int64_t>(kThreads) * VEC);
   at::Tensor partials;
   if (reduced.defined()) {
@@ -67,22 +68,15 @@ void launch_sigmoid_kernel(SigmoidArgs<scalar_t, target_t, grad_t> a, const at::
   if (reduced.defined()) finish_loss(partials, a.count, a.reduction, reduced);
 }
 
+template <bool kLabels, bool kExtras, typename scalar_t, typename target_t, typename grad_t>
+void launch_sigmoid_kernel(SigmoidArgs<scalar_t, target_t, grad_t> a, const at::Tensor& reduced) {
+  launch_pack_kernel(sigmoid_kernel<scalar_t, target_t, grad_t, kLabels, kExtras>, a, reduced);
+}
+
 // The plain sigmoid focal loss: sigmoid_focal_kernel with gamma 0 / 2 compiled in, or any gamma.
 template <bool kLabels, int kGamma, typename scalar_t, typename target_t, typename grad_t>
 void launch_sigmoid_focal_kernel(SigmoidArgs<scalar_t, target_t, grad_t> a, const at::Tensor& reduced) {
-  constexpr int VEC = 16 / sizeof(scalar_t);
-  const auto kernel = sigmoid_focal_kernel<scalar_t, target_t, grad_t, kLabels, kGamma>;
-  const int64_t blocks = grid_for(kernel, a.numel, static_cast<int64_t>(kThreads) * VEC);
-  at::Tensor partials;
-  if (reduced.defined()) {
-    partials = at::empty({blocks}, reduced.options().dtype(at::kDouble));
-    a.partials = partials.data_ptr<double>();
-  }
-  TORCH_INTERNAL_ASSERT(a.grad == nullptr || aligned_to(a.grad, VEC * sizeof(grad_t)),
-                        "fused_losses: misaligned gradient buffer");
-  FL_LAUNCH(blocks, kThreads, 0, current_stream(), kernel)(a);
-  FL_KERNEL_LAUNCH_CHECK();
-  if (reduced.defined()) finish_loss(partials, a.count, a.reduction, reduced);
+  launch_pack_kernel(sigmoid_focal_kernel<scalar_t, target_t, grad_t, kLabels, kGamma>, a, reduced);
 }
 
 template <bool kLabels, typename scalar_t, typename target_t, typename grad_t>

@@ -397,7 +397,6 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
     RowValues rv{0.0f, 0.0f, 0.0f};
     [[maybe_unused]] SmoothRow sr{};
     const bool smooth = kExtras && a.label_smoothing > 0.0f;  // uniform over the launch
-    float inv_s = 0.0f;  // 1 / s of an active row
     if (rt.active) {
 #pragma unroll 1
       for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < C; c0 += 32 * VEC) {
