@@ -672,6 +672,13 @@ SIGMOID_FOCAL_SKIP = [
 ]
 
 
+# The source text of the pack kernels' next-row label load (a pack that crosses a row end).
+_SIGMOID_ROW_CROSSING = {
+    "sigmoid_kernel": r"label = row_label\(a, \+\+r, row_valid\)",
+    "sigmoid_focal_kernel": r"\blab1\b|first_row",
+}
+
+
 @dataclasses.dataclass
 class Work:
     """What one iteration of the steady-state loop does: its elements per warp, the trip count
@@ -735,28 +742,18 @@ def cuda_work(template: str, args: list[str], C: int) -> Work:
                     f"kRegs = {regs} unrolled class slots: the bodies of `if (c < C)` run for the first C "
                     f"(each unrolled loop must have {regs} such guards)",
                     unrolled_guards=[(r"if \(c < C\)", C, regs)])
-    if template == "sigmoid_kernel":
+    if template in _SIGMOID_ROW_CROSSING:
+        # both pack kernels: a thread per 16-byte pack, then a scalar tail loop
         scalar = _CTYPE[args[0]]
         vec = 16 // DTYPE_BYTES[scalar]
         skip = list(SIGMOID_FOCAL_SKIP)
         if args[3] == "true" and C % vec == 0:
-            # packs start at multiples of VEC, so no pack crosses a row end: the label reload
+            # packs start at multiples of VEC, so no pack crosses a row end: the label load
             # for the next row inside a pack never runs
-            skip.append(r"label = row_label\(a, \+\+r, row_valid\)")
+            skip.append(_SIGMOID_ROW_CROSSING[template])
         return Work(_pick_sigmoid, 32 * vec, [], skip,
                     f"grid-stride loop over packs: 32 packs of VEC = {vec} elements per warp per iteration "
                     f"(the scalar tail loop is not the steady state)")
-    if template == "sigmoid_focal_kernel":
-        scalar = _CTYPE[args[0]]
-        vec = 16 // DTYPE_BYTES[scalar]
-        skip = list(SIGMOID_FOCAL_SKIP)
-        if args[3] == "true" and C % vec == 0:
-            # packs start at multiples of VEC, so no pack crosses a row end: the second label
-            # load (a pack ending in row r + 1) never runs
-            skip.append(r"\blab1\b|first_row")
-        return Work(_pick_sigmoid, 32 * vec, [], skip,
-                    f"grid-stride loop over packs: 32 packs of VEC = {vec} elements per warp per iteration "
-                    f"(32-bit indices; the scalar tail loop is not the steady state)")
     raise ModelMismatch(f"no work model for kernel template {template}")
 
 
