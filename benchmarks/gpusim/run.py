@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # run as a script (make gpu-sim): the repository's benchmarks package
+from benchmarks import gpu_budget  # noqa: E402  (the H100 occupancy rule)
 GPUSIM = (ROOT / ".." / "shared" / "gpusim").resolve()
 NVCC_SIM = ["-O3", "-std=c++20", "-cudart", "shared", "-gencode", "arch=compute_80,code=compute_80"]
 NVCC_SM90 = ["-O3", "-std=c++20", "-cubin", "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v"]
@@ -134,17 +136,26 @@ def sm90_resources(src: Path, out_dir: Path, extra=()) -> dict:
 
 
 def h100_blocks_per_sm(regs: int, smem: int, threads: int = 256) -> int:
-    """cudaOccupancyMaxActiveBlocksPerMultiprocessor on sm_90 (65536 registers allocated per warp
-    in units of 256, 2048 threads, 32 blocks, 227 KB shared memory per SM)."""
-    warps = threads // 32
-    per_warp = math.ceil(regs * 32 / 256) * 256
-    by_regs = (65536 // per_warp) // warps
-    by_threads = 2048 // threads
-    by_smem = (233472 // (smem + 1024)) if smem else 32
-    return max(1, min(by_regs, by_threads, by_smem, 32))
+    """cudaOccupancyMaxActiveBlocksPerMultiprocessor on sm_90: the H100 occupancy rule of
+    benchmarks/gpu_budget.py (warps_per_sm), in blocks; at least 1."""
+    return max(1, gpu_budget.warps_per_sm(regs, smem, threads) // (threads // 32))
 
 
 COLLECT = False  # --collect: parse the run folders of an earlier (possibly interrupted) run instead
+
+
+def sim_launches(stdout: str) -> list[tuple[str, int]]:
+    """(kernel name, gpu_sim_cycle) of every launch the simulator printed."""
+    launches, name = [], None
+    for line in stdout.splitlines():
+        m = re.match(r"kernel_name = (\S+)", line)
+        if m:
+            name = m.group(1)
+        m = re.match(r"gpu_sim_cycle = (\d+)", line)
+        if m and name:
+            launches.append((name, int(m.group(1))))
+            name = None
+    return launches
 
 
 def run_sim(binary: Path, args, cfg: Path, run_dir: Path):
@@ -154,15 +165,7 @@ def run_sim(binary: Path, args, cfg: Path, run_dir: Path):
         if not out.exists():
             raise RuntimeError(f"--collect: no finished run in {run_dir}")
         stdout = out.read_text()
-        launches, name = [], None
-        for line in stdout.splitlines():
-            m = re.match(r"kernel_name = (\S+)", line)
-            if m:
-                name = m.group(1)
-            m = re.match(r"gpu_sim_cycle = (\d+)", line)
-            if m and name:
-                launches.append((name, int(m.group(1))))
-                name = None
+        launches = sim_launches(stdout)
         return stdout, launches, 0.0
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -173,15 +176,7 @@ def run_sim(binary: Path, args, cfg: Path, run_dir: Path):
     p = subprocess.run([str(binary), *map(str, args)], cwd=run_dir, text=True, capture_output=True)
     (run_dir / "stdout.txt").write_text(p.stdout)
     (run_dir / "stderr.txt").write_text(p.stderr)
-    launches, name = [], None
-    for line in p.stdout.splitlines():
-        m = re.match(r"kernel_name = (\S+)", line)
-        if m:
-            name = m.group(1)
-        m = re.match(r"gpu_sim_cycle = (\d+)", line)
-        if m and name:
-            launches.append((name, int(m.group(1))))
-            name = None
+    launches = sim_launches(p.stdout)
     if p.returncode != 0:
         tail = "\n".join((p.stdout + p.stderr).splitlines()[-15:])
         raise RuntimeError(f"{binary.name} {' '.join(map(str, args))}: exit {p.returncode} in {run_dir}\n{tail}")
