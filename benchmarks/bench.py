@@ -276,6 +276,59 @@ CASES = [
          _segmentation_case("ghmc", bins=10, use_sigmoid=False, ignore_index=255), peers=("cross_entropy",),
          fused_extra_passes=2),
 ]
+
+
+# ---- quality_focal / varifocal / asymmetric (#24) ----
+def _gfl_qfl_case(shape, device, dtype, gen):
+    """mmdet's GFL head as it calls QualityFocalLoss: (label, score) targets (2% positive anchors
+    with their IoU, the rest background C), per-anchor label_weights, 'mean' with avg_factor =
+    num_pos (a 0-dim device tensor made outside the timed call)."""
+    n, c = shape
+    x = _randn((n, c), device, dtype, gen, scale=2.0, shift=-3.0)
+    labels = _detection_labels(n, c, device, gen)
+    score = torch.where(labels < c, torch.rand(n, device=device, generator=gen), torch.zeros((), device=device))
+    weight = torch.ones(n, device=device)
+    num_pos = (labels < c).sum().to(torch.float32).clamp(min=1.0)
+    kwargs = dict(score=score, weight=weight, reduction="mean", avg_factor=num_pos)
+    floor = _nbytes(x, labels, score, weight)
+    return Inputs((x, labels), kwargs, (x,), floor, floor + _nbytes(x))
+
+
+def _vfl_dense_case(shape, device, dtype, gen):
+    """mmdet's VFNet head as it calls VarifocalLoss: a dense (N, C) IoU-aware target (the IoU at
+    each positive anchor's class, 0 elsewhere), 'mean' with avg_factor = num_pos."""
+    n, c = shape
+    x = _randn((n, c), device, dtype, gen, scale=2.0, shift=-3.0)
+    labels = _detection_labels(n, c, device, gen)
+    iou = torch.rand(n, device=device, generator=gen)
+    target = (F.one_hot(labels, c + 1)[:, :c].to(torch.float32) * iou[:, None]).to(dtype)
+    num_pos = (labels < c).sum().to(torch.float32).clamp(min=1.0)
+    kwargs = dict(reduction="mean", avg_factor=num_pos)
+    floor = _nbytes(x, target)
+    return Inputs((x, target), kwargs, (x,), floor, floor + _nbytes(x))
+
+
+def _asl_case(shape, device, dtype, gen):
+    """A multi-label classifier on OpenImages-sized labels: multi-hot targets (~0.2% positive, about
+    19 labels per image of 9605), timm's AsymmetricLossMultiLabel defaults, reduction 'sum'."""
+    n, c = shape
+    x = _randn((n, c), device, dtype, gen, scale=2.0, shift=-4.0)
+    target = (torch.rand((n, c), device=device, generator=gen) < 0.002).to(dtype)
+    floor = _nbytes(x, target)
+    return Inputs((x, target), dict(reduction="sum"), (x,), floor, floor + _nbytes(x))
+
+
+CASES += [
+    Case("gfl_qfl", "quality_focal", "GFL head (mmdet): 8 images x 100k anchors x 80 classes, (label, score) "
+         "targets (2% positive), label_weights, mean / num_pos", {"small": (32768, 80), "large": (800000, 80),
+         "cpu": (800000, 80)}, _gfl_qfl_case),
+    Case("vfl_dense", "varifocal", "VFNet head (mmdet): 8 images x 100k anchors x 80 classes, dense IoU-aware "
+         "target, mean / num_pos", {"small": (32768, 80), "large": (800000, 80), "cpu": (800000, 80)},
+         _vfl_dense_case),
+    Case("asl_openimages", "asymmetric", "multi-label classifier, batch 256 x 9605 OpenImages labels, "
+         "multi-hot (0.2%), timm defaults, sum", {"small": (64, 9605), "large": (256, 9605), "cpu": (256, 9605)},
+         _asl_case),
+]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
 # --suite cpu: exactly the CPU-kernel issues' cases (focal 262144 x 80 fp32 mean; sigmoid_focal 262144 x 80
@@ -289,6 +342,10 @@ SUITES = {
                        "cityscapes_ohem", "cityscapes_ghmc"],
                 providers=["fused-cpu", "compile", "eager"], scaling=True),
 }
+# ---- quality_focal / varifocal / asymmetric (#24) ----
+SUITES["detector-sigmoid"] = dict(size="cpu", device="cpu", dtypes=["float32"],
+                                  cases=["gfl_qfl", "vfl_dense", "asl_openimages"],
+                                  providers=["fused-cpu", "compile", "eager"], scaling=False)
 
 
 # ============================================================================================

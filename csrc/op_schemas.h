@@ -100,6 +100,21 @@ inline void define_op_schemas(torch::Library& m) {
   // not bumped: `grad` is a saved tensor of the forward op, mutated only by this op, and
   // applied_scale records what was done to it.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor(b!) applied_scale) -> ()");
+
+  // ---- quality_focal / varifocal / asymmetric (#24) ----
+  // The sigmoid-type detector losses over (..., C) logits, one op for the three (one element
+  // function each, csrc/detector_sigmoid_math.h): loss = 'quality_focal' (p0 = beta; flags 1:
+  // activated), 'varifocal' (p0 = alpha, p1 = gamma; flags 2: iou_weighted, 4:
+  // detach_modulation) or 'asymmetric' (p0 = gamma_pos, p1 = gamma_neg, p2 = clip, p3 = eps;
+  // flags 8: detach_focusing). target: a float target of the logits' shape, or integer labels
+  // of shape logits.shape[:-1] (C = background, ignore_index: ignored row) with `score` (the
+  // quality at the label's class, shape logits.shape[:-1]; QFL and VFL only). 'none': per row
+  // for quality_focal (logits.shape[:-1]), elementwise otherwise; 'mean' over rows (QFL) or
+  // elements (VFL, ASL), ignored rows not counted. weight per row or per element.
+  m.def(
+      "detector_sigmoid_forward(Tensor logits, Tensor target, Tensor? score, str loss, float p0, float p1, "
+      "float p2, float p3, int flags, int ignore_index, str reduction, bool compute_grad, Tensor? weight=None) "
+      "-> (Tensor loss, Tensor grad_logits)");
 }
 
 }  // namespace fused_losses

@@ -419,3 +419,15 @@ def register() -> None:
     torch.library.register_fake("fused_losses::scale_grad")(_fake_scale_grad)
     torch.library.register_fake("fused_losses::scale_grad_")(_fake_scale_grad_)
     torch.library.register_autograd("fused_losses::scale_grad", _backward_scale_grad, setup_context=_setup_scale_grad)
+
+
+# ---- quality_focal / varifocal / asymmetric (#24) ----
+def _fake_detector_sigmoid(logits, target, score, loss, p0, p1, p2, p3, flags, ignore_index, reduction,
+                           compute_grad, weight=None):
+    # quality_focal's 'none' loss is per row (the class sum), the others' elementwise
+    none_shape = logits.shape[:-1] if loss == "quality_focal" else logits.shape
+    return _loss_like(logits, none_shape, reduction), _grad_like(logits, compute_grad, reduction)
+
+
+COMPUTE_GRAD_POS["detector_sigmoid_forward"] = 11
+_FORWARD_OPS["detector_sigmoid_forward"] = (_fake_detector_sigmoid, _backward_logits_only)

@@ -670,3 +670,91 @@ def class_weights_args(counts, scheme, beta) -> tuple[torch.Tensor, str, float]:
         first = int(bad.nonzero()[0, 0])
         _value_error("counts", f"every class needs a finite count > 0; class {first} has {tensor[first].item()}")
     return tensor, scheme, beta
+
+
+# ---- quality_focal / varifocal / asymmetric (#24) ----
+def _unit_interval(arg: str, tensor: torch.Tensor, validate, what: str, nan_ok: bool = False) -> None:
+    """Values of a float tensor must lie in [0, 1] (NaN is out of range unless nan_ok: logits,
+    whose NaN a zero weight may mask); read on the host where _host_readable allows (CPU tensors
+    by default, CUDA with validate=True: a host sync)."""
+    if tensor.numel() == 0 or not _host_readable(tensor, validate):
+        return
+    t = tensor.detach()
+    bad = ((t < 0) | (t > 1)) if nan_ok else ~((t >= 0) & (t <= 1))
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        _value_error(arg, f"{what} must lie in [0, 1]; {arg}{list(first)} = {t[first].item()}")
+
+
+def _detector_targets(logits, target, score, ignore_index, validate, loss: str, *, label_form: bool = True):
+    """(..., C) logits with a dense float target of their shape in [0, 1], or (label_form) integer
+    labels of shape logits.shape[:-1] in [0, C] (C = background) or ignore_index with a float
+    `score` of the same shape in [0, 1]. Returns (C, ignore_index)."""
+    _logits(logits, 1, "(..., C)")
+    c = logits.shape[-1]
+    if c == 0:
+        _value_error("logits", "the class dimension (last dim) is empty (C=0)")
+    ignore_index = _int("ignore_index", ignore_index)
+    if not isinstance(target, torch.Tensor):
+        _type_error("target", f"expected a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point():
+        if score is not None:
+            _value_error("score", f"{loss}: score goes with integer labels; a float target already holds the soft "
+                         "targets (pass score=None)")
+        _same_device("target", target, logits)
+        if target.shape != logits.shape:
+            _value_error("target", f"a float target must have the logits' shape {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+        _unit_interval("target", target, validate, "soft targets")
+        return c, ignore_index
+    if not label_form:
+        _type_error("target", f"{loss} takes a float (multi-hot or soft) target of the logits' shape, got "
+                    f"{target.dtype}; pass target.float()")
+    _sigmoid_label_shape_traps(target, logits, loss)
+    _index_target(target, logits, logits.shape[:-1], "integer labels of shape logits.shape[:-1], C = background")
+    _check_range(target, ignore_index, c, validate)
+    if score is None:
+        _value_error("score", f"{loss}: integer labels need score= (the quality, e.g. the IoU, at the label's class; "
+                     "shape logits.shape[:-1]), or pass a dense float target of the logits' shape")
+    if not isinstance(score, torch.Tensor) or not score.is_floating_point():
+        _type_error("score", f"expected a floating tensor, got {type(score).__name__ if not isinstance(score, torch.Tensor) else score.dtype}")
+    _same_device("score", score, logits)
+    if tuple(score.shape) != tuple(logits.shape[:-1]):
+        _value_error("score", f"expected shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(score.shape)}")
+    _unit_interval("score", score, validate, "scores")
+    return c, ignore_index
+
+
+def quality_focal_args(logits, target, *, score, beta, activated, ignore_index, reduction, validate, weight=None,
+                       avg_factor=None) -> dict[str, Any]:
+    _detector_targets(logits, target, score, ignore_index, validate, "quality_focal")
+    ignore_index = _int("ignore_index", ignore_index)
+    activated = _bool("activated", activated)
+    if activated:
+        _unit_interval("logits", logits, validate, "with activated=True the logits are probabilities and",
+                       nan_ok=True)
+    avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
+    return dict(score=score, beta=_real("beta", beta, low=0.0), activated=activated, ignore_index=ignore_index,
+                reduction=reduction_arg(reduction), **_extras(weight=_sigmoid_weight(weight, logits, validate)))
+
+
+def varifocal_args(logits, target, *, score, alpha, gamma, iou_weighted, detach_modulation, ignore_index, reduction,
+                   validate, weight=None, avg_factor=None) -> dict[str, Any]:
+    _detector_targets(logits, target, score, ignore_index, validate, "varifocal")
+    avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
+    return dict(score=score, alpha=_real("alpha", alpha, low=0.0), gamma=_real("gamma", gamma, low=0.0),
+                iou_weighted=_bool("iou_weighted", iou_weighted),
+                detach_modulation=_bool("detach_modulation", detach_modulation),
+                ignore_index=_int("ignore_index", ignore_index), reduction=reduction_arg(reduction),
+                **_extras(weight=_sigmoid_weight(weight, logits, validate)))
+
+
+def asymmetric_args(logits, target, *, gamma_pos, gamma_neg, clip, eps, detach_focusing, reduction, validate,
+                    weight=None, avg_factor=None) -> dict[str, Any]:
+    _detector_targets(logits, target, None, -100, validate, "asymmetric", label_form=False)
+    avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
+    clip = 0.0 if clip is None else _real("clip", clip, low=0.0, high=1.0)
+    return dict(gamma_pos=_real("gamma_pos", gamma_pos, low=0.0), gamma_neg=_real("gamma_neg", gamma_neg, low=0.0),
+                clip=clip, eps=_real("eps", eps, low=0.0, high=1.0),
+                detach_focusing=_bool("detach_focusing", detach_focusing), reduction=reduction_arg(reduction),
+                **_extras(weight=_sigmoid_weight(weight, logits, validate)))

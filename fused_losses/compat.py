@@ -393,3 +393,204 @@ def _mmdet_weight(weight: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
                          f"per row (size(0) == N = {n}), nor N x C = {pred.numel()} values (mmdet's "
                          "weight.view(N, -1))")
     return weight.reshape(pred.shape)
+
+
+# ---- quality_focal / varifocal / asymmetric (#24) ----
+__all__ += ["MMDetQualityFocalLoss", "MMDetVarifocalLoss", "VarifocalLoss"]
+
+
+def _mmdet_reduction(reduction_override, default):
+    if reduction_override not in (None, "none", "mean", "sum"):
+        raise ValueError(f"reduction_override: expected None, 'none', 'mean' or 'sum', got {reduction_override!r}")
+    return reduction_override if reduction_override else default
+
+
+def _mmdet_avg_factor(avg_factor, reduction):
+    """mmdet's weight_reduce_loss: avg_factor + float32 eps with 'mean', ignored with 'none', an
+    error with 'sum'."""
+    if avg_factor is None:
+        return None
+    if reduction == "sum":
+        raise ValueError('avg_factor: can not be used with reduction="sum" (mmdet\'s weight_reduce_loss)')
+    return None if reduction == "none" else avg_factor + _MMDET_EPS
+
+
+class MMDetQualityFocalLoss(nn.Module):
+    """mmdet.models.losses.QualityFocalLoss (mmdet 3.x), computed by the fused kernels.
+
+    Same constructor and forward signature and the same numbers as mmdet's
+    ``quality_focal_loss`` / ``quality_focal_loss_with_prob`` / ``quality_focal_loss_tensor_target``
+    followed by ``weight_reduce_loss`` (``loss(N,) * weight``, 'mean' = ``loss.mean()`` or
+    ``loss.sum() / (avg_factor + float32 eps)``), times loss_weight, without importing mmdet.
+
+    Differences from mmdet: the loss of a confident correct entry is exact (mmdet's
+    ``binary_cross_entropy_with_logits`` rounds it to 0 in float32); 'mean'/'sum' of fp16/bf16
+    logits return float32; a weight may also be per element (mmdet: per row).
+
+    Args:
+        use_sigmoid: must be True (mmdet supports only the sigmoid version).
+        beta: exponent of ``|y - s|``.
+        reduction: 'none' | 'mean' | 'sum' (default 'mean').
+        loss_weight: multiplies the loss.
+        activated: the predictions are probabilities.
+        backend: not in mmdet's signature: as everywhere in fused_losses (None = automatic).
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.compat import MMDetQualityFocalLoss
+        >>> pred = torch.randn(6, 4, requires_grad=True)                # 6 anchors, C = 4
+        >>> labels = torch.tensor([0, 4, 4, 2, 4, 4])                   # 4 = background
+        >>> score = torch.tensor([0.9, 0.0, 0.0, 0.4, 0.0, 0.0])        # IoU at the positives
+        >>> loss = MMDetQualityFocalLoss()(pred, (labels, score), torch.ones(6), avg_factor=2.0)
+        >>> loss.backward()
+    """
+
+    def __init__(self, use_sigmoid: bool = True, beta: float = 2.0, reduction: str = "mean", loss_weight: float = 1.0,
+                 activated: bool = False, backend: Optional[str] = None):
+        super().__init__()
+        if use_sigmoid is not True:
+            raise NotImplementedError("use_sigmoid: mmdet's QualityFocalLoss supports only use_sigmoid=True")
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction: unknown reduction {reduction!r}; expected 'none', 'mean' or 'sum'")
+        self.use_sigmoid, self.beta, self.reduction = use_sigmoid, beta, reduction
+        self.loss_weight, self.activated, self.backend = loss_weight, activated, backend
+
+    def forward(self, pred: torch.Tensor, target, weight: Optional[torch.Tensor] = None, avg_factor=None,
+                reduction_override: Optional[str] = None) -> torch.Tensor:
+        """The loss of one batch (mmdet's QualityFocalLoss.forward).
+
+        Args:
+            pred: (N, C) logits (probabilities with activated=True).
+            target: a tuple (label (N,), score (N,)): label in [0, C) is a positive with quality
+                score, any other label (C, or < 0) background, as mmdet's ``(label >= 0) & (label <
+                C)``; or a dense (N, C) soft target (cast to pred's dtype, mmdet's
+                ``target.type(pred.dtype)``).
+            weight: (N,) per row (mmdet's), or (N, C) per element, or None.
+            avg_factor: a number or a 0-dim tensor, used with 'mean' only (+ float32 eps).
+            reduction_override: None, 'none', 'mean' or 'sum'.
+
+        Returns:
+            The loss: (N,) for 'none', else a 0-dim tensor.
+        """
+        reduction = _mmdet_reduction(reduction_override, self.reduction)
+        avg_factor = _mmdet_avg_factor(avg_factor, reduction)
+        if isinstance(target, torch.Tensor):
+            labels, score = target.to(pred.dtype), None
+        else:
+            labels, score = target
+            c = pred.shape[-1]
+            labels = torch.where((labels < 0) | (labels >= c), torch.full_like(labels, c), labels)
+        if weight is not None and weight.shape != pred.shape:
+            weight = weight.reshape(pred.shape[:-1])
+        loss = _functional.quality_focal(pred, labels, score=score, beta=self.beta, activated=self.activated,
+                                         reduction=reduction, weight=weight, avg_factor=avg_factor,
+                                         backend=self.backend)
+        return self.loss_weight * loss
+
+
+class MMDetVarifocalLoss(nn.Module):
+    """mmdet.models.losses.VarifocalLoss (mmdet 3.x), computed by the fused kernels.
+
+    mmdet's ``varifocal_loss`` (dense target: positives are y > 0, weighted by y when
+    iou_weighted; negatives by ``alpha * sigmoid(pred)^gamma``, the gradient flowing through it)
+    followed by ``weight_reduce_loss`` (elementwise ``loss * weight``; 'mean' = ``loss.mean()``
+    over N x C or ``loss.sum() / (avg_factor + float32 eps)``), times loss_weight.
+
+    Differences from mmdet: exact BCE for confident entries; 'mean'/'sum' of fp16/bf16 logits in
+    float32.
+
+    Args:
+        use_sigmoid: must be True.
+        alpha: weight of the negatives.
+        gamma: exponent of the negatives' modulating factor.
+        iou_weighted: positives weighted by their target.
+        reduction: 'none' | 'mean' | 'sum' (default 'mean').
+        loss_weight: multiplies the loss.
+        backend: not in mmdet's signature (None = automatic).
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.compat import MMDetVarifocalLoss
+        >>> pred = torch.randn(6, 3, requires_grad=True)
+        >>> target = torch.zeros(6, 3)
+        >>> target[0, 1], target[3, 2] = 0.8, 0.55                      # IoU-aware targets
+        >>> MMDetVarifocalLoss()(pred, target, avg_factor=2.0).backward()
+    """
+
+    def __init__(self, use_sigmoid: bool = True, alpha: float = 0.75, gamma: float = 2.0, iou_weighted: bool = True,
+                 reduction: str = "mean", loss_weight: float = 1.0, backend: Optional[str] = None):
+        super().__init__()
+        if use_sigmoid is not True:
+            raise NotImplementedError("use_sigmoid: mmdet's VarifocalLoss supports only use_sigmoid=True")
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction: unknown reduction {reduction!r}; expected 'none', 'mean' or 'sum'")
+        self.use_sigmoid, self.alpha, self.gamma, self.iou_weighted = use_sigmoid, alpha, gamma, iou_weighted
+        self.reduction, self.loss_weight, self.backend = reduction, loss_weight, backend
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None, reduction_override: Optional[str] = None) -> torch.Tensor:
+        """The loss of one batch (mmdet's VarifocalLoss.forward).
+
+        Args:
+            pred: (N, C) logits.
+            target: (N, C) IoU-aware soft target (cast to pred's dtype).
+            weight: of pred's shape (per element), (N,) per row, or N x C values, or None.
+            avg_factor: a number or a 0-dim tensor, used with 'mean' only (+ float32 eps).
+            reduction_override: None, 'none', 'mean' or 'sum'.
+
+        Returns:
+            The loss: pred's shape for 'none', else a 0-dim tensor.
+        """
+        reduction = _mmdet_reduction(reduction_override, self.reduction)
+        avg_factor = _mmdet_avg_factor(avg_factor, reduction)
+        if weight is not None:
+            weight = _mmdet_weight(weight, pred)
+        loss = _functional.varifocal(pred, target.to(pred.dtype), alpha=self.alpha, gamma=self.gamma,
+                                     iou_weighted=self.iou_weighted, reduction=reduction, weight=weight,
+                                     avg_factor=avg_factor, backend=self.backend)
+        return self.loss_weight * loss
+
+
+class VarifocalLoss(nn.Module):
+    """ultralytics' ``VarifocalLoss`` (ultralytics/utils/loss.py), computed by the fused kernels.
+
+    ``forward(pred_score, gt_score, label)`` returns ultralytics' value,
+    ``(BCE(pred, gt_score) * (alpha s^gamma (1 - label) + gt_score label)).mean(1).sum()``: the
+    sum of the elementwise loss divided by ``pred_score.shape[1]`` (the queries of a (B, Q, C)
+    DETR head), float32 math, the gradient flowing through ``s^gamma``. The positives are
+    where label is 1 (a positive with gt_score 0 gives 0, as ultralytics: a per-element zero
+    weight there); gt_score is expected to be 0 where label is 0, as ultralytics builds it
+    (``one_hot * iou``).
+
+    Args:
+        gamma: exponent of the negatives' modulating factor. Default 2.0.
+        alpha: weight of the negatives. Default 0.75.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.compat import VarifocalLoss
+        >>> pred = torch.randn(2, 5, 3, requires_grad=True)             # (B, Q, C)
+        >>> label = torch.zeros(2, 5, 3)
+        >>> label[0, 1, 2] = label[1, 0, 0] = 1.0
+        >>> gt_score = label * torch.rand(2, 5, 1)
+        >>> VarifocalLoss()(pred, gt_score, label).backward()
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: float = 0.75, backend: Optional[str] = None):
+        super().__init__()
+        self.gamma, self.alpha, self.backend = gamma, alpha, backend
+
+    def forward(self, pred_score: torch.Tensor, gt_score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """ultralytics' VarifocalLoss.forward: the loss summed over everything, divided by
+        ``pred_score.shape[1]`` (a 0-dim float32 tensor for fp16/bf16/fp32 logits)."""
+        target = gt_score.to(pred_score.dtype)
+        # ultralytics: weight gt_score * label at a positive, so a positive with score 0 gives 0;
+        # fused_losses' dense form would read y = 0 as a negative: a zero weight there instead.
+        weight = None
+        zero_positive = (label != 0) & (gt_score == 0)
+        if pred_score.device.type != "cpu" or bool(zero_positive.any()):
+            weight = (~zero_positive).to(torch.float32)
+        return _functional.varifocal(pred_score, target, alpha=self.alpha, gamma=self.gamma, iou_weighted=True,
+                                     reduction="mean", avg_factor=float(pred_score.shape[1]), weight=weight,
+                                     backend=self.backend)

@@ -435,3 +435,188 @@ def class_weights(counts, scheme: str = "inverse", beta: float = 0.9999) -> torc
         tensor([0.8571, 0.4286, 1.7143])
     """
     return reference.class_weights(*_validate.class_weights_args(counts, scheme, beta))
+
+
+# ---- quality_focal / varifocal / asymmetric (#24) ----
+__all__ += ["quality_focal", "varifocal", "asymmetric"]
+
+
+def _detector_run(loss: str, backend, logits, target, soft, *, avg_factor, **kwargs):
+    # A float target (or score) that requires grad: only 'reference' differentiates it, as
+    # sigmoid_focal's float target (_validate.target_grad_backend).
+    requested = _validate.backend_arg(backend)
+    if soft is not None:
+        requested = _validate.target_grad_backend(loss, soft, requested)
+    return _run(loss, requested, logits, target, avg_factor=avg_factor, **kwargs)
+
+
+def quality_focal(logits: torch.Tensor, target: torch.Tensor, *, score: Optional[torch.Tensor] = None,
+                  beta: float = 2.0, activated: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                  backend: Optional[str] = None, validate: Optional[bool] = None,
+                  weight: Optional[torch.Tensor] = None, avg_factor: AvgFactor = None) -> torch.Tensor:
+    """Quality focal loss (GFL, Li et al. 2020), mmdet 3.x ``QualityFocalLoss`` semantics.
+
+    Per element ``|y - s|^beta * BCE(s, y)`` with s = sigmoid(logits) (or the logits themselves
+    with activated=True), summed over the C classes of each row. Fused: one pass over the logits
+    writes the loss and the gradient; no one-hot is built for the label form.
+
+    Args:
+        logits: (..., C) float tensor (scores; probabilities in [0, 1] with activated=True).
+        target: integer labels of shape ``logits.shape[:-1]`` in [0, C] (C = background: every
+            class negative) or ignore_index, together with ``score``; or a dense float soft
+            target of the logits' shape in [0, 1] (mmdet 3.x's tensor target; 0 is a negative).
+        score: with integer labels: the quality (e.g. IoU) at the label's class, a float tensor
+            of shape ``logits.shape[:-1]`` in [0, 1]. None with a dense target.
+        beta: exponent of the modulating factor ``|y - s|`` (>= 0).
+        activated: logits hold probabilities (mmdet's ``activated=True``): torch's
+            ``binary_cross_entropy`` (logs clamped at -100).
+        ignore_index: label of rows with no loss, no gradient and no count (label form).
+        reduction: 'none' (per row: ``logits.shape[:-1]``, the logits' dtype), 'mean' (over
+            non-ignored rows, as mmdet's mean over N) or 'sum'.
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference'.
+        validate: None (check labels, scores and soft targets on CPU tensors), True (also on
+            CUDA: a host sync) or False.
+        weight: per row (``logits.shape[:-1]``, mmdet's) or per element (``logits.shape``,
+            applied before the class sum); 0 gives exactly 0 (NaN logits there do not leak).
+        avg_factor: with reduction='mean' only: sum / avg_factor (a number or a 0-dim tensor;
+            no host sync). mmdet adds a float32 eps: ``compat.MMDetQualityFocalLoss`` does.
+
+    Returns:
+        The loss: per row for 'none', a 0-dim tensor (``promote_types(logits.dtype, float32)``)
+        for 'mean'/'sum'. A score or soft target that requires grad runs on 'reference'.
+
+    Raises:
+        TypeError: logits not a floating tensor, a score that is not a floating tensor.
+        ValueError: shapes or devices that do not match, labels outside [0, C], scores or soft
+            targets outside [0, 1] (CPU tensors, or validate=True), probabilities outside [0, 1]
+            with activated=True; every message starts with the argument's name.
+
+    Example:
+        >>> import torch
+        >>> import fused_losses as fl
+        >>> logits = torch.randn(6, 4, requires_grad=True)          # 6 anchors, C = 4
+        >>> labels = torch.tensor([0, 4, 4, 2, 4, -100])            # 4 = background, -100 ignored
+        >>> iou = torch.tensor([0.8, 0.0, 0.0, 0.35, 0.0, 0.0])     # quality at the label's class
+        >>> loss = fl.quality_focal(logits, labels, score=iou, reduction="mean", avg_factor=2.0)
+        >>> loss.backward()
+        >>> fl.quality_focal(logits, labels, score=iou, reduction="none").shape
+        torch.Size([6])
+    """
+    kwargs = _validate.quality_focal_args(logits, target, score=score, beta=beta, activated=activated,
+                                          ignore_index=ignore_index, reduction=reduction, validate=validate,
+                                          weight=weight, avg_factor=avg_factor)
+    soft = score if score is not None else target
+    return _detector_run("quality_focal", backend, logits, target, soft, avg_factor=avg_factor, **kwargs)
+
+
+def varifocal(logits: torch.Tensor, target: torch.Tensor, *, score: Optional[torch.Tensor] = None,
+              alpha: float = 0.75, gamma: float = 2.0, iou_weighted: bool = True, detach_modulation: bool = False,
+              ignore_index: int = -100, reduction: str = "mean", backend: Optional[str] = None,
+              validate: Optional[bool] = None, weight: Optional[torch.Tensor] = None,
+              avg_factor: AvgFactor = None) -> torch.Tensor:
+    """Varifocal loss (VarifocalNet, Zhang et al. 2021), elementwise.
+
+    ``BCE(s, y) * (y if iou_weighted else 1)`` on positives and ``BCE(s, 0) * alpha * s^gamma``
+    on negatives, s = sigmoid(logits). mmdet's ``varifocal_loss`` with a dense target (positives:
+    y > 0); RT-DETR's ``loss_labels_vfl`` and ultralytics' ``VarifocalLoss`` with the label form
+    (the label's class is the positive, whatever its score).
+
+    Args:
+        logits: (..., C) float tensor (e.g. RT-DETR's (B, Q, C)).
+        target: a dense float target of the logits' shape in [0, 1] (IoU at the positives, 0
+            elsewhere), or integer labels of shape ``logits.shape[:-1]`` in [0, C] (C =
+            background) or ignore_index, with ``score``.
+        score: with integer labels: the IoU at the label's class (``logits.shape[:-1]``, in
+            [0, 1]); a positive with score 0 has zero loss (RT-DETR, ultralytics).
+        alpha: weight of the negatives (>= 0).
+        gamma: exponent of the negatives' modulating factor s^gamma (>= 0).
+        iou_weighted: positives weighted by their target y (else by 1).
+        detach_modulation: no gradient through ``alpha * s^gamma`` (RT-DETR's official code
+            detaches it). Default False: mmdet and ultralytics (and the VarifocalNet authors'
+            mmdet code) differentiate it, the derivative of the loss as the paper defines it;
+            the loss value is the same either way, the negatives' gradients differ.
+        ignore_index: label of rows with no loss, no gradient and no count (label form).
+        reduction: 'none' (elementwise, the logits' dtype), 'mean' (over non-ignored elements,
+            mmdet's) or 'sum'. RT-DETR's ``loss.mean(1).sum() * Q / num_boxes`` is 'mean' with
+            ``avg_factor=num_boxes``.
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference'.
+        validate: None (check on CPU tensors), True (also on CUDA) or False.
+        weight: per row (``logits.shape[:-1]``) or per element (``logits.shape``); 0 gives
+            exactly 0.
+        avg_factor: with reduction='mean' only: sum / avg_factor (a number or a 0-dim tensor).
+
+    Returns:
+        The loss: the logits' shape for 'none', a 0-dim tensor for 'mean'/'sum'.
+
+    Raises:
+        TypeError: logits not a floating tensor, a score that is not a floating tensor.
+        ValueError: shapes or devices that do not match, labels outside [0, C], scores or soft
+            targets outside [0, 1] (CPU tensors, or validate=True); each message names the argument.
+
+    Example:
+        >>> import torch
+        >>> import fused_losses as fl
+        >>> logits = torch.randn(2, 5, 3, requires_grad=True)      # (B, Q, C) queries
+        >>> labels = torch.tensor([[1, 3, 3, 0, 3], [3, 2, 3, 3, 3]])   # 3 = no object
+        >>> iou = torch.rand(2, 5)
+        >>> loss = fl.varifocal(logits, labels, score=iou, detach_modulation=True,
+        ...                     avg_factor=3.0)                      # RT-DETR: sum / num_boxes
+        >>> loss.backward()
+    """
+    kwargs = _validate.varifocal_args(logits, target, score=score, alpha=alpha, gamma=gamma,
+                                      iou_weighted=iou_weighted, detach_modulation=detach_modulation,
+                                      ignore_index=ignore_index, reduction=reduction, validate=validate,
+                                      weight=weight, avg_factor=avg_factor)
+    soft = score if score is not None else target
+    return _detector_run("varifocal", backend, logits, target, soft, avg_factor=avg_factor, **kwargs)
+
+
+def asymmetric(logits: torch.Tensor, target: torch.Tensor, *, gamma_pos: float = 1.0, gamma_neg: float = 4.0,
+               clip: Optional[float] = 0.05, eps: float = 1e-8, detach_focusing: bool = False,
+               reduction: str = "sum", backend: Optional[str] = None, validate: Optional[bool] = None,
+               weight: Optional[torch.Tensor] = None, avg_factor: AvgFactor = None) -> torch.Tensor:
+    """Asymmetric loss (ASL, Ridnik et al. 2021) for multi-label classification, elementwise.
+
+    timm's ``AsymmetricLossMultiLabel``: with p = sigmoid(x), the negatives' probability is
+    shifted, p_m = max(p - clip, 0); ``loss = -(y log p (1 - p)^gamma_pos + (1 - y)
+    log(1 - p_m) p_m^gamma_neg)`` (for soft y the focusing exponent is
+    ``gamma_pos y + gamma_neg (1 - y)``), logs clamped at log(eps).
+
+    Args:
+        logits: (..., C) float tensor.
+        target: multi-hot or soft float target of the logits' shape, in [0, 1].
+        gamma_pos: focusing exponent of the positives (>= 0).
+        gamma_neg: focusing exponent of the negatives (>= 0).
+        clip: the probability shift m of the negatives, in [0, 1] (None or 0: none).
+        eps: clamp of the probabilities inside the logs (timm's 1e-8), in [0, 1].
+        detach_focusing: no gradient through the focusing weight (timm's
+            ``disable_torch_grad_focal_loss``).
+        reduction: 'sum' (default: timm's ``-loss.sum()``, the ASL authors' code), 'mean' (over
+            elements; ``avg_factor=N`` gives newer timm's 'batchmean') or 'none' (elementwise).
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference'.
+        validate: None (check the target on CPU tensors), True (also on CUDA) or False.
+        weight: per row (``logits.shape[:-1]``) or per element (``logits.shape``; timm's per-class
+            weight is ``w.expand_as(logits)``); 0 gives exactly 0.
+        avg_factor: with reduction='mean' only: sum / avg_factor.
+
+    Returns:
+        The loss: the logits' shape for 'none', a 0-dim tensor for 'mean'/'sum'.
+
+    Raises:
+        TypeError: logits not a floating tensor, an integer target (pass ``target.float()``).
+        ValueError: shapes or devices that do not match, targets outside [0, 1] (CPU tensors,
+            or validate=True), out-of-range parameters; each message names the argument.
+
+    Example:
+        >>> import torch
+        >>> import fused_losses as fl
+        >>> logits = torch.randn(4, 10, requires_grad=True)
+        >>> target = (torch.rand(4, 10) < 0.2).float()             # multi-hot
+        >>> loss = fl.asymmetric(logits, target)                    # gamma_pos 1, gamma_neg 4, clip 0.05
+        >>> loss.backward()
+        >>> batchmean = fl.asymmetric(logits, target, reduction="mean", avg_factor=4)
+    """
+    kwargs = _validate.asymmetric_args(logits, target, gamma_pos=gamma_pos, gamma_neg=gamma_neg, clip=clip, eps=eps,
+                                       detach_focusing=detach_focusing, reduction=reduction, validate=validate,
+                                       weight=weight, avg_factor=avg_factor)
+    return _detector_run("asymmetric", backend, logits, target, target, avg_factor=avg_factor, **kwargs)

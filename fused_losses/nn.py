@@ -394,3 +394,158 @@ class IBFocalLoss(IBLoss):
                  detach_factor: bool = False, reduction: str = "mean", backend: Optional[str] = None):
         super().__init__(alpha=alpha, epsilon=epsilon, weight=weight, detach_factor=detach_factor,
                          reduction=reduction, backend=backend, gamma=gamma)
+
+
+# ---- quality_focal / varifocal / asymmetric (#24) ----
+__all__ += ["QualityFocalLoss", "VarifocalLoss", "AsymmetricLoss"]
+
+
+class QualityFocalLoss(nn.Module):
+    """Quality focal loss (GFL); see :func:`fused_losses.quality_focal`.
+
+    Args:
+        beta: exponent of ``|y - s|`` (>= 0). Default 2.0.
+        activated: the logits are probabilities. Default False.
+        ignore_index: label of rows to ignore (label form). Default -100.
+        reduction: 'none' (per row) | 'mean' (default) | 'sum'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import QualityFocalLoss
+        >>> criterion = QualityFocalLoss()
+        >>> logits = torch.randn(6, 4, requires_grad=True)
+        >>> labels, iou = torch.tensor([0, 4, 4, 2, 4, 1]), torch.rand(6)   # 4 = background
+        >>> criterion(logits, labels, score=iou, avg_factor=3.0).backward()
+    """
+
+    def __init__(self, beta: float = 2.0, activated: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.beta, self.activated, self.ignore_index = beta, activated, ignore_index
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, score: Optional[torch.Tensor] = None,
+                weight: Optional[torch.Tensor] = None, avg_factor=None) -> torch.Tensor:
+        """The loss of one batch; see :func:`fused_losses.quality_focal`.
+
+        Args:
+            logits: (..., C) float tensor.
+            target: integer labels of shape ``logits.shape[:-1]`` (C = background) with ``score``,
+                or a dense soft target of the logits' shape.
+            score: the quality at the label's class (label form), or None.
+            weight: per row or per element, or None.
+            avg_factor: with reduction='mean' only, or None.
+
+        Returns:
+            The loss: per row for 'none', else a 0-dim tensor.
+        """
+        return F.quality_focal(logits, target, score=score, beta=self.beta, activated=self.activated,
+                               ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+                               weight=weight, avg_factor=avg_factor)
+
+    def extra_repr(self) -> str:
+        return _extra_repr(self, ("beta", "activated", "ignore_index", "reduction", "backend"))
+
+
+class VarifocalLoss(nn.Module):
+    """Varifocal loss (VarifocalNet); see :func:`fused_losses.varifocal`.
+
+    Args:
+        alpha: weight of the negatives. Default 0.75.
+        gamma: exponent of the negatives' s^gamma. Default 2.0.
+        iou_weighted: positives weighted by their target. Default True.
+        detach_modulation: no gradient through alpha * s^gamma (RT-DETR). Default False (mmdet,
+            ultralytics).
+        ignore_index: label of rows to ignore (label form). Default -100.
+        reduction: 'none' (elementwise) | 'mean' (default) | 'sum'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import VarifocalLoss
+        >>> criterion = VarifocalLoss(detach_modulation=True)             # RT-DETR's
+        >>> logits = torch.randn(2, 5, 3, requires_grad=True)             # (B, Q, C)
+        >>> labels, iou = torch.tensor([[0, 3, 3, 1, 3], [2, 3, 3, 3, 3]]), torch.rand(2, 5)
+        >>> criterion(logits, labels, score=iou, avg_factor=3.0).backward()
+    """
+
+    def __init__(self, alpha: float = 0.75, gamma: float = 2.0, iou_weighted: bool = True,
+                 detach_modulation: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.alpha, self.gamma, self.iou_weighted = alpha, gamma, iou_weighted
+        self.detach_modulation, self.ignore_index = detach_modulation, ignore_index
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, score: Optional[torch.Tensor] = None,
+                weight: Optional[torch.Tensor] = None, avg_factor=None) -> torch.Tensor:
+        """The loss of one batch; see :func:`fused_losses.varifocal`.
+
+        Args:
+            logits: (..., C) float tensor.
+            target: a dense float target of the logits' shape, or integer labels with ``score``.
+            score: the IoU at the label's class (label form), or None.
+            weight: per row or per element, or None.
+            avg_factor: with reduction='mean' only, or None.
+
+        Returns:
+            The loss: the logits' shape for 'none', else a 0-dim tensor.
+        """
+        return F.varifocal(logits, target, score=score, alpha=self.alpha, gamma=self.gamma,
+                           iou_weighted=self.iou_weighted, detach_modulation=self.detach_modulation,
+                           ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+                           weight=weight, avg_factor=avg_factor)
+
+    def extra_repr(self) -> str:
+        return _extra_repr(self, ("alpha", "gamma", "iou_weighted", "detach_modulation", "ignore_index", "reduction",
+                                  "backend"))
+
+
+class AsymmetricLoss(nn.Module):
+    """Asymmetric loss (ASL) for multi-label classification; see :func:`fused_losses.asymmetric`.
+
+    Args:
+        gamma_pos: focusing exponent of the positives. Default 1.0.
+        gamma_neg: focusing exponent of the negatives. Default 4.0.
+        clip: probability shift of the negatives (None or 0: none). Default 0.05.
+        eps: clamp of the probabilities inside the logs. Default 1e-8.
+        detach_focusing: no gradient through the focusing weight (timm's
+            ``disable_torch_grad_focal_loss``). Default False.
+        reduction: 'sum' (default, timm's ``-loss.sum()``) | 'mean' | 'none'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import AsymmetricLoss
+        >>> criterion = AsymmetricLoss()
+        >>> logits = torch.randn(4, 10, requires_grad=True)
+        >>> criterion(logits, (torch.rand(4, 10) < 0.2).float()).backward()
+    """
+
+    def __init__(self, gamma_pos: float = 1.0, gamma_neg: float = 4.0, clip: Optional[float] = 0.05,
+                 eps: float = 1e-8, detach_focusing: bool = False, reduction: str = "sum",
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.gamma_pos, self.gamma_neg, self.clip, self.eps = gamma_pos, gamma_neg, clip, eps
+        self.detach_focusing, self.reduction, self.backend = detach_focusing, reduction, backend
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None) -> torch.Tensor:
+        """The loss of one batch; see :func:`fused_losses.asymmetric`.
+
+        Args:
+            logits: (..., C) float tensor.
+            target: multi-hot or soft float target of the logits' shape.
+            weight: per row or per element, or None.
+            avg_factor: with reduction='mean' only, or None.
+
+        Returns:
+            The loss: the logits' shape for 'none', else a 0-dim tensor.
+        """
+        return F.asymmetric(logits, target, gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg, clip=self.clip,
+                            eps=self.eps, detach_focusing=self.detach_focusing, reduction=self.reduction,
+                            backend=self.backend, weight=weight, avg_factor=avg_factor)
+
+    def extra_repr(self) -> str:
+        return _extra_repr(self, ("gamma_pos", "gamma_neg", "clip", "eps", "detach_focusing", "reduction", "backend"))

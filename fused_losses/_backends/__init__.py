@@ -22,6 +22,8 @@ from fused_losses import _ext
 
 ORDER = ("cuda", "triton", "cpu", "reference")
 LOSSES = ("focal", "sigmoid_focal", "ohem", "ghmc", "ib")
+# ---- quality_focal / varifocal / asymmetric (#24) ----
+LOSSES += ("quality_focal", "varifocal", "asymmetric")
 _MODULES = {name: f"fused_losses._backends.{name}_backend" for name in ORDER}
 
 

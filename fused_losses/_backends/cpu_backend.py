@@ -14,7 +14,8 @@ from fused_losses.distributed import global_bin_weights
 from fused_losses.reference import ohem_min_kept_total
 
 _REQUIRED_OPS = ("softmax_focal_forward", "sigmoid_focal_forward", "ohem_forward", "ghmc_bin_weights",
-                 "ghmc_forward", "ib_forward", "scale_grad", "scale_grad_")
+                 "ghmc_forward", "ib_forward", "scale_grad", "scale_grad_",
+                 "detector_sigmoid_forward")  # quality_focal / varifocal / asymmetric (#24)
 
 
 def _probe():
@@ -221,3 +222,60 @@ BACKEND = Backend(
     device_types=("cpu",),
     losses={"focal": focal, "sigmoid_focal": sigmoid_focal, "ohem": ohem, "ghmc": ghmc, "ib": ib},
 )
+
+
+# ---- quality_focal / varifocal / asymmetric (#24) ----
+# One op for the three (csrc/cpu/detector_sigmoid.cpp, csrc/cuda/detector_sigmoid.cu): the
+# logits are viewed as (M, C) rows (so a per-row 'none' loss of quality_focal broadcasts over the
+# class dim 1 in the backward, as the softmax family's), the loss reshaped back.
+DETECTOR_FLAGS = {"activated": 1, "iou_weighted": 2, "detach_modulation": 4, "detach_focusing": 8}
+
+
+def detector_flags(**flags) -> int:
+    """The op's `flags` bits from the named booleans (csrc/detector_sigmoid_math.h)."""
+    return sum(DETECTOR_FLAGS[name] for name, on in flags.items() if on)
+
+
+def _detector_sigmoid(ns, loss_name, logits, target, score, params, flags, ignore_index, reduction, weight):
+    # ns: the caller's op namespace (its _ops_ns(), which the emulator's rebound copies redirect)
+    c = logits.shape[-1]
+    shape = logits.shape
+    x = logits.reshape(-1, c)
+    if target.is_floating_point():
+        t = target.reshape(-1, c)
+    else:
+        t = target.reshape(-1)
+        score = score.reshape(-1)
+    w = None if weight is None else weight.reshape(-1)
+    p0, p1, p2, p3 = (float(v) for v in params)
+
+    def run(compute_grad, xx, _features, tt, ss, ww):
+        out, grad = ns.detector_sigmoid_forward(xx, tt, ss, loss_name, p0, p1, p2, p3, flags,
+                                                ignore_index, reduction, compute_grad, ww)
+        return out, grad, None
+
+    per_row = loss_name == "quality_focal"
+    out = _ops.call_loss(run, x, None, t, score, w, channel_dim=1 if per_row else None)
+    if reduction == "none":
+        return out.reshape(shape[:-1] if per_row else shape)
+    return out
+
+
+def quality_focal(logits, target, *, score=None, beta, activated, ignore_index, reduction, weight=None):
+    return _detector_sigmoid(_ops_ns(), "quality_focal", logits, target, score, (beta, 0.0, 0.0, 0.0),
+                             detector_flags(activated=activated), ignore_index, reduction, weight)
+
+
+def varifocal(logits, target, *, score=None, alpha, gamma, iou_weighted, detach_modulation, ignore_index, reduction,
+              weight=None):
+    return _detector_sigmoid(_ops_ns(), "varifocal", logits, target, score, (alpha, gamma, 0.0, 0.0),
+                             detector_flags(iou_weighted=iou_weighted, detach_modulation=detach_modulation),
+                             ignore_index, reduction, weight)
+
+
+def asymmetric(logits, target, *, gamma_pos, gamma_neg, clip, eps, detach_focusing, reduction, weight=None):
+    return _detector_sigmoid(_ops_ns(), "asymmetric", logits, target, None, (gamma_pos, gamma_neg, clip, eps),
+                             detector_flags(detach_focusing=detach_focusing), -100, reduction, weight)
+
+
+BACKEND.losses.update(quality_focal=quality_focal, varifocal=varifocal, asymmetric=asymmetric)

@@ -5,3 +5,7 @@ serves). Importing this package imports triton."""
 from fused_losses._triton.ops import focal, ghmc, ib, ohem, sigmoid_focal
 
 __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib"]
+# ---- quality_focal / varifocal / asymmetric (#24) ----
+from fused_losses._triton.detector_sigmoid import asymmetric, quality_focal, varifocal  # noqa: E402
+
+__all__ += ["quality_focal", "varifocal", "asymmetric"]
