@@ -103,12 +103,14 @@ demo: build-cpu
 # subset (EMU_ASAN_TESTS; about 10x slower), with the sanitizer runtime preloaded into python.
 EMU_SCHEDULES  := threads=forward,blocks=forward,sms=132 threads=random,seed=1,blocks=reverse,sms=1
 EMU_TESTS      := tests/test_compiled_backends.py tests/test_backward.py tests/test_accuracy_edges.py tests/test_dropin.py
+EMU_TESTS      += tests/test_detector_sigmoid.py  # quality_focal / varifocal / asymmetric (#24)
 EMU_ASAN       ?= 0
 EMU_ASAN_TESTS ?= tests/cuda_emu/test_kernels.py tests/test_backward.py tests/test_dropin.py \
                   tests/test_compiled_backends.py::test_focal_every_row_kernel \
                   tests/test_compiled_backends.py::test_misaligned_views \
                   tests/test_compiled_backends.py::test_ghmc_large_spatial_and_many_bins \
                   tests/test_compiled_backends.py::test_sigmoid_focal_shapes_tails_layouts_and_mixed_targets
+EMU_ASAN_TESTS += tests/test_detector_sigmoid.py  # quality_focal / varifocal / asymmetric (#24)
 # libstdc++ is preloaded right after the sanitizer runtime: otherwise ASan's __cxa_throw
 # interceptor finds no real __cxa_throw (python itself does not link libstdc++) and the first C++
 # exception (a device-side assert turned into a RuntimeError) aborts with "CHECK failed".

@@ -527,3 +527,43 @@ def test_nn_modules_match_functional():
     m = fl.nn.AsymmetricLoss(gamma_neg=2.0, backend="cpu")
     assert torch.equal(m(logits, target), fl.asymmetric(logits, target, gamma_neg=2.0, backend="cpu"))
     assert "gamma_neg=2.0" in repr(m)
+
+
+# ---- the CUDA kernels on the emulator: what needs its controls ---------------------------------
+_EMU_SKIP = pytest.mark.skipif(not cuda_emu.available(), reason=f"cuda_emu unavailable: {cuda_emu.reason()}")
+
+
+@_EMU_SKIP
+@pytest.mark.parametrize("loss", ["quality_focal", "varifocal"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cuda_emu_out_of_range_labels_are_ignored(loss, reduction):
+    """Asserts compiled out (recorded): an out-of-range label's row is treated as ignored in the
+    loss, the gradient and the 'mean' count (the count_valid rule of csrc/cuda/common.cuh)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(11, 6, generator=g)
+    labels = torch.randint(0, 7, (11,), generator=g)
+    score = torch.rand(11, generator=g)
+    bad, ignored = labels.clone(), labels.clone()
+    for i, v in zip((1, 4, 6), (7, -2, 99)):
+        bad[i], ignored[i] = v, IGNORE
+    ops = cuda_emu.ops()
+    with cuda_emu.configured("asserts=record"):
+        cuda_emu.take_device_asserts()
+        got = ops.detector_sigmoid_forward(x, bad, score, loss, 2.0, 2.0, 0.0, 0.0, 2, IGNORE, reduction, True)
+        messages = cuda_emu.take_device_asserts()
+    want = ops.detector_sigmoid_forward(x, ignored, score, loss, 2.0, 2.0, 0.0, 0.0, 2, IGNORE, reduction, True)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert messages and all("out of range" in m for m in messages), messages
+
+
+@_EMU_SKIP
+@pytest.mark.parametrize("variant", ["qfl-labels", "qfl-dense", "vfl-labels", "asl-soft"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_emu_pack_tails_and_row_kernel(variant, dtype):
+    """Rows that do not fill a 16-byte pack (C = 5, 13) and a numel % VEC tail, per element and
+    per row weights, through the pack kernel ('mean') and, for quality focal, the row kernel ('none')."""
+    for shape in ((7, 5), (9, 13), (3, 40)):
+        for weight in (None, "row", "element"):
+            for reduction in ("mean", "none"):
+                _check("cuda_emu", variant, dtype, reduction, shape=shape, weight=weight)

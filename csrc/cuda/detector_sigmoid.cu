@@ -3,8 +3,10 @@
 // kernels/detector_sigmoid_kernels.cuh; the set-up (contiguous aligned logits and target, labels,
 // the device-side count of valid rows) is the sigmoid family's sigmoid_call (sigmoid.cu).
 // Conventions: common.cuh (no host sync, no float atomics).
-#include "cuda/kernels/detector_sigmoid_kernels.cuh"
+// sigmoid.cuh first: it includes ATen (common.cuh), which must come before the kernel headers
+// (under the emulator they end with cuda_emu.h, after every host header).
 #include "cuda/sigmoid.cuh"
+#include "cuda/kernels/detector_sigmoid_kernels.cuh"
 
 namespace fused_losses {
 namespace cuda {
