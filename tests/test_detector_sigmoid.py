@@ -65,6 +65,7 @@ def _dense_case(shape, g):
 VARIANTS = {
     "qfl-labels": ("quality_focal", {}, "labels"),
     "qfl-dense": ("quality_focal", {}, "dense"),
+    "qfl-dense-beta": ("quality_focal", {"beta": 1.5}, "dense"),  # the CPU row's general exponent
     "qfl-activated-labels": ("quality_focal", {"activated": True}, "labels"),
     "qfl-activated-dense": ("quality_focal", {"activated": True, "beta": 1.5}, "dense"),
     "vfl-labels": ("varifocal", {}, "labels"),
@@ -567,3 +568,34 @@ def test_cuda_emu_pack_tails_and_row_kernel(variant, dtype):
         for weight in (None, "row", "element"):
             for reduction in ("mean", "none"):
                 _check("cuda_emu", variant, dtype, reduction, shape=shape, weight=weight)
+
+
+# ---- the CPU row's instruction-set variants (picked once per process: a subprocess each) -------
+_SIMD_SCRIPT = """
+import torch
+from tests.test_detector_sigmoid import VARIANTS, make_case, _fn, _ref
+from tests.utils import loss_and_grad, rel_error
+worst = 0.0
+for variant in VARIANTS:
+    for weight in (None, "element"):
+        loss, logits, target, kwargs = make_case(variant, shape=(29, 37), weight=weight)
+        out, grad = loss_and_grad(_fn(loss, "cpu"), logits, target, **kwargs, reduction="sum")
+        ref_out, ref_grad = _ref(loss, logits, target, dict(kwargs, reduction="sum"))
+        worst = max(worst, rel_error(out, ref_out), rel_error(grad, ref_grad))
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_cpu_simd_variants(isa):
+    """The AVX2 and baseline builds of the vectorised row (the default run takes the best this
+    CPU has) against the float64 reference."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FUSED_LOSSES_SIMD=isa, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", _SIMD_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5

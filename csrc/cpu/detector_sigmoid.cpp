@@ -8,13 +8,20 @@
 // no one-hot is materialised). Determinism as every CPU kernel here: rows in fixed chunks, chunk
 // sums in double added in order (csrc/cpu/common.h).
 //
-// The loop is scalar code the compiler is left to vectorise (exp_vectorizable / log1p of
-// losses_math.h; the per-kind element function is a template argument so that the loss switch
-// is outside the loop). Measured against the eager reference in benchmarks/bench.py
-// (suite detector-sigmoid).
+// float32 math (fp32/fp16/bf16 logits) runs the vectorised row below (det_row_impl: one
+// branch-free loop GCC vectorises, compiled for AVX-512, AVX2+FMA and the baseline, picked at
+// load); float64 and QFL's activated=True run the scalar element loop (detector_element). On this
+// machine's AVX-512 Xeon, 100000 x 80 float32 labels, 1 thread, loss + gradient: 49 ms for QFL and
+// VFL (the scalar loop: 540 ms; GCC left the loop scalar when the exponent was a loop-invariant
+// select, and did not inline losses_math.h's plain inline helpers into the target variants).
+// Measured against eager and compiled references in benchmarks/bench.py (suite
+// detector-sigmoid).
 
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "cpu/common.h"
@@ -33,13 +40,255 @@ int parse_detector_kind(c10::string_view name) {
   TORCH_CHECK(false, "loss: expected 'quality_focal', 'varifocal' or 'asymmetric', got '", std::string(name), "'");
 }
 
+// ------------------------------------------------------------------------------------------
+// The vectorised row (float32 math; fp32/fp16/bf16 logits, every option but QFL's activated):
+// one branch-free loop per row that GCC vectorises (#pragma omp simd, selects only, the
+// polynomial exp / log1p / log below), compiled for AVX-512, AVX2+FMA and the baseline and picked
+// once at load (as csrc/cpu/simd_kernels.cpp's kernels). Exponents 0..4 are exact products, others
+// exp(g log q). The scalar path (detector_element) stays for float64 and activated=True.
+// ------------------------------------------------------------------------------------------
+#define FL_DET_INLINE inline __attribute__((always_inline))
+
+// losses_math.h's exp_vectorizable, log1p_unit_vectorizable and sigmoid_parts (float), the same
+// steps, always inlined: GCC does not inline a plain inline function into the target("avx2") /
+// target("avx512f") variants below, and a call per element keeps the loop scalar (measured: the
+// row at 75 ns per element instead of a few).
+FL_DET_INLINE float det_exp(float x) {
+  const float kRoundMagic = 12582912.0f;
+  const bool underflow = x < -103.972084f;
+  float xc = x < -103.972084f ? -103.972084f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  const float shifted = xc * 1.44269504088896341f + kRoundMagic;
+  const float n = shifted - kRoundMagic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  int32_t shifted_bits;
+  memcpy(&shifted_bits, &shifted, sizeof(float));
+  const int32_t n_int = shifted_bits - 0x4B400000;
+  const int32_t half = n_int >> 1;
+  const int32_t scale1_bits = (half + 127) << 23, scale2_bits = (n_int - half + 127) << 23;
+  float scale1, scale2;
+  memcpy(&scale1, &scale1_bits, sizeof(float));
+  memcpy(&scale2, &scale2_bits, sizeof(float));
+  return underflow ? 0.0f : (p * scale1) * scale2;
+}
+
+FL_DET_INLINE float det_log1p_unit(float e) {
+  const float z = e / (2.0f + e);
+  return 2.0f * z * log1p_unit_series(z * z);
+}
+
+FL_DET_INLINE SigmoidParts<float> det_sigmoid_parts(float x, float y, float e) {
+  SigmoidParts<float> s;
+  const float inv = 1.0f / (1.0f + e);
+  const float small = e * inv;
+  s.p = x >= 0.0f ? inv : small;
+  s.q = x >= 0.0f ? small : inv;
+  s.bce = ((1.0f - y) * x - (x < 0.0f ? x : 0.0f)) + det_log1p_unit(e);
+  s.p_minus_y = s.p * (1.0f - y) - s.q * y;
+  return s;
+}
+
+// log(v) for a positive normal float: v = m 2^k with m in [sqrt(1/2), sqrt(2)), log m =
+// 2 atanh(z), z = (m - 1) / (m + 1) in [-0.172, 0.172] (log1p_unit_series), k ln 2 in two parts.
+FL_DET_INLINE float det_log(float v) {
+  int32_t bits;
+  memcpy(&bits, &v, sizeof(float));
+  const int32_t k = (bits - 0x3f3504f3) >> 23;
+  const int32_t mbits = bits - (k << 23);
+  float m;
+  memcpy(&m, &mbits, sizeof(float));
+  const float z = (m - 1.0f) / (m + 1.0f);
+  const float kf = static_cast<float>(k);
+  return (kf * -2.12194440e-4f + 2.0f * z * log1p_unit_series(z * z)) + kf * 0.693359375f;
+}
+
+// q^g for q >= 0 (0^0 = 1, 0^g = 0), g = 1, 2, 3, 4 exact, else exp(g log q).
+FL_DET_INLINE float det_pow_v(float q, float g) {
+  const float q2 = q * q;
+  const float general = det_exp(g * det_log(q > 0.0f ? q : 1.0f));
+  float r = g == 1.0f ? q : g == 2.0f ? q2 : g == 3.0f ? q2 * q : g == 4.0f ? q2 * q2 : general;
+  r = g == 0.0f ? 1.0f : r;
+  return q > 0.0f ? r : (g == 0.0f ? 1.0f : 0.0f);
+}
+
+// d(q^g)/dq = g q^(g - 1) (0 at q = 0, reference._PowSafe), from w = q^g.
+FL_DET_INLINE float det_dpow_v(float q, float g, float w) {
+  const float exact = g == 1.0f ? 1.0f : g == 2.0f ? 2.0f * q : g == 3.0f ? 3.0f * q * q : g == 4.0f ? 4.0f * q * q * q
+                                                                                        : g * (w / (q > 0.0f ? q : 1.0f));
+  return q > 0.0f && g != 0.0f ? exact : 0.0f;
+}
+
+struct DetRow {
+  DetectorParams<float> P;
+  const float* x;   // the row's logits, float32
+  const float* y;   // dense target row, or nullptr with a label
+  int64_t label;    // labels form: the row's label (C: background)
+  float score;      // labels form: the score at the label
+  int64_t n;        // C
+  const float* w;   // per-element weights of the row, or nullptr (then wr)
+  float wr;
+  float scale;      // gradient scale (1 / count for 'mean')
+  float* loss;      // (n,) element losses (weighted)
+  float* grad;      // (n,) scaled gradient
+};
+
+// q^g for a uniform exponent g (kSquare: g == 2, else exp(g log q); zero_pow = 0^g) and its
+// derivative from w = q^g. No select on g inside the loop: GCC would unswitch the loop on it
+// (g is loop-invariant) and leave the copies scalar (measured: 8x slower).
+template <bool kSquare>
+FL_DET_INLINE float det_pow_u(float q, float g, float zero_pow) {
+  if (kSquare) return q * q;
+  return q > 0.0f ? det_exp(g * det_log(q > 0.0f ? q : 1.0f)) : zero_pow;
+}
+
+template <bool kSquare>
+FL_DET_INLINE float det_dpow_u(float q, float g, float w) {
+  if (kSquare) return 2.0f * q;
+  return q > 0.0f ? g * (w / (q > 0.0f ? q : 1.0f)) : 0.0f;
+}
+
+template <int Kind, bool kLabels, bool kElemWeight, bool kSquare>
+FL_DET_INLINE float det_row_impl(const DetRow& a) {
+  const DetectorParams<float> P = a.P;
+  const float* __restrict__ x = a.x;
+  const float* __restrict__ yv = a.y;
+  const float* __restrict__ wv = a.w;
+  float* __restrict__ lo = a.loss;
+  float* __restrict__ go = a.grad;
+  const int32_t label = static_cast<int32_t>(a.label);
+  const float score = a.score, wr = a.wr, scale = a.scale;
+  const int32_t n = static_cast<int32_t>(a.n);
+  const float detach = (P.flags & (kDetDetachModulation | kDetDetachFocusing)) ? 0.0f : 1.0f;
+  const float iou_w = (P.flags & kDetIouWeighted) ? 1.0f : 0.0f;
+  const float log_eps = P.p3 > 0.0f ? P.log_eps : -INFINITY;
+  const float u_exp = Kind == kQualityFocal ? P.p0 : P.p1;  // QFL beta, VFL gamma
+  const float u_zero_pow = u_exp == 0.0f ? 1.0f : 0.0f;
+  const float chain_on = (Kind == kVarifocal && P.p1 != 0.0f) ? detach : 0.0f;
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int32_t c = 0; c < n; ++c) {
+    const float xv = x[c];
+    const float y = kLabels ? (c == label ? score : 0.0f) : yv[c];
+    const bool positive = kLabels ? c == label : y > 0.0f;
+    const float e = det_exp(-__builtin_fabsf(xv));
+    const SigmoidParts<float> s = det_sigmoid_parts(xv, y, e);
+    const float pq = s.p * s.q;
+    float loss, grad;
+    if (Kind == kQualityFocal) {
+      const float d = y * s.q - (1.0f - y) * s.p;
+      const float dist = __builtin_fabsf(d);
+      const float mod = det_pow_u<kSquare>(dist, u_exp, u_zero_pow);
+      const float dmod = det_dpow_u<kSquare>(dist, u_exp, mod);
+      loss = s.bce * mod;
+      grad = s.p_minus_y * mod + (d > 0.0f ? -s.bce : s.bce) * dmod * pq;
+    } else if (Kind == kVarifocal) {
+      const float f = iou_w * y + (1.0f - iou_w);
+      const float m = det_pow_u<kSquare>(s.p, u_exp, u_zero_pow);
+      const float chain = chain_on * s.bce * u_exp * m * s.q;
+      loss = positive ? s.bce * f : s.bce * (P.p0 * m);
+      grad = positive ? s.p_minus_y * f : P.p0 * (s.p_minus_y * m + chain);
+    } else {  // asymmetric, clip > 0 (the launcher's condition)
+      const float clip = P.p2, eps = P.p3;
+      const float l1p = det_log1p_unit(e);
+      const float log_sig_pos = (xv < 0.0f ? xv : 0.0f) - l1p;
+      const bool pos_cl = log_sig_pos < log_eps;
+      const float log_pos = pos_cl ? log_eps : log_sig_pos;
+      const float dlog_pos = pos_cl ? 0.0f : s.q;
+      const float raw = s.q + clip;
+      const float pn = raw <= 1.0f ? raw : 1.0f;
+      const float dpn = raw <= 1.0f ? -pq : 0.0f;
+      const bool pn_cl = pn < eps;
+      const float log_neg = pn_cl ? log_eps : det_log(pn_cl ? 1.0f : pn);
+      const float dlog_neg = pn_cl ? 0.0f : dpn / pn;
+      const float sh = s.p - clip;
+      const float shifted = sh >= 0.0f ? sh : 0.0f;
+      const float dshifted = sh >= 0.0f ? pq : 0.0f;
+      const float base = -(y * log_pos + (1.0f - y) * log_neg);
+      const float dbase = -(y * dlog_pos + (1.0f - y) * dlog_neg);
+      const float omp = y * s.q + (1.0f - y) * shifted;
+      const float g = P.p0 * y + P.p1 * (1.0f - y);
+      const float wf = det_pow_v(omp, g);
+      const float domp = -y * pq + (1.0f - y) * dshifted;
+      loss = base * wf;
+      grad = dbase * wf + detach * base * det_dpow_v(omp, g, wf) * domp;
+    }
+    const float we = kElemWeight ? wv[c] : wr;
+    loss = we == 0.0f ? 0.0f : we * loss;
+    grad = we == 0.0f ? 0.0f : (we * scale) * grad;
+    lo[c] = loss;
+    go[c] = grad;
+    sum += loss;
+  }
+  return sum;
+}
+
+template <bool kLabels, bool kElemWeight>
+FL_DET_INLINE float det_row_kind(int kind, const DetRow& a) {
+  if (kind == kQualityFocal) {
+    return a.P.p0 == 2.0f ? det_row_impl<kQualityFocal, kLabels, kElemWeight, true>(a)
+                          : det_row_impl<kQualityFocal, kLabels, kElemWeight, false>(a);
+  }
+  if (kind == kVarifocal) {
+    return a.P.p1 == 2.0f ? det_row_impl<kVarifocal, kLabels, kElemWeight, true>(a)
+                          : det_row_impl<kVarifocal, kLabels, kElemWeight, false>(a);
+  }
+  return det_row_impl<kAsymmetric, kLabels, kElemWeight, false>(a);
+}
+
+FL_DET_INLINE float det_row_dispatch(int kind, const DetRow& a) {
+  if (a.y == nullptr) return a.w != nullptr ? det_row_kind<true, true>(kind, a) : det_row_kind<true, false>(kind, a);
+  return a.w != nullptr ? det_row_kind<false, true>(kind, a) : det_row_kind<false, false>(kind, a);
+}
+
+using DetRowFn = float (*)(int, const DetRow&);
+float det_row_baseline(int kind, const DetRow& a) { return det_row_dispatch(kind, a); }
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) float det_row_avx2(int kind, const DetRow& a) { return det_row_dispatch(kind, a); }
+__attribute__((target("avx512f,avx2,fma"))) float det_row_avx512(int kind, const DetRow& a) {
+  return det_row_dispatch(kind, a);
+}
+#endif
+
+// The variant of this CPU, picked once; FUSED_LOSSES_SIMD=avx2|baseline picks a lower one (as
+// simd_kernels.cpp).
+DetRowFn det_row_fn() {
+  static const DetRowFn fn = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const char* want = std::getenv("FUSED_LOSSES_SIMD");
+    const std::string w = want != nullptr ? want : "";
+    __builtin_cpu_init();
+    if (w != "baseline" && w != "avx2" && __builtin_cpu_supports("avx512f")) return &det_row_avx512;
+    if (w != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &det_row_avx2;
+#endif
+    return &det_row_baseline;
+  }();
+  return fn;
+}
+
+// Whether a call takes the vectorised row: float32 math, not activated, and ASL with a clip
+// whose log is that of a normal float.
+bool det_row_applies(int kind, int flags, double clip) {
+  if (kind == kQualityFocal && (flags & kDetActivated)) return false;
+  if (kind == kAsymmetric && !(clip >= 1e-30)) return false;
+  return true;
+}
+
 // One pass over the (M, C) rows. y: dense target (M, C) in T, or nullptr with labels (M,) and
 // score (M,). loss_out: nullptr (reduced), (M,) per row (row_loss) or (M, C). grad: nullptr or
 // (M, C). Returns the sum of the (weighted) losses, unscaled.
 template <int Kind, typename T, typename scalar_t, typename G>
 double detector_pass(const DetectorParams<T>& P, const scalar_t* x, const T* y, const int64_t* labels,
                      const T* score, int64_t M, int64_t C, int64_t ignore_index, scalar_t* loss_out,
-                     bool row_loss, G* grad, SigmoidWeight<T> weight, T scale) {
+                     bool row_loss, G* grad, SigmoidWeight<T> weight, T scale, DetRowFn fast_row) {
   const int64_t rows_per_chunk = std::max<int64_t>(1, kSumChunk / std::max<int64_t>(C, 1));
   const int64_t chunks = ceil_div(M, rows_per_chunk);
   std::vector<double> partial(chunks, 0.0);
@@ -78,6 +327,53 @@ double detector_pass(const DetectorParams<T>& P, const scalar_t* x, const T* y, 
         if (wr == T(0)) {
           zero_row();
           continue;
+        }
+        if constexpr (std::is_same<T, float>::value) {
+          if (fast_row != nullptr) {
+            // convert the row to float32 scratch (fp16/bf16), run the vectorised row, write out
+            thread_local std::vector<float> scratch;
+            if (static_cast<int64_t>(scratch.size()) < 3 * C) scratch.resize(3 * C);
+            float* xf = scratch.data();
+            float* lf = xf + C;
+            float* gf = lf + C;
+            const scalar_t* xr = x + base;
+            const float* xin;
+            if constexpr (std::is_same<scalar_t, float>::value) {
+              xin = xr;
+            } else {
+              for (int64_t c = 0; c < C; ++c) xf[c] = static_cast<float>(xr[c]);
+              xin = xf;
+            }
+            DetRow row;
+            row.P = P;
+            row.x = xin;
+            row.y = labels != nullptr ? nullptr : y + base;
+            row.label = label;
+            row.score = label_score;
+            row.n = C;
+            row.w = row_w;
+            row.wr = wr;
+            row.scale = scale;
+            row.loss = lf;
+            row.grad = gf;
+            const float row_sum = fast_row(Kind, row);
+            if (loss_out != nullptr) {
+              if (row_loss) {
+                loss_out[r] = static_cast<scalar_t>(row_sum);
+              } else {
+                for (int64_t c = 0; c < C; ++c) loss_out[base + c] = static_cast<scalar_t>(lf[c]);
+              }
+            }
+            if (grad != nullptr) {
+              if constexpr (std::is_same<G, float>::value) {
+                memcpy(grad + base, gf, C * sizeof(float));
+              } else {
+                for (int64_t c = 0; c < C; ++c) grad[base + c] = static_cast<G>(gf[c]);
+              }
+            }
+            chunk_sum += static_cast<double>(row_sum);
+            continue;
+          }
         }
         const T row_scale = wr * scale;
         T row_sum = T(0);
@@ -164,16 +460,21 @@ std::tuple<at::Tensor, at::Tensor> detector_sigmoid_forward_cpu(
     const int64_t* lab = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
     const T* sc = score.defined() ? score.data_ptr<T>() : nullptr;
     double total = 0.0;
+    // the vectorised row for float32 math (csrc: det_row_impl), else the scalar element loop
+    const DetRowFn fast = std::is_same<T, float>::value && det_row_applies(kind, static_cast<int>(flags), p2) &&
+                                  C < (int64_t(1) << 31)
+                              ? det_row_fn()
+                              : nullptr;
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
       switch (kind) {
         case kQualityFocal:
-          total = detector_pass<kQualityFocal, T>(P, x, y, lab, sc, M, C, ignore_index, lo, row_loss, g, sw, scale);
+          total = detector_pass<kQualityFocal, T>(P, x, y, lab, sc, M, C, ignore_index, lo, row_loss, g, sw, scale, fast);
           break;
         case kVarifocal:
-          total = detector_pass<kVarifocal, T>(P, x, y, lab, sc, M, C, ignore_index, lo, row_loss, g, sw, scale);
+          total = detector_pass<kVarifocal, T>(P, x, y, lab, sc, M, C, ignore_index, lo, row_loss, g, sw, scale, fast);
           break;
         default:
-          total = detector_pass<kAsymmetric, T>(P, x, y, lab, sc, M, C, ignore_index, lo, row_loss, g, sw, scale);
+          total = detector_pass<kAsymmetric, T>(P, x, y, lab, sc, M, C, ignore_index, lo, row_loss, g, sw, scale, fast);
       }
     });
     loss = loss_none.defined() ? loss_none : reduced_loss(logits, total, count, reduction);
