@@ -680,6 +680,11 @@ def _unit_interval(arg: str, tensor: torch.Tensor, validate, what: str, nan_ok: 
     if tensor.numel() == 0 or not _host_readable(tensor, validate):
         return
     t = tensor.detach()
+    # one pass without logits-sized temporaries (aminmax propagates NaN); the mask only to name
+    # the first bad entry
+    lo, hi = (float(v) for v in torch.aminmax(t))
+    if lo >= 0 and hi <= 1:
+        return
     bad = ((t < 0) | (t > 1)) if nan_ok else ~((t >= 0) & (t <= 1))
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])
