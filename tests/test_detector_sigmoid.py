@@ -599,3 +599,39 @@ def test_cpu_simd_variants(isa):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+# ---- op registration: opcheck (schema, fake kernel, autograd registration), functorch ---------
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("form", ["labels", "dense"])
+def test_opcheck_cpu_op(form, reduction):
+    from tests.utils import opcheck_loss_op
+    x = torch.randn(6, 5, requires_grad=True)
+    if form == "labels":
+        target, score = torch.tensor([0, 5, 2, -100, 4, 1]), torch.rand(6)
+    else:
+        target, score = torch.rand(6, 5), None
+    for loss in ("quality_focal", "varifocal"):
+        opcheck_loss_op(torch.ops.fused_losses.detector_sigmoid_forward,
+                        (x, target, score, loss, 2.0, 2.0, 0.0, 0.0, 2, IGNORE, reduction, True, torch.rand(6)))
+    if form == "dense":
+        opcheck_loss_op(torch.ops.fused_losses.detector_sigmoid_forward,
+                        (x, target, None, "asymmetric", 1.0, 4.0, 0.05, 1e-8, 0, IGNORE, reduction, True))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_functorch_grad_and_jvp(backend):
+    """torch.func.grad / jvp go through fused_losses._ops.call_loss's transform path (QFL's
+    per-row 'none' cotangent broadcast over the class dim)."""
+    loss, logits, target, kwargs = make_case("qfl-labels", seed=8)
+    weights = torch.randn(logits.shape[0], dtype=torch.float32)
+
+    def f(z):
+        return (fl.quality_focal(z, target, reduction="none", backend=backend, **kwargs) * weights).sum()
+
+    got = torch.func.grad(f)(logits)
+    want = loss_and_grad(lambda z: f(z), logits)[1]
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-8)
+    tangent = torch.randn_like(logits)
+    _, jvp = torch.func.jvp(f, (logits,), (tangent,))
+    assert torch.allclose(jvp, (want * tangent).sum(), rtol=1e-5, atol=1e-6)
