@@ -635,3 +635,17 @@ def test_functorch_grad_and_jvp(backend):
     tangent = torch.randn_like(logits)
     _, jvp = torch.func.jvp(f, (logits,), (tangent,))
     assert torch.allclose(jvp, (want * tangent).sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.zeros(0, 5, requires_grad=True)
+    for loss, args in (("quality_focal", (torch.zeros(0, dtype=torch.long),)),
+                       ("varifocal", (torch.zeros(0, 5),)), ("asymmetric", (torch.zeros(0, 5),))):
+        kw = {"score": torch.zeros(0)} if loss == "quality_focal" else {}
+        out = getattr(fl, loss)(x, *args, backend=backend, reduction="mean", **kw)
+        out.backward()
+        assert out.item() == 0.0 and x.grad.shape == (0, 5)
+        none = getattr(fl, loss)(x.detach(), *args, backend=backend, reduction="none", **kw)
+        assert none.shape == ((0,) if loss == "quality_focal" else (0, 5))
+        x.grad = None
