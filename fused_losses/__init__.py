@@ -21,6 +21,7 @@ from fused_losses import _backends
 from fused_losses._backends import BackendStatus
 from fused_losses._backends import status as _status
 from fused_losses.functional import class_weights, focal, ghmc, ib, ohem, sigmoid_focal
+from fused_losses.functional import eqlv2, seesaw  # ---- seesaw / eqlv2 (#25) ----
 
 _backends.preload()
 
@@ -41,6 +42,7 @@ def _version() -> str:
 __version__ = _version()
 __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "backends", "nn", "reference",
            "BackendStatus"]
+__all__ += ["seesaw", "eqlv2"]  # ---- seesaw / eqlv2 (#25) ----
 
 
 def backends() -> dict:

@@ -221,3 +221,21 @@ BACKEND = Backend(
     device_types=("cpu",),
     losses={"focal": focal, "sigmoid_focal": sigmoid_focal, "ohem": ohem, "ghmc": ghmc, "ib": ib},
 )
+
+
+# ---- seesaw / eqlv2 (#25) ----
+def seesaw(logits, target, cum_samples, **kwargs):
+    return _longtail.seesaw(_ops_ns(), logits, target, cum_samples, **kwargs)
+
+
+def eqlv2(logits, target, state, **kwargs):
+    return _longtail.eqlv2(_ops_ns(), logits, target, state, **kwargs)
+
+
+from fused_losses import _longtail  # noqa: E402
+
+if _AVAILABILITY[0]:  # a stale build without the ops keeps every other loss
+    if hasattr(torch.ops.fused_losses, "seesaw_forward"):
+        BACKEND.losses["seesaw"] = seesaw
+    if hasattr(torch.ops.fused_losses, "eqlv2_forward"):
+        BACKEND.losses["eqlv2"] = eqlv2
