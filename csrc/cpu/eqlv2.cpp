@@ -46,7 +46,7 @@ void eqlv2_rows(const at::Tensor& logits, const int64_t* labels, const float* po
     using G = std::remove_pointer_t<decltype(g)>;
     const int64_t grain = std::max<int64_t>(1, kWorkGrain / std::max<int64_t>(kStatRows * Ct, 1));
     parallel_for_balanced(0, chunks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<T> gst(Ct);
+      std::vector<T> lbuf(Ct), gneg(Ct);
       for (int64_t ch = begin; ch < end; ++ch) {
         double* pos = partial.data() + ch * (2 * C + 1);
         double* neg = pos + C;
@@ -55,40 +55,65 @@ void eqlv2_rows(const at::Tensor& logits, const int64_t* labels, const float* po
         for (int64_t r = ch * kStatRows; r < hi; ++r) {
           const scalar_t* xr = x + r * Ct;
           G* gr = g == nullptr ? nullptr : g + r * Ct;
-          T* lr = loss_el == nullptr ? nullptr : loss_el + r * Ct;
+          T* lr = loss_el == nullptr ? lbuf.data() : loss_el + r * Ct;
           const int64_t t = labels[r];
           if (t == ignore_index) {
             if (gr != nullptr) for (int64_t c = 0; c < Ct; ++c) gr[c] = G(0);
-            if (lr != nullptr) for (int64_t c = 0; c < Ct; ++c) lr[c] = T(0);
+            if (loss_el != nullptr) for (int64_t c = 0; c < Ct; ++c) lr[c] = T(0);
             continue;
           }
           check_class(t, C + 1, ignore_index);
           const T wr = wptr == nullptr || per_element ? T(1) : wptr[r];
           const T* we = wptr != nullptr && per_element ? wptr + r * Ct : nullptr;
-          T row_loss = T(0);
-          for (int64_t c = 0; c < Ct; ++c) {
-            const T w = we == nullptr ? wr : we[c];
-            const bool y = c == t;
-            const T xc = static_cast<T>(xr[c]);
-            // |x| and e^{-|x|}: sigmoid(x), sigmoid(-x) and softplus(+-x) without overflow
-            const T ax = xc < T(0) ? -xc : xc;
-            const T en = exp_vectorizable(-ax);
-            const T inv1 = T(1) / (T(1) + en);
-            const T sig_pos = xc >= T(0) ? inv1 : en * inv1;    // sigmoid(x)
-            const T sig_neg = xc >= T(0) ? en * inv1 : inv1;    // sigmoid(-x) = 1 - sigmoid(x)
-            const T sp = log1p_unit_vectorizable(en);            // softplus(-|x|)
-            const T bce = y ? (xc < T(0) ? -xc + sp : sp) : (xc > T(0) ? xc + sp : sp);
-            const T eql = y ? w_pos[c] : w_neg[c];
-            const bool act = w != T(0);
-            const T l = act ? w * eql * bce : T(0);
-            const T d = y ? -sig_neg : sig_pos;  // sigmoid(x) - y
-            if (gr != nullptr) gr[c] = static_cast<G>(act ? w * eql * d * inv : T(0));
-            if (lr != nullptr) lr[c] = l;
-            row_loss += l;
-            gst[c] = act ? (y ? sig_neg : sig_pos) * eql * w : T(0);
+          // Every column as a negative first: straight-line, no reduction, no label test, so the
+          // compiler vectorises it (exp / log1p in their vectorisable forms); the label's column
+          // is then recomputed as a positive.
+          T* gn = gneg.data();
+          auto negatives = [&](auto wsel) {
+            for (int64_t c = 0; c < Ct; ++c) {
+              const T w = wsel(c);
+              const T xc = static_cast<T>(xr[c]);
+              const T ax = xc < T(0) ? -xc : xc;
+              const T en = exp_vectorizable(-ax);
+              const T inv1 = T(1) / (T(1) + en);
+              const T sig_pos = xc >= T(0) ? inv1 : en * inv1;  // sigmoid(x)
+              const T bce = (xc > T(0) ? xc : T(0)) + log1p_unit_vectorizable(en);
+              const bool act = w != T(0);
+              lr[c] = act ? w * w_neg[c] * bce : T(0);
+              gn[c] = act ? sig_pos * w_neg[c] * w : T(0);
+              if (gr != nullptr) gr[c] = static_cast<G>(act ? w * w_neg[c] * sig_pos * inv : T(0));
+            }
+          };
+          if (we == nullptr) {
+            negatives([&](int64_t) { return wr; });
+          } else {
+            negatives([&](int64_t c) { return we[c]; });
           }
-          for (int64_t c = 0; c < C; ++c) neg[c] += static_cast<double>(c == t ? T(0) : gst[c]);
-          if (t < C) pos[t] += static_cast<double>(gst[t]);
+          if (t < Ct) {  // the positive (label == C: a background row, all negatives, except the objectness column)
+            const T w = we == nullptr ? wr : we[t];
+            const T xc = static_cast<T>(xr[t]);
+            const T ax = xc < T(0) ? -xc : xc;
+            const T en = exp_(-ax);
+            const T inv1 = T(1) / (T(1) + en);
+            const T sig_neg = xc >= T(0) ? en * inv1 : inv1;  // sigmoid(-x) = 1 - sigmoid(x)
+            const T bce = (xc < T(0) ? -xc : T(0)) + log1p_(en);
+            const bool act = w != T(0);
+            lr[t] = act ? w * w_pos[t] * bce : T(0);
+            if (gr != nullptr) gr[t] = static_cast<G>(act ? -(w * w_pos[t] * sig_neg * inv) : T(0));
+            if (t < C) {
+              pos[t] += static_cast<double>(act ? sig_neg * w_pos[t] * w : T(0));
+              gn[t] = T(0);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) neg[c] += static_cast<double>(gn[c]);
+          // the row's loss: 16 lane sums in a fixed order, then the lanes
+          T lanes[16] = {};
+          int64_t c = 0;
+          for (; c + 16 <= Ct; c += 16)
+            for (int k = 0; k < 16; ++k) lanes[k] += lr[c + k];
+          for (; c < Ct; ++c) lanes[c % 16] += lr[c];
+          T row_loss = T(0);
+          for (int k = 0; k < 16; ++k) row_loss += lanes[k];
           lsum += static_cast<double>(row_loss);
         }
         pos[2 * C] = lsum;

@@ -33,11 +33,13 @@ void seesaw_rows(const at::Tensor& logits, const int64_t* tgt, const float* cum,
   std::vector<T> log_n(C);
   for (int64_t j = 0; j < C; ++j) log_n[j] = log_(static_cast<T>(std::max(cum[j], 1.0f)));
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  constexpr bool simd_rows = std::is_same<T, float>::value;  // fp32 / fp16 / bf16 logits
   with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
     using G = std::remove_pointer_t<decltype(g)>;
     const int64_t grain = std::max<int64_t>(1, kWorkGrain / std::max<int64_t>(Ct, 1));
     parallel_for_balanced(0, N, grain, [&](int64_t begin, int64_t end) {
       std::vector<T> e(C);
+      std::vector<float> zb(simd_rows ? C : 0), xb(simd_rows && !std::is_same<scalar_t, float>::value ? C : 0);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = x + r * Ct;
         G* gr = g == nullptr ? nullptr : g + r * Ct;
@@ -48,7 +50,49 @@ void seesaw_rows(const at::Tensor& logits, const int64_t* tgt, const float* cum,
         const bool active = valid && w != T(0);
         const bool fg = active && t < C;
         T lc = T(0), lo = T(0);
-        if (fg) {
+        if (fg && simd_rows) {
+          // float math: the SIMD softmax rows of csrc/cpu/simd_kernels.cpp (vectorised exp and sums)
+          const float* xf;
+          if constexpr (std::is_same<scalar_t, float>::value) {
+            xf = xr;
+          } else {
+            for (int64_t j = 0; j < C; ++j) xb[j] = static_cast<float>(xr[j]);
+            xf = xb.data();
+          }
+          const cpu::SoftmaxRowStats s1 = cpu::softmax_row(xf, C, t, reinterpret_cast<float*>(e.data()));
+          const float xt = xf[t];
+          const float st = reinterpret_cast<const float*>(e.data())[t] / s1.sum;
+          const float c_t = s1.max + log_(s1.sum) + log_(std::max(st, static_cast<float>(eps)));
+          const float lnt = static_cast<float>(log_n[t]);
+          const float pf = static_cast<float>(p), qf = static_cast<float>(q);
+          float* z = zb.data();
+          const float* ln = reinterpret_cast<const float*>(log_n.data());
+          if (pf > 0.0f && qf > 0.0f) {
+            for (int64_t j = 0; j < C; ++j)
+              z[j] = xf[j] + pf * std::min(0.0f, ln[j] - lnt) + qf * std::max(0.0f, xf[j] - c_t);
+          } else if (pf > 0.0f) {
+            for (int64_t j = 0; j < C; ++j) z[j] = xf[j] + pf * std::min(0.0f, ln[j] - lnt);
+          } else if (qf > 0.0f) {
+            for (int64_t j = 0; j < C; ++j) z[j] = xf[j] + qf * std::max(0.0f, xf[j] - c_t);
+          } else {
+            for (int64_t j = 0; j < C; ++j) z[j] = xf[j];
+          }
+          z[t] = xt;  // the label's column carries no factor
+          float* ef = reinterpret_cast<float*>(e.data());
+          const cpu::SoftmaxRowStats s2 = cpu::softmax_row(z, C, t, ef);
+          const float log_pt = log_softmax_target_sums(xt, s2.max, s2.sum, s2.sum_others);
+          lc = -static_cast<T>(log_pt) * w;
+          if (gr != nullptr) {
+            const float k = static_cast<float>(w * inv_fg);
+            if constexpr (std::is_same<G, float>::value) {
+              cpu::scale_to(gr, ef, k / s2.sum, C);
+            } else {
+              const float ks = k / s2.sum;
+              for (int64_t j = 0; j < C; ++j) gr[j] = static_cast<G>(ks * ef[j]);
+            }
+            gr[t] = static_cast<G>(-k * one_minus_pt_from_log(log_pt));
+          }
+        } else if (fg) {
           T m = neg_inf;
           for (int64_t j = 0; j < C; ++j) m = std::max(m, static_cast<T>(xr[j]));
           T s = T(0);
