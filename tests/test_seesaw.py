@@ -156,7 +156,7 @@ def test_gradcheck_state_frozen(objectness):
     assert gradcheck(f, (x.clone().requires_grad_(True),))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] in ("cpu", "triton")])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] in ("cpu", "triton", "cuda_emu")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_as_close_as_eager(backend, dtype):
     c, n = 40, 64
@@ -170,6 +170,35 @@ def test_low_precision_as_close_as_eager(backend, dtype):
         for got, ref, eager, what in ((lo, lr, le, "loss"), (go, gr, ge, "gradient")):
             bound = max(rel_error(eager, ref), UNIT_ROUNDOFF[dtype])
             assert_rel_close(got, ref, bound, f"{what} ({dtype})")
+
+
+def _opcheck(op, args, in_place):
+    """tests.utils.opcheck_loss_op's rule (a reduced loss's backward scales the op's gradient
+    output in place, which AOTAutograd's dynamic check refuses for an op called directly: the
+    public API never returns that output): every check without a gradient, all but
+    test_aot_dispatch_dynamic with one. (Its need-grad detection reads the last bool argument,
+    which is not compute_grad in these schemas.)"""
+    if not in_place:
+        torch.library.opcheck(op, args)
+        return
+    torch.library.opcheck(op, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("namespace", ["fused_losses", "fused_losses_triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("split", [False, True])
+def test_opcheck(namespace, reduction, split):
+    """The op's schema, fake kernel and autograd registration (torch.library.opcheck)."""
+    if namespace == "fused_losses_triton":
+        pytest.importorskip("fused_losses._triton.longtail")
+    op = getattr(torch.ops, namespace).seesaw_forward
+    x, labels = _case(6, 4, 3, True)
+    w = torch.rand(6)
+    for need_grad in (False, True):
+        args = (x.clone().requires_grad_(need_grad), labels, torch.tensor([3.0, 1.0, 0.0, 9.0, 4.0]), 0.8, 2.0, 0.01,
+                True, -100, reduction, need_grad, w, split)
+        _opcheck(op, args, need_grad and reduction != "none")
 
 
 def test_module_state_dict_deepcopy_and_casts():
