@@ -89,12 +89,14 @@ __global__ void __launch_bounds__(kThreads) seesaw_kernel(const SeesawArgs<scala
     float lc = 0.0f;
     if (fg) {  // uniform over the block: every thread takes this branch or none does
       float m = -INFINITY;
+      #pragma unroll 1
       for (int64_t j = threadIdx.x; j < a.C; j += kThreads) {
         const float v = to_float(x[j]);
         m = v > m ? v : m;
       }
       m = block_all<true>(m, scratch);
       float s = 0.0f;
+      #pragma unroll 1
       for (int64_t j = threadIdx.x; j < a.C; j += kThreads) s += expf(to_float(x[j]) - m);
       s = block_all<false>(s, scratch);
       const float xt = to_float(x[t]);
@@ -102,12 +104,14 @@ __global__ void __launch_bounds__(kThreads) seesaw_kernel(const SeesawArgs<scala
       const float c_t = m + logf(s) + logf(st > a.eps ? st : a.eps);
       const float lnt = a.log_n[t];
       float mz = -INFINITY;
+      #pragma unroll 1
       for (int64_t j = threadIdx.x; j < a.C; j += kThreads) {
         const float z = j == t ? xt : seesaw_z(to_float(x[j]), a.log_n[j], lnt, c_t, a.p, a.q);
         mz = z > mz ? z : mz;
       }
       mz = block_all<true>(mz, scratch);
       float sz = 0.0f, so = 0.0f;
+      #pragma unroll 1
       for (int64_t j = threadIdx.x; j < a.C; j += kThreads) {
         const float z = j == t ? xt : seesaw_z(to_float(x[j]), a.log_n[j], lnt, c_t, a.p, a.q);
         const float e = expf(z - mz);
@@ -120,6 +124,7 @@ __global__ void __launch_bounds__(kThreads) seesaw_kernel(const SeesawArgs<scala
       lc = -log_pt * w;
       if (g != nullptr) {
         const float k = w * inv_fg;
+        #pragma unroll 1
         for (int64_t j = threadIdx.x; j < a.C; j += kThreads) {
           const float z = j == t ? xt : seesaw_z(to_float(x[j]), a.log_n[j], lnt, c_t, a.p, a.q);
           const float v = j == t ? -k * lm::one_minus_pt_from_log(log_pt) : k * (expf(z - mz) / sz);
@@ -127,6 +132,7 @@ __global__ void __launch_bounds__(kThreads) seesaw_kernel(const SeesawArgs<scala
         }
       }
     } else if (g != nullptr) {
+      #pragma unroll 1
       for (int64_t j = threadIdx.x; j < a.C; j += kThreads) g[j] = from_float<grad_t>(0.0f);
     }
     if (threadIdx.x == 0) {
