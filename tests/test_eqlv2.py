@@ -308,3 +308,20 @@ def test_failed_call_leaves_the_state_unchanged():
     with pytest.raises(ValueError):
         fl.eqlv2(X, torch.tensor([0, 9, 1, 2]), state)
     assert torch.equal(state, S)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_element", [False, True])
+def test_nan_logit_at_zero_weight_does_not_leak(backend, per_element):
+    c = 5
+    x, labels = _case(8, c, 6, ignore_frac=0.0)
+    x[2, 1] = float("nan")
+    w = torch.ones(x.shape if per_element else x.shape[:-1])
+    if per_element:
+        w[2, 1] = 0.0
+    else:
+        w[2] = 0.0
+    state = R.eqlv2_initial_state(c)
+    loss, grad = _run(fl.eqlv2, x, labels, state, weight=w, reduction="sum", backend=backend)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all() and torch.isfinite(state).all()
+    assert grad[2, 1] == 0

@@ -331,3 +331,16 @@ def test_failed_call_leaves_the_state_unchanged():
     with pytest.raises(ValueError):
         fl.seesaw(X, torch.tensor([0, 1, 9, 2]), cum)
     assert cum.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logit_at_zero_weight_does_not_leak(backend):
+    c = 5
+    x, labels = _case(8, c, 6, True, ignore_frac=0.0)
+    x[2, 1] = float("nan")
+    w = torch.ones(8)
+    w[2] = 0.0
+    cum = torch.zeros(c + 1)
+    loss, grad = _run(fl.seesaw, x, labels, cum, objectness=True, weight=w, reduction="sum", backend=backend)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert grad[2].abs().sum() == 0

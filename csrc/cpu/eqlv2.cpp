@@ -25,6 +25,48 @@ namespace {
 
 constexpr int64_t kStatRows = 256;  // rows per chunk of the statistics' ordered sums
 
+// Every column of a row as a negative: loss, statistic and (kGrad) gradient; straight-line on
+// restrict pointers, no reduction and no label test, so GCC vectorises it (exp / log1p in their
+// vectorisable forms). x: the row in the math type T; we: per-element weights or nullptr (then
+// the row weight wr, which must be nonzero: a zero-weight row is written as zeros by the caller;
+// with it the loop has no select, which GCC would turn into control flow and keep scalar).
+template <typename T, typename G, bool kGrad, bool kElemW>
+void eqlv2_negatives(const T* __restrict x, const T* __restrict we, T wr, const T* __restrict wneg, T inv,
+                     T* __restrict lr, T* __restrict gn, G* __restrict gr, int64_t n) {
+  if constexpr (!kElemW) {
+    for (int64_t c = 0; c < n; ++c) {
+      const T xc = x[c];
+      const T ax = xc < T(0) ? -xc : xc;
+      const T en = exp_vectorizable(-ax);
+      const T inv1 = T(1) / (T(1) + en);
+      const T sig_pos = xc >= T(0) ? inv1 : en * inv1;  // sigmoid(x)
+      const T bce = (xc > T(0) ? xc : T(0)) + log1p_unit_vectorizable(en);
+      const T wn = wneg[c];
+      const T a = wr * wn;
+      lr[c] = a * bce;
+      gn[c] = sig_pos * wn * wr;
+      if constexpr (kGrad) gr[c] = static_cast<G>(a * sig_pos * inv);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < n; ++c) {
+    const T w = kElemW ? we[c] : wr;
+    const T xc = x[c];
+    const T ax = xc < T(0) ? -xc : xc;
+    const T en = exp_vectorizable(-ax);
+    const T inv1 = T(1) / (T(1) + en);
+    const T sig_pos = xc >= T(0) ? inv1 : en * inv1;  // sigmoid(x)
+    const T bce = (xc > T(0) ? xc : T(0)) + log1p_unit_vectorizable(en);
+    const bool act = w != T(0);
+    const T wn = wneg[c];
+    const T a = w * wn;
+    const T l = a * bce, st = sig_pos * wn * w, gv = a * sig_pos * inv;
+    lr[c] = act ? l : T(0);
+    gn[c] = act ? st : T(0);
+    if constexpr (kGrad) gr[c] = static_cast<G>(act ? gv : T(0));
+  }
+}
+
 template <typename scalar_t>
 void eqlv2_rows(const at::Tensor& logits, const int64_t* labels, const float* pos_neg, int64_t M, int64_t Ct,
                 int64_t C, double gamma, double mu, double alpha, int64_t ignore_index,
@@ -46,7 +88,7 @@ void eqlv2_rows(const at::Tensor& logits, const int64_t* labels, const float* po
     using G = std::remove_pointer_t<decltype(g)>;
     const int64_t grain = std::max<int64_t>(1, kWorkGrain / std::max<int64_t>(kStatRows * Ct, 1));
     parallel_for_balanced(0, chunks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<T> lbuf(Ct), gneg(Ct);
+      std::vector<T> lbuf(Ct), gneg(Ct), xbuf(std::is_same<scalar_t, T>::value ? 0 : Ct);
       for (int64_t ch = begin; ch < end; ++ch) {
         double* pos = partial.data() + ch * (2 * C + 1);
         double* neg = pos + C;
@@ -69,25 +111,23 @@ void eqlv2_rows(const at::Tensor& logits, const int64_t* labels, const float* po
           // compiler vectorises it (exp / log1p in their vectorisable forms); the label's column
           // is then recomputed as a positive.
           T* gn = gneg.data();
-          auto negatives = [&](auto wsel) {
-            for (int64_t c = 0; c < Ct; ++c) {
-              const T w = wsel(c);
-              const T xc = static_cast<T>(xr[c]);
-              const T ax = xc < T(0) ? -xc : xc;
-              const T en = exp_vectorizable(-ax);
-              const T inv1 = T(1) / (T(1) + en);
-              const T sig_pos = xc >= T(0) ? inv1 : en * inv1;  // sigmoid(x)
-              const T bce = (xc > T(0) ? xc : T(0)) + log1p_unit_vectorizable(en);
-              const bool act = w != T(0);
-              lr[c] = act ? w * w_neg[c] * bce : T(0);
-              gn[c] = act ? sig_pos * w_neg[c] * w : T(0);
-              if (gr != nullptr) gr[c] = static_cast<G>(act ? w * w_neg[c] * sig_pos * inv : T(0));
-            }
-          };
-          if (we == nullptr) {
-            negatives([&](int64_t) { return wr; });
+          const T* wneg = w_neg.data();
+          const T* xt_row;
+          if constexpr (std::is_same<scalar_t, T>::value) {
+            xt_row = xr;
           } else {
-            negatives([&](int64_t c) { return we[c]; });
+            for (int64_t c = 0; c < Ct; ++c) xbuf[c] = static_cast<T>(xr[c]);
+            xt_row = xbuf.data();
+          }
+          if (we == nullptr && wr == T(0)) {  // a zero-weight row: zeros (a NaN logit there does not leak)
+            for (int64_t c = 0; c < Ct; ++c) lr[c] = gn[c] = T(0);
+            if (gr != nullptr) for (int64_t c = 0; c < Ct; ++c) gr[c] = G(0);
+          } else if (we == nullptr) {
+            if (gr != nullptr) eqlv2_negatives<T, G, true, false>(xt_row, we, wr, wneg, inv, lr, gn, gr, Ct);
+            else eqlv2_negatives<T, G, false, false>(xt_row, we, wr, wneg, inv, lr, gn, gr, Ct);
+          } else {
+            if (gr != nullptr) eqlv2_negatives<T, G, true, true>(xt_row, we, wr, wneg, inv, lr, gn, gr, Ct);
+            else eqlv2_negatives<T, G, false, true>(xt_row, we, wr, wneg, inv, lr, gn, gr, Ct);
           }
           if (t < Ct) {  // the positive (label == C: a background row, all negatives, except the objectness column)
             const T w = we == nullptr ? wr : we[t];
