@@ -50,79 +50,81 @@ void seesaw_rows(const at::Tensor& logits, const int64_t* tgt, const float* cum,
         const bool active = valid && w != T(0);
         const bool fg = active && t < C;
         T lc = T(0), lo = T(0);
-        if (fg && simd_rows) {
-          // float math: the SIMD softmax rows of csrc/cpu/simd_kernels.cpp (vectorised exp and sums)
-          const float* xf;
-          if constexpr (std::is_same<scalar_t, float>::value) {
-            xf = xr;
-          } else {
-            for (int64_t j = 0; j < C; ++j) xb[j] = static_cast<float>(xr[j]);
-            xf = xb.data();
-          }
-          const cpu::SoftmaxRowStats s1 = cpu::softmax_row(xf, C, t, reinterpret_cast<float*>(e.data()));
-          const float xt = xf[t];
-          const float st = reinterpret_cast<const float*>(e.data())[t] / s1.sum;
-          const float c_t = s1.max + log_(s1.sum) + log_(std::max(st, static_cast<float>(eps)));
-          const float lnt = static_cast<float>(log_n[t]);
-          const float pf = static_cast<float>(p), qf = static_cast<float>(q);
-          float* z = zb.data();
-          const float* ln = reinterpret_cast<const float*>(log_n.data());
-          if (pf > 0.0f && qf > 0.0f) {
-            for (int64_t j = 0; j < C; ++j)
-              z[j] = xf[j] + pf * std::min(0.0f, ln[j] - lnt) + qf * std::max(0.0f, xf[j] - c_t);
-          } else if (pf > 0.0f) {
-            for (int64_t j = 0; j < C; ++j) z[j] = xf[j] + pf * std::min(0.0f, ln[j] - lnt);
-          } else if (qf > 0.0f) {
-            for (int64_t j = 0; j < C; ++j) z[j] = xf[j] + qf * std::max(0.0f, xf[j] - c_t);
-          } else {
-            for (int64_t j = 0; j < C; ++j) z[j] = xf[j];
-          }
-          z[t] = xt;  // the label's column carries no factor
-          float* ef = reinterpret_cast<float*>(e.data());
-          const cpu::SoftmaxRowStats s2 = cpu::softmax_row(z, C, t, ef);
-          const float log_pt = log_softmax_target_sums(xt, s2.max, s2.sum, s2.sum_others);
-          lc = -static_cast<T>(log_pt) * w;
-          if (gr != nullptr) {
-            const float k = static_cast<float>(w * inv_fg);
-            if constexpr (std::is_same<G, float>::value) {
-              cpu::scale_to(gr, ef, k / s2.sum, C);
+        if (fg) {
+          if constexpr (simd_rows) {
+            // float math: the SIMD softmax rows of csrc/cpu/simd_kernels.cpp (vectorised exp and sums)
+            const float* xf;
+            if constexpr (std::is_same<scalar_t, float>::value) {
+              xf = xr;
             } else {
-              const float ks = k / s2.sum;
-              for (int64_t j = 0; j < C; ++j) gr[j] = static_cast<G>(ks * ef[j]);
+              for (int64_t j = 0; j < C; ++j) xb[j] = static_cast<float>(xr[j]);
+              xf = xb.data();
             }
-            gr[t] = static_cast<G>(-k * one_minus_pt_from_log(log_pt));
-          }
-        } else if (fg) {
-          T m = neg_inf;
-          for (int64_t j = 0; j < C; ++j) m = std::max(m, static_cast<T>(xr[j]));
-          T s = T(0);
-          for (int64_t j = 0; j < C; ++j) s += exp_vectorizable(static_cast<T>(xr[j]) - m);
-          const T xt = static_cast<T>(xr[t]);
-          const T st = exp_(xt - m) / s;
-          const T c_t = m + log_(s) + log_(std::max(st, eps));
-          const T lnt = log_n[t];
-          for (int64_t j = 0; j < C; ++j) {
-            const T xj = static_cast<T>(xr[j]);
-            T zj = xj;
-            if (p > T(0)) zj += p * std::min(T(0), log_n[j] - lnt);
-            if (q > T(0)) zj += q * std::max(T(0), xj - c_t);
-            e[j] = zj;
-          }
-          e[t] = xt;  // the label's column carries no factor
-          T mz = neg_inf;
-          for (int64_t j = 0; j < C; ++j) mz = std::max(mz, e[j]);
-          T sz = T(0), others = T(0);
-          for (int64_t j = 0; j < C; ++j) {
-            e[j] = exp_vectorizable(e[j] - mz);
-            sz += e[j];
-            others += j == t ? T(0) : e[j];
-          }
-          const T log_pt = log_softmax_target_sums(xt, mz, sz, others);
-          lc = -log_pt * w;
-          if (gr != nullptr) {
-            const T k = w * inv_fg / sz;
-            for (int64_t j = 0; j < C; ++j) gr[j] = static_cast<G>(k * e[j]);
-            gr[t] = static_cast<G>(-(w * inv_fg) * one_minus_pt_from_log(log_pt));
+            const cpu::SoftmaxRowStats s1 = cpu::softmax_row(xf, C, t, e.data());
+            const float xt = xf[t];
+            const float st = e.data()[t] / s1.sum;
+            const float c_t = s1.max + log_(s1.sum) + log_(std::max(st, static_cast<float>(eps)));
+            const float lnt = static_cast<float>(log_n[t]);
+            const float pf = static_cast<float>(p), qf = static_cast<float>(q);
+            float* z = zb.data();
+            const float* ln = log_n.data();
+            if (pf > 0.0f && qf > 0.0f) {
+              for (int64_t j = 0; j < C; ++j)
+                z[j] = xf[j] + pf * std::min(0.0f, ln[j] - lnt) + qf * std::max(0.0f, xf[j] - c_t);
+            } else if (pf > 0.0f) {
+              for (int64_t j = 0; j < C; ++j) z[j] = xf[j] + pf * std::min(0.0f, ln[j] - lnt);
+            } else if (qf > 0.0f) {
+              for (int64_t j = 0; j < C; ++j) z[j] = xf[j] + qf * std::max(0.0f, xf[j] - c_t);
+            } else {
+              for (int64_t j = 0; j < C; ++j) z[j] = xf[j];
+            }
+            z[t] = xt;  // the label's column carries no factor
+            float* ef = e.data();
+            const cpu::SoftmaxRowStats s2 = cpu::softmax_row(z, C, t, ef);
+            const float log_pt = log_softmax_target_sums(xt, s2.max, s2.sum, s2.sum_others);
+            lc = -static_cast<T>(log_pt) * w;
+            if (gr != nullptr) {
+              const float k = static_cast<float>(w * inv_fg);
+              if constexpr (std::is_same<G, float>::value) {
+                cpu::scale_to(gr, ef, k / s2.sum, C);
+              } else {
+                const float ks = k / s2.sum;
+                for (int64_t j = 0; j < C; ++j) gr[j] = static_cast<G>(ks * ef[j]);
+              }
+              gr[t] = static_cast<G>(-k * one_minus_pt_from_log(log_pt));
+            }
+          } else {
+            T m = neg_inf;
+            for (int64_t j = 0; j < C; ++j) m = std::max(m, static_cast<T>(xr[j]));
+            T s = T(0);
+            for (int64_t j = 0; j < C; ++j) s += exp_vectorizable(static_cast<T>(xr[j]) - m);
+            const T xt = static_cast<T>(xr[t]);
+            const T st = exp_(xt - m) / s;
+            const T c_t = m + log_(s) + log_(std::max(st, eps));
+            const T lnt = log_n[t];
+            for (int64_t j = 0; j < C; ++j) {
+              const T xj = static_cast<T>(xr[j]);
+              T zj = xj;
+              if (p > T(0)) zj += p * std::min(T(0), log_n[j] - lnt);
+              if (q > T(0)) zj += q * std::max(T(0), xj - c_t);
+              e[j] = zj;
+            }
+            e[t] = xt;  // the label's column carries no factor
+            T mz = neg_inf;
+            for (int64_t j = 0; j < C; ++j) mz = std::max(mz, e[j]);
+            T sz = T(0), others = T(0);
+            for (int64_t j = 0; j < C; ++j) {
+              e[j] = exp_vectorizable(e[j] - mz);
+              sz += e[j];
+              others += j == t ? T(0) : e[j];
+            }
+            const T log_pt = log_softmax_target_sums(xt, mz, sz, others);
+            lc = -log_pt * w;
+            if (gr != nullptr) {
+              const T k = w * inv_fg / sz;
+              for (int64_t j = 0; j < C; ++j) gr[j] = static_cast<G>(k * e[j]);
+              gr[t] = static_cast<G>(-(w * inv_fg) * one_minus_pt_from_log(log_pt));
+            }
           }
         } else if (gr != nullptr) {
           for (int64_t j = 0; j < C; ++j) gr[j] = G(0);
