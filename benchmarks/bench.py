@@ -367,7 +367,8 @@ def _reference_kwargs(loss: str, inp: Inputs) -> dict:
     bound.apply_defaults()
     args = dict(bound.arguments)
     args.pop("backend", None)
-    tensors = [args.pop(name) for name in ("logits", "target", "features") if name in args]
+    names = ("logits", "target", "features") + (STATE_ARGS if loss in STATEFUL_LOSSES else ())  # #25: the state
+    tensors = [args.pop(name) for name in names if name in args]
     avg_factor = args.pop("avg_factor", None)
     kwargs = getattr(_validate, f"{loss}_args")(*tensors, **args)
     if avg_factor is not None:  # applied by _reference_fn, as the functional layer does: 'sum' / avg_factor
@@ -412,7 +413,10 @@ def _torchvision_fn(inp: Inputs, c: int):
     return with_labels
 
 
-def make_provider(name: str, case: Case, inp: Inputs, ref_kwargs: dict, device: torch.device) -> Provider:
+def make_provider(name: str, case: Case, inp: Inputs, ref_kwargs: dict, device: torch.device,
+                  own_state: bool = False) -> Provider:
+    if case.loss in STATEFUL_LOSSES and not own_state:  # ---- seesaw / eqlv2 (#25): a state per provider
+        return stateful_provider(name, case, inp, ref_kwargs, device)
     x = inp.args[0]
     ref_fn = _reference_fn(case.loss)
     if name.startswith("fused-"):
@@ -1163,6 +1167,88 @@ def _append_csv(path: Path, rows: list) -> None:
             w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+
+# ---- seesaw / eqlv2 (#25) ----
+# Stateful losses: the state (Seesaw's cum_samples, EQLv2's (3, C) statistics) is the third
+# positional argument. Each provider owns a clone and every call (check and timed calls alike)
+# starts by copying the case's initial state into it (C or 3 x C floats, < 15 KB: nothing next to
+# the N x C pass), so every call computes the same step and the providers stay comparable.
+STATEFUL_LOSSES = ("seesaw", "eqlv2")
+STATE_ARGS = ("cum_samples", "state")
+
+
+def stateful_provider(name: str, case: Case, inp: Inputs, ref_kwargs: dict, device: torch.device) -> Provider:
+    state0 = getattr(inp, "state0", inp.args[2]).detach().clone()  # the state as built (the check's too)
+    state = state0.clone()
+    own = Inputs((inp.args[0], inp.args[1], state), inp.kwargs, inp.grad_inputs, inp.floor_fwd, inp.floor_fwdbwd)
+    prov = make_provider(name, case, own, ref_kwargs, device, own_state=True)
+    step = prov.fn
+
+    def reset_then_step():
+        with torch.no_grad():
+            state.copy_(state0)
+        return step()
+    prov.fn = reset_then_step
+    return prov
+
+
+def _lvis_counts(c: int) -> torch.Tensor:
+    """Per-class instance counts of an LVIS-like long tail (Zipf, head 50000, tail 1)."""
+    k = torch.arange(c, dtype=torch.float64)
+    return torch.clamp(torch.round(50000.0 * (k + 1) ** -1.2), min=1)
+
+
+def _seesaw_lvis_case(shape, device, dtype, gen):
+    """mmdet's Mask R-CNN box head on LVIS with SeesawLoss: RoIs x (1203 + 2) (classes, then the
+    objectness pair), 25% foreground with long-tailed labels, the rest background (label C);
+    cum_samples mid-training (long-tailed counts, background 3x the foreground); 'mean'."""
+    n, c = shape
+    x = _randn((n, c + 2), device, dtype, gen)
+    counts = _lvis_counts(c)
+    labels = torch.full((n,), c, device=device, dtype=torch.int64)
+    fg = torch.rand(n, device=device, generator=gen) < 0.25
+    labels[fg] = torch.multinomial(counts.to(device=device, dtype=torch.float32), int(fg.sum()), replacement=True,
+                                   generator=gen)
+    cum = torch.cat([counts, counts.sum()[None] * 3]).to(device=device, dtype=torch.float32)
+    kwargs = dict(objectness=True, reduction="mean")
+    floor = _nbytes(x, labels)
+    inp = Inputs((x, labels, cum), kwargs, (x,), floor, floor + _nbytes(x))
+    inp.state0 = cum.clone()  # _run_group's reference call updates args[2]: the providers start from this
+    return inp
+
+
+def _eqlv2_lvis_case(shape, device, dtype, gen):
+    """A one-stage LVIS head with EQLv2: anchors x 1203 sigmoids, detection labels (2% positive with
+    long-tailed classes, 8% ignored, the rest background C); the state after some steps (ratios
+    spread around mu, so the weights differ from 1); 'mean' over the rows."""
+    n, c = shape
+    x = _randn((n, c), device, dtype, gen, scale=2.0, shift=-3.0)
+    labels = _detection_labels(n, c, device, gen, ignore_index=-100)
+    state = reference.eqlv2_initial_state(c, device=device)
+    ratio = torch.rand(c, device=device, generator=gen) * 1.6
+    state[1] = 1000.0
+    state[0] = ratio * 1000.0
+    state[2] = ratio
+    kwargs = dict(reduction="mean")
+    floor = _nbytes(x, labels)
+    inp = Inputs((x, labels, state), kwargs, (x,), floor, floor + _nbytes(x))
+    inp.state0 = state.clone()
+    return inp
+
+
+CASES += [
+    Case("seesaw_lvis", "seesaw", "Mask R-CNN box head on LVIS with Seesaw (mmdet layout: 1203 classes + the "
+         "objectness pair), 8 images x 512 RoIs, 25% foreground, state carried (each call from the same "
+         "cum_samples), mean", {"longtail": (8 * 512, 1203), "small": (2 * 512, 1203)}, _seesaw_lvis_case),
+    Case("eqlv2_lvis", "eqlv2", "one-stage LVIS head with EQLv2: 100k anchors x 1203 sigmoids (2% positive, 8% "
+         "ignored), statistics state (each call from the same state), mean over rows",
+         {"longtail": (100000, 1203), "small": (10000, 1203)}, _eqlv2_lvis_case),
+]
+CASES_BY_NAME.update({c.name: c for c in CASES[-2:]})
+SUITES["longtail-detection"] = dict(size="longtail", device="cpu", dtypes=["float32"],
+                                    cases=["seesaw_lvis", "eqlv2_lvis"], providers=["fused-cpu", "compile", "eager"])
 
 
 if __name__ == "__main__":

@@ -115,6 +115,29 @@ inline void define_op_schemas(torch::Library& m) {
       "detector_sigmoid_forward(Tensor logits, Tensor target, Tensor? score, str loss, float p0, float p1, "
       "float p2, float p3, int flags, int ignore_index, str reduction, bool compute_grad, Tensor? weight=None) "
       "-> (Tensor loss, Tensor grad_logits)");
+  // ---- seesaw / eqlv2 (#25) ----
+  // Seesaw loss (fused_losses/reference.py seesaw; docs/losses/longtail.md) on (N, C) logits, or
+  // (N, C + 2) with objectness (the last two columns an objectness pair, label C = background).
+  // cum_samples: float32 (C,) or (C + 1,), ALREADY updated with this batch's counts (mmdet's
+  // order: the caller adds the counts first); read only here. split=False: loss = classes +
+  // objectness (per row for 'none'), loss_objectness is an empty (0,) tensor; split=True: loss is
+  // the classes loss and loss_objectness the objectness loss (the backward scales the class
+  // columns and the pair columns of grad_logits by their own grad_outputs). 'mean': classes /
+  // foreground rows, objectness / non-ignored rows.
+  m.def(
+      "seesaw_forward(Tensor logits, Tensor target, Tensor cum_samples, float p, float q, float eps, "
+      "bool objectness, int ignore_index, str reduction, bool compute_grad, Tensor? weight=None, bool split=False) "
+      "-> (Tensor loss, Tensor loss_objectness, Tensor grad_logits)");
+  // EQLv2 (fused_losses/reference.py eqlv2) on (M, C) logits, or (M, C + 1) with objectness;
+  // labels (M,) in [0, C] (C = background) or ignore_index; state float32 (3, C) read only (its
+  // pos_neg row gives the weights of this step). batch_stats: float64 (2, C), this batch's
+  // per-class sums of |sigmoid(x) - y| * eqlv2 weight * sample weight over positives (row 0)
+  // and negatives (row 1), summed per fixed chunk of rows then the chunks in order (any thread
+  // count: bitwise the same). The caller adds them to the state (fused_losses/_longtail.py).
+  m.def(
+      "eqlv2_forward(Tensor logits, Tensor target, Tensor state, float gamma, float mu, float alpha, "
+      "bool objectness, int ignore_index, str reduction, bool compute_grad, Tensor? weight=None) "
+      "-> (Tensor loss, Tensor grad_logits, Tensor batch_stats)");
 }
 
 }  // namespace fused_losses

@@ -22,6 +22,7 @@ from fused_losses._backends import BackendStatus
 from fused_losses._backends import status as _status
 from fused_losses.functional import class_weights, focal, ghmc, ib, ohem, sigmoid_focal
 from fused_losses.functional import asymmetric, quality_focal, varifocal  # quality_focal / varifocal / asymmetric (#24)
+from fused_losses.functional import eqlv2, seesaw  # ---- seesaw / eqlv2 (#25) ----
 
 _backends.preload()
 
@@ -43,6 +44,7 @@ __version__ = _version()
 __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "backends", "nn", "reference",
            "BackendStatus"]
 __all__ += ["quality_focal", "varifocal", "asymmetric"]  # quality_focal / varifocal / asymmetric (#24)
+__all__ += ["seesaw", "eqlv2"]  # ---- seesaw / eqlv2 (#25) ----
 
 
 def backends() -> dict:

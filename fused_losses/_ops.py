@@ -419,6 +419,9 @@ def register() -> None:
     torch.library.register_fake("fused_losses::scale_grad")(_fake_scale_grad)
     torch.library.register_fake("fused_losses::scale_grad_")(_fake_scale_grad_)
     torch.library.register_autograd("fused_losses::scale_grad", _backward_scale_grad, setup_context=_setup_scale_grad)
+    # ---- seesaw / eqlv2 (#25) ----
+    from fused_losses import _longtail  # noqa: PLC0415 - imports this module
+    _longtail.register("fused_losses", torch.ops.fused_losses.scale_grad_, torch.ops.fused_losses.scale_grad)
 
 
 # ---- quality_focal / varifocal / asymmetric (#24) ----

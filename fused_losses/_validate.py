@@ -763,3 +763,64 @@ def asymmetric_args(logits, target, *, gamma_pos, gamma_neg, clip, eps, detach_f
                 clip=clip, eps=_real("eps", eps, low=0.0, high=1.0),
                 detach_focusing=_bool("detach_focusing", detach_focusing), reduction=reduction_arg(reduction),
                 **_extras(weight=_sigmoid_weight(weight, logits, validate)))
+
+
+# ---- seesaw / eqlv2 (#25) ----
+def _longtail_state(arg: str, state, shape: tuple, logits: torch.Tensor, loss: str) -> torch.Tensor:
+    """A float32 state tensor of `shape` on the logits' device that does not require grad (updated
+    in place by the call; docs/losses/longtail.md)."""
+    if not isinstance(state, torch.Tensor):
+        _type_error(arg, f"expected a float32 tensor, got {type(state).__name__}")
+    if state.dtype != torch.float32 or tuple(state.shape) != tuple(shape):
+        _value_error(arg, f"expected a float32 tensor of shape {tuple(shape)}, got {state.dtype} {tuple(state.shape)}")
+    _same_device(arg, state, logits)
+    if state.requires_grad:
+        _value_error(arg, "must not require grad (it is updated in place, like batch norm's running stats; pass a "
+                     "buffer or its .detach())")
+    if _vmap_active():
+        raise RuntimeError(f"{loss}: torch.func.vmap is not supported (the statistics are taken over the whole batch "
+                           f"and the state is updated in place); call it once per batch element")
+    return state
+
+
+def seesaw_args(logits, target, cum_samples, *, p, q, eps, objectness, return_dict, ignore_index, reduction, validate,
+                weight=None, avg_factor=None, process_group=None) -> dict[str, Any]:
+    objectness = _bool("objectness", objectness)
+    _logits(logits, 2, "(N, C) or, with objectness, (N, C + 2)")
+    if logits.dim() != 2:
+        _value_error("logits", f"seesaw takes (N, C) logits (or (N, C + 2) with objectness), got shape "
+                     f"{tuple(logits.shape)}")
+    c = logits.shape[1] - (2 if objectness else 0)
+    if c < 1:
+        _value_error("logits", f"expected at least {3 if objectness else 1} columns, got {logits.shape[1]}")
+    ignore_index = _int("ignore_index", ignore_index)
+    _index_target(target, logits, (logits.shape[0],), "(N,) class indices" + (", C = background" if objectness else ""))
+    _check_range(target, ignore_index, c if objectness else c - 1, validate)
+    _longtail_state("cum_samples", cum_samples, (c + 1,) if objectness else (c,), logits, "seesaw")
+    avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
+    return dict(p=_real("p", p, low=0.0), q=_real("q", q, low=0.0), eps=_real("eps", eps, low=0.0, low_inclusive=False),
+                objectness=objectness, return_dict=_bool("return_dict", return_dict), ignore_index=ignore_index,
+                reduction=reduction_arg(reduction),
+                **_extras(weight=_softmax_weight(weight, logits, target, validate), process_group=process_group))
+
+
+def eqlv2_args(logits, target, state, *, gamma, mu, alpha, objectness, ignore_index, reduction, validate,
+               weight=None, avg_factor=None, process_group=None) -> dict[str, Any]:
+    objectness = _bool("objectness", objectness)
+    _logits(logits, 1, "(..., C) or, with objectness, (..., C + 1)")
+    c = logits.shape[-1] - (1 if objectness else 0)
+    if c < 1:
+        _value_error("logits", f"expected at least {2 if objectness else 1} classes in the last dim, got "
+                     f"{logits.shape[-1]}")
+    ignore_index = _int("ignore_index", ignore_index)
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        _type_error("target", f"expected integer labels (int64 or int32) of shape logits.shape[:-1], C = background, "
+                    f"got {target.dtype}")
+    _sigmoid_label_shape_traps(target, logits, "eqlv2")
+    _index_target(target, logits, logits.shape[:-1], "integer labels of shape logits.shape[:-1], C = background")
+    _check_range(target, ignore_index, c, validate)
+    _longtail_state("state", state, (3, c), logits, "eqlv2")
+    avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
+    return dict(gamma=_real("gamma", gamma), mu=_real("mu", mu), alpha=_real("alpha", alpha),
+                objectness=objectness, ignore_index=ignore_index, reduction=reduction_arg(reduction),
+                **_extras(weight=_sigmoid_weight(weight, logits, validate), process_group=process_group))

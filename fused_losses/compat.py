@@ -594,3 +594,239 @@ class VarifocalLoss(nn.Module):
         return _functional.varifocal(pred_score, target, alpha=self.alpha, gamma=self.gamma, iou_weighted=True,
                                      reduction="mean", avg_factor=float(pred_score.shape[1]), weight=weight,
                                      backend=self.backend)
+
+
+# ---- seesaw / eqlv2 (#25) ----
+__all__ += ["MMDetSeesawLoss", "MMDetEQLv2"]
+
+
+from fused_losses.nn import _Float32Buffers  # noqa: E402
+
+
+class MMDetSeesawLoss(_Float32Buffers):
+    """mmdet.models.losses.SeesawLoss (mmdet 3.x), computed by the fused Seesaw kernels.
+
+    Same constructor and forward signature, same buffer (``cum_samples``, float32 (C + 1,): its
+    state_dict loads into mmdet's and back), same numbers: logits (N, C + 2) (C classes, then the
+    objectness pair), labels in [0, C] (C = background); ``cum_samples`` is updated with every
+    label first, then the classes loss (foreground rows) and the objectness cross entropy (every
+    row), each ``loss_weight x weight_reduce_loss(...)`` ('mean': over its rows, or sum /
+    (avg_factor + float32 eps)).
+
+    Differences from mmdet: 'mean'/'sum' of float16/bfloat16 logits are float32; the buffer stays
+    float32 under ``model.half()`` (mmdet's would be cast); a label outside [0, C] is a ValueError
+    (CPU tensors).
+
+    Args:
+        use_sigmoid: must be False (as mmdet asserts).
+        p: mitigation exponent. Default 0.8.
+        q: compensation exponent. Default 2.0.
+        num_classes: C. Default 1203 (LVIS).
+        eps: floor of the label's probability. Default 1e-2.
+        reduction: 'none' | 'mean' | 'sum'. Default 'mean'.
+        loss_weight: multiplies both losses. Default 1.0.
+        return_dict: True (default, mmdet's): ``{'loss_cls_objectness', 'loss_cls_classes'}``;
+            False: their sum.
+        backend: not in mmdet's signature: as everywhere in fused_losses (None = automatic).
+        process_group: not in mmdet's signature: the counts are all-reduced over this group
+            (mmdet keeps per-rank counts). Default None.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.compat import MMDetSeesawLoss
+        >>> criterion = MMDetSeesawLoss(num_classes=4)
+        >>> cls_score = torch.randn(6, criterion.get_cls_channels(4), requires_grad=True)
+        >>> labels = torch.tensor([0, 1, 4, 4, 2, 0])
+        >>> losses = criterion(cls_score, labels, torch.ones(6), avg_factor=6.0)
+        >>> sum(losses.values()).backward()
+    """
+
+    def __init__(self, use_sigmoid: bool = False, p: float = 0.8, q: float = 2.0, num_classes: int = 1203,
+                 eps: float = 1e-2, reduction: str = "mean", loss_weight: float = 1.0, return_dict: bool = True,
+                 backend: Optional[str] = None, process_group=None):
+        super().__init__()
+        if use_sigmoid:
+            raise NotImplementedError("use_sigmoid: mmdet's SeesawLoss is a softmax loss (use_sigmoid=False)")
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction: unknown reduction {reduction!r}; expected 'none', 'mean' or 'sum'")
+        self.use_sigmoid, self.p, self.q, self.num_classes, self.eps = use_sigmoid, p, q, num_classes, eps
+        self.reduction, self.loss_weight, self.return_dict = reduction, loss_weight, return_dict
+        self.backend, self.process_group = backend, process_group
+        self.custom_cls_channels = True
+        self.custom_activation = True
+        self.custom_accuracy = True
+        self.register_buffer("cum_samples", torch.zeros(num_classes + 1, dtype=torch.float32))
+
+    _float32_only = ("cum_samples",)
+
+    def get_cls_channels(self, num_classes: int) -> int:
+        """mmdet's: num_classes + 2 (the objectness pair)."""
+        assert num_classes == self.num_classes
+        return num_classes + 2
+
+    def get_activation(self, cls_score: torch.Tensor) -> torch.Tensor:
+        """mmdet's scores: softmax over the classes times the objectness foreground probability,
+        then the background probability: (N, C + 1)."""
+        classes, objectness = cls_score[..., :-2], cls_score[..., -2:]
+        score_classes = torch.softmax(classes, dim=-1)
+        score_objectness = torch.softmax(objectness, dim=-1)
+        return torch.cat([score_classes * score_objectness[..., [0]], score_objectness[..., [1]]], dim=-1)
+
+    def get_accuracy(self, cls_score: torch.Tensor, labels: torch.Tensor) -> dict:
+        """mmdet's top-1 accuracies in percent: objectness over every row, classes over the
+        foreground rows."""
+        pos = labels < self.num_classes
+        obj_labels = (labels == self.num_classes).long()
+        classes, objectness = cls_score[..., :-2], cls_score[..., -2:]
+
+        def accuracy(pred, target):
+            if target.numel() == 0:
+                return pred.new_tensor(0.0)
+            return (pred.argmax(dim=-1) == target).float().sum() * (100.0 / target.numel())
+
+        return {"acc_objectness": accuracy(objectness, obj_labels), "acc_classes": accuracy(classes[pos], labels[pos])}
+
+    def forward(self, cls_score: torch.Tensor, labels: torch.Tensor, label_weights: Optional[torch.Tensor] = None,
+                avg_factor=None, reduction_override: Optional[str] = None):
+        """The loss of one batch (mmdet's SeesawLoss.forward; updates ``cum_samples`` first).
+
+        Args:
+            cls_score: (N, C + 2) logits.
+            labels: (N,) labels in [0, C] (C = background).
+            label_weights: (N,) row weights, or None.
+            avg_factor: 'mean' only: each loss is sum / (avg_factor + float32 eps).
+            reduction_override: None, 'none', 'mean' or 'sum'.
+
+        Returns:
+            mmdet's dict (return_dict=True) or the sum; 'none': classes (n_foreground,) and
+            objectness (N,), as mmdet's.
+        """
+        if reduction_override not in (None, "none", "mean", "sum"):
+            raise ValueError(f"reduction_override: expected None, 'none', 'mean' or 'sum', got {reduction_override!r}")
+        reduction = reduction_override if reduction_override else self.reduction
+        if avg_factor is not None and reduction == "none":
+            avg_factor = None  # mmdet's weight_reduce_loss ignores it with 'none'
+        if avg_factor is not None:
+            if reduction == "sum":
+                raise ValueError('avg_factor: can not be used with reduction="sum" (mmdet\'s weight_reduce_loss)')
+            avg_factor = avg_factor + _MMDET_EPS
+        if label_weights is not None:
+            label_weights = label_weights.float()
+        losses = _functional.seesaw(cls_score, labels, self.cum_samples, p=self.p, q=self.q, eps=self.eps,
+                                    objectness=True, return_dict=True, weight=label_weights, avg_factor=avg_factor,
+                                    reduction=reduction, backend=self.backend, process_group=self.process_group)
+        classes, objectness = losses["loss_cls_classes"], losses["loss_cls_objectness"]
+        if reduction == "none":
+            classes = classes[labels < self.num_classes]  # mmdet's (n_foreground,) (a host sync on CUDA)
+        if self.loss_weight != 1.0:
+            classes, objectness = self.loss_weight * classes, self.loss_weight * objectness
+        if self.return_dict:
+            return {"loss_cls_objectness": objectness, "loss_cls_classes": classes}
+        return classes + objectness
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes!r}, p={self.p!r}, q={self.q!r}, eps={self.eps!r}, "
+                f"reduction={self.reduction!r}, loss_weight={self.loss_weight!r}, return_dict={self.return_dict!r}, "
+                f"backend={self.backend!r}")
+
+
+class MMDetEQLv2(_Float32Buffers):
+    """The EQLv2 authors' ``EQLv2`` (tztztztztz/eqlv2, an mmdet 2.x fork), computed by the fused kernels.
+
+    Same constructor and forward signature and the same three float32 buffers (``pos_grad``,
+    ``neg_grad``, ``pos_neg`` starting at 100: state_dicts load both ways), same numbers:
+    logits (N, C + 1), the last column the background logit; labels in [0, C];
+    ``loss = loss_weight x sum(w BCE) / N`` with the weights from the statistics of the previous
+    steps, then the statistics updated from this batch (the authors' collect_grad in forward).
+
+    As in the authors' code, ``weight``, ``avg_factor`` and ``reduction_override`` are accepted
+    and IGNORED, and ``reduction`` is not used ('mean' over the rows). Differences: the BCE is
+    computed exactly (the authors' ``binary_cross_entropy_with_logits`` rounds log1p(e^-40) to 0);
+    the authors all-reduce the statistics over the default group whenever torch.distributed is
+    initialised: here only with ``process_group`` (e.g. ``torch.distributed.group.WORLD``), summed
+    in rank order.
+
+    Args:
+        use_sigmoid: must be True.
+        reduction: accepted, unused (the authors' too).
+        class_weight: accepted, unused (the authors' too).
+        loss_weight: multiplies the loss. Default 1.0.
+        num_classes: C. Default 1203.
+        gamma: Default 12.
+        mu: Default 0.8.
+        alpha: Default 4.0.
+        vis_grad: accepted, unused (the authors' plotting switch).
+        test_with_obj: get_activation multiplies the class scores by (1 - background score).
+        backend: not in the authors' signature (None = automatic).
+        process_group: not in the authors' signature; see above.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.compat import MMDetEQLv2
+        >>> criterion = MMDetEQLv2(num_classes=3)
+        >>> cls_score = torch.randn(8, criterion.get_channel_num(3), requires_grad=True)
+        >>> criterion(cls_score, torch.tensor([0, 1, 3, 3, 2, 3, 0, 3])).backward()
+        >>> sorted(criterion.state_dict())
+        ['neg_grad', 'pos_grad', 'pos_neg']
+    """
+
+    _float32_only = ("pos_grad", "neg_grad", "pos_neg")
+
+    def __init__(self, use_sigmoid: bool = True, reduction: str = "mean", class_weight=None, loss_weight: float = 1.0,
+                 num_classes: int = 1203, gamma: float = 12, mu: float = 0.8, alpha: float = 4.0,
+                 vis_grad: bool = False, test_with_obj: bool = True, backend: Optional[str] = None,
+                 process_group=None):
+        super().__init__()
+        if not use_sigmoid:
+            raise NotImplementedError("use_sigmoid: the authors' EQLv2 is a sigmoid loss (use_sigmoid=True)")
+        self.use_sigmoid, self.reduction, self.class_weight = True, reduction, class_weight
+        self.loss_weight, self.num_classes = loss_weight, num_classes
+        self.gamma, self.mu, self.alpha = gamma, mu, alpha
+        self.vis_grad, self.test_with_obj = vis_grad, test_with_obj
+        self.backend, self.process_group = backend, process_group
+        self.register_buffer("pos_grad", torch.zeros(num_classes, dtype=torch.float32))
+        self.register_buffer("neg_grad", torch.zeros(num_classes, dtype=torch.float32))
+        self.register_buffer("pos_neg", torch.ones(num_classes, dtype=torch.float32) * 100)
+
+    def get_channel_num(self, num_classes: int) -> int:
+        """The authors': num_classes + 1 (the background logit)."""
+        return num_classes + 1
+
+    def get_activation(self, cls_score: torch.Tensor) -> torch.Tensor:
+        """The authors' test-time scores: sigmoid, the class scores times (1 - background score)
+        when test_with_obj (a new tensor; the authors write in place)."""
+        score = torch.sigmoid(cls_score)
+        if not self.test_with_obj:
+            return score
+        bg = score[:, -1:]
+        return torch.cat([score[:, :-1] * (1 - bg), bg], dim=1)
+
+    def forward(self, cls_score: torch.Tensor, label: torch.Tensor, weight=None, avg_factor=None,
+                reduction_override=None, **kwargs) -> torch.Tensor:
+        """The loss of one batch (then updates the three buffers); weight, avg_factor and
+        reduction_override are ignored, as the authors' forward ignores them.
+
+        Args:
+            cls_score: (N, C + 1) logits.
+            label: (N,) labels in [0, C] (C = background).
+            weight: ignored.
+            avg_factor: ignored.
+            reduction_override: ignored.
+            **kwargs: ignored.
+
+        Returns:
+            A 0-dim tensor.
+        """
+        state = torch.stack([self.pos_grad, self.neg_grad, self.pos_neg])
+        loss = _functional.eqlv2(cls_score, label, state, gamma=self.gamma, mu=self.mu, alpha=self.alpha,
+                                 objectness=True, reduction="mean", backend=self.backend,
+                                 process_group=self.process_group)
+        with torch.no_grad():
+            self.pos_grad.copy_(state[0])
+            self.neg_grad.copy_(state[1])
+            self.pos_neg.copy_(state[2])
+        return loss if self.loss_weight == 1.0 else self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes!r}, gamma={self.gamma!r}, mu={self.mu!r}, alpha={self.alpha!r}, "
+                f"loss_weight={self.loss_weight!r}, backend={self.backend!r}")

@@ -620,3 +620,156 @@ def asymmetric(logits: torch.Tensor, target: torch.Tensor, *, gamma_pos: float =
                                        detach_focusing=detach_focusing, reduction=reduction, validate=validate,
                                        weight=weight, avg_factor=avg_factor)
     return _detector_run("asymmetric", backend, logits, target, target, avg_factor=avg_factor, **kwargs)
+
+
+# ---- seesaw / eqlv2 (#25) ----
+__all__ += ["seesaw", "eqlv2"]
+
+
+def _run_stateful(loss: str, backend, logits, target, state, kwargs, avg_factor):
+    """Backend dispatch of the stateful long-tail losses: avg_factor goes to the backend (Seesaw's
+    return_dict divides each loss of the dict)."""
+    avg_factor = _validate.avg_factor_arg(avg_factor, kwargs["reduction"], logits)
+    requested = _validate.weight_grad_backend(loss, kwargs.get("weight"), _validate.backend_arg(backend))
+    chosen = _backends.select(loss, logits, requested)
+    return chosen.losses[loss](logits, target, state, avg_factor=avg_factor, **kwargs)
+
+
+def seesaw(logits: torch.Tensor, target: torch.Tensor, cum_samples: torch.Tensor, *, p: float = 0.8, q: float = 2.0,
+           eps: float = 1e-2, objectness: bool = False, return_dict: bool = False, ignore_index: int = -100,
+           weight: Optional[torch.Tensor] = None, avg_factor: AvgFactor = None, reduction: str = "mean",
+           backend: Optional[str] = None, validate: Optional[bool] = None, process_group=None):
+    """Seesaw loss (Wang et al., CVPR 2021), mmdet 3.x ``SeesawLoss``; UPDATES ``cum_samples`` in place.
+
+    First ``cum_samples[label] += count`` for this batch's non-ignored labels (mmdet's order),
+    then, for a row with label i, the cross entropy of ``z = x + log(factors)`` over the C class
+    logits, where the factor of another class j is the mitigation ``(N_j / N_i)^p`` where
+    ``N_j < N_i`` (counts clamped to >= 1) times the compensation ``(s_j / max(s_i, eps))^q``
+    where that ratio is > 1 (s = softmax of the detached logits). The factors carry no
+    gradient: ``dloss/dx = w (softmax(z) - onehot) / D``. Semantics and every difference from
+    mmdet: docs/losses/longtail.md.
+
+    Args:
+        logits: (N, C), or (N, C + 2) with ``objectness=True`` (mmdet's layout: the last two
+            columns an objectness pair, foreground then background).
+        target: (N,) int64/int32 labels in [0, C) (with objectness: [0, C], C = background), or
+            ignore_index (a row removed: no loss, gradient, count or denominator).
+        cum_samples: float32 (C,) (with objectness (C + 1,), mmdet's buffer) cumulative label
+            counts, on the logits' device, not requiring grad; updated in place.
+            :class:`fused_losses.nn.SeesawLoss` owns one.
+        p: mitigation exponent >= 0 (0 disables it).
+        q: compensation exponent >= 0 (0 disables it).
+        eps: > 0, the floor of the label's probability in the compensation ratio.
+        objectness: mmdet's (N, C + 2) layout: the classes loss on foreground rows plus the
+            objectness pair's cross entropy on every non-ignored row.
+        return_dict: False: one tensor (with objectness, classes + objectness loss); True:
+            mmdet's dict ``{'loss_cls_objectness', 'loss_cls_classes'}`` (without objectness
+            ``{'loss_cls_classes'}``).
+        ignore_index: target value that is ignored.
+        weight: (N,) per-row weights multiplying both losses (a zero weight gives exactly 0; the
+            row is still counted in cum_samples, as mmdet counts every label).
+        avg_factor: with reduction='mean' only: each loss is its sum / avg_factor.
+        reduction: 'none' ((N,) per loss, 0 on background and ignored rows), 'mean' (classes
+            over the foreground rows, objectness over the non-ignored rows) or 'sum'.
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference'.
+        validate: None (check target values on CPU tensors), True (also on CUDA) or False.
+        process_group: a torch.distributed group: the int64 counts are all-reduced (SUM, exact)
+            before they are added, so every rank holds the same cum_samples ('mean' still divides
+            by this rank's rows).
+
+    Returns:
+        The loss (a tensor, or the dict of return_dict), differentiable in logits.
+
+    Raises:
+        TypeError: logits not a floating tensor, a target that is not int64/int32, a state that
+            is not a tensor.
+        ValueError: shapes, out-of-range labels (CPU tensors, or validate=True), cum_samples of
+            the wrong shape, dtype or device or requiring grad; each message names the argument.
+        RuntimeError: an explicitly requested backend that cannot run the call; torch.func
+            transforms on a fused backend.
+
+    Example:
+        >>> import torch
+        >>> import fused_losses as fl
+        >>> logits = torch.randn(6, 4 + 2, requires_grad=True)      # C = 4 classes + objectness pair
+        >>> labels = torch.tensor([0, 1, 4, 4, 2, 0])               # 4 = background
+        >>> cum_samples = torch.zeros(4 + 1)
+        >>> losses = fl.seesaw(logits, labels, cum_samples, objectness=True, return_dict=True)
+        >>> sorted(losses)
+        ['loss_cls_classes', 'loss_cls_objectness']
+        >>> sum(losses.values()).backward()
+        >>> cum_samples                                              # updated in place
+        tensor([2., 1., 1., 0., 2.])
+    """
+    kwargs = _validate.seesaw_args(logits, target, cum_samples, p=p, q=q, eps=eps, objectness=objectness,
+                                   return_dict=return_dict, ignore_index=ignore_index, reduction=reduction,
+                                   validate=validate, weight=weight, avg_factor=avg_factor,
+                                   process_group=process_group)
+    return _run_stateful("seesaw", backend, logits, target, cum_samples, kwargs, avg_factor)
+
+
+def eqlv2(logits: torch.Tensor, target: torch.Tensor, state: torch.Tensor, *, gamma: float = 12.0, mu: float = 0.8,
+          alpha: float = 4.0, objectness: bool = False, ignore_index: int = -100,
+          weight: Optional[torch.Tensor] = None, avg_factor: AvgFactor = None, reduction: str = "mean",
+          backend: Optional[str] = None, validate: Optional[bool] = None, process_group=None) -> torch.Tensor:
+    """Equalization loss v2 (Tan et al., CVPR 2021), the authors' ``EQLv2``; UPDATES ``state`` in place.
+
+    C independent sigmoids. With the state's ratio r_c = pos_c / neg_c (after the previous
+    step), ``f_c = sigmoid(gamma (r_c - mu))``: negatives weigh ``f_c``, positives
+    ``1 + alpha (1 - f_c)``; ``loss = w (w+ y + f (1 - y)) BCE(x, y)``. Then, from this batch's
+    gradient magnitudes ``|sigmoid(x) - y| * eqlv2 weight * w`` (what the fused pass knows), the
+    state's positive and negative sums are updated and r recomputed: the authors' order (the
+    update in forward, after the loss: identical to a backward hook's order in a training step,
+    docs/losses/longtail.md).
+
+    Args:
+        logits: (..., C), or (..., C + 1) with ``objectness=True`` (the authors' layout: the last
+            column a background logit, weight 1, no statistics).
+        target: integer labels of shape logits.shape[:-1] in [0, C] (C = background: all
+            negatives), or ignore_index (a row removed, statistics included).
+        state: float32 (3, C) = [pos_grad, neg_grad, pos_neg] on the logits' device, not
+            requiring grad (``fused_losses.reference.eqlv2_initial_state(C)``: [0, 0, 100], the
+            authors' start, every weight 1); updated in place. :class:`fused_losses.nn.EQLv2Loss`
+            owns one.
+        gamma: the slope of the weight function (12).
+        mu: its centre (0.8).
+        alpha: the positive weight's extra factor (4).
+        objectness: the authors' (..., C + 1) layout.
+        ignore_index: target value that is ignored.
+        weight: per row (logits.shape[:-1]) or per element (logits.shape); in the loss and the
+            statistics (an integer weight k counts as k copies of the row).
+        avg_factor: with reduction='mean' only: sum / avg_factor.
+        reduction: 'none' (elementwise, the logits' shape), 'mean' (over the non-ignored ROWS,
+            the authors' / n_i) or 'sum'.
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference'.
+        validate: None (check target values on CPU tensors), True (also on CUDA) or False.
+        process_group: a torch.distributed group: every rank's (2, C) batch sums are gathered
+            and added in rank order in float64, then to the state once: every rank holds the same
+            state (equal to one process on the whole batch up to the rounding of the per-rank
+            partial sums).
+
+    Returns:
+        The loss: the logits' shape for 'none', else a 0-dim tensor; differentiable in logits.
+
+    Raises:
+        TypeError: logits not a floating tensor, a target that is not int64/int32, a state that
+            is not a tensor.
+        ValueError: shapes, out-of-range labels (CPU tensors, or validate=True), a state of the
+            wrong shape, dtype or device or requiring grad; each message names the argument.
+        RuntimeError: an explicitly requested backend that cannot run the call; torch.func
+            transforms on a fused backend.
+
+    Example:
+        >>> import torch
+        >>> import fused_losses as fl
+        >>> logits = torch.randn(8, 3, requires_grad=True)
+        >>> labels = torch.tensor([0, 1, 3, 3, 2, 3, 0, 3])          # 3 = background
+        >>> state = fl.reference.eqlv2_initial_state(3)
+        >>> fl.eqlv2(logits, labels, state).backward()
+        >>> bool((state[0] > 0).all()), state.shape                   # positives seen for every class
+        (True, torch.Size([3, 3]))
+    """
+    kwargs = _validate.eqlv2_args(logits, target, state, gamma=gamma, mu=mu, alpha=alpha, objectness=objectness,
+                                  ignore_index=ignore_index, reduction=reduction, validate=validate, weight=weight,
+                                  avg_factor=avg_factor, process_group=process_group)
+    return _run_stateful("eqlv2", backend, logits, target, state, kwargs, avg_factor)

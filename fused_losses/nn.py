@@ -549,3 +549,151 @@ class AsymmetricLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return _extra_repr(self, ("gamma_pos", "gamma_neg", "clip", "eps", "detach_focusing", "reduction", "backend"))
+
+
+# ---- seesaw / eqlv2 (#25) ----
+__all__ += ["SeesawLoss", "EQLv2Loss"]
+
+
+class SeesawLoss(_Float32Buffers):
+    """Seesaw loss that owns the cumulative label counts; see :func:`fused_losses.seesaw`.
+
+    The buffer ``cum_samples`` (float32, (num_classes,), or (num_classes + 1,) with objectness,
+    starts at zeros) is updated in place on every call, in train and eval mode, like mmdet's
+    SeesawLoss. It stays float32 when the model is cast (``model.half()``, ``.double()``,
+    ``.to(torch.bfloat16)``), is saved in ``state_dict`` and copied by ``deepcopy``;
+    ``.to(device)`` moves it.
+
+    Args:
+        num_classes: C, the number of classes (without background).
+        p: mitigation exponent >= 0. Default 0.8.
+        q: compensation exponent >= 0. Default 2.0.
+        eps: floor of the label's probability in the compensation. Default 1e-2.
+        objectness: mmdet's (N, C + 2) layout with an objectness pair, labels in [0, C] (C =
+            background). Default False: (N, C) logits, labels in [0, C).
+        return_dict: True: mmdet's dict of losses; False (default): one tensor.
+        ignore_index: target value to ignore. Default -100.
+        reduction: 'none' | 'mean' | 'sum'. Default 'mean'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+        process_group: a torch.distributed group whose ranks share the counts (all-reduced before
+            they are added: ``cum_samples`` stays identical on every rank). Default None.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import SeesawLoss
+        >>> criterion = SeesawLoss(num_classes=5)
+        >>> logits = torch.randn(8, 5, requires_grad=True)
+        >>> criterion(logits, torch.tensor([0, 1, 1, 2, 4, 4, 4, 3])).backward()
+        >>> criterion.cum_samples
+        tensor([1., 2., 1., 1., 3.])
+    """
+
+    _float32_only = ("cum_samples",)
+
+    def __init__(self, num_classes: int, p: float = 0.8, q: float = 2.0, eps: float = 1e-2, objectness: bool = False,
+                 return_dict: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                 backend: Optional[str] = None, process_group=None):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: must be an int >= 1, got {num_classes!r}")
+        self.num_classes, self.p, self.q, self.eps = num_classes, p, q, eps
+        self.objectness, self.return_dict, self.ignore_index = objectness, return_dict, ignore_index
+        self.reduction, self.backend, self.process_group = reduction, backend, process_group
+        self.register_buffer("cum_samples", torch.zeros(num_classes + (1 if objectness else 0), dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None):
+        """The loss of one batch (updates ``cum_samples`` first); see :func:`fused_losses.seesaw`.
+
+        Args:
+            logits: (N, C), or (N, C + 2) with objectness.
+            target: (N,) labels (C = background with objectness) or ignore_index.
+            weight: (N,) per-row weights, or None.
+            avg_factor: with reduction='mean' only, or None.
+
+        Returns:
+            The loss, or mmdet's dict with return_dict=True.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as :func:`fused_losses.seesaw`.
+        """
+        return F.seesaw(logits, target, self.cum_samples, p=self.p, q=self.q, eps=self.eps,
+                        objectness=self.objectness, return_dict=self.return_dict, ignore_index=self.ignore_index,
+                        weight=weight, avg_factor=avg_factor, reduction=self.reduction, backend=self.backend,
+                        process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        return _extra_repr(self, ("num_classes", "p", "q", "eps", "objectness", "return_dict", "ignore_index",
+                                  "reduction", "backend", "process_group"))
+
+
+class EQLv2Loss(_Float32Buffers):
+    """EQLv2 loss that owns its gradient statistics; see :func:`fused_losses.eqlv2`.
+
+    The buffer ``state`` (float32 (3, num_classes) = [pos_grad, neg_grad, pos_neg], starting at
+    [0, 0, 100], the authors' start: every weight 1 at the first step) is updated in place on
+    every call after the loss is formed (the authors' order). It stays float32 under model casts,
+    is saved in ``state_dict`` and copied by ``deepcopy``; ``.to(device)`` moves it. Note: a call
+    on a batch whose rows are all ignored still recomputes pos_neg (= pos / (neg + 1e-10)), as the
+    authors' module does on an empty batch: from the initial state that turns 100 into 0.
+
+    Args:
+        num_classes: C, the number of classes (without background).
+        gamma: slope of the weight function. Default 12.0.
+        mu: its centre. Default 0.8.
+        alpha: the positive weight's extra factor. Default 4.0.
+        objectness: the authors' (..., C + 1) layout (a background logit last). Default False.
+        ignore_index: target value to ignore. Default -100.
+        reduction: 'none' | 'mean' (over non-ignored rows) | 'sum'. Default 'mean'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+        process_group: a torch.distributed group whose ranks share the statistics (gathered and
+            added in rank order: ``state`` stays identical on every rank). Default None.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import EQLv2Loss
+        >>> criterion = EQLv2Loss(num_classes=3)
+        >>> logits = torch.randn(8, 3, requires_grad=True)
+        >>> criterion(logits, torch.tensor([0, 1, 3, 3, 2, 3, 0, 3])).backward()
+        >>> criterion.state.shape, criterion.state.dtype
+        (torch.Size([3, 3]), torch.float32)
+    """
+
+    _float32_only = ("state",)
+
+    def __init__(self, num_classes: int, gamma: float = 12.0, mu: float = 0.8, alpha: float = 4.0,
+                 objectness: bool = False, ignore_index: int = -100, reduction: str = "mean",
+                 backend: Optional[str] = None, process_group=None):
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: must be an int >= 1, got {num_classes!r}")
+        from fused_losses.reference import eqlv2_initial_state  # noqa: PLC0415
+        self.num_classes, self.gamma, self.mu, self.alpha = num_classes, gamma, mu, alpha
+        self.objectness, self.ignore_index, self.reduction = objectness, ignore_index, reduction
+        self.backend, self.process_group = backend, process_group
+        self.register_buffer("state", eqlv2_initial_state(num_classes))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None) -> torch.Tensor:
+        """The loss of one batch (then updates ``state``); see :func:`fused_losses.eqlv2`.
+
+        Args:
+            logits: (..., C), or (..., C + 1) with objectness.
+            target: labels of shape logits.shape[:-1] (C = background) or ignore_index.
+            weight: per row or per element, or None.
+            avg_factor: with reduction='mean' only, or None.
+
+        Returns:
+            The loss: the logits' shape for 'none', else a 0-dim tensor.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as :func:`fused_losses.eqlv2`.
+        """
+        return F.eqlv2(logits, target, self.state, gamma=self.gamma, mu=self.mu, alpha=self.alpha,
+                       objectness=self.objectness, ignore_index=self.ignore_index, weight=weight,
+                       avg_factor=avg_factor, reduction=self.reduction, backend=self.backend,
+                       process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        return _extra_repr(self, ("num_classes", "gamma", "mu", "alpha", "objectness", "ignore_index", "reduction",
+                                  "backend", "process_group"))

@@ -1054,7 +1054,7 @@ def seesaw_log_factors(cum_samples: torch.Tensor, labels: torch.Tensor, x: torch
 
 
 def seesaw(logits, target, cum_samples, *, p=0.8, q=2.0, eps=1e-2, objectness=False, return_dict=False,
-           ignore_index=-100, weight=None, avg_factor=None, reduction="mean", upcast=True):
+           ignore_index=-100, weight=None, avg_factor=None, reduction="mean", upcast=True, process_group=None):
     """Seesaw loss (Wang et al., CVPR 2021), mmdet 3.x SeesawLoss / seesaw_ce_loss. UPDATES cum_samples.
 
     objectness=False: logits (N, C), target (N,) in [0, C) or ignore_index; cum_samples float32 (C,).
@@ -1074,6 +1074,8 @@ def seesaw(logits, target, cum_samples, *, p=0.8, q=2.0, eps=1e-2, objectness=Fa
     in cum_samples (mmdet counts every label). 'mean': classes sum / n_foreground (non-ignored),
     objectness sum / n_non_ignored (mmdet's weight_reduce_loss over its subsets), or both / avg_factor.
     'none': (N,) per loss (0 on background and ignored rows; mmdet's classes loss is (n_fg,)).
+    process_group: the int64 per-class counts are all-reduced (SUM) over the group before they are
+    added (every rank then holds the same cum_samples); 'mean' divides by this rank's rows.
     """
     dtype = _compute_dtype(logits, upcast)
     n_cls = logits.shape[-1] - (2 if objectness else 0)
@@ -1082,9 +1084,11 @@ def seesaw(logits, target, cum_samples, *, p=0.8, q=2.0, eps=1e-2, objectness=Fa
     fg = valid & (labels < n_cls)
     with torch.no_grad():
         counted = torch.where(valid, labels, torch.zeros_like(labels))
-        counts = torch.zeros(cum_samples.shape[0], dtype=torch.float32, device=cum_samples.device)
-        counts.index_add_(0, counted, valid.to(torch.float32))
-        cum_samples.add_(counts)  # integer counts: exact in float32 up to 2^24 per class
+        counts = torch.zeros(cum_samples.shape[0], dtype=torch.int64, device=cum_samples.device)
+        counts.index_add_(0, counted, valid.to(torch.int64))
+        if process_group is not None:
+            _all_reduce_sum(counts, process_group)
+        cum_samples.add_(counts.to(torch.float32))  # integer counts: exact in float32 up to 2^24 per class
     x_all = logits.reshape(-1, logits.shape[-1]).to(dtype)
     zero = torch.zeros((), dtype=dtype, device=x_all.device)
     w = None if weight is None else weight.to(device=x_all.device, dtype=dtype).reshape(-1)
@@ -1106,6 +1110,30 @@ def seesaw(logits, target, cum_samples, *, p=0.8, q=2.0, eps=1e-2, objectness=Fa
     return loss_classes + loss_obj
 
 
+def _all_reduce_sum(tensor: torch.Tensor, group) -> None:
+    """In place: the SUM over the ranks of `group` (integers: exact), when torch.distributed runs."""
+    import torch.distributed as dist  # noqa: PLC0415
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+
+
+def rank_sums_in_order(sums: torch.Tensor, group) -> torch.Tensor:
+    """float64 sum over the ranks of `group` of each rank's `sums`, added in rank order (all_gather,
+    then rank 0 + rank 1 + ...): the same on every rank and from run to run for a given world
+    size, unlike an all_reduce whose summation order the backend picks. Without torch.distributed:
+    sums in float64."""
+    import torch.distributed as dist  # noqa: PLC0415
+    sums = sums.detach().to(torch.float64).contiguous()
+    if not (dist.is_available() and dist.is_initialized()):
+        return sums
+    parts = [torch.empty_like(sums) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, sums, group=group)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
 def eqlv2_initial_state(num_classes: int, device=None) -> torch.Tensor:
     """The EQLv2 state before any step: float32 (3, C) = [pos_grad (0), neg_grad (0), pos_neg (100)]."""
     state = torch.zeros((3, num_classes), dtype=torch.float32, device=device)
@@ -1122,7 +1150,7 @@ def eqlv2_class_weights(state: torch.Tensor, *, gamma: float, mu: float, alpha: 
 
 
 def eqlv2(logits, target, state, *, gamma=12.0, mu=0.8, alpha=4.0, objectness=False, ignore_index=-100, weight=None,
-          avg_factor=None, reduction="mean", upcast=True):
+          avg_factor=None, reduction="mean", upcast=True, process_group=None):
     """Equalization loss v2 (Tan et al., CVPR 2021), the authors' EQLv2 (tztztztztz/eqlv2). UPDATES state.
 
     C independent sigmoids; target (N,) labels in [0, C] (C = background: every class negative) or
@@ -1138,6 +1166,8 @@ def eqlv2(logits, target, state, *, gamma=12.0, mu=0.8, alpha=4.0, objectness=Fa
     authors' forward does (collect_grad after the loss): equal to a backward hook's |dL/dx| x N
     (see docs/losses/longtail.md). 'mean' divides by the number of non-ignored ROWS (the authors'
     / n_i), or avg_factor; 'none' is elementwise (logits' shape).
+    process_group: the batch sums (2, C) of every rank are gathered and added in rank order in
+    float64 (rank_sums_in_order), then added to the state once: every rank holds the same state.
     """
     dtype = _compute_dtype(logits, upcast)
     c_all = logits.shape[-1]
@@ -1162,8 +1192,11 @@ def eqlv2(logits, target, state, *, gamma=12.0, mu=0.8, alpha=4.0, objectness=Fa
         g = torch.where(y > 0, torch.sigmoid(-xd), torch.sigmoid(xd)) * eql_w
         g = torch.where(active, g if w is None else g * w.expand(x.shape), zero)[:, :n_cls]
         yc = y[:, :n_cls]
-        _add_to_state(state[0], (g * yc).sum(dim=0))
-        _add_to_state(state[1], (g * (1 - yc)).sum(dim=0))
+        pos, neg = (g * yc).sum(dim=0), (g * (1 - yc)).sum(dim=0)
+        if process_group is not None:
+            pos, neg = rank_sums_in_order(torch.stack([pos, neg]), process_group)
+        _add_to_state(state[0], pos)
+        _add_to_state(state[1], neg)
         state[2].copy_(state[0] / (state[1] + EQLV2_RATIO_EPS))
     loss = loss.reshape(logits.shape)
     return _detector_reduce(loss, reduction, valid_rows.sum(), avg_factor, logits.dtype)

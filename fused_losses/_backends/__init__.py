@@ -24,6 +24,7 @@ ORDER = ("cuda", "triton", "cpu", "reference")
 LOSSES = ("focal", "sigmoid_focal", "ohem", "ghmc", "ib")
 # ---- quality_focal / varifocal / asymmetric (#24) ----
 LOSSES += ("quality_focal", "varifocal", "asymmetric")
+LOSSES += ("seesaw", "eqlv2")  # ---- seesaw / eqlv2 (#25) ----
 _MODULES = {name: f"fused_losses._backends.{name}_backend" for name in ORDER}
 
 

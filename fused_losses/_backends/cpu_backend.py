@@ -279,3 +279,19 @@ def asymmetric(logits, target, *, gamma_pos, gamma_neg, clip, eps, detach_focusi
 
 
 BACKEND.losses.update(quality_focal=quality_focal, varifocal=varifocal, asymmetric=asymmetric)
+# ---- seesaw / eqlv2 (#25) ----
+def seesaw(logits, target, cum_samples, **kwargs):
+    return _longtail.seesaw(_ops_ns(), logits, target, cum_samples, **kwargs)
+
+
+def eqlv2(logits, target, state, **kwargs):
+    return _longtail.eqlv2(_ops_ns(), logits, target, state, **kwargs)
+
+
+from fused_losses import _longtail  # noqa: E402
+
+if _AVAILABILITY[0]:  # a stale build without the ops keeps every other loss
+    if hasattr(torch.ops.fused_losses, "seesaw_forward"):
+        BACKEND.losses["seesaw"] = seesaw
+    if hasattr(torch.ops.fused_losses, "eqlv2_forward"):
+        BACKEND.losses["eqlv2"] = eqlv2

@@ -65,3 +65,11 @@ BACKEND = Backend(
     losses=dict(cpu_backend.BACKEND.losses),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
 )
+
+
+# ---- seesaw / eqlv2 (#25) ----
+# The cpu backend's entries run here only where _C_cuda registers their CUDA kernel.
+for _loss, _op in (("seesaw", "seesaw_forward"), ("eqlv2", "eqlv2_forward")):
+    if not (_ext.loaded() and hasattr(torch.ops.fused_losses, _op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_losses::{_op}", "CUDA")):
+        BACKEND.losses.pop(_loss, None)

@@ -70,3 +70,16 @@ BACKEND = Backend(
     losses={loss: _lazy(loss) for loss in LOSSES},
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
 )
+
+
+# ---- seesaw / eqlv2 (#25) ----
+def _lazy_longtail(loss: str):
+    def run(*args, **kwargs):
+        import fused_losses._triton.longtail as kernels
+        return getattr(kernels, loss)(*args, **kwargs)
+    run.__name__ = loss
+    return run
+
+
+BACKEND.losses["seesaw"] = _lazy_longtail("seesaw")
+BACKEND.losses["eqlv2"] = _lazy_longtail("eqlv2")

@@ -158,3 +158,15 @@ class configured:
 
 def take_device_asserts() -> list[str]:
     return list(ops().emu_take_device_asserts())
+
+
+# ---- seesaw / eqlv2 (#25) ----
+# Their op layer (fused_losses/_longtail.py) on this namespace's backward kernels; the losses
+# leave the registry when the emulated build lacks their kernels.
+if _AVAILABILITY[0]:
+    from fused_losses import _longtail
+
+    _longtail.register(NAMESPACE, _scale_in_place, _scale_fresh)
+for _loss, _op in (("seesaw", "seesaw_forward"), ("eqlv2", "eqlv2_forward")):
+    if not (_AVAILABILITY[0] and hasattr(ops(), _op)):
+        BACKEND.losses.pop(_loss, None)
