@@ -22,6 +22,8 @@ from fused_losses._backends import BackendStatus
 from fused_losses._backends import status as _status
 from fused_losses.functional import class_weights, focal, ghmc, ib, ohem, sigmoid_focal
 
+from fused_losses.functional import distribution_focal  # distribution focal (#24)
+
 _backends.preload()
 
 # The installed distribution's version (importlib.metadata); a source tree that was never
@@ -41,6 +43,7 @@ def _version() -> str:
 __version__ = _version()
 __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "backends", "nn", "reference",
            "BackendStatus"]
+__all__ += ["distribution_focal"]  # distribution focal (#24)
 
 
 def backends() -> dict:

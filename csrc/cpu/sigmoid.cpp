@@ -31,8 +31,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& l
                                                            double alpha, double gamma, int64_t ignore_index,
                                                            c10::string_view reduction_name, bool compute_grad,
                                                            const c10::optional<at::Tensor>& alpha_per_class,
-                                                           const c10::optional<at::Tensor>& weight) {
+                                                           const c10::optional<at::Tensor>& weight, double epsilon) {
   const Reduction reduction = parse_reduction(reduction_name);
+  TORCH_CHECK(std::isfinite(epsilon), "epsilon: expected a finite number, got ", epsilon);
   const SigmoidInputs in = sigmoid_inputs(logits_in, target_in, ignore_index);
   const at::ScalarType math = at::toOpMathType(in.logits.scalar_type());
   const at::Tensor weight_t = extra_weight(weight, math, {in.M, in.M * in.C});
@@ -80,6 +81,21 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cpu(const at::Tensor& l
         return lg;
       };
       using target_t = std::remove_const_t<std::remove_pointer_t<decltype(y)>>;
+      if (epsilon != 0.0) {
+        // Poly-1 (#24): epsilon (1 - p_t)^(gamma + 1) added to each element (not scaled by alpha;
+        // the weight applies to the sum in sigmoid_pass). The generic element loop for every
+        // dtype (the fp32 SIMD rows have no Poly-1 variant).
+        const T eps_poly = static_cast<T>(epsilon);
+        auto poly_elem = [&](T xv, T yv, T e, int64_t c) __attribute__((flatten)) {
+          LossGrad<T> lg = sigmoid_focal_element(xv, yv, apc != nullptr ? apc[c] : a, gm, e);
+          const LossGrad<T> pl = sigmoid_poly1_element(xv, yv, gm, eps_poly, e);
+          lg.loss += pl.loss;
+          lg.grad = (lg.grad + pl.grad) * scale;
+          return lg;
+        };
+        total = sigmoid_pass<T>(x, y, labels, in.M, in.C, ignore_index, lo, g, sw, poly_elem);
+        return;
+      }
       if constexpr (std::is_same<scalar_t, float>::value && std::is_same<target_t, float>::value) {
         auto fast_row = [&](const float* xr, const float* yr, int64_t label, int64_t n, float* lr, float* gr,
                             const float* wrow, float wr) {

@@ -22,6 +22,7 @@ from fused_losses import _ext
 
 ORDER = ("cuda", "triton", "cpu", "reference")
 LOSSES = ("focal", "sigmoid_focal", "ohem", "ghmc", "ib")
+LOSSES += ("distribution_focal",)  # distribution focal (#24)
 _MODULES = {name: f"fused_losses._backends.{name}_backend" for name in ORDER}
 
 
