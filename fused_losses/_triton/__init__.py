@@ -5,3 +5,8 @@ serves). Importing this package imports triton."""
 from fused_losses._triton.ops import focal, ghmc, ib, ohem, sigmoid_focal
 
 __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib"]
+
+# ---- distribution focal (#24) ----
+from fused_losses._triton.dfl import distribution_focal  # noqa: E402
+
+__all__ += ["distribution_focal"]
