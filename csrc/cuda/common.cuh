@@ -261,8 +261,7 @@ at::Tensor ghmc_bin_counts_cuda(const at::Tensor& logits_in, const at::Tensor& t
 std::tuple<at::Tensor, at::Tensor> ghmc_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                    const at::Tensor& bin_weights_in, bool use_sigmoid,
                                                    int64_t ignore_index, c10::string_view reduction_name,
-                                                   bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing,
-                                                            double epsilon);
+                                                   bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing);
 at::Tensor scale_grad_cuda(const at::Tensor& saved_in, const at::Tensor& grad_output_in, at::ScalarType dtype);
 void scale_grad_inplace_cuda(const at::Tensor& grad, const at::Tensor& grad_output, const at::Tensor& applied_scale);
 
