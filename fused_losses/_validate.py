@@ -709,6 +709,9 @@ def _check_dfl_range(target: torch.Tensor, n: int, validate) -> None:
     while torch._C._functorch.is_functorch_wrapped_tensor(target):
         target = torch._C._functorch.get_unwrapped(target)
     t = target.detach()
+    lo, hi = (float(v) for v in torch.aminmax(t))  # one pass; a NaN label makes both NaN
+    if lo >= 0 and hi <= n:
+        return
     bad = ~((t >= 0) & (t <= n))  # NaN compares False: bad
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])
@@ -716,7 +719,8 @@ def _check_dfl_range(target: torch.Tensor, n: int, validate) -> None:
                      f"labels lie in [0, n], n + 1 = logits.shape[-1] = {n + 1} bins)")
 
 
-def distribution_focal_args(logits, target, *, weight, avg_factor, reduction, validate) -> dict[str, Any]:
+def distribution_focal_args(logits, target, *, weight=None, avg_factor=None, reduction="mean",
+                            validate=None) -> dict[str, Any]:
     """distribution_focal: logits (..., n + 1) with n + 1 >= 2 bins, a real target of shape
     logits.shape[:-1] with values in [0, n] (float, or integer bin indices), weight per row."""
     _logits(logits, 1, "(..., n + 1) bin logits")

@@ -59,7 +59,7 @@ def _run(loss: str, backend, logits: torch.Tensor, *tensors, avg_factor=None, **
     if avg_factor is None:
         return chosen.losses[loss](logits, *tensors, **kwargs)
     weight = kwargs.get("weight")
-    if (chosen.name == "cpu" and loss in ("focal", "sigmoid_focal") and isinstance(weight, torch.Tensor)
+    if (chosen.name == "cpu" and loss in ("focal", "sigmoid_focal", "distribution_focal") and isinstance(weight, torch.Tensor)
             and not (isinstance(avg_factor, torch.Tensor) and avg_factor.requires_grad)):
         # The CPU kernels scale the loss and the gradient by the weight in their one pass, so
         # sum(weight / avg_factor * loss) there is the same value (up to rounding) without the

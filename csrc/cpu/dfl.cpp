@@ -19,6 +19,86 @@ inline void check_dfl_label(T y, int64_t n) {
               " is out of range [0, ", n, "] (distribution_focal labels lie in [0, n], n + 1 = logits.shape[-1])");
 }
 
+// float32 logits: tiles of up to kDflTile rows transposed into class-major scratch (xt[c * w + j]),
+// so that the SIMD channel-second kernels of simd_kernels.cpp run across the tile's rows (a row of
+// 17 bins fills one vector and a scalar tail; across rows every lane is busy): softmax_tile (max,
+// exponentials, the sums with and without `sel`), log_softmax_target_rows for both bins (the
+// exact forms), softmax_grad_tile (coef e_c and the `sel` column), the `oth` column patched, and
+// the gradient tile transposed back. Same per-row formulas as the generic loop below.
+constexpr int64_t kDflTile = 128;
+
+void dfl_rows_float(const float* x, const float* y, const float* wp, int64_t M, int64_t C, float scale,
+                    float* row_loss, float* g) {
+  const int64_t n = C - 1;
+  const int64_t tiles = ceil_div(M, kDflTile);
+  parallel_for_balanced(0, tiles, std::max<int64_t>(1, kWorkGrain / (C * kDflTile)), [&](int64_t begin, int64_t end) {
+    std::vector<float> xt(C * kDflTile), e(C * kDflTile), gt(g != nullptr ? C * kDflTile : 0);
+    float mx[kDflTile], sm[kDflTile], so[kDflTile], so_oth[kDflTile], xs[kDflTile], xo[kDflTile], lps[kDflTile],
+        lpo[kDflTile], coef[kDflTile], tv[kDflTile], w_sel[kDflTile], w_oth[kDflTile], k[kDflTile];
+    int32_t ts[kDflTile], to[kDflTile];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t r0 = tile * kDflTile, w = std::min(kDflTile, M - r0);
+      const float* xr = x + r0 * C;
+      for (int64_t j = 0; j < w; ++j)
+        for (int64_t c = 0; c < C; ++c) xt[c * w + j] = xr[j * C + c];
+      for (int64_t j = 0; j < w; ++j) {
+        const float wr = wp != nullptr ? wp[r0 + j] : 1.0f;
+        if (wr == 0.0f) {  // selects 0: a NaN logit or label there does not leak
+          ts[j] = -1;
+          to[j] = 0;
+          xs[j] = xo[j] = w_sel[j] = w_oth[j] = k[j] = 0.0f;
+          continue;
+        }
+        const float yv = y[r0 + j];
+        check_dfl_label(yv, n);
+        const DflBins<float> b = dfl_bins(yv, n);
+        const int64_t l = b.left;
+        const float x_l = xt[l * w + j], x_r = xt[(l + 1) * w + j];
+        const bool left = x_l >= x_r;
+        ts[j] = static_cast<int32_t>(left ? l : l + 1);
+        to[j] = static_cast<int32_t>(left ? l + 1 : l);
+        xs[j] = left ? x_l : x_r;
+        xo[j] = left ? x_r : x_l;
+        w_sel[j] = left ? b.w_left : b.w_right;
+        w_oth[j] = left ? b.w_right : b.w_left;
+        k[j] = scale * wr;
+      }
+      cpu::softmax_tile(xt.data(), C, w, w, ts, e.data(), mx, sm, so);
+      // the other bin's "sum of the others" matters only when it is the row max too (a tie with
+      // `sel`): then s >= 2 and s - e_oth = s - 1 has no cancellation
+      for (int64_t j = 0; j < w; ++j) so_oth[j] = sm[j] - e[to[j] * w + j];
+      cpu::log_softmax_target_rows(xs, mx, sm, so, w, lps);
+      cpu::log_softmax_target_rows(xo, mx, sm, so_oth, w, lpo);
+      for (int64_t j = 0; j < w; ++j) {
+        const bool on = ts[j] >= 0;
+        row_loss[r0 + j] = on ? (wp != nullptr ? wp[r0 + j] : 1.0f) * -(w_sel[j] * lps[j] + w_oth[j] * lpo[j]) : 0.0f;
+        const float inv_s = 1.0f / sm[j];
+        coef[j] = on ? k[j] * inv_s : 0.0f;
+        tv[j] = on ? k[j] * (w_oth[j] - so[j] * inv_s) : 0.0f;
+      }
+      if (g == nullptr) continue;
+      cpu::softmax_grad_tile(gt.data(), C, w, w, ts, e.data(), coef, tv);
+      for (int64_t j = 0; j < w; ++j)
+        if (ts[j] >= 0) gt[to[j] * w + j] = k[j] * (e[to[j] * w + j] / sm[j] - w_oth[j]);
+      float* gr = g + r0 * C;
+      for (int64_t j = 0; j < w; ++j)
+        for (int64_t c = 0; c < C; ++c) gr[j * C + c] = gt[c * w + j];
+    }
+  });
+}
+
+// The per-row loop for T = float with fp32 logits (dfl_rows_float), else false (the generic loop).
+template <typename scalar_t, typename T, typename G>
+bool dfl_float_path(const scalar_t* x, const T* y, const T* wp, int64_t M, int64_t C, T scale, T* row_loss, G* g) {
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value && std::is_same<G, float>::value) {
+    if (C <= 4096) {
+      dfl_rows_float(x, y, wp, M, C, scale, row_loss, g);
+      return true;
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
 // distribution_focal_forward: logits (..., n + 1), target (...,) float in [0, n]; loss per row
@@ -50,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor> distribution_focal_forward_cpu(const at::Tens
     std::vector<T> row_loss(M, T(0));
     with_grad_ptr<scalar_t, T>(grad, compute_grad, [&](auto* g) {
       using G = std::remove_pointer_t<decltype(g)>;
+      if (dfl_float_path<scalar_t, T, G>(x, y, wp, M, C, scale, row_loss.data(), g)) return;
       parallel_for_balanced(0, M, std::max<int64_t>(1, kWorkGrain / C), [&](int64_t begin, int64_t end) {
         std::vector<T> e(C);
         for (int64_t r = begin; r < end; ++r) {
