@@ -54,7 +54,8 @@ struct SoftmaxArgs {
   // Drop-in extras: weight (N * S,) per row or nullptr; label smoothing eps (0: none).
   const float* weight = nullptr;
   float label_smoothing = 0.0f;
-  // Poly-1 (#24, Focal only): epsilon (1 - p_t)^(gamma + 1) added per row (0: none; a uniform branch)
+  // Poly-1 (#24, Focal only): epsilon (1 - p_t)^(gamma + 1) added per row (0: none); != 0 runs the
+  // extras instances (softmax_launch_for), so the plain instances compile it out
   float epsilon = 0.0f;
   // Outputs, nullptr when not wanted.
   grad_t* grad = nullptr;          // (N, C, S), the saved gradient (saved_grad_dtype)
@@ -136,10 +137,12 @@ __device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row,
       const lm::FocalTerm<float> ft = lm::focal_term_parts(log_pt, rv.p_t, rv.one_minus_pt, a.gamma);
       out.loss = alpha_t * ft.value;
       out.k = scale * alpha_t * ft.dvalue_dlogpt;
-      if (a.epsilon != 0.0f) {  // Poly-1 (#24): not scaled by alpha
-        const lm::FocalTerm<float> pt = lm::poly1_term_parts(rv.p_t, rv.one_minus_pt, a.gamma, a.epsilon);
-        out.loss += pt.value;
-        out.k += scale * pt.dvalue_dlogpt;
+      if constexpr (kWeighted) {  // Poly-1 (#24): the extras instances only (softmax_launch_for)
+        if (a.epsilon != 0.0f) {  // not scaled by alpha
+          const lm::FocalTerm<float> pt = lm::poly1_term_parts(rv.p_t, rv.one_minus_pt, a.gamma, a.epsilon);
+          out.loss += pt.value;
+          out.k += scale * pt.dvalue_dlogpt;
+        }
       }
       break;
     }
@@ -690,7 +693,8 @@ inline SoftmaxLaunch<scalar_t, grad_t> softmax_launch_for(const SoftmaxArgs<scal
   // probabilities): the kExtras instances of the sweep kernels, whatever C (for (N, C) rows one
   // warp per row; fused, the row read once from memory), so that the plain instances keep the
   // registers of the no-extras kernels. focal_probs_kernel takes the weight itself.
-  const bool extras = (a.weight != nullptr || a.label_smoothing > 0.0f) && a.loss != SoftmaxLoss::Stats;
+  const bool extras = (a.weight != nullptr || a.label_smoothing > 0.0f || a.epsilon != 0.0f) &&  // + Poly-1 (#24)
+                      a.loss != SoftmaxLoss::Stats;
   if (from_probs) {
     return a.weight != nullptr ? Launch{focal_probs_kernel<scalar_t, grad_t, true>, kThreads}
                                : Launch{focal_probs_kernel<scalar_t, grad_t, false>, kThreads};
