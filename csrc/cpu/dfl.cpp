@@ -39,8 +39,8 @@ void dfl_rows_float(const float* x, const float* y, const float* wp, int64_t M, 
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = tile * kDflTile, w = std::min(kDflTile, M - r0);
       const float* xr = x + r0 * C;
-      for (int64_t j = 0; j < w; ++j)
-        for (int64_t c = 0; c < C; ++c) xt[c * w + j] = xr[j * C + c];
+      for (int64_t c = 0; c < C; ++c)  // contiguous writes; the reads stay in the tile (L1)
+        for (int64_t j = 0; j < w; ++j) xt[c * w + j] = xr[j * C + c];
       for (int64_t j = 0; j < w; ++j) {
         const float wr = wp != nullptr ? wp[r0 + j] : 1.0f;
         if (wr == 0.0f) {  // selects 0: a NaN logit or label there does not leak
@@ -51,16 +51,17 @@ void dfl_rows_float(const float* x, const float* y, const float* wp, int64_t M, 
         }
         const float yv = y[r0 + j];
         check_dfl_label(yv, n);
-        const DflBins<float> b = dfl_bins(yv, n);
-        const int64_t l = b.left;
+        // dfl_bins for a checked label y in [0, n]: floor is the truncation (no libm floorf call)
+        const int64_t l = std::min<int64_t>(static_cast<int64_t>(yv), n - 1);
+        const float w_r = yv - static_cast<float>(l), w_l = 1.0f - w_r;
         const float x_l = xt[l * w + j], x_r = xt[(l + 1) * w + j];
         const bool left = x_l >= x_r;
         ts[j] = static_cast<int32_t>(left ? l : l + 1);
         to[j] = static_cast<int32_t>(left ? l + 1 : l);
         xs[j] = left ? x_l : x_r;
         xo[j] = left ? x_r : x_l;
-        w_sel[j] = left ? b.w_left : b.w_right;
-        w_oth[j] = left ? b.w_right : b.w_left;
+        w_sel[j] = left ? w_l : w_r;
+        w_oth[j] = left ? w_r : w_l;
         k[j] = scale * wr;
       }
       cpu::softmax_tile(xt.data(), C, w, w, ts, e.data(), mx, sm, so);
