@@ -136,7 +136,7 @@ class FocalLoss(_Float32Buffers):
 
     def extra_repr(self) -> str:
         return _extra_repr(self, ("gamma", "alpha", "ignore_index", "reduction", "from_logits", "backend",
-                                  "label_smoothing") + (("epsilon",) if self.epsilon != 0.0 else ()))
+                                  "label_smoothing", "epsilon"))
 
 
 class SigmoidFocalLoss(_Float32Buffers):
@@ -192,8 +192,7 @@ class SigmoidFocalLoss(_Float32Buffers):
                                epsilon=self.epsilon)
 
     def extra_repr(self) -> str:
-        return _extra_repr(self, ("alpha", "gamma", "ignore_index", "reduction", "backend")
-                           + (("epsilon",) if self.epsilon != 0.0 else ()))
+        return _extra_repr(self, ("alpha", "gamma", "ignore_index", "reduction", "backend", "epsilon"))
 
 
 class OHEMLoss(nn.Module):

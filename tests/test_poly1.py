@@ -247,7 +247,7 @@ def test_torch_compile_fullgraph_cpu():
 def test_modules_and_bad_epsilon():
     logits, target = softmax_case((6, 4), torch.float32, seed=91)
     m = fl.nn.FocalLoss(gamma=0.0, epsilon=1.0)
-    assert "epsilon=1.0" in repr(m) and "epsilon" not in repr(fl.nn.FocalLoss())
+    assert "epsilon=1.0" in repr(m) and "epsilon=0.0" in repr(fl.nn.FocalLoss())
     assert torch.allclose(m(logits, target), fl.focal(logits, target, gamma=0.0, epsilon=1.0))
     sx, sl = sigmoid_case((6, 4), torch.float32, kind="labels", seed=92)
     s = fl.nn.SigmoidFocalLoss(epsilon=2.0, reduction="sum")
