@@ -114,6 +114,9 @@ EMU_ASAN_TESTS += tests/test_detector_sigmoid.py  # quality_focal / varifocal / 
 # libstdc++ is preloaded right after the sanitizer runtime: otherwise ASan's __cxa_throw
 # interceptor finds no real __cxa_throw (python itself does not link libstdc++) and the first C++
 # exception (a device-side assert turned into a RuntimeError) aborts with "CHECK failed".
+# ---- distribution focal / Poly-1 (#24): their kernels' cases under the emulator too ----
+EMU_TESTS      += tests/test_dfl.py tests/test_poly1.py
+EMU_ASAN_TESTS += tests/test_dfl.py tests/test_poly1.py
 EMU_ASAN_ENV   := LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
                   ASAN_OPTIONS=detect_leaks=0 \
                   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FL_CUDA_EMU_ASAN=1

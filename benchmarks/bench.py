@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_losses as fl
-from fused_losses import _validate, reference
+from fused_losses import _backends, _validate, reference
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -329,6 +329,38 @@ CASES += [
          "multi-hot (0.2%), timm defaults, sum", {"small": (64, 9605), "large": (256, 9605), "cpu": (256, 9605)},
          _asl_case),
 ]
+# ---- distribution focal / Poly-1 (#24) ----
+def _dfl_case(shape, device, dtype, gen):
+    """GFL's box branch as mmdet's GFLHead calls DFL: (positives x 4 sides, reg_max + 1 bins) logits,
+    float distances in [0, reg_max - 0.01] (bbox2distance), per-side weight = the positive's quality
+    score repeated over its 4 sides, 'mean' with avg_factor=4.0."""
+    rows, bins = shape
+    x = _randn(shape, device, dtype, gen)
+    t = torch.rand(rows, device=device, generator=gen).mul_(bins - 1 - 0.01)
+    w = torch.rand(-(-rows // 4), device=device, generator=gen).repeat_interleave(4)[:rows].contiguous()
+    floor = _nbytes(x, t, w)
+    return Inputs((x, t), dict(weight=w, reduction="mean", avg_factor=4.0), (x,), floor, floor + _nbytes(x))
+
+
+CASES += [
+    Case("gfl_dfl", "distribution_focal", "GFL box branch: DFL over 800k positives x 4 sides x 17 bins "
+         "(3.2M rows of 17, as mmdet's GFLHead passes them), per-side quality weights, mean with avg_factor=4.0",
+         {"small": (400000, 17), "large": (3200000, 17), "cpu": (3200000, 17)}, _dfl_case),
+    Case("classify_poly1_80", "focal", "Poly-1 focal: classify_focal_80 (softmax focal gamma=2 on (N, 80) rows, "
+         "mean) with epsilon=1", {"small": (32768, 80), "large": (262144, 80), "cpu": (262144, 80)},
+         _classify_case(gamma=2.0, reduction="mean", epsilon=1.0), peers=("cross_entropy",)),
+    Case("retinanet_poly1_labels", "sigmoid_focal", "Poly-1 sigmoid focal: retinanet_labels with epsilon=1",
+         {"small": (32768, 80), "large": (1048576, 80), "cpu": (262144, 80)},
+         lambda shape, device, dtype, gen: _poly1(_sigmoid_case(False)(shape, device, dtype, gen)),
+         peers=("torchvision",)),
+]
+
+
+def _poly1(inp: Inputs) -> Inputs:
+    inp.kwargs["epsilon"] = 1.0
+    return inp
+
+
 CASES_BY_NAME = {c.name: c for c in CASES}
 
 # --suite cpu: exactly the CPU-kernel issues' cases (focal 262144 x 80 fp32 mean; sigmoid_focal 262144 x 80
@@ -346,6 +378,10 @@ SUITES = {
 SUITES["detector-sigmoid"] = dict(size="cpu", device="cpu", dtypes=["float32"],
                                   cases=["gfl_qfl", "vfl_dense", "asl_openimages"],
                                   providers=["fused-cpu", "compile", "eager"], scaling=False)
+# distribution focal / Poly-1 (#24): the DFL case and the Poly-1 focal cases, fused cpu vs eager vs compile
+SUITES["detector-dfl"] = dict(size="cpu", device="cpu", dtypes=["float32"],
+                              cases=["gfl_dfl", "classify_poly1_80", "retinanet_poly1_labels"],
+                              providers=["fused-cpu", "compile", "eager"], scaling=False)
 
 
 # ============================================================================================
@@ -378,7 +414,7 @@ def _reference_kwargs(loss: str, inp: Inputs) -> dict:
 
 def _reference_fn(loss: str) -> Callable:
     """reference.<loss>, taking _reference_kwargs's avg_factor (divides its 'sum' by it)."""
-    fn = getattr(reference, loss)
+    fn = _backends.get("reference").losses[loss]  # Poly-1's epsilon: the reference backend's routing (#24)
 
     def with_avg_factor(*args, avg_factor=None, **kwargs):
         out = fn(*args, **kwargs)

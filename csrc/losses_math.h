@@ -363,5 +363,62 @@ FL_INLINE float ghm_ema(float state, float count, float momentum, float one_minu
 #endif
 }
 
+
+// ---- distribution focal / Poly-1 (#24) ----------------------------------------------------
+// Poly-1's added term (reference.poly1_term, focal_poly1, sigmoid_focal_poly1), applied after
+// focal_term_parts / sigmoid_focal_element when epsilon != 0 (never scaled by alpha; scaled by
+// the weight as the focal part). u = 1 - p_t:
+//   value = epsilon u^(gamma + 1),   d value / d log p_t = -epsilon (gamma + 1) u^gamma p_t
+// (du/dl = -p_t): the softmax rows' k form, grad_c = k ([c == t] - p_c). The exponent is >= 1,
+// so the derivative is finite at u = 0 for every gamma >= 0.
+template <typename T>
+FL_INLINE FocalTerm<T> poly1_term_parts(T p_t, T one_minus_pt, T gamma, T epsilon) {
+  const T modulation = pow_gamma(one_minus_pt, gamma);
+  FocalTerm<T> out;
+  out.value = epsilon * (modulation * one_minus_pt);
+  out.dvalue_dlogpt = -epsilon * (gamma + T(1)) * modulation * p_t;
+  return out;
+}
+
+// The sigmoid element's Poly-1 term from x (e = e^{-|x|} as sigmoid_focal_element) and y:
+//   u = p (1 - y) + q y,  loss = epsilon u^(gamma + 1),  dloss/dx = epsilon (gamma + 1) u^gamma p q (1 - 2y).
+template <typename T>
+FL_INLINE LossGrad<T> sigmoid_poly1_element(T x, T y, T gamma, T epsilon, T exp_neg_abs_x) {
+  const T inv = T(1) / (T(1) + exp_neg_abs_x);
+  const T small = exp_neg_abs_x * inv;
+  const T p = x >= T(0) ? inv : small;
+  const T q = x >= T(0) ? small : inv;
+  const T u = p * (T(1) - y) + q * y;
+  const T modulation = pow_gamma(u, gamma);
+  LossGrad<T> out;
+  out.loss = epsilon * (modulation * u);
+  out.grad = epsilon * (gamma + T(1)) * modulation * (p * q) * (T(1) - T(2) * y);
+  return out;
+}
+
+// Distribution focal loss of one row of n + 1 bins (reference.distribution_focal): label y in
+// [0, n], l = min(floor(y), n - 1), r = l + 1, w_r = y - l, w_l = 1 - w_r:
+//   loss = -(w_l log p_l + w_r log p_r),   dloss/dx_c = p_c - w_l [c == l] - w_r [c == r]
+// (w_l + w_r = 1). dfl_bins gives l and the two weights; a y outside [0, n] or NaN is clamped
+// into a valid bin pair (the device kernels never read out of bounds; the host validates).
+template <typename T>
+struct DflBins {
+  int64_t left;
+  T w_left, w_right;
+};
+
+template <typename T>
+FL_INLINE DflBins<T> dfl_bins(T y, int64_t n) {
+  DflBins<T> b;
+  T f = floor_(y);
+  const T top = static_cast<T>(n - 1);
+  f = f > top ? top : f;
+  f = f >= T(0) ? f : T(0);  // also maps NaN to 0
+  b.left = static_cast<int64_t>(f);
+  b.w_right = y - f;
+  b.w_left = T(1) - b.w_right;
+  return b;
+}
+
 }  // namespace math
 }  // namespace fused_losses

@@ -44,17 +44,20 @@ inline void define_op_schemas(torch::Library& m) {
   //     and bins use the unsmoothed CE / p_t. Only with from_logits.
   //   alpha_per_class (sigmoid): (C,) in the math dtype; alpha_t = a_c y + (1 - a_c)(1 - y);
   //     replaces the scalar alpha.
+  //   epsilon (Poly-1, #24; softmax and sigmoid focal): adds epsilon (1 - p_t)^(gamma + 1) per
+  //     sample / element, not scaled by alpha, scaled by the weight (reference.focal_poly1,
+  //     sigmoid_focal_poly1; with label smoothing 1 - p_t = 1 - sum_c q_c p_c). 0: the plain loss.
   // Softmax focal over (N, C) or channel-second (N, C, d...) logits; target (N, d...) int64/int32.
   // alpha_per_class (C,) in the math dtype when given, else the scalar alpha (1.0 = no alpha).
   m.def(
       "softmax_focal_forward(Tensor logits, Tensor target, Tensor? alpha_per_class, float alpha, "
       "float gamma, int ignore_index, str reduction, bool from_logits, bool compute_grad, Tensor? weight=None, "
-      "float label_smoothing=0.0) -> (Tensor loss, Tensor grad_logits)");
+      "float label_smoothing=0.0, float epsilon=0.0) -> (Tensor loss, Tensor grad_logits)");
   // Sigmoid focal over (..., C) logits; target float of the logits' shape, or integer labels of
   // shape logits.shape[:-1] (label == C: background, label == ignore_index: ignored row).
   m.def(
       "sigmoid_focal_forward(Tensor logits, Tensor target, float alpha, float gamma, int ignore_index, "
-      "str reduction, bool compute_grad, Tensor? alpha_per_class=None, Tensor? weight=None) "
+      "str reduction, bool compute_grad, Tensor? alpha_per_class=None, Tensor? weight=None, float epsilon=0.0) "
       "-> (Tensor loss, Tensor grad_logits)");
   // OHEM over per-sample cross entropy. keep_count > 0: keep min(keep_count, n_valid) hardest;
   // else keep max(1, floor(keep_fraction * n_valid)). thresh given: mmseg mode with
@@ -138,6 +141,14 @@ inline void define_op_schemas(torch::Library& m) {
       "eqlv2_forward(Tensor logits, Tensor target, Tensor state, float gamma, float mu, float alpha, "
       "bool objectness, int ignore_index, str reduction, bool compute_grad, Tensor? weight=None) "
       "-> (Tensor loss, Tensor grad_logits, Tensor batch_stats)");
+  // ---- distribution focal (#24) ----
+  // Distribution focal loss (GFL) over (..., n + 1) logits (bins 0..n), target (...,) float labels
+  // in [0, n]: loss = -(w_l log p_l + w_r log p_r), l = min(floor(y), n - 1), r = l + 1,
+  // w_r = y - l, w_l = 1 - w_r (reference.distribution_focal). weight: one value per row.
+  // 'none' returns logits.shape[:-1]; 'mean' divides by the number of rows.
+  m.def(
+      "distribution_focal_forward(Tensor logits, Tensor target, str reduction, bool compute_grad, "
+      "Tensor? weight=None) -> (Tensor loss, Tensor grad_logits)");
 }
 
 }  // namespace fused_losses

@@ -24,6 +24,8 @@ from fused_losses.functional import class_weights, focal, ghmc, ib, ohem, sigmoi
 from fused_losses.functional import asymmetric, quality_focal, varifocal  # quality_focal / varifocal / asymmetric (#24)
 from fused_losses.functional import eqlv2, seesaw  # ---- seesaw / eqlv2 (#25) ----
 
+from fused_losses.functional import distribution_focal  # distribution focal (#24)
+
 _backends.preload()
 
 # The installed distribution's version (importlib.metadata); a source tree that was never
@@ -45,6 +47,7 @@ __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights", "bac
            "BackendStatus"]
 __all__ += ["quality_focal", "varifocal", "asymmetric"]  # quality_focal / varifocal / asymmetric (#24)
 __all__ += ["seesaw", "eqlv2"]  # ---- seesaw / eqlv2 (#25) ----
+__all__ += ["distribution_focal"]  # distribution focal (#24)
 
 
 def backends() -> dict:

@@ -167,6 +167,7 @@ def logits_gradient(ctx, saved, grad_loss, applied_scale, scale_in_place, scale_
 # (weight, label_smoothing, ...) follow it.
 COMPUTE_GRAD_POS = {"softmax_focal_forward": 8, "sigmoid_focal_forward": 6, "ohem_forward": 8, "ghmc_forward": 6,
                     "ib_forward": 9, "ghmc_softmax_scale": 7}
+COMPUTE_GRAD_POS["distribution_focal_forward"] = 3  # distribution focal (#24)
 
 
 def setup_saved_grads_for(name: str):
@@ -328,12 +329,12 @@ def call_loss(run, logits: torch.Tensor, features, *aux, channel_dim):
 
 # ---- fake (meta) kernels ----------------------------------------------------------------------
 def _fake_softmax_focal(logits, target, alpha_per_class, alpha, gamma, ignore_index, reduction, from_logits,
-                        compute_grad, weight=None, label_smoothing=0.0):
+                        compute_grad, weight=None, label_smoothing=0.0, epsilon=0.0):
     return _loss_like(logits, _softmax_none_shape(logits), reduction), _grad_like(logits, compute_grad, reduction)
 
 
 def _fake_sigmoid_focal(logits, target, alpha, gamma, ignore_index, reduction, compute_grad, alpha_per_class=None,
-                        weight=None):
+                        weight=None, epsilon=0.0):
     return _loss_like(logits, logits.shape, reduction), _grad_like(logits, compute_grad, reduction)
 
 
@@ -389,6 +390,14 @@ _FORWARD_OPS = {
     "ghmc_forward": (_fake_ghmc, _backward_logits_only),
     "ib_forward": (_fake_ib, _backward_ib),
 }
+
+
+# ---- distribution focal (#24) ----
+def _fake_distribution_focal(logits, target, reduction, compute_grad, weight=None):
+    return _loss_like(logits, logits.shape[:-1], reduction), _grad_like(logits, compute_grad, reduction)
+
+
+_FORWARD_OPS["distribution_focal_forward"] = (_fake_distribution_focal, _backward_logits_only)
 
 
 _registered = False

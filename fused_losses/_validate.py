@@ -493,25 +493,26 @@ def _extras(**extras) -> dict[str, Any]:
 # Per-loss argument sets
 # --------------------------------------------------------------------------------------------
 def focal_args(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits, validate, weight=None,
-               label_smoothing=0.0, avg_factor=None) -> dict[str, Any]:
+               label_smoothing=0.0, avg_factor=None, epsilon=0.0) -> dict[str, Any]:
     c, ignore_index = _softmax_inputs(logits, target, ignore_index, validate)
     avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
     from_logits = _bool("from_logits", from_logits)
     return dict(gamma=_real("gamma", gamma, low=0.0), alpha=_alpha(alpha, c, logits, validate),
                 ignore_index=ignore_index, reduction=reduction_arg(reduction), from_logits=from_logits,
                 **_extras(weight=_softmax_weight(weight, logits, target, validate),
-                          label_smoothing=_label_smoothing(label_smoothing, from_logits=from_logits)))
+                          label_smoothing=_label_smoothing(label_smoothing, from_logits=from_logits),
+                          epsilon=poly1_epsilon_arg(epsilon)))
 
 
 def sigmoid_focal_args(logits, target, *, alpha, gamma, ignore_index, reduction, validate,
-                       weight=None, avg_factor=None, single_class_warning=True) -> dict[str, Any]:
+                       weight=None, avg_factor=None, single_class_warning=True, epsilon=0.0) -> dict[str, Any]:
     c, ignore_index = _sigmoid_inputs(logits, target, ignore_index, validate)
     if single_class_warning:
         _warn_single_class_labels(target, logits)
     avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
     return dict(alpha=_sigmoid_alpha(alpha, c, logits, validate), gamma=_real("gamma", gamma, low=0.0),
                 ignore_index=ignore_index, reduction=reduction_arg(reduction),
-                **_extras(weight=_sigmoid_weight(weight, logits, validate)))
+                **_extras(weight=_sigmoid_weight(weight, logits, validate), epsilon=poly1_epsilon_arg(epsilon)))
 
 
 def ohem_args(logits, target, *, keep, thresh, min_kept, ignore_index, reduction, validate, weight=None,
@@ -670,6 +671,73 @@ def class_weights_args(counts, scheme, beta) -> tuple[torch.Tensor, str, float]:
         first = int(bad.nonzero()[0, 0])
         _value_error("counts", f"every class needs a finite count > 0; class {first} has {tensor[first].item()}")
     return tensor, scheme, beta
+
+
+# --------------------------------------------------------------------------------------------
+# ---- distribution focal / Poly-1 (#24) ----
+# --------------------------------------------------------------------------------------------
+def poly1_epsilon_arg(epsilon):
+    """Poly-1's epsilon (focal / sigmoid_focal): a finite real number, any sign (docs/losses/detector.md:
+    epsilon >= -1 keeps a loss without alpha >= 0, but a negative epsilon is the paper's own
+    ablation and is not refused). Returns None for 0 (the plain loss: backends receive no
+    `epsilon` then, _extras), else the float."""
+    value = _real("epsilon", epsilon)
+    return None if value == 0.0 else value
+
+
+def _dfl_weight(weight, logits: torch.Tensor, target: torch.Tensor, validate):
+    """None, or `weight` broadcast to the target's shape (one value per row of bins), contiguous, in
+    the math dtype."""
+    if weight is None:
+        return None
+    w = _weight_tensor(weight, logits, validate)
+    shape = tuple(target.shape)
+    try:
+        ok = tuple(torch.broadcast_shapes(tuple(w.shape), shape)) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        _weight_shape_error(w, f"the target's shape {shape} (one value per row of bins)")
+    return w.to(_math_dtype(logits)).expand(shape).contiguous()
+
+
+def _check_dfl_range(target: torch.Tensor, n: int, validate) -> None:
+    """Labels of distribution_focal must lie in [0, n] (NaN is out of range); read on the host only
+    where _host_check_default allows (CPU tensors, or validate=True)."""
+    if not _host_check_default(target, validate) or target.numel() == 0:
+        return
+    while torch._C._functorch.is_functorch_wrapped_tensor(target):
+        target = torch._C._functorch.get_unwrapped(target)
+    t = target.detach()
+    lo, hi = (float(v) for v in torch.aminmax(t))  # one pass; a NaN label makes both NaN
+    if lo >= 0 and hi <= n:
+        return
+    bad = ~((t >= 0) & (t <= n))  # NaN compares False: bad
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        _value_error("target", f"value {t[first].item()} at {list(first)} is out of range [0, {n}] (distribution_focal "
+                     f"labels lie in [0, n], n + 1 = logits.shape[-1] = {n + 1} bins)")
+
+
+def distribution_focal_args(logits, target, *, weight=None, avg_factor=None, reduction="mean",
+                            validate=None) -> dict[str, Any]:
+    """distribution_focal: logits (..., n + 1) with n + 1 >= 2 bins, a real target of shape
+    logits.shape[:-1] with values in [0, n] (float, or integer bin indices), weight per row."""
+    _logits(logits, 1, "(..., n + 1) bin logits")
+    bins = logits.shape[-1]
+    if bins < 2:
+        _value_error("logits", f"expected n + 1 >= 2 bins in the last dim, got shape {tuple(logits.shape)}")
+    if not isinstance(target, torch.Tensor):
+        _type_error("target", f"expected a torch.Tensor, got {type(target).__name__}")
+    if not (target.is_floating_point() or target.dtype in _INDEX_DTYPES):
+        _type_error("target", f"expected float labels in [0, n] (or int64/int32 bin indices), got {target.dtype}")
+    _same_device("target", target, logits)
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        _value_error("target", f"expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]: one label per row of "
+                     f"n + 1 = {bins} bins), got {tuple(target.shape)}")
+    _check_dfl_range(target, bins - 1, validate)
+    avg_factor_arg(avg_factor, reduction_arg(reduction), logits)
+    return dict(reduction=reduction_arg(reduction), **_extras(weight=_dfl_weight(weight, logits, target, validate)))
 
 
 # ---- quality_focal / varifocal / asymmetric (#24) ----

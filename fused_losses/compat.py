@@ -29,6 +29,7 @@ from torch import nn
 from fused_losses import functional as _functional
 
 __all__ = ["sigmoid_focal_loss", "patch_torchvision", "TorchvisionPatch", "MMDetFocalLoss"]
+__all__ += ["MMDetDistributionFocalLoss"]  # distribution focal (#24)
 
 
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: Union[float, torch.Tensor] = 0.25,
@@ -393,6 +394,81 @@ def _mmdet_weight(weight: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
                          f"per row (size(0) == N = {n}), nor N x C = {pred.numel()} values (mmdet's "
                          "weight.view(N, -1))")
     return weight.reshape(pred.shape)
+
+
+# ---- distribution focal (#24) ----
+class MMDetDistributionFocalLoss(nn.Module):
+    """mmdet.models.losses.DistributionFocalLoss (mmdet 3.x), computed by the fused DFL kernels.
+
+    Same constructor and forward signature, same numbers (mmdet's distribution_focal_loss followed
+    by weight_reduce_loss, times loss_weight), without importing mmdet:
+
+        loss = loss_weight * weight_reduce_loss(dfl(pred, target) * weight, reduction, avg_factor)
+        'none' -> per row (avg_factor ignored); 'sum' -> loss.sum() (avg_factor: ValueError);
+        'mean' -> loss.mean(), or with avg_factor loss.sum() / (avg_factor + float32 eps)
+
+    Differences from mmdet (docs/losses/detector.md): a label equal to n (= reg_max) gives
+    CE(x, n), where mmdet indexes bin n + 1 and fails (its GFL head never passes n); a zero weight
+    gives exactly 0 where mmdet's ``loss * weight`` turns a NaN logit into NaN; 'mean' and 'sum'
+    of float16/bfloat16 logits return float32.
+
+    Args:
+        reduction: 'none' | 'mean' | 'sum' (default 'mean').
+        loss_weight: multiplies the loss.
+        backend: not in mmdet's signature: as everywhere in fused_losses (None = automatic).
+
+    Raises:
+        ValueError: an unknown reduction.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.compat import MMDetDistributionFocalLoss
+        >>> pred_corners = torch.randn(12, 17, requires_grad=True)   # 3 positives x 4 sides, reg_max 16
+        >>> target_corners = torch.rand(12) * 15.99                  # bbox2distance(..., reg_max - 0.01)
+        >>> weight_targets = torch.rand(3)                           # the positives' quality scores
+        >>> loss_dfl = MMDetDistributionFocalLoss(loss_weight=0.25)
+        >>> loss = loss_dfl(pred_corners, target_corners, weight=weight_targets[:, None].expand(-1, 4).reshape(-1),
+        ...                 avg_factor=4.0)
+        >>> loss.backward()
+    """
+
+    def __init__(self, reduction: str = "mean", loss_weight: float = 1.0, backend: Optional[str] = None):
+        super().__init__()
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction: unknown reduction {reduction!r}; expected 'none', 'mean' or 'sum'")
+        self.reduction, self.loss_weight, self.backend = reduction, loss_weight, backend
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None, reduction_override: Optional[str] = None) -> torch.Tensor:
+        """The loss of one batch (mmdet's DistributionFocalLoss.forward).
+
+        Args:
+            pred: (N, n + 1) bin logits (any leading dims: rows).
+            target: (N,) float labels in [0, n].
+            weight: (N,) per-row weights (mmdet multiplies the (N,) loss by it), or None.
+            avg_factor: a number or a 0-dim tensor, used with 'mean' only; ignored with 'none', a
+                ValueError with 'sum', as in mmdet. No host sync.
+            reduction_override: None, 'none', 'mean' or 'sum'.
+
+        Returns:
+            The loss: (N,) for 'none', else a 0-dim tensor.
+        """
+        if reduction_override not in (None, "none", "mean", "sum"):
+            raise ValueError(f"reduction_override: expected None, 'none', 'mean' or 'sum', got {reduction_override!r}")
+        reduction = reduction_override if reduction_override else self.reduction
+        if avg_factor is not None:
+            if reduction == "sum":
+                raise ValueError('avg_factor: can not be used with reduction="sum" (mmdet\'s weight_reduce_loss)')
+            avg_factor = None if reduction == "none" else avg_factor + _MMDET_EPS
+        if weight is not None and isinstance(weight, torch.Tensor) and weight.shape != target.shape \
+                and weight.numel() == target.numel():
+            weight = weight.reshape(target.shape)
+        loss = _functional.distribution_focal(pred, target, weight=weight, avg_factor=avg_factor,
+                                              reduction=reduction, backend=self.backend)
+        return loss if self.loss_weight == 1.0 else self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, loss_weight={self.loss_weight!r}, backend={self.backend!r}"
 
 
 # ---- quality_focal / varifocal / asymmetric (#24) ----

@@ -44,6 +44,7 @@ SigmoidAlpha = Union[float, Sequence[float], torch.Tensor]
 AvgFactor = Union[None, float, torch.Tensor]
 
 __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib", "class_weights"]
+__all__ += ["distribution_focal"]  # distribution focal (#24)
 
 
 def _run(loss: str, backend, logits: torch.Tensor, *tensors, avg_factor=None, **kwargs) -> torch.Tensor:
@@ -58,7 +59,7 @@ def _run(loss: str, backend, logits: torch.Tensor, *tensors, avg_factor=None, **
     if avg_factor is None:
         return chosen.losses[loss](logits, *tensors, **kwargs)
     weight = kwargs.get("weight")
-    if (chosen.name == "cpu" and loss in ("focal", "sigmoid_focal") and isinstance(weight, torch.Tensor)
+    if (chosen.name == "cpu" and loss in ("focal", "sigmoid_focal", "distribution_focal") and isinstance(weight, torch.Tensor)
             and not (isinstance(avg_factor, torch.Tensor) and avg_factor.requires_grad)):
         # The CPU kernels scale the loss and the gradient by the weight in their one pass, so
         # sum(weight / avg_factor * loss) there is the same value (up to rounding) without the
@@ -74,7 +75,7 @@ def _run(loss: str, backend, logits: torch.Tensor, *tensors, avg_factor=None, **
 def focal(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alpha: Alpha = None,
           ignore_index: int = -100, reduction: str = "mean", from_logits: bool = True,
           backend: Optional[str] = None, validate: Optional[bool] = None, weight: Optional[torch.Tensor] = None,
-          avg_factor: AvgFactor = None, label_smoothing: float = 0.0) -> torch.Tensor:
+          avg_factor: AvgFactor = None, label_smoothing: float = 0.0, epsilon: float = 0.0) -> torch.Tensor:
     """Softmax focal loss, ``loss_i = -alpha_{t_i} (1 - p_{t_i})^gamma log p_{t_i}``.
 
     p = softmax(logits) over the class dim. With gamma=0 and alpha=None this is
@@ -105,6 +106,11 @@ def focal(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alp
         label_smoothing: eps in [0, 1] (from_logits only): the target distribution
             q_c = (1 - eps) [c == t] + eps / C and loss_i = sum_c q_c a_c (1 - p_c)^gamma
             (-log p_c); gamma=0 without alpha is ``F.cross_entropy(..., label_smoothing=eps)``.
+        epsilon: Poly-1 (Leng et al. 2022): adds ``epsilon (1 - p_t)^(gamma + 1)`` per sample,
+            computed in the same fused pass; gamma=0 gives Poly-1 cross entropy
+            (``CE + epsilon (1 - p_t)``). Not scaled by alpha (the paper's code), scaled by
+            ``weight``, 0 on ignored samples; with label_smoothing ``p_t = sum_c q_c p_c``. Any
+            finite value; 0 (default) is the plain loss exactly (docs/losses/detector.md).
 
     Returns:
         The loss: shape of target for 'none' (logits dtype), a 0-dim tensor for 'mean'/'sum'
@@ -132,17 +138,21 @@ def focal(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alp
         >>> ce = fl.focal(logits, target, gamma=0.0)
         >>> bool(torch.allclose(ce, F.cross_entropy(logits, target)))
         True
+        >>> poly1_ce = fl.focal(logits, target, gamma=0.0, epsilon=1.0)   # Poly-1 cross entropy
+        >>> p_t = logits.softmax(1).gather(1, target[:, None])[:, 0]
+        >>> bool(torch.allclose(poly1_ce, F.cross_entropy(logits, target) + (1 - p_t).mean()))
+        True
     """
     kwargs = _validate.focal_args(logits, target, gamma=gamma, alpha=alpha, ignore_index=ignore_index,
                                   reduction=reduction, from_logits=from_logits, validate=validate, weight=weight,
-                                  label_smoothing=label_smoothing, avg_factor=avg_factor)
+                                  label_smoothing=label_smoothing, avg_factor=avg_factor, epsilon=epsilon)
     return _run("focal", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 
 def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: SigmoidAlpha = 0.25, gamma: float = 2.0,
                   ignore_index: int = -100, reduction: str = "none", backend: Optional[str] = None,
                   validate: Optional[bool] = None, weight: Optional[torch.Tensor] = None,
-                  avg_factor: AvgFactor = None) -> torch.Tensor:
+                  avg_factor: AvgFactor = None, epsilon: float = 0.0) -> torch.Tensor:
     """Sigmoid focal loss (``torchvision.ops.sigmoid_focal_loss`` semantics), elementwise.
 
     ``loss = alpha_t (1 - p_t)^gamma BCE(x, y)`` with p = sigmoid(x), p_t = p y + (1 - p)(1 - y)
@@ -172,6 +182,10 @@ def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: SigmoidA
             unchanged.
         avg_factor: with reduction='mean' only: sum / avg_factor (a number or a 0-dim tensor on
             the logits' device, e.g. num_pos; no host sync).
+        epsilon: Poly-1 (Leng et al. 2022): adds ``epsilon (1 - p_t)^(gamma + 1)`` to each
+            element in the same fused pass (Poly-1 focal). Not scaled by alpha (the paper's
+            code), scaled by ``weight``, 0 on ignored rows. Any finite value; 0 (default) is the
+            plain loss exactly.
 
     Returns:
         The loss: the logits' shape for 'none' (logits dtype), a 0-dim tensor for 'mean'/'sum'.
@@ -199,17 +213,21 @@ def sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, *, alpha: SigmoidA
         >>> loss.backward()
         >>> fl.sigmoid_focal(cls_logits, labels).shape              # 'none': elementwise
         torch.Size([6, 4])
+        >>> poly = fl.sigmoid_focal(cls_logits, labels, epsilon=1.0)  # Poly-1 focal
+        >>> bool((poly >= fl.sigmoid_focal(cls_logits, labels)).all())
+        True
     """
     return _sigmoid_focal(logits, target, alpha=alpha, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
-                          backend=backend, validate=validate, weight=weight, avg_factor=avg_factor)
+                          backend=backend, validate=validate, weight=weight, avg_factor=avg_factor, epsilon=epsilon)
 
 
 def _sigmoid_focal(logits, target, *, alpha, gamma, ignore_index, reduction, backend, validate, weight, avg_factor,
-                   single_class_warning=True):
+                   single_class_warning=True, epsilon=0.0):
     # single_class_warning=False: compat.MMDetFocalLoss, whose labels follow mmdet's C = background convention
     kwargs = _validate.sigmoid_focal_args(logits, target, alpha=alpha, gamma=gamma, ignore_index=ignore_index,
                                           reduction=reduction, validate=validate, weight=weight,
-                                          avg_factor=avg_factor, single_class_warning=single_class_warning)
+                                          avg_factor=avg_factor, single_class_warning=single_class_warning,
+                                          epsilon=epsilon)
     return _run("sigmoid_focal", backend, logits, target, avg_factor=avg_factor, **kwargs)
 
 
@@ -435,6 +453,64 @@ def class_weights(counts, scheme: str = "inverse", beta: float = 0.9999) -> torc
         tensor([0.8571, 0.4286, 1.7143])
     """
     return reference.class_weights(*_validate.class_weights_args(counts, scheme, beta))
+
+
+# ---- distribution focal (#24) ----
+def distribution_focal(logits: torch.Tensor, target: torch.Tensor, *, weight: Optional[torch.Tensor] = None,
+                       avg_factor: AvgFactor = None, reduction: str = "mean", backend: Optional[str] = None,
+                       validate: Optional[bool] = None) -> torch.Tensor:
+    """Distribution focal loss (DFL, GFL: Li et al. 2020), mmdet's ``distribution_focal_loss``.
+
+    The logits of a row are a distribution over the bins 0..n of one box side; the float label
+    y in [0, n] lies between the bins l = floor(y) and r = l + 1 (l = n - 1 at y = n) and the loss
+    is the cross entropy to both, weighted by the distance: ``(r - y) CE(x, l) + (y - l) CE(x, r)``.
+    One fused pass per row (softmax, two gathers, loss and gradient). y = n gives ``CE(x, n)``
+    (mmdet's formula indexes bin n + 1 there; docs/losses/detector.md); labels are never clamped
+    or written.
+
+    Args:
+        logits: (..., n + 1) float tensor of bin logits (n + 1 >= 2; GFL: 17 bins, reg_max 16),
+            e.g. (num_pos * 4, 17), or (num_pos, 4, 17) for the four sides.
+        target: float labels of shape ``logits.shape[:-1]`` in [0, n] (integer tensors are read as
+            bin indices). Not differentiated (a target that requires grad runs on 'reference').
+        weight: per-row weights broadcastable to the target's shape (mmdet's per-side weights,
+            e.g. the quality score repeated 4 times); a zero weight gives exactly 0 (a NaN logit
+            there does not leak). 'mean' still divides by the number of rows.
+        avg_factor: with reduction='mean' only: sum / avg_factor (a number or a 0-dim tensor on
+            the logits' device; mmdet's GFL head passes 4.0; no host sync).
+        reduction: 'none' (the target's shape, the logits' dtype), 'mean' (over rows) or 'sum'.
+        backend: None (automatic) or 'cuda', 'triton', 'cpu', 'reference'.
+        validate: None (check label values on CPU tensors), True (also on CUDA: a host sync) or
+            False (never; the kernels then clamp an out-of-range label into [0, n]).
+
+    Returns:
+        The loss: the target's shape for 'none', else a 0-dim tensor in
+        ``promote_types(logits.dtype, float32)``. Differentiable in logits.
+
+    Raises:
+        TypeError: logits not a floating tensor, a target that is neither float nor int64/int32.
+        ValueError: fewer than 2 bins, a target not of shape logits.shape[:-1], labels outside
+            [0, n] or NaN (CPU tensors, or validate=True), a weight that does not broadcast,
+            avg_factor without reduction='mean'; every message starts with the argument's name.
+        RuntimeError: an explicitly requested backend that is unavailable or cannot serve the call.
+
+    Example:
+        >>> import torch
+        >>> import fused_losses as fl
+        >>> pred = torch.randn(8, 4, 17, requires_grad=True)      # 8 positives x 4 sides x 17 bins
+        >>> target = torch.rand(8, 4) * 16                        # distances in bin units, [0, 16]
+        >>> loss = fl.distribution_focal(pred, target, reduction="mean", avg_factor=4.0)
+        >>> loss.backward()
+        >>> y = torch.tensor([3.0])                               # on a bin edge: CE to bin 3
+        >>> x = torch.randn(1, 17)
+        >>> bool(torch.allclose(fl.distribution_focal(x, y), torch.nn.functional.cross_entropy(x, y.long())))
+        True
+    """
+    kwargs = _validate.distribution_focal_args(logits, target, weight=weight, avg_factor=avg_factor,
+                                               reduction=reduction, validate=validate)
+    # the labels are not differentiated by the fused kernels: a target that requires grad runs on 'reference'
+    requested = _validate.target_grad_backend("distribution_focal", target, _validate.backend_arg(backend))
+    return _run("distribution_focal", requested, logits, target, avg_factor=avg_factor, **kwargs)
 
 
 # ---- quality_focal / varifocal / asymmetric (#24) ----

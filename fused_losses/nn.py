@@ -29,6 +29,7 @@ from fused_losses import functional as F
 from fused_losses._validate import _real
 
 __all__ = ["FocalLoss", "SigmoidFocalLoss", "OHEMLoss", "GHMCLoss", "IBLoss", "IBFocalLoss"]
+__all__ += ["DistributionFocalLoss"]  # distribution focal (#24)
 
 
 def _class_buffer(module: nn.Module, name: str, value):
@@ -90,6 +91,8 @@ class FocalLoss(_Float32Buffers):
         from_logits: False when the input already holds probabilities.
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
         label_smoothing: eps in [0, 1] (F.cross_entropy's meaning at gamma=0). Default 0.0.
+        epsilon: Poly-1's epsilon: adds epsilon (1 - p_t)^(gamma + 1) per sample (Poly-1 cross
+            entropy at gamma=0). Default 0.0 (the plain loss).
 
     Example:
         >>> import torch
@@ -101,10 +104,12 @@ class FocalLoss(_Float32Buffers):
     """
 
     def __init__(self, gamma: float = 2.0, alpha=None, ignore_index: int = -100, reduction: str = "mean",
-                 from_logits: bool = True, backend: Optional[str] = None, label_smoothing: float = 0.0):
+                 from_logits: bool = True, backend: Optional[str] = None, label_smoothing: float = 0.0,
+                 epsilon: float = 0.0):
         super().__init__()
         self.gamma, self.ignore_index, self.reduction = gamma, ignore_index, reduction
         self.from_logits, self.backend, self.label_smoothing = from_logits, backend, label_smoothing
+        self.epsilon = epsilon  # Poly-1 (#24)
         _class_buffer(self, "alpha", alpha)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -127,11 +132,11 @@ class FocalLoss(_Float32Buffers):
         """
         return F.focal(logits, target, gamma=self.gamma, alpha=self.alpha, ignore_index=self.ignore_index,
                        reduction=self.reduction, from_logits=self.from_logits, backend=self.backend, weight=weight,
-                       avg_factor=avg_factor, label_smoothing=self.label_smoothing)
+                       avg_factor=avg_factor, label_smoothing=self.label_smoothing, epsilon=self.epsilon)
 
     def extra_repr(self) -> str:
         return _extra_repr(self, ("gamma", "alpha", "ignore_index", "reduction", "from_logits", "backend",
-                                  "label_smoothing"))
+                                  "label_smoothing", "epsilon"))
 
 
 class SigmoidFocalLoss(_Float32Buffers):
@@ -144,6 +149,8 @@ class SigmoidFocalLoss(_Float32Buffers):
         ignore_index: integer label of rows to ignore. Default -100.
         reduction: 'none' (default, like torchvision) | 'mean' | 'sum'.
         backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+        epsilon: Poly-1's epsilon: adds epsilon (1 - p_t)^(gamma + 1) per element (Poly-1
+            focal). Default 0.0 (the plain loss).
 
     Example:
         >>> import torch
@@ -155,10 +162,11 @@ class SigmoidFocalLoss(_Float32Buffers):
     """
 
     def __init__(self, alpha=0.25, gamma: float = 2.0, ignore_index: int = -100, reduction: str = "none",
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, epsilon: float = 0.0):
         super().__init__()
         self.gamma, self.ignore_index = gamma, ignore_index
         self.reduction, self.backend = reduction, backend
+        self.epsilon = epsilon  # Poly-1 (#24)
         _class_buffer(self, "alpha", alpha)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -180,10 +188,11 @@ class SigmoidFocalLoss(_Float32Buffers):
             TypeError, ValueError, RuntimeError: as :func:`fused_losses.sigmoid_focal`.
         """
         return F.sigmoid_focal(logits, target, alpha=self.alpha, gamma=self.gamma, ignore_index=self.ignore_index,
-                               reduction=self.reduction, backend=self.backend, weight=weight, avg_factor=avg_factor)
+                               reduction=self.reduction, backend=self.backend, weight=weight, avg_factor=avg_factor,
+                               epsilon=self.epsilon)
 
     def extra_repr(self) -> str:
-        return _extra_repr(self, ("alpha", "gamma", "ignore_index", "reduction", "backend"))
+        return _extra_repr(self, ("alpha", "gamma", "ignore_index", "reduction", "backend", "epsilon"))
 
 
 class OHEMLoss(nn.Module):
@@ -394,6 +403,51 @@ class IBFocalLoss(IBLoss):
                  detach_factor: bool = False, reduction: str = "mean", backend: Optional[str] = None):
         super().__init__(alpha=alpha, epsilon=epsilon, weight=weight, detach_factor=detach_factor,
                          reduction=reduction, backend=backend, gamma=gamma)
+
+
+# ---- distribution focal (#24) ----
+class DistributionFocalLoss(nn.Module):
+    """Distribution focal loss (GFL) over rows of n + 1 bin logits; see
+    :func:`fused_losses.distribution_focal`.
+
+    Args:
+        reduction: 'none' | 'mean' (over rows) | 'sum'. Default 'mean'.
+        backend: None (automatic), 'cuda', 'triton', 'cpu' or 'reference'.
+
+    Example:
+        >>> import torch
+        >>> from fused_losses.nn import DistributionFocalLoss
+        >>> criterion = DistributionFocalLoss()
+        >>> pred = torch.randn(32, 17, requires_grad=True)          # 8 boxes x 4 sides, 17 bins
+        >>> target = torch.rand(32) * 16
+        >>> criterion(pred, target, weight=torch.rand(32), avg_factor=4.0).backward()
+    """
+
+    def __init__(self, reduction: str = "mean", backend: Optional[str] = None):
+        super().__init__()
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                avg_factor=None) -> torch.Tensor:
+        """The loss of one batch; see :func:`fused_losses.distribution_focal`.
+
+        Args:
+            logits: (..., n + 1) float tensor of bin logits.
+            target: float labels in [0, n] of shape ``logits.shape[:-1]``.
+            weight: per-row weights broadcastable to the target's shape, or None.
+            avg_factor: with reduction='mean' only (a number or a 0-dim tensor), or None.
+
+        Returns:
+            The loss: the target's shape for 'none', else a 0-dim tensor.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as :func:`fused_losses.distribution_focal`.
+        """
+        return F.distribution_focal(logits, target, weight=weight, avg_factor=avg_factor, reduction=self.reduction,
+                                    backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return _extra_repr(self, ("reduction", "backend"))
 
 
 # ---- quality_focal / varifocal / asymmetric (#24) ----

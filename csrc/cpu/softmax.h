@@ -277,7 +277,8 @@ void softmax_rows_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh
 template <typename scalar_t, typename T, bool kUnitStride, typename G, typename RowFn>
 void softmax_smooth_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
                               const uint8_t* active_rows, const T* weight, T eps, T gamma,
-                              const T* alpha_per_class, T alpha_scalar, G* grad, RowFn&& row_fn) {
+                              const T* alpha_per_class, T alpha_scalar, G* grad, RowFn&& row_fn,
+                              T poly_epsilon = T(0)) {
   const TileGrid grid(sh, kUnitStride);
   const int64_t C = sh.C, class_stride = grid.class_stride;
   const T q_off = eps / static_cast<T>(C), q_on = (T(1) - eps) + eps / static_cast<T>(C);
@@ -314,6 +315,15 @@ void softmax_smooth_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxS
             ho += hc;
           }
         }
+        if (poly_epsilon != T(0)) {
+          // Poly-1 (#24): epsilon (1 - P)^(gamma + 1), P = sum_c q_c p_c = q_off + (1 - eps) p_t, so
+          // 1 - P = (1 - eps)(1 - p_t) + (eps - q_off) (no cancellation) and dP/dl_t = (1 - eps) p_t:
+          // a function of log p_t alone, whose derivative joins h_t (not scaled by alpha).
+          const T u = (T(1) - eps) * row.one_minus_pt + (eps - q_off);
+          const FocalTerm<T> pt = poly1_term_parts((T(1) - eps) * row.p_t, u, gamma, poly_epsilon);
+          value += pt.value;
+          h_t[j] += pt.dvalue_dlogpt;
+        }
         h_others[j] = ho;
         p_t[j] = row.p_t;
         omp_t[j] = row.one_minus_pt;
@@ -341,13 +351,13 @@ void softmax_smooth_pass_impl(const scalar_t* x, const int64_t* target, SoftmaxS
 template <typename scalar_t, typename T, typename G, typename RowFn>
 void softmax_smooth_pass(const scalar_t* x, const int64_t* target, SoftmaxShape sh, int64_t ignore_index,
                          const uint8_t* active_rows, const T* weight, T eps, T gamma, const T* alpha_per_class,
-                         T alpha_scalar, G* grad, RowFn&& row_fn) {
+                         T alpha_scalar, G* grad, RowFn&& row_fn, T poly_epsilon = T(0)) {
   if (sh.S == 1) {
     softmax_smooth_pass_impl<scalar_t, T, true>(x, target, sh, ignore_index, active_rows, weight, eps, gamma,
-                                                alpha_per_class, alpha_scalar, grad, row_fn);
+                                                alpha_per_class, alpha_scalar, grad, row_fn, poly_epsilon);
   } else {
     softmax_smooth_pass_impl<scalar_t, T, false>(x, target, sh, ignore_index, active_rows, weight, eps, gamma,
-                                                 alpha_per_class, alpha_scalar, grad, row_fn);
+                                                 alpha_per_class, alpha_scalar, grad, row_fn, poly_epsilon);
   }
 }
 

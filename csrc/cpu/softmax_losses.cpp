@@ -132,10 +132,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
                                                            double alpha, double gamma, int64_t ignore_index,
                                                            c10::string_view reduction_name, bool from_logits,
                                                            bool compute_grad, const c10::optional<at::Tensor>& weight,
-                                                           double label_smoothing) {
+                                                           double label_smoothing, double epsilon) {
   const Reduction reduction = parse_reduction(reduction_name);
   check_label_smoothing(label_smoothing);
   TORCH_CHECK(label_smoothing == 0.0 || from_logits, "label_smoothing: needs from_logits=True");
+  TORCH_CHECK(std::isfinite(epsilon), "epsilon: expected a finite number, got ", epsilon);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = index_target(target_in);
   const SoftmaxShape sh = softmax_shape(logits);
@@ -155,6 +156,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
       alpha_ptr = alpha_vec.data_ptr<T>();
     }
     const T alpha_t_scalar = static_cast<T>(alpha), gamma_t = static_cast<T>(gamma);
+    // Poly-1 (#24): epsilon (1 - p_t)^(gamma + 1) added after the focal term (poly1_term_parts);
+    // epsilon == 0 takes exactly the plain loss's code.
+    const T eps_poly = static_cast<T>(epsilon);
+    const bool poly = epsilon != 0.0;
     const T scale = reduction == Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n_valid, 1)) : T(1);
     const T* wp = weight_ptr<T>(weight_t);
     std::vector<T> row_loss(sh.rows(), T(0));
@@ -168,7 +173,16 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
                                          const T wr = wp != nullptr ? wp[r] : T(1);
                                          row_loss[r] = wr * value;
                                          return scale * wr;
-                                       });
+                                       }, eps_poly);
+    } else if (from_logits && poly) {
+      softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, wp, g, [&](int64_t r, int64_t t, const SoftmaxRow<T>& row) {
+        const T a = class_alpha(alpha_ptr, alpha_t_scalar, t);
+        const T wr = wp != nullptr ? wp[r] : T(1);
+        const FocalTerm<T> ft = focal_term_parts(row.log_pt, row.p_t, row.one_minus_pt, gamma_t);
+        const FocalTerm<T> pt = poly1_term_parts(row.p_t, row.one_minus_pt, gamma_t, eps_poly);
+        row_loss[r] = wr * (a * ft.value + pt.value);
+        return (scale * wr) * (a * ft.dvalue_dlogpt + pt.dvalue_dlogpt);
+      });
     } else if (from_logits) {
       // wr == 1 without a weight: the products below are then exactly today's.
       softmax_rows_pass<scalar_t, T>(x, tgt, sh, ignore_index, wp, g, [&](int64_t r, int64_t t, const SoftmaxRow<T>& row) {
@@ -193,6 +207,14 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cpu(const at::Tensor& l
           const T a = class_alpha(alpha_ptr, alpha_t_scalar, t);
           const T wr = wp != nullptr ? wp[r] : T(1);
           const FocalTerm<T> ft = focal_term(log_(p_t), gamma_t);
+          if (poly) {
+            // d/dx_t of epsilon (1 - x_t)^(gamma + 1) = poly's dvalue/dlog p_t / p_t
+            const FocalTerm<T> pt = poly1_term_parts(p_t, T(1) - p_t, gamma_t, eps_poly);
+            row_loss[r] = wr * (a * ft.value + pt.value);
+            if (g != nullptr)
+              g[base + t * S] = static_cast<G>((scale * wr) * (a * ft.dvalue_dlogpt + pt.dvalue_dlogpt) / p_t);
+            continue;
+          }
           row_loss[r] = wr * (a * ft.value);
           if (g != nullptr) g[base + t * S] = static_cast<G>((scale * wr) * a * ft.dvalue_dlogpt / p_t);
         }

@@ -235,7 +235,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& 
                                                             const c10::optional<at::Tensor>& alpha_per_class,
                                                             double alpha, double gamma, int64_t ignore_index,
                                                             c10::string_view reduction, bool from_logits,
-                                                            bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing);
+                                                            bool compute_grad, const c10::optional<at::Tensor>& weight, double label_smoothing,
+                                                            double epsilon);
 std::tuple<at::Tensor, at::Tensor> ohem_forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                    double keep_fraction, int64_t keep_count,
                                                    c10::optional<double> thresh, int64_t min_kept_total,
@@ -251,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cuda(const at::Tensor& 
                                                             double alpha, double gamma, int64_t ignore_index,
                                                             c10::string_view reduction_name, bool compute_grad,
                                                             const c10::optional<at::Tensor>& alpha_per_class,
-                                                            const c10::optional<at::Tensor>& weight);
+                                                            const c10::optional<at::Tensor>& weight, double epsilon);
 at::Tensor ghmc_bin_weights_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                  const c10::optional<at::Tensor>& state, int64_t bins, double momentum,
                                  bool use_sigmoid, int64_t ignore_index, const c10::optional<at::Tensor>& weight);

@@ -81,7 +81,7 @@ void launch_sigmoid_focal_kernel(SigmoidArgs<scalar_t, target_t, grad_t> a, cons
 
 template <bool kLabels, typename scalar_t, typename target_t, typename grad_t>
 void launch_sigmoid(SigmoidArgs<scalar_t, target_t, grad_t> a, const at::Tensor& reduced) {
-  if (a.alpha_per_class != nullptr || a.weight != nullptr) {
+  if (a.alpha_per_class != nullptr || a.weight != nullptr || a.epsilon != 0.0f) {  // Poly-1 (#24): extras
     launch_sigmoid_kernel<kLabels, true>(a, reduced);
   } else if (a.loss != SigmoidLoss::Focal || a.numel == 0 || a.numel >= (int64_t(1) << 31) ||
              (kLabels && a.C < 16 / static_cast<int64_t>(sizeof(scalar_t)))) {
@@ -124,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_forward(const SigmoidCall& call, cons
         a.alpha_per_class = params.alpha_per_class;
         a.weight = params.weight;
         a.weight_per_element = params.weight_per_element;
+        a.epsilon = params.epsilon;
       };
       if (call.labels.defined()) {
         SigmoidArgs<scalar_t, float, grad_t> a;
@@ -153,9 +154,10 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cuda(const at::Tensor& 
                                                             double alpha, double gamma, int64_t ignore_index,
                                                             c10::string_view reduction_name, bool compute_grad,
                                                             const c10::optional<at::Tensor>& alpha_per_class,
-                                                            const c10::optional<at::Tensor>& weight) {
+                                                            const c10::optional<at::Tensor>& weight, double epsilon) {
   const DeviceGuard guard(logits_in.device());
   const Reduction reduction = parse_reduction(reduction_name);
+  TORCH_CHECK(std::isfinite(epsilon), "epsilon: expected a finite number, got ", epsilon);
   const SigmoidCall call =
       sigmoid_call(logits_in, target_in, ignore_index, reduction == Reduction::Mean, "sigmoid_focal_forward");
   // Weights leave the 'mean' denominator unchanged (every element of a valid row).
@@ -169,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_forward_cuda(const at::Tensor& 
   params.alpha_per_class = data_or_null(alpha_vec);
   params.weight = data_or_null(weight_vec);
   params.weight_per_element = weight_vec.defined() && weight_vec.numel() == call.M * call.C && call.C != 1;
+  params.epsilon = static_cast<float>(epsilon);
   return sigmoid_forward(call, logits_in, ignore_index, reduction, compute_grad, params);
 }
 

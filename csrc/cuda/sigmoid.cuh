@@ -34,6 +34,7 @@ struct SigmoidLossParams {
   const float* alpha_per_class = nullptr;  // Focal, (C,)
   const float* weight = nullptr;           // (M,) or (M * C,) (sigmoid_weight)
   bool weight_per_element = false;
+  float epsilon = 0.0f;                    // Focal, Poly-1 (#24)
   MeanCount count;                         // 'mean' denominator; count_dev nullptr: sigmoid_mean_count
 };
 

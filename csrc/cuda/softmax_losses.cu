@@ -14,9 +14,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& 
                                                             double alpha, double gamma, int64_t ignore_index,
                                                             c10::string_view reduction, bool from_logits,
                                                             bool compute_grad, const c10::optional<at::Tensor>& weight,
-                                                            double label_smoothing) {
+                                                            double label_smoothing, double epsilon) {
   const DeviceGuard guard(logits_in.device());
   check_label_smoothing(label_smoothing);
+  TORCH_CHECK(std::isfinite(epsilon), "epsilon: expected a finite number, got ", epsilon);
   TORCH_CHECK(label_smoothing == 0.0 || from_logits, "label_smoothing: only with from_logits=True");
   const SoftmaxCall call =
       softmax_call(logits_in, target_in, reduction, compute_grad, /*zero_grad=*/!from_logits, "softmax_focal_forward");
@@ -34,6 +35,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_forward_cuda(const at::Tensor& 
       a.gamma = static_cast<float>(gamma);
       a.weight = data_or_null(weight_vec);
       a.label_smoothing = static_cast<float>(label_smoothing);
+      a.epsilon = static_cast<float>(epsilon);
       if (count.defined()) a.count.count_dev = count.data_ptr<int64_t>();
       softmax_pass(a, !from_logits, reduced_output(call));
     });

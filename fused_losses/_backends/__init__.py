@@ -25,6 +25,7 @@ LOSSES = ("focal", "sigmoid_focal", "ohem", "ghmc", "ib")
 # ---- quality_focal / varifocal / asymmetric (#24) ----
 LOSSES += ("quality_focal", "varifocal", "asymmetric")
 LOSSES += ("seesaw", "eqlv2")  # ---- seesaw / eqlv2 (#25) ----
+LOSSES += ("distribution_focal",)  # distribution focal (#24)
 _MODULES = {name: f"fused_losses._backends.{name}_backend" for name in ORDER}
 
 

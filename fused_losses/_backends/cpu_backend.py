@@ -16,6 +16,7 @@ from fused_losses.reference import ohem_min_kept_total
 _REQUIRED_OPS = ("softmax_focal_forward", "sigmoid_focal_forward", "ohem_forward", "ghmc_bin_weights",
                  "ghmc_forward", "ib_forward", "scale_grad", "scale_grad_",
                  "detector_sigmoid_forward")  # quality_focal / varifocal / asymmetric (#24)
+_REQUIRED_OPS += ("distribution_focal_forward",)  # distribution focal (#24)
 
 
 def _probe():
@@ -90,26 +91,30 @@ def _ops_ns():
 # for the softmax family; logits.shape[:-1] or logits.shape for the sigmoid family) and is passed
 # as an auxiliary tensor (no gradient); `label_smoothing` is a float; avg_factor never reaches a
 # backend (the functional layer runs 'sum' and divides).
-def focal(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits, weight=None, label_smoothing=0.0):
+def focal(logits, target, *, gamma, alpha, ignore_index, reduction, from_logits, weight=None, label_smoothing=0.0,
+          epsilon=None):
     alpha_per_class = alpha if isinstance(alpha, torch.Tensor) else None
     alpha_scalar = 1.0 if alpha is None or alpha_per_class is not None else float(alpha)
+    # Poly-1's epsilon (#24) is passed only when != 0, so the plain call keeps the op's old arguments
+    poly = () if epsilon is None else (float(epsilon),)
 
     def run(compute_grad, x, _features, t, a, w):
         loss, grad = _ops_ns().softmax_focal_forward(x, t, a, alpha_scalar, float(gamma), ignore_index, reduction,
-                                                     from_logits, compute_grad, w, float(label_smoothing))
+                                                     from_logits, compute_grad, w, float(label_smoothing), *poly)
         return loss, grad, None
 
     return _ops.call_loss(run, logits, None, target, alpha_per_class, weight, channel_dim=1)
 
 
-def sigmoid_focal(logits, target, *, alpha, gamma, ignore_index, reduction, weight=None):
+def sigmoid_focal(logits, target, *, alpha, gamma, ignore_index, reduction, weight=None, epsilon=None):
     # alpha: a float (torchvision's meaning; < 0 disables) or a (C,) tensor of per-class alphas.
     alpha_per_class = alpha if isinstance(alpha, torch.Tensor) else None
     alpha_scalar = -1.0 if alpha_per_class is not None else float(alpha)
+    poly = () if epsilon is None else (float(epsilon),)  # Poly-1 (#24), only when != 0
 
     def run(compute_grad, x, _features, t, a, w):
         loss, grad = _ops_ns().sigmoid_focal_forward(x, t, alpha_scalar, float(gamma), ignore_index, reduction,
-                                                     compute_grad, a, w)
+                                                     compute_grad, a, w, *poly)
         return loss, grad, None
 
     return _ops.call_loss(run, logits, None, target, alpha_per_class, weight, channel_dim=None)
@@ -279,6 +284,8 @@ def asymmetric(logits, target, *, gamma_pos, gamma_neg, clip, eps, detach_focusi
 
 
 BACKEND.losses.update(quality_focal=quality_focal, varifocal=varifocal, asymmetric=asymmetric)
+
+
 # ---- seesaw / eqlv2 (#25) ----
 def seesaw(logits, target, cum_samples, **kwargs):
     return _longtail.seesaw(_ops_ns(), logits, target, cum_samples, **kwargs)
@@ -295,3 +302,24 @@ if _AVAILABILITY[0]:  # a stale build without the ops keeps every other loss
         BACKEND.losses["seesaw"] = seesaw
     if hasattr(torch.ops.fused_losses, "eqlv2_forward"):
         BACKEND.losses["eqlv2"] = eqlv2
+
+
+# ---- distribution focal (#24) ----
+def distribution_focal(logits, target, *, reduction, weight=None):
+    """One fused softmax pass per row of bins (csrc/cpu/dfl.cpp, csrc/cuda/dfl.cu); the target is
+    passed as given (the op converts it to the math dtype) and never differentiated."""
+
+    def run(compute_grad, x, _features, t, w):
+        loss, grad = _ops_ns().distribution_focal_forward(x, t, reduction, compute_grad, w)
+        return loss, grad, None
+
+    # (..., n + 1) -> (rows, n + 1) views: the op's 'none' backward (scale_grad) broadcasts a per-row
+    # cotangent over dim 1, the bins of a 2-D gradient.
+    bins = logits.shape[-1]
+    rows = logits.reshape(-1, bins)
+    loss = _ops.call_loss(run, rows, None, target.reshape(-1), None if weight is None else weight.reshape(-1),
+                          channel_dim=1)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+BACKEND.losses["distribution_focal"] = distribution_focal

@@ -9,3 +9,8 @@ __all__ = ["focal", "sigmoid_focal", "ohem", "ghmc", "ib"]
 from fused_losses._triton.detector_sigmoid import asymmetric, quality_focal, varifocal  # noqa: E402
 
 __all__ += ["quality_focal", "varifocal", "asymmetric"]
+
+# ---- distribution focal (#24) ----
+from fused_losses._triton.dfl import distribution_focal  # noqa: E402
+
+__all__ += ["distribution_focal"]

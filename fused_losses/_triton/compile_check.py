@@ -33,11 +33,13 @@ def _variants(full: bool):
                      LOSS="*fp32" if kind == K.STATS else f"*{xdt}",
                      PARTIAL="*fp32", LOGPT="*fp32", OMP="*fp32", LSE="*fp32", GRAD=f"*{xdt}", DFEAT="*fp32",
                      M="i64", C="i32", S="i32", sxn="i64", sxc="i32", sxs="i32", sgn="i64", sgc="i32", sgs="i32",
-                     gamma="fp32", alpha="fp32", epsilon="fp32", smoothing="fp32", ignore_index="i64")
+                     gamma="fp32", alpha="fp32", epsilon="fp32", smoothing="fp32", ignore_index="i64",
+                     poly_eps="fp32")
         consts = dict(KIND=kind, HAS_CLASS_W=class_w, HAS_IGNORE=kind != K.IB, FROM_LOGITS=from_logits,
                       DETACH_FACTOR=False, IB_FOCAL=kind == K.IB and class_w, WRITE_GRAD=grad, STORE_ROWS=not reduce,
                       REDUCE=reduce, HAS_WEIGHT=extras, SMOOTH=extras, BLOCK_M=64 if i % 2 else 2,
-                      BLOCK_C=64 if i % 2 else 2048)
+                      BLOCK_C=64 if i % 2 else 2048,
+                      POLY=extras and kind == K.FOCAL)  # Poly-1 (#24) with the extras
         rows.append((K.softmax_rows_kernel, types, consts))
     grads = [(K.softmax_grad_kernel,
               dict(X=f"*{xdt}", T="*i32", LSE="*fp32", COEF="*fp32", W="*fp32", GRAD=f"*{xdt}", M="i32", C="i32",
@@ -53,10 +55,11 @@ def _variants(full: bool):
         sigmoid.append((K.sigmoid_kernel,
                         dict(X=f"*{xdt}", T=tdt, BIN_W="*fp32", SCALE="*fp32", W="*fp32", ALPHA_C="*fp32",
                              LOSS=f"*{xdt}", PARTIAL="*fp32", GRAD=f"*{xdt}", numel="i64", C="i32", alpha="fp32",
-                             gamma="fp32", ignore_index="i32", bins="i32"),
+                             gamma="fp32", ignore_index="i32", bins="i32", poly_eps="fp32"),
                         dict(KIND=kind, LABELS=labels, WRITE_GRAD=grad, STORE_ELEMS=not grad, REDUCE=grad,
                              HAS_WEIGHT=extras, WEIGHT_PER_ELEM=extras and labels,
-                             ALPHA_PER_CLASS=extras and kind == K.SIGMOID_FOCAL, BLOCK=1024)))
+                             ALPHA_PER_CLASS=extras and kind == K.SIGMOID_FOCAL, BLOCK=1024,
+                             POLY=extras and kind == K.SIGMOID_FOCAL)))  # Poly-1 (#24) with the extras
         if kind == K.GHMC_SIGMOID and grad:
             sigmoid.append((K.ghm_sigmoid_hist_kernel,
                             dict(X=f"*{xdt}", T=tdt, W="*fp32", HIST="*i32", numel="i64", C="i32", ignore_index="i32",
@@ -86,7 +89,14 @@ def _variants(full: bool):
     rescale = [(K.rescale_grad_kernel, dict(GRAD=f"*{gdt}", GO="*fp32", APPLIED="*fp32", numel="i64", X=f"*{gdt}"),
                 dict(BLOCK=4096)) for gdt in ("fp32", "bf16", "fp16")]
     rescale.append((K.record_scale_kernel, dict(GO="*fp32", APPLIED="*fp32", X="*fp32"), {}))
-    everything = rows + grads + sigmoid + tiles + rescale
+    # ---- distribution focal (#24): fused_losses/_triton/dfl.py ----
+    from fused_losses._triton.dfl import dfl_kernel
+    dfl = [(dfl_kernel, dict(X=f"*{xdt}", T="*fp32", W="*fp32", LOSS=f"*{xdt}", PARTIAL="*fp32",
+                             GRAD=f"*{xdt}" if xdt != "fp16" else "*fp32", M="i64", C="i32", scale="fp32"),
+            dict(HAS_WEIGHT=weighted, WRITE_GRAD=True, STORE_ROWS=not weighted, REDUCE=weighted, BLOCK_M=128,
+                 BLOCK_C=32))
+           for xdt, weighted in itertools.product(dtypes, (False, True))]
+    everything = rows + grads + sigmoid + tiles + rescale + dfl
     if full:
         return everything
     # One representative per kernel and kind, the dtypes taking turns.

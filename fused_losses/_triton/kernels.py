@@ -106,6 +106,14 @@ def _focal_term(logpt, one_minus_pt, gamma):
     return value, dvalue
 
 
+@triton.jit
+def _poly1_term(pt, one_minus_pt, gamma, poly_eps):
+    """Poly-1 (#24; losses_math.h poly1_term_parts): epsilon (1 - p_t)^(gamma + 1) and its derivative
+    in l = log p_t, -epsilon (gamma + 1) (1 - p_t)^gamma p_t (finite at p_t = 1 for every gamma)."""
+    mod = _pow(one_minus_pt, gamma)
+    return poly_eps * (mod * one_minus_pt), -poly_eps * (gamma + 1.0) * mod * pt
+
+
 # --------------------------------------------------------------------------------------------
 # Softmax family: one kernel for the per-row statistics, the loss and (optionally) the gradient
 # --------------------------------------------------------------------------------------------
@@ -255,8 +263,12 @@ def softmax_rows_kernel(
     DETACH_FACTOR: tl.constexpr, IB_FOCAL: tl.constexpr, WRITE_GRAD: tl.constexpr, STORE_ROWS: tl.constexpr,
     REDUCE: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    poly_eps=0.0, POLY: tl.constexpr = False,
 ):
     """Row-wise online softmax over C, then a per-row loss l_i and coefficient coef_i.
+    POLY (FOCAL, #24): + poly_eps (1 - p_t)^(gamma + 1) per row (_poly1_term; not scaled by alpha;
+    label smoothing: 1 - p_t = 1 - sum_c q_c p_c = (1 - eps)(1 - p_t) + eps (1 - 1/C), a function of
+    log p_t whose derivative joins h_t); compiled out otherwise.
 
     Pass 1 (from_logits): m = max_j x_j, s = sum_j e^(x_j - m), s_t' = sum_{j != t} e^(x_j - m)
       (one rescale per block), log s (= log1p(s_t') when t is the max, _softmax_log_normaliser),
@@ -354,6 +366,11 @@ def softmax_rows_kernel(
                 loss, h_t, h_oth = _smoothed_row_sums(X, CLASS_W, xbase, t, t_safe, valid, lse_hi, lse_lo, logpt,
                                                       one_minus_pt, gamma, alpha, smoothing, C, sxc, HAS_CLASS_W,
                                                       BLOCK_C)
+                if POLY:
+                    u = (1.0 - smoothing) * one_minus_pt + (smoothing - smoothing / C)
+                    p_val, p_dl = _poly1_term((1.0 - smoothing) * tl.exp(logpt), u, gamma, poly_eps)
+                    loss += tl.where(valid, p_val, 0.0)
+                    h_t += tl.where(valid, p_dl, 0.0)
                 dl = tl.zeros([BLOCK_M], tl.float32)
             else:
                 if HAS_CLASS_W:
@@ -363,6 +380,10 @@ def softmax_rows_kernel(
                 value, dvalue = _focal_term(logpt, one_minus_pt, gamma)
                 loss = a_t * value
                 dl = a_t * dvalue  # dL/dlog p_t
+                if POLY:
+                    p_val, p_dl = _poly1_term(tl.exp(logpt), one_minus_pt, gamma, poly_eps)
+                    loss += p_val
+                    dl += p_dl
             if HAS_WEIGHT:
                 loss = w * loss
                 dl = w * dl
@@ -532,6 +553,7 @@ def sigmoid_kernel(
     KIND: tl.constexpr, LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, STORE_ELEMS: tl.constexpr,
     REDUCE: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_PER_ELEM: tl.constexpr, ALPHA_PER_CLASS: tl.constexpr,
     BLOCK: tl.constexpr,
+    poly_eps=0.0, POLY: tl.constexpr = False,
 ):
     """Elementwise sigmoid losses. With e = e^-|x|: p = sigmoid(x) and q = 1 - p = sigmoid(-x),
     each 1 / (1 + e) or e / (1 + e) (no 1 - p anywhere); softplus(+-x) = max(+-x, 0) + log1p(e)
@@ -574,6 +596,10 @@ def sigmoid_kernel(
         dmod = tl.where((one_minus_pt > 0) & (gamma != 0),
                         gamma * _pow(one_minus_pt, gamma - 1.0) * p * q * (1.0 - 2.0 * y), 0.0)
         dloss = a_t * (dce * mod + tl.where(dmod == 0, 0.0, ce * dmod))
+        if POLY:  # Poly-1 (#24): + poly_eps (1 - p_t)^(gamma + 1), not scaled by alpha
+            pmod = _pow(one_minus_pt, gamma)
+            loss += poly_eps * (pmod * one_minus_pt)
+            dloss += poly_eps * (gamma + 1.0) * pmod * (p * q) * (1.0 - 2.0 * y)
     else:
         idx, in_bin = _ghm_bin(x, y, valid, bins)
         bw = tl.load(BIN_W + idx, mask=in_bin, other=0.0)

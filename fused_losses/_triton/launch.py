@@ -127,7 +127,7 @@ def _empty_result(logits, shape, reduction):
 # --------------------------------------------------------------------------------------------
 def _softmax_launch(kind, logits, target, *, scale, class_w=None, feat=None, gamma=0.0, alpha=1.0, epsilon=1.0,
                     ignore_index=None, from_logits=True, detach_factor=False, ib_focal=False, need_grad=False,
-                    reduction="none", loss_dtype=None, weight=None, label_smoothing=0.0):
+                    reduction="none", loss_dtype=None, weight=None, label_smoothing=0.0, poly_eps=0.0):
     """Runs softmax_rows_kernel; returns dict of its outputs (STATS with label smoothing: also
     "ce_smooth", the smoothed cross entropy per row)."""
     x3, n, c, s = _rows3(logits)
@@ -158,7 +158,7 @@ def _softmax_launch(kind, logits, target, *, scale, class_w=None, feat=None, gam
     grad3 = grad.view(n, c, s) if write_grad else x3
     dfeat_needed = write_grad and kind == K.IB and not detach_factor
     if (kind == K.FOCAL and from_logits and not smooth and s == 1 and c <= _ONE_PASS_MAX_C and x3.stride(1) == 1
-            and (not write_grad or grad3.stride(1) == 1)):
+            and (not write_grad or grad3.stride(1) == 1) and poly_eps == 0.0):  # Poly-1 (#24): the rows kernel
         cfg = _one_pass_config(m, c)
         block_m = cfg.pop("BLOCK_M")
         grid = (triton.cdiv(m, block_m),)
@@ -187,6 +187,7 @@ def _softmax_launch(kind, logits, target, *, scale, class_w=None, feat=None, gam
         KIND=kind, HAS_CLASS_W=class_w is not None, HAS_IGNORE=ignore_index is not None, FROM_LOGITS=from_logits,
         DETACH_FACTOR=detach_factor, IB_FOCAL=ib_focal, WRITE_GRAD=write_grad, STORE_ROWS=store_rows,
         REDUCE=reduce, HAS_WEIGHT=weight is not None, SMOOTH=smooth, BLOCK_M=block_m, BLOCK_C=block_c,
+        **({} if poly_eps == 0.0 else dict(poly_eps=float(poly_eps), POLY=True)),
     )
     return out
 
@@ -213,7 +214,7 @@ def _softmax_grad(logits, target, lse, coef, ignore_index, need_grad, reduction,
 
 
 def softmax_focal(logits, target, alpha_t, alpha, gamma, ignore_index, reduction, from_logits, need_grad, weight=None,
-                  label_smoothing=0.0):
+                  label_smoothing=0.0, epsilon=0.0):
     """Softmax focal loss (cross entropy at gamma = 0): one fused pass (+ in-kernel gradient pass;
     label smoothing: one more pass over each row). 'mean' counts the non-ignored samples, whatever
     their weights."""
@@ -228,7 +229,7 @@ def softmax_focal(logits, target, alpha_t, alpha, gamma, ignore_index, reduction
     out = _softmax_launch(K.FOCAL, logits, target, scale=scale, class_w=alpha_t, gamma=gamma, alpha=alpha,
                           ignore_index=ignore_index, from_logits=from_logits, need_grad=need_grad,
                           reduction=reduction, loss_dtype=logits.dtype, weight=weight,
-                          label_smoothing=label_smoothing)
+                          label_smoothing=label_smoothing, poly_eps=epsilon)
     loss = _finish(out.get("partial"), out.get("rows"), reduction, count, target.shape)
     return loss, out["grad"]
 
@@ -387,9 +388,10 @@ def _weight_args(weight, numel):
 
 
 def _sigmoid_launch(kind, logits, x, t, c, labels, *, scale, bin_w, alpha, gamma, ignore_index, bins, reduction,
-                    need_grad, weight=None, alpha_c=None):
+                    need_grad, weight=None, alpha_c=None, poly_eps=0.0):
     numel = x.numel()
-    if kind == K.SIGMOID_FOCAL and labels and weight is None and alpha_c is None and c <= _ONE_PASS_MAX_C:
+    if (kind == K.SIGMOID_FOCAL and labels and weight is None and alpha_c is None and c <= _ONE_PASS_MAX_C
+            and poly_eps == 0.0):  # Poly-1 (#24): the elementwise kernel
         return _sigmoid_focal_labels_launch(logits, x, t, c, scale=scale, alpha=alpha, gamma=gamma,
                                             ignore_index=ignore_index, reduction=reduction, need_grad=need_grad)
     grid = (triton.cdiv(numel, _ELEM_BLOCK),)
@@ -404,6 +406,7 @@ def _sigmoid_launch(kind, logits, x, t, c, labels, *, scale, bin_w, alpha, gamma
         KIND=kind, LABELS=labels, WRITE_GRAD=need_grad, STORE_ELEMS=reduction == "none",
         REDUCE=reduction != "none", HAS_WEIGHT=w is not None, WEIGHT_PER_ELEM=per_elem,
         ALPHA_PER_CLASS=alpha_c is not None, BLOCK=_ELEM_BLOCK,
+        **({} if poly_eps == 0.0 else dict(poly_eps=float(poly_eps), POLY=True)),
     )
     return rows, partial, grad
 
@@ -435,7 +438,7 @@ def _sigmoid_scale(reduction, n_valid, device):
 
 
 def sigmoid_focal(logits, target, alpha, gamma, ignore_index, reduction, need_grad, alpha_per_class=None,
-                  weight=None):
+                  weight=None, epsilon=0.0):
     """Sigmoid focal loss, one elementwise pass writing loss (or partial sums) and gradient.
     alpha_per_class (C,) replaces the scalar alpha; weight: per row or per element. 'mean'
     counts the non-ignored elements, whatever their weights."""
@@ -446,7 +449,7 @@ def sigmoid_focal(logits, target, alpha, gamma, ignore_index, reduction, need_gr
     rows, partial, grad = _sigmoid_launch(K.SIGMOID_FOCAL, logits, x, t, c, labels, scale=scale, bin_w=scale,
                                           alpha=alpha, gamma=gamma, ignore_index=ignore_index, bins=1,
                                           reduction=reduction, need_grad=need_grad, weight=weight,
-                                          alpha_c=alpha_per_class)
+                                          alpha_c=alpha_per_class, poly_eps=epsilon)
     return _finish(partial, rows, reduction, count, logits.shape), grad
 
 

@@ -97,14 +97,15 @@ def _nones(ctx, used: int) -> tuple:
 @torch.library.custom_op(f"{_NS}::softmax_focal", mutates_args=())
 def softmax_focal_op(logits: Tensor, target: Tensor, alpha_t: Optional[Tensor], alpha: float, gamma: float,
                      ignore_index: int, reduction: str, from_logits: bool, need_grad: bool,
-                     weight: Optional[Tensor] = None, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+                     weight: Optional[Tensor] = None, label_smoothing: float = 0.0,
+                     epsilon: float = 0.0) -> tuple[Tensor, Tensor]:
     return launch.softmax_focal(logits, target, alpha_t, alpha, gamma, ignore_index, reduction, from_logits,
-                                need_grad, weight, label_smoothing)
+                                need_grad, weight, label_smoothing, epsilon)
 
 
 @softmax_focal_op.register_fake
 def _(logits, target, alpha_t, alpha, gamma, ignore_index, reduction, from_logits, need_grad, weight=None,
-      label_smoothing=0.0):
+      label_smoothing=0.0, epsilon=0.0):
     return _fake_loss(logits, target.shape, reduction), _fake_grad(logits, need_grad, reduction)
 
 
@@ -127,13 +128,14 @@ torch.library.register_autograd(f"{_NS}::softmax_focal", _softmax_focal_backward
 @torch.library.custom_op(f"{_NS}::sigmoid_focal", mutates_args=())
 def sigmoid_focal_op(logits: Tensor, target: Tensor, alpha: float, gamma: float, ignore_index: int,
                      reduction: str, need_grad: bool, alpha_per_class: Optional[Tensor] = None,
-                     weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                     weight: Optional[Tensor] = None, epsilon: float = 0.0) -> tuple[Tensor, Tensor]:
     return launch.sigmoid_focal(logits, target, alpha, gamma, ignore_index, reduction, need_grad, alpha_per_class,
-                                weight)
+                                weight, epsilon)
 
 
 @sigmoid_focal_op.register_fake
-def _(logits, target, alpha, gamma, ignore_index, reduction, need_grad, alpha_per_class=None, weight=None):
+def _(logits, target, alpha, gamma, ignore_index, reduction, need_grad, alpha_per_class=None, weight=None,
+      epsilon=0.0):
     return _fake_loss(logits, logits.shape, reduction), _fake_grad(logits, need_grad, reduction)
 
 
@@ -271,25 +273,29 @@ torch.library.register_autograd(f"{_NS}::ib", _ib_backward, setup_context=_ib_se
 # Each function calls its op through fused_losses._ops.call_loss: directly (the op's autograd
 # formula above) or, under functorch transforms / forward AD, through the transform-aware path.
 def focal(logits, target, *, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean", from_logits=True,
-          weight=None, label_smoothing=0.0):
+          weight=None, label_smoothing=0.0, epsilon=None):
     alpha_t = alpha if isinstance(alpha, Tensor) else None
     alpha_s = 1.0 if alpha is None or alpha_t is not None else float(alpha)
+    poly = () if epsilon is None else (float(epsilon),)  # Poly-1 (#24), passed only when != 0
 
     def run(need_grad, x, _features, t, a, w):
         loss, grad = softmax_focal_op(x, t, a, alpha_s, float(gamma), int(ignore_index), reduction,
-                                      bool(from_logits), need_grad, w, float(label_smoothing))
+                                      bool(from_logits), need_grad, w, float(label_smoothing), *poly)
         return loss, grad, None
 
     return call_loss(run, logits, None, target, alpha_t, weight, channel_dim=1)
 
 
-def sigmoid_focal(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=-100, reduction="none", weight=None):
+def sigmoid_focal(logits, target, *, alpha=0.25, gamma=2.0, ignore_index=-100, reduction="none", weight=None,
+                  epsilon=None):
     # alpha: a float (torchvision's meaning; < 0 disables) or a (C,) tensor of per-class alphas.
     alpha_c = alpha if isinstance(alpha, Tensor) else None
     alpha_s = -1.0 if alpha_c is not None else float(alpha)
+    poly = () if epsilon is None else (float(epsilon),)  # Poly-1 (#24), passed only when != 0
 
     def run(need_grad, x, _features, t, a, w):
-        loss, grad = sigmoid_focal_op(x, t, alpha_s, float(gamma), int(ignore_index), reduction, need_grad, a, w)
+        loss, grad = sigmoid_focal_op(x, t, alpha_s, float(gamma), int(ignore_index), reduction, need_grad, a, w,
+                                      *poly)
         return loss, grad, None
 
     return call_loss(run, logits, None, target, alpha_c, weight, channel_dim=None)

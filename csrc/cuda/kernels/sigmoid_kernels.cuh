@@ -30,6 +30,7 @@ struct SigmoidArgs {
   const float* alpha_per_class = nullptr;  // Focal: (C,), replaces alpha
   const float* weight = nullptr;           // (M,) per row or (M * C,) per element
   bool weight_per_element = false;
+  float epsilon = 0.0f;  // Focal, Poly-1 (#24): the kExtras instances only (launch_sigmoid); 0: none
   grad_t* grad = nullptr;              // (M, C) saved gradient (saved_grad_dtype) or nullptr
   scalar_t* loss_elems = nullptr;      // 'none': (M, C) or nullptr
   double* partials = nullptr;          // 'mean'/'sum': one per block
@@ -69,6 +70,11 @@ __device__ __forceinline__ lm::LossGrad<float> sigmoid_element(const A& a, float
   lm::LossGrad<float> out;
   if (a.loss == SigmoidLoss::Focal) {
     out = lm::sigmoid_focal_element(x, y, alpha, a.gamma, e);
+    if (a.epsilon != 0.0f) {  // Poly-1 (#24): + epsilon (1 - p_t)^(gamma + 1), not scaled by alpha
+      const lm::LossGrad<float> pl = lm::sigmoid_poly1_element(x, y, a.gamma, a.epsilon, e);
+      out.loss += pl.loss;
+      out.grad += pl.grad;
+    }
     out.grad *= scale;
   } else {
     const int64_t b = lm::ghm_bin(lm::ghm_sigmoid_g(x, y), a.bins);

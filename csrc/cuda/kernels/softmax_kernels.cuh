@@ -54,6 +54,9 @@ struct SoftmaxArgs {
   // Drop-in extras: weight (N * S,) per row or nullptr; label smoothing eps (0: none).
   const float* weight = nullptr;
   float label_smoothing = 0.0f;
+  // Poly-1 (#24, Focal only): epsilon (1 - p_t)^(gamma + 1) added per row (0: none); != 0 runs the
+  // extras instances (softmax_launch_for), so the plain instances compile it out
+  float epsilon = 0.0f;
   // Outputs, nullptr when not wanted.
   grad_t* grad = nullptr;          // (N, C, S), the saved gradient (saved_grad_dtype)
   scalar_t* loss_rows = nullptr;   // 'none': (N * S,)
@@ -134,6 +137,13 @@ __device__ __forceinline__ RowResult softmax_row_result(const A& a, int64_t row,
       const lm::FocalTerm<float> ft = lm::focal_term_parts(log_pt, rv.p_t, rv.one_minus_pt, a.gamma);
       out.loss = alpha_t * ft.value;
       out.k = scale * alpha_t * ft.dvalue_dlogpt;
+      if constexpr (kWeighted) {  // Poly-1 (#24): the extras instances only (softmax_launch_for)
+        if (a.epsilon != 0.0f) {  // not scaled by alpha
+          const lm::FocalTerm<float> pt = lm::poly1_term_parts(rv.p_t, rv.one_minus_pt, a.gamma, a.epsilon);
+          out.loss += pt.value;
+          out.k += scale * pt.dvalue_dlogpt;
+        }
+      }
       break;
     }
     case SoftmaxLoss::IB: {
@@ -234,12 +244,22 @@ __device__ __forceinline__ float smooth_finish(const A& a, int64_t row, int64_t 
   const float a_t = lm::class_alpha(sr.alpha_per_class, sr.alpha, t);
   lm::FocalTerm<float> ft{-rv.log_pt, -1.0f};
   if (sr.gamma != 0.0f) ft = lm::focal_term_parts(rv.log_pt, rv.p_t, rv.one_minus_pt, sr.gamma);
-  const float h_t = q_t * a_t * ft.dvalue_dlogpt;
+  float h_t = q_t * a_t * ft.dvalue_dlogpt;
+  float poly = 0.0f;
+  if (a.loss == SoftmaxLoss::Focal && a.epsilon != 0.0f) {
+    // Poly-1 (#24): 1 - sum_c q_c p_c = (1 - eps)(1 - p_t) + (eps - eps/C), a function of l_t alone
+    // (d/dl_t: (1 - eps) p_t), so its derivative joins h_t (csrc/cpu/softmax.h, the same steps).
+    const float u = (1.0f - a.label_smoothing) * rv.one_minus_pt + (a.label_smoothing - sr.eps_c);
+    const lm::FocalTerm<float> pt =
+        lm::poly1_term_parts((1.0f - a.label_smoothing) * rv.p_t, u, sr.gamma, a.epsilon);
+    h_t += pt.dvalue_dlogpt;
+    poly = pt.value;
+  }
   const float h_others = sr.eps_c * sum_d;
   sr.gs = scale * mult;
   sr.h_total = h_t + h_others;
   sr.target_grad = sr.gs * (h_t * rv.one_minus_pt - rv.p_t * h_others);
-  return mult * (q_t * a_t * ft.value + sr.eps_c * sum_f);
+  return mult * (q_t * a_t * ft.value + sr.eps_c * sum_f + poly);
 }
 
 // Gradient of a non-target class j: gs * (eps/C a_j D(l_j) - p_j H).
@@ -614,8 +634,17 @@ __global__ void __launch_bounds__(kThreads) focal_probs_kernel(const SoftmaxArgs
       float alpha_t = lm::class_alpha(a.alpha_per_class, a.alpha, rt.t);
       if constexpr (kWeighted) alpha_t *= a.weight[row];
       const lm::FocalTerm<float> ft = lm::focal_term(lm::log_(p_t), a.gamma);
-      res.loss = alpha_t * ft.value;
-      if (a.grad != nullptr) a.grad[at_t] = from_float<grad_t>(scale * alpha_t * ft.dvalue_dlogpt / p_t);
+      if (a.epsilon == 0.0f) {
+        res.loss = alpha_t * ft.value;
+        if (a.grad != nullptr) a.grad[at_t] = from_float<grad_t>(scale * alpha_t * ft.dvalue_dlogpt / p_t);
+      } else {  // Poly-1 (#24): epsilon (1 - x_t)^(gamma + 1), weighted, not scaled by alpha
+        float w = 1.0f;
+        if constexpr (kWeighted) w = a.weight[row];
+        const lm::FocalTerm<float> pt = lm::poly1_term_parts(p_t, 1.0f - p_t, a.gamma, a.epsilon);
+        res.loss = alpha_t * ft.value + w * pt.value;
+        if (a.grad != nullptr)
+          a.grad[at_t] = from_float<grad_t>(scale * (alpha_t * ft.dvalue_dlogpt + w * pt.dvalue_dlogpt) / p_t);
+      }
     }
     acc += write_row_outputs(a, row, res, RowValues{0.0f, 0.0f, 0.0f});
   }
@@ -664,7 +693,8 @@ inline SoftmaxLaunch<scalar_t, grad_t> softmax_launch_for(const SoftmaxArgs<scal
   // probabilities): the kExtras instances of the sweep kernels, whatever C (for (N, C) rows one
   // warp per row; fused, the row read once from memory), so that the plain instances keep the
   // registers of the no-extras kernels. focal_probs_kernel takes the weight itself.
-  const bool extras = (a.weight != nullptr || a.label_smoothing > 0.0f) && a.loss != SoftmaxLoss::Stats;
+  const bool extras = (a.weight != nullptr || a.label_smoothing > 0.0f || a.epsilon != 0.0f) &&  // + Poly-1 (#24)
+                      a.loss != SoftmaxLoss::Stats;
   if (from_probs) {
     return a.weight != nullptr ? Launch{focal_probs_kernel<scalar_t, grad_t, true>, kThreads}
                                : Launch{focal_probs_kernel<scalar_t, grad_t, false>, kThreads};
