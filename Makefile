@@ -103,20 +103,20 @@ demo: build-cpu
 # subset (EMU_ASAN_TESTS; about 10x slower), with the sanitizer runtime preloaded into python.
 EMU_SCHEDULES  := threads=forward,blocks=forward,sms=132 threads=random,seed=1,blocks=reverse,sms=1
 EMU_TESTS      := tests/test_compiled_backends.py tests/test_backward.py tests/test_accuracy_edges.py tests/test_dropin.py
-EMU_TESTS      += tests/test_detector_sigmoid.py  # quality_focal / varifocal / asymmetric (#24)
 EMU_ASAN       ?= 0
 EMU_ASAN_TESTS ?= tests/cuda_emu/test_kernels.py tests/test_backward.py tests/test_dropin.py \
                   tests/test_compiled_backends.py::test_focal_every_row_kernel \
                   tests/test_compiled_backends.py::test_misaligned_views \
                   tests/test_compiled_backends.py::test_ghmc_large_spatial_and_many_bins \
                   tests/test_compiled_backends.py::test_sigmoid_focal_shapes_tails_layouts_and_mixed_targets
-EMU_ASAN_TESTS += tests/test_detector_sigmoid.py  # quality_focal / varifocal / asymmetric (#24)
+# the detector (#24) and long-tail (#25) losses: their kernels' cases, both lists
+NEW_LOSS_TESTS := tests/test_detector_sigmoid.py tests/test_dfl.py tests/test_poly1.py tests/test_seesaw.py \
+                  tests/test_eqlv2.py
+EMU_TESTS      += $(NEW_LOSS_TESTS)
+EMU_ASAN_TESTS += $(NEW_LOSS_TESTS)
 # libstdc++ is preloaded right after the sanitizer runtime: otherwise ASan's __cxa_throw
 # interceptor finds no real __cxa_throw (python itself does not link libstdc++) and the first C++
 # exception (a device-side assert turned into a RuntimeError) aborts with "CHECK failed".
-# ---- distribution focal / Poly-1 (#24): their kernels' cases under the emulator too ----
-EMU_TESTS      += tests/test_dfl.py tests/test_poly1.py
-EMU_ASAN_TESTS += tests/test_dfl.py tests/test_poly1.py
 EMU_ASAN_ENV   := LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libstdc++.so)" \
                   ASAN_OPTIONS=detect_leaks=0 \
                   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FL_CUDA_EMU_ASAN=1
