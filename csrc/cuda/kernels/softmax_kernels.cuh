@@ -285,8 +285,8 @@ __device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t, g
 // bf16 element at the roofline; `make gpu-budget` counts them in the SASS.
 // Memory traffic per element: sizeof(scalar_t) read + sizeof(grad_t) written (VEC-value packs:
 // 16 bytes of bf16 gradient for bf16 'mean'/'sum', 4 * VEC bytes of float32 otherwise); per
-// row: 8 bytes of target (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t). Ignored
-// rows skip the logits read and write a zero gradient row.
+// row: 8 bytes of target (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t). Ignored rows
+// skip the logits read (not a group's first row with kPrefetch, below) and write a zero gradient.
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t, typename grad_t, int VEC, int G, int ITEMS>
 __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
