@@ -278,13 +278,18 @@ struct SigmoidFast {
 __device__ __forceinline__ SigmoidFast sigmoid_fast(float x) {
   constexpr float kMinusLog2e = -1.44269504088896341f;
   const float e = fast_ex2(lm::abs_(x) * kMinusLog2e);
-  const float r = fast_rcp(1.0f + e);
+  // One reciprocal for 1 / (1 + e) and 1 / (2 + e): R = 1 / ((1 + e)(2 + e)) (the product is in
+  // [2, 6]: no overflow or subnormal), r = (2 + e) R, 1 / (2 + e) = (1 + e) R (about 2 ulp each
+  // instead of 1; one MUFU op less per element).
+  const float one_e = 1.0f + e, two_e = 2.0f + e;
+  const float rr = fast_rcp(one_e * two_e);
+  const float r = two_e * rr;
   const float small = e * r;  // sigmoid(-|x|)
   const bool pos = x >= 0.0f;
   SigmoidFast s;
   s.p = pos ? r : small;
   s.q = pos ? small : r;
-  const float w = e * fast_rcp(2.0f + e);  // log1p(e) = 2 atanh(w)
+  const float w = e * (one_e * rr);  // e / (2 + e); log1p(e) = 2 atanh(w)
   s.log1p_e = (w + w) * lm::log1p_unit_series(w * w);
   return s;
 }

@@ -74,11 +74,13 @@ struct RowTarget {
 
 // kWeighted: the kernel instance takes a per-row weight (a.weight, nullptr: none); the plain
 // instances compile the weight out (their registers stay those of the no-extras kernels).
+// As row_target, from the row's target value t_raw already loaded (a.target[row] when row <
+// rows; the software pipeline of softmax_rows_kernel loads it an iteration ahead).
 template <bool kWeighted, typename A>
-__device__ __forceinline__ RowTarget row_target(const A& a, int64_t row, int64_t rows) {
+__device__ __forceinline__ RowTarget row_target_of(const A& a, int64_t row, int64_t rows, int64_t t_raw) {
   RowTarget r{0, row < rows, false};
   if (!r.in_range) return r;
-  r.t = a.target[row];
+  r.t = t_raw;
   r.active = r.t != a.ignore_index && (a.kept == nullptr || a.kept[row]);
   if (r.active && (r.t < 0 || r.t >= a.C)) {
     FL_DEVICE_ASSERT(false, "fused_losses: target class index out of range [0, C)");
@@ -90,6 +92,11 @@ __device__ __forceinline__ RowTarget row_target(const A& a, int64_t row, int64_t
     if (r.active && a.weight != nullptr && a.weight[row] == 0.0f) r.active = false;
   }
   return r;
+}
+
+template <bool kWeighted, typename A>
+__device__ __forceinline__ RowTarget row_target(const A& a, int64_t row, int64_t rows) {
+  return row_target_of<kWeighted>(a, row, rows, row < rows ? a.target[row] : int64_t(0));
 }
 
 // What a softmax row gives the per-loss math (as the CPU's SoftmaxRow): l = log p_t, exact at
@@ -298,26 +305,66 @@ __device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t, g
 // bf16 element at the roofline; `make gpu-budget` counts them in the SASS.
 // Memory traffic per element: sizeof(scalar_t) read + sizeof(grad_t) written (VEC-value packs:
 // 16 bytes of bf16 gradient for bf16 'mean'/'sum', 4 * VEC bytes of float32 otherwise); per
-// row: 8 bytes of target (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t). Ignored
-// rows skip the logits read and write a zero gradient row.
+// row: 8 bytes of target (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t). Ignored rows
+// skip the logits read (not a group's first row with kPrefetch, below) and write a zero gradient.
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t, typename grad_t, int VEC, int G, int ITEMS>
 __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   static_assert(G * ITEMS * VEC <= 2048, "register rows are short (32-bit class indices)");
   constexpr int kRowsPerWarp = 32 / G;
+  // Software pipeline for short rows (a lane's part of a row <= 64 bytes: C = 80 and the other
+  // classification widths): the packs and x_t of the group's NEXT row are loaded before the
+  // current row is reduced, its target an iteration before that, so every warp has a row's loads
+  // in flight while it computes (without it: target, packs, x_t and the per-row math one after
+  // the other, the memory idle meanwhile unless other warps fill it). Costs the raw packs of one
+  // row in registers (<= 16). Long rows (ITEMS * VEC * sizeof > 64: C up to 1280 in registers)
+  // keep the plain loop.
+  constexpr bool kPrefetch = sizeof(scalar_t) == 4 && ITEMS * VEC <= 12;
   const int lane = threadIdx.x % 32;
   const int group = lane / G;
   const int member = lane % G;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
   const int64_t rows = a.N;
+  const int64_t step = warps * kRowsPerWarp;
   const int C = static_cast<int>(a.C);  // <= G * ITEMS * VEC (softmax_launch_for)
   const float scale = grad_scale(a.reduction, a.count);
   double acc = 0.0;
+  // The packs of the next row (active rows only, but for the first row: see below) and its
+  // target logit.
+  Pack<scalar_t, VEC> next[ITEMS];
+  float next_x_t = 0.0f;
+  RowTarget next_rt{0, false, false};
+  int64_t ahead_t = 0;  // the target of the row after next (kPrefetch)
+  const auto load_packs = [&](bool load, int64_t row) {
+    const scalar_t* x = a.logits + (row < rows ? row : int64_t(0)) * a.C;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int c0 = (member + i * G) * VEC;
+      if (load && c0 < C) next[i] = load_pack<VEC>(x + c0);
+    }
+  };
+  const auto load_x_t = [&](const RowTarget& rt, int64_t row) {
+    next_x_t = rt.active ? to_float(a.logits[row * a.C + rt.t]) : 0.0f;
+  };
+  int64_t first = warp * kRowsPerWarp;
+  if constexpr (kPrefetch) {
+    // The first row: its packs are loaded together with its target (every row in range, ignored
+    // ones too, when there is no OHEM `kept` mask: one round trip to memory instead of two at the
+    // start; an ignored row's values are never used); later rows only when active.
+    const int64_t row0 = first + group;
+    const int64_t t0 = row0 < rows ? a.target[row0] : int64_t(0);
+    ahead_t = row0 + step < rows ? a.target[row0 + step] : int64_t(0);
+    const bool speculate = a.kept == nullptr;
+    load_packs(speculate && row0 < rows, row0);
+    next_rt = row_target_of<false>(a, row0, rows, t0);
+    load_packs(!speculate && next_rt.active, row0);
+    load_x_t(next_rt, row0);
+  }
   // The loop bound is the same for every lane of the warp (the shuffles need all 32 lanes).
-  for (int64_t first = warp * kRowsPerWarp; first < rows; first += warps * kRowsPerWarp) {
+  for (; first < rows; first += step) {
     const int64_t row = first + group;
-    const RowTarget rt = row_target<false>(a, row, rows);
+    const RowTarget rt = kPrefetch ? next_rt : row_target<false>(a, row, rows);
     const int t = rt.active ? static_cast<int>(rt.t) : -1;  // in [0, C) when active
     const int64_t row_offset = (rt.in_range ? row : int64_t(0)) * a.C;
     const scalar_t* x = a.logits + row_offset;
@@ -327,13 +374,22 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
     for (int i = 0; i < ITEMS; ++i) {
       const int c0 = (member + i * G) * VEC;
       if (rt.active && c0 < C) {
-        const Pack<scalar_t, VEC> p = load_pack<VEC>(x + c0);
+        if constexpr (!kPrefetch) next[i] = load_pack<VEC>(x + c0);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          v[i][e] = to_float(p.v[e]);
+          v[i][e] = to_float(next[i].v[e]);
           row_max = v[i][e] > row_max ? v[i][e] : row_max;
         }
       }
+    }
+    float current_x_t = 0.0f;
+    if constexpr (kPrefetch) {  // issue the next row's loads and the target after it
+      current_x_t = next_x_t;
+      const int64_t row_n = row + step;
+      next_rt = row_target_of<false>(a, row_n, rows, ahead_t);
+      load_packs(next_rt.active, row_n);
+      load_x_t(next_rt, row_n);
+      ahead_t = row_n + step < rows ? a.target[row_n + step] : int64_t(0);
     }
     row_max = group_max<G>(row_max);
     float sum_others = 0.0f;
@@ -353,7 +409,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
     RowValues rv{0.0f, 0.0f, 0.0f};
     float inv_s = 0.0f;
     if (rt.active) {
-      const float x_t = to_float(x[t]);
+      const float x_t = kPrefetch ? current_x_t : to_float(x[t]);
       const float e_t = fast_exp(x_t - row_max);
       const float row_sum = sum_others + e_t;
       inv_s = 1.0f / row_sum;
