@@ -62,8 +62,11 @@ FL_INLINE bool isnan_(T x) { return x != x; }
 // built in the exponent bits as 2^(n - n/2) * 2^(n/2), so that results down to the smallest
 // subnormal are right (-103.97 < x < -87.34: a subnormal, rounded once; the softmax of a
 // confident sample needs them). x < -103.97 gives 0, NaN gives NaN. The CPU loops use it
-// (csrc/cpu/simd_kernels.cpp has the same steps lane-wise); device code uses expf.
-FL_INLINE float exp_vectorizable(float x) {
+// (csrc/cpu/simd_kernels.cpp has the same steps lane-wise); device code uses expf. Always inlined
+// (as log1p_unit_vectorizable and sigmoid_parts): GCC does not inline a plain inline function into
+// the target("avx2") / target("avx512f") loops of csrc/cpu/detector_sigmoid.cpp, and a call per
+// element keeps such a loop scalar.
+FL_FORCE_INLINE float exp_vectorizable(float x) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return expf(x);
 #else
@@ -115,7 +118,7 @@ FL_FORCE_INLINE V log1p_unit_series(V w) {
 // log1p(e) for e in [0, 1] (the e^{-|x|} of the sigmoid family) in a form compilers vectorise:
 // log1p(e) = 2 atanh(z), z = e / (2 + e) in [0, 1/3], with log1p_unit_series for atanh(z) / z.
 // NaN gives NaN. Device: log1pf.
-FL_INLINE float log1p_unit_vectorizable(float e) {
+FL_FORCE_INLINE float log1p_unit_vectorizable(float e) {
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
   return log1pf(e);
 #else
@@ -230,7 +233,7 @@ struct SigmoidParts {
 
 // e = exp(-|x|) computed by the caller (so the CPU loop can use exp_vectorizable).
 template <typename T>
-FL_INLINE SigmoidParts<T> sigmoid_parts(T x, T y, T exp_neg_abs_x) {
+FL_FORCE_INLINE SigmoidParts<T> sigmoid_parts(T x, T y, T exp_neg_abs_x) {
   SigmoidParts<T> s;
   const T inv = T(1) / (T(1) + exp_neg_abs_x);
   const T small = exp_neg_abs_x * inv;  // sigmoid(-|x|)

@@ -49,54 +49,6 @@ int parse_detector_kind(c10::string_view name) {
 // ------------------------------------------------------------------------------------------
 #define FL_DET_INLINE inline __attribute__((always_inline))
 
-// losses_math.h's exp_vectorizable, log1p_unit_vectorizable and sigmoid_parts (float), the same
-// steps, always inlined: GCC does not inline a plain inline function into the target("avx2") /
-// target("avx512f") variants below, and a call per element keeps the loop scalar (measured: the
-// row at 75 ns per element instead of a few).
-FL_DET_INLINE float det_exp(float x) {
-  const float kRoundMagic = 12582912.0f;
-  const bool underflow = x < -103.972084f;
-  float xc = x < -103.972084f ? -103.972084f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
-  const float shifted = xc * 1.44269504088896341f + kRoundMagic;
-  const float n = shifted - kRoundMagic;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  int32_t shifted_bits;
-  memcpy(&shifted_bits, &shifted, sizeof(float));
-  const int32_t n_int = shifted_bits - 0x4B400000;
-  const int32_t half = n_int >> 1;
-  const int32_t scale1_bits = (half + 127) << 23, scale2_bits = (n_int - half + 127) << 23;
-  float scale1, scale2;
-  memcpy(&scale1, &scale1_bits, sizeof(float));
-  memcpy(&scale2, &scale2_bits, sizeof(float));
-  return underflow ? 0.0f : (p * scale1) * scale2;
-}
-
-FL_DET_INLINE float det_log1p_unit(float e) {
-  const float z = e / (2.0f + e);
-  return 2.0f * z * log1p_unit_series(z * z);
-}
-
-FL_DET_INLINE SigmoidParts<float> det_sigmoid_parts(float x, float y, float e) {
-  SigmoidParts<float> s;
-  const float inv = 1.0f / (1.0f + e);
-  const float small = e * inv;
-  s.p = x >= 0.0f ? inv : small;
-  s.q = x >= 0.0f ? small : inv;
-  s.bce = ((1.0f - y) * x - (x < 0.0f ? x : 0.0f)) + det_log1p_unit(e);
-  s.p_minus_y = s.p * (1.0f - y) - s.q * y;
-  return s;
-}
-
 // log(v) for a positive normal float: v = m 2^k with m in [sqrt(1/2), sqrt(2)), log m =
 // 2 atanh(z), z = (m - 1) / (m + 1) in [-0.172, 0.172] (log1p_unit_series), k ln 2 in two parts.
 FL_DET_INLINE float det_log(float v) {
@@ -114,7 +66,7 @@ FL_DET_INLINE float det_log(float v) {
 // q^g for q >= 0 (0^0 = 1, 0^g = 0), g = 1, 2, 3, 4 exact, else exp(g log q).
 FL_DET_INLINE float det_pow_v(float q, float g) {
   const float q2 = q * q;
-  const float general = det_exp(g * det_log(q > 0.0f ? q : 1.0f));
+  const float general = exp_vectorizable(g * det_log(q > 0.0f ? q : 1.0f));
   float r = g == 1.0f ? q : g == 2.0f ? q2 : g == 3.0f ? q2 * q : g == 4.0f ? q2 * q2 : general;
   r = g == 0.0f ? 1.0f : r;
   return q > 0.0f ? r : (g == 0.0f ? 1.0f : 0.0f);
@@ -147,7 +99,7 @@ struct DetRow {
 template <bool kSquare>
 FL_DET_INLINE float det_pow_u(float q, float g, float zero_pow) {
   if (kSquare) return q * q;
-  return q > 0.0f ? det_exp(g * det_log(q > 0.0f ? q : 1.0f)) : zero_pow;
+  return q > 0.0f ? exp_vectorizable(g * det_log(q > 0.0f ? q : 1.0f)) : zero_pow;
 }
 
 template <bool kSquare>
@@ -179,8 +131,8 @@ FL_DET_INLINE float det_row_impl(const DetRow& a) {
     const float xv = x[c];
     const float y = kLabels ? (c == label ? score : 0.0f) : yv[c];
     const bool positive = kLabels ? c == label : y > 0.0f;
-    const float e = det_exp(-__builtin_fabsf(xv));
-    const SigmoidParts<float> s = det_sigmoid_parts(xv, y, e);
+    const float e = exp_vectorizable(-__builtin_fabsf(xv));
+    const SigmoidParts<float> s = sigmoid_parts(xv, y, e);
     const float pq = s.p * s.q;
     float loss, grad;
     if (Kind == kQualityFocal) {
@@ -198,7 +150,7 @@ FL_DET_INLINE float det_row_impl(const DetRow& a) {
       grad = positive ? s.p_minus_y * f : P.p0 * (s.p_minus_y * m + chain);
     } else {  // asymmetric, clip > 0 (the launcher's condition)
       const float clip = P.p2, eps = P.p3;
-      const float l1p = det_log1p_unit(e);
+      const float l1p = log1p_unit_vectorizable(e);
       const float log_sig_pos = (xv < 0.0f ? xv : 0.0f) - l1p;
       const bool pos_cl = log_sig_pos < log_eps;
       const float log_pos = pos_cl ? log_eps : log_sig_pos;
