@@ -22,24 +22,14 @@ from fused_losses import reference as R
 from fused_losses.compat import MMDetEQLv2
 from tests.cuda_emu import backend as cuda_emu
 from tests.test_reference_longtail import AuthorsEQLv2, _long_tail_labels
+from tests.test_seesaw import backend_params
 from tests.utils import UNIT_ROUNDOFF, assert_rel_close, rel_error
 
 STEPS = 4
 F64 = torch.float64
 
 
-def _backend_params():
-    params = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="reference")]
-    triton_ok = fl.backends()["triton"].available and "cpu" in fl._backends.get("triton").device_types
-    params.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-        not triton_ok, reason="triton on CPU tensors needs TRITON_INTERPRET=1")))
-    emu_ok = cuda_emu.available() and "eqlv2" in cuda_emu.BACKEND.losses
-    params.append(pytest.param("cuda_emu", id="cuda_emu", marks=pytest.mark.skipif(
-        not emu_ok, reason=cuda_emu.reason() if not cuda_emu.available() else "emulator build lacks eqlv2")))
-    return params
-
-
-BACKENDS = _backend_params()
+BACKENDS = backend_params("eqlv2")
 
 
 def _gen(seed):

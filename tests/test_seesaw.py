@@ -27,18 +27,19 @@ STEPS = 4
 F64 = torch.float64
 
 
-def _backend_params():
+def backend_params(loss: str):
+    """reference, cpu, triton (interpreter) and cuda_emu params for `loss` (also tests/test_eqlv2.py's)."""
     params = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="reference")]
     triton_ok = fl.backends()["triton"].available and "cpu" in fl._backends.get("triton").device_types
     params.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(
         not triton_ok, reason="triton on CPU tensors needs TRITON_INTERPRET=1")))
-    emu_ok = cuda_emu.available() and "seesaw" in cuda_emu.BACKEND.losses
+    emu_ok = cuda_emu.available() and loss in cuda_emu.BACKEND.losses
     params.append(pytest.param("cuda_emu", id="cuda_emu", marks=pytest.mark.skipif(
-        not emu_ok, reason=cuda_emu.reason() if not cuda_emu.available() else "emulator build lacks seesaw")))
+        not emu_ok, reason=cuda_emu.reason() if not cuda_emu.available() else f"emulator build lacks {loss}")))
     return params
 
 
-BACKENDS = _backend_params()
+BACKENDS = backend_params("seesaw")
 
 
 def _gen(seed):
