@@ -235,14 +235,15 @@ def test_focal_matrix(dev, dtype, c, n, reduction, gamma, alpha_kind):
     check(dev, "focal", logits, target, gamma=gamma, alpha=_alpha_value(alpha_kind, c), reduction=reduction)
 
 
-_ROW_LENGTHS = [4, 5, 8, 16, 17, 32, 33, 40, 64, 128, 129, 256, 512, 1000, 1024, 1032, 4096, 5000]
+_ROW_LENGTHS = [4, 5, 8, 10, 16, 17, 32, 33, 40, 64, 72, 128, 129, 256, 512, 1000, 1024, 1032, 4096, 5000]
 
 
 @on(CUDA, CUDA_EMU, args="dtype, c", cases=lambda dev: itertools.product(dev.dtypes, _ROW_LENGTHS))
 def test_focal_every_row_kernel(dev, dtype, c):
     """Row lengths on both sides of every register layout (packs of 16 bytes when C is a
-    multiple of 8 (fp16/bf16) or 4 (fp32), single values otherwise; boundaries at 4, 16, 32 and
-    128 packs per row) and the three-sweep kernel for long rows."""
+    multiple of 8 (fp16/bf16) or 4 (fp32), single values otherwise; boundaries at 4, 8, 10, 12,
+    24, 48 and 128 packs per row: 9-10 packs take 2 lanes x 5, e.g. C = 10 single values, fp32
+    C = 40, 16-bit C = 72 and 80) and the three-sweep kernel for long rows."""
     logits, target = softmax_case((37, c), dtype, ignore_frac=0.1, seed=c)
     check(dev, "focal", logits, target, gamma=2.0, reduction="none")
     check(dev, "focal", logits, target, gamma=0.5, alpha=0.25, reduction="mean")
@@ -262,6 +263,16 @@ _SPATIAL["cuda_emu"] = _SPATIAL["cuda"]
 def test_focal_spatial(dev, dtype, shape, reduction):
     logits, target = softmax_case(shape, dtype, ignore_frac=0.15, ignore_index=255, seed=sum(shape))
     check(dev, "focal", logits, target, gamma=2.0, alpha=0.5, ignore_index=255, reduction=reduction)
+
+
+@on(CUDA, CUDA_EMU, args="dtype, shape", cases=lambda dev: itertools.product(dev.dtypes, [(3, 19, 15, 20), (4, 19, 30, 41)]))
+def test_focal_spatial_grid_stride(dev, dtype, shape):
+    """More positions than the grid has threads (under the one-SM schedule): the register
+    channel-second kernel advances each thread's row offset by the grid stride, the position
+    within the image wrapping into the next image (S = 300 and 1230 against strides of 256-1024)."""
+    logits, target = softmax_case(shape, dtype, ignore_frac=0.1, ignore_index=255, seed=shape[-1])
+    check(dev, "focal", logits, target, gamma=2.0, alpha=0.25, ignore_index=255, reduction="none")
+    check(dev, "focal", logits, target, gamma=2.0, ignore_index=255, reduction="mean")
 
 
 @on(CPU)

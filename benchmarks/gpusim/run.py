@@ -56,16 +56,21 @@ class Case:
         return self.rows.get(config, self.rows["default"])
 
 
-# rows: the grid (SMs x resident blocks) sweeps the problem several times on slice-dram (16 SMs).
+# rows: the grid (SMs x resident blocks) sweeps the problem several times over (the simulator's
+# README). C = 80 on slice-dram: 16384 rows, 10.7 passes of the fp32 focal grid (48 blocks x 32
+# rows), 2.7 of the bf16 one (48 x 128 rows), 7-16 of the sigmoid grids (a 16-byte pack per
+# thread); on the whole chip 65536 rows (fp32 focal: 396 x 32 rows, 5.2
+# passes). At 4096 rows (before 2026-12-07 08:00) the focal grids made 1-2.7 passes: the start
+# (every warp waiting for its first loads) and the uneven last pass were a third of the time.
 # instance: the demangled sm_90 kernel the launcher picks for these arguments ({T}: the C++ type
 # of the dtype); softmax: pick_rows_kernel / softmax_launch_for (C = 80: 16-byte packs, 20 (fp32)
-# or 10 (bf16) per row, 8 or 4 lanes x 3 packs; C = 1203: not a multiple of the pack, single
+# or 10 (bf16) per row, 8 lanes x 3 packs (fp32) or 2 x 5 (bf16); C = 1203: not a multiple of the pack, single
 # values, a warp per row in registers; channel-second C = 19 <= 32: in registers). Update these
 # when the launcher's choice changes (run.py fails when no sm_90 instance matches).
 CASES = [
     Case("focal80", "softmax_driver", r"softmax_rows_kernel",
-         {"fp32": "softmax_rows_kernel<{T}, {T}, 4, 8, 3>(", "bf16": "softmax_rows_kernel<{T}, {T}, 8, 4, 3>("}, 80,
-         {"default": 4096, "h100-dram": 32768}),
+         {"fp32": "softmax_rows_kernel<{T}, {T}, 4, 8, 3>(", "bf16": "softmax_rows_kernel<{T}, {T}, 8, 2, 5>("}, 80,
+         {"default": 16384, "h100-dram": 65536}),
     Case("focal1203", "softmax_driver", r"softmax_rows_kernel",
          {"fp32": "softmax_rows_kernel<{T}, {T}, 1, 32, 40>(", "bf16": "softmax_rows_kernel<{T}, {T}, 1, 32, 40>("},
          1203, {"default": 1024, "h100-dram": 8192}),
@@ -74,7 +79,7 @@ CASES = [
          19, {"default": 32768, "h100-dram": 262144}, S=16384),
     Case("sigmoid80", "sigmoid_driver", r"sigmoid_focal_kernel",
          {"fp32": "sigmoid_focal_kernel<{T}, float, {T}, true, 2>(", "bf16": "sigmoid_focal_kernel<{T}, float, {T}, true, 2>("},
-         80, {"default": 4096, "h100-dram": 32768}),
+         80, {"default": 16384, "h100-dram": 65536}),
 ]
 CTYPE = {"fp32": "float", "bf16": "simbf16::bf16"}  # sim_bf16.h: the drivers' bf16 type
 

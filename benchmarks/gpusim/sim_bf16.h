@@ -19,7 +19,10 @@ struct bf16 {
   __host__ __device__ explicit bf16(float f) {  // round to nearest even (NaN: a quiet NaN)
     uint32_t u;
     memcpy(&u, &f, 4);
-    bits = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    // Branch-free (a select, not a branch per value as the comparison on the bits compiled to):
+    // the stand-in costs 5 instructions per value where the real build pays half an F2FP.
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    bits = static_cast<uint16_t>(f != f ? 0x7fc0u : rounded);
   }
   __host__ __device__ explicit operator float() const {
     const uint32_t u = static_cast<uint32_t>(bits) << 16;

@@ -307,14 +307,17 @@ __device__ __forceinline__ float focal_modulation(float omp, float gamma) {
 }
 
 // Integer labels: element with y = ypos; returns the loss, sets grad (both before validity).
+// In z = x (y = 0) or -x (y = 1): 1 - p_t = sigmoid(z), p_t = sigmoid(-z), bce = softplus(z) =
+// max(z, 0) + log1p(e^{-|z|}) (|z| = |x|: the same e), so sigmoid_fast(z) gives 1 - p_t and p_t
+// without selecting on y again (the same values, bit for bit, as from x).
 template <int kGamma>
 __device__ __forceinline__ float sigmoid_focal_label_fast(float x, bool ypos, const SigmoidFocalConsts& k,
                                                           float& grad) {
-  const SigmoidFast s = sigmoid_fast(x);
-  const float omp = ypos ? s.q : s.p;  // 1 - p_t
-  const float pt = ypos ? s.p : s.q;
-  // (1 - y) x - min(x, 0) = max(-+x, 0) (+ for y = 0)
-  const float bce = fmaxf(ypos ? -x : x, 0.0f) + s.log1p_e;
+  const float z = ypos ? -x : x;
+  const SigmoidFast s = sigmoid_fast(z);
+  const float omp = s.p;  // 1 - p_t
+  const float pt = s.q;
+  const float bce = fmaxf(z, 0.0f) + s.log1p_e;
   const float mod = focal_modulation<kGamma>(omp, k.gamma);
   const float gamma = kGamma >= 0 ? static_cast<float>(kGamma) : k.gamma;
   const float gv = kGamma == 0 ? omp : mod * (omp + gamma * (pt * bce));
@@ -413,7 +416,7 @@ __device__ __forceinline__ void sigmoid_focal_loop(const SigmoidArgs<scalar_t, t
       for (int e = 0; e < VEC; ++e) y[e] = to_float(ts.v[e]);
     }
     Pack<grad_t, VEC> grads;
-    Pack<scalar_t, VEC> losses;
+    float ls[VEC];
     float pack_loss = 0.0f;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
@@ -428,10 +431,15 @@ __device__ __forceinline__ void sigmoid_focal_loop(const SigmoidArgs<scalar_t, t
       }
       pack_loss += l;
       grads.v[e] = from_float<grad_t>(g);
-      losses.v[e] = from_float<scalar_t>(l);
+      ls[e] = l;
     }
     if (a.grad != nullptr) store_pack<VEC>(a.grad + i0, grads);
-    if (a.loss_elems != nullptr) store_pack<VEC>(a.loss_elems + i0, losses);
+    if (a.loss_elems != nullptr) {  // 'none' only: the rounding to scalar_t is not paid otherwise
+      Pack<scalar_t, VEC> losses;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) losses.v[e] = from_float<scalar_t>(ls[e]);
+      store_pack<VEC>(a.loss_elems + i0, losses);
+    }
     acc += pack_loss;
   }
   // The tail: numel % VEC elements, one per thread.

@@ -307,9 +307,12 @@ __device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t, g
 // 16 bytes of bf16 gradient for bf16 'mean'/'sum', 4 * VEC bytes of float32 otherwise); per
 // row: 8 bytes of target (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t). Ignored rows
 // skip the logits read (not a group's first row with kPrefetch, below) and write a zero gradient.
+// Resident blocks: G = 2 (2 lanes x 5 packs, 16 rows per warp) asks ptxas for 3 blocks per SM
+// (sm_90 bf16 C = 80: 80 registers, no spills; 128 and 2 blocks without it); the others state
+// none (0: no .minnctapersm; even 1 changes ptxas' choice, fp32 C = 80 80 -> 88 registers).
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t, typename grad_t, int VEC, int G, int ITEMS>
-__global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
+__global__ void __launch_bounds__(kThreads, G == 2 ? 3 : 0) softmax_rows_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   static_assert(G * ITEMS * VEC <= 2048, "register rows are short (32-bit class indices)");
   constexpr int kRowsPerWarp = 32 / G;
   // Software pipeline for short rows (a lane's part of a row <= 64 bytes: C = 80 and the other
@@ -554,25 +557,37 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_large_kernel(const Soft
 // softmax_spatial_kernel: channel-second (N, C, S) logits, S > 1, read in place. A thread per
 // row r = n * S + s; consecutive threads take consecutive s, so for each class c a warp reads
 // 32 consecutive values (coalesced) at n*C*S + c*S + s. kRegs > 0 (C <= kRegs): the row lives
-// in registers (one read, exponentials once). kRegs == 0: three sweeps over the row (max, sum,
+// in registers (one read, exponentials once; class offsets c S in 32 bits, C S < 2^32, per row
+// no division: the row offset is advanced by the grid stride). kRegs == 0: three sweeps (max, sum,
 // gradient), the later two from L1/L2 (a block's rows are 256 * C * sizeof(scalar_t) bytes).
 // Same formulas as softmax_rows_kernel (s and sum_others summed in class order by the row's thread). Memory traffic per element: sizeof(scalar_t) read,
 // sizeof(grad_t) gradient written (single values, coalesced across the warp); per row 8 bytes
 // of target. kExtras (weight, label smoothing; kRegs == 0 only): as softmax_rows_large_kernel
-// (a fourth sweep with eps > 0).
+// (a fourth sweep with eps > 0). Resident blocks: 2 per SM stated (sm_90 kRegs = 32: 101
+// registers, 2 blocks as without it; without it ptxas for sm_80, the simulator's PTX, capped that
+// instance at 80 registers and spilled, and GPGPU-Sim rejects a kernel with a stack).
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t, typename grad_t, int kRegs, bool kExtras>
-__global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
+__global__ void __launch_bounds__(kThreads, 2) softmax_spatial_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   static_assert(!kExtras || kRegs == 0, "the drop-in extras run the sweep variant");
   const int64_t rows = a.N * a.S;
   const int64_t C = a.C, S = a.S;
   const float scale = grad_scale(a.reduction, a.count);
   double acc = 0.0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; row < rows; row += stride) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  // The row's offset base = n C S + s (row = n S + s) and its s, advanced by the grid stride
+  // (two 64-bit divisions per thread, none per row: a division per row was ~1/5 of the loop).
+  const int64_t CS = C * S;
+  int64_t s = first % S;
+  int64_t base = first / S * CS + s;
+  const int64_t ds = stride % S;
+  const int64_t dbase = stride / S * CS + ds;
+  // kRegs > 0: class offsets c S in 32 bits (softmax_launch_for runs these instances only for
+  // C S <= 2^32 - 1; larger images take the kRegs == 0 sweep with 64-bit offsets).
+  [[maybe_unused]] const uint32_t S32 = static_cast<uint32_t>(S);
+  for (int64_t row = first; row < rows; row += stride) {
     const RowTarget rt = row_target<kExtras>(a, row, rows);
-    const int64_t n = row / S;
-    const int64_t base = n * C * S + (row - n * S);
     const scalar_t* x = a.logits + base;
     constexpr int kSlots = kRegs > 0 ? kRegs : 1;
     [[maybe_unused]] float v[kSlots];
@@ -588,7 +603,7 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
 #pragma unroll
         for (int c = 0; c < kRegs; ++c) {
           if (c < C) {
-            v[c] = to_float(x[c * S]);
+            v[c] = to_float(x[c * S32]);
             row_max = v[c] > row_max ? v[c] : row_max;
           }
         }
@@ -601,7 +616,7 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
           }
         }
         // As softmax_rows_kernel: s = sum_others + e_t, one reciprocal.
-        const float x_t = to_float(x[rt.t * S]);
+        const float x_t = to_float(x[static_cast<uint32_t>(t) * S32]);
         const float e_t = fast_exp(x_t - row_max);
         row_sum = sum_others + e_t;
         inv_s = 1.0f / row_sum;
@@ -642,7 +657,7 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
 #pragma unroll
         for (int c = 0; c < kRegs; ++c) {
           if (c < C) {
-            g[c * S] = from_float<grad_t>(!rt.active ? 0.0f : (c == rt.t ? target_grad : p_scale * v[c]));
+            g[c * S32] = from_float<grad_t>(!rt.active ? 0.0f : (c == rt.t ? target_grad : p_scale * v[c]));
           }
         }
       } else {
@@ -657,6 +672,12 @@ __global__ void __launch_bounds__(kThreads) softmax_spatial_kernel(const Softmax
       }
     }
     acc += write_row_outputs(a, row, res, rv);
+    s += ds;
+    base += dbase;
+    if (s >= S) {
+      s -= S;
+      base += CS - S;
+    }
   }
   if (a.partials != nullptr) {
     const double total = block_sum(acc);
@@ -721,12 +742,14 @@ struct SoftmaxLaunch {
 template <typename scalar_t, typename grad_t, int VEC>
 inline SoftmaxLaunch<scalar_t, grad_t> pick_rows_kernel(int64_t C) {
   // Lanes per row G and packs per lane ITEMS: enough rows per warp that most lanes hold a pack
-  // (C = 80: fp32 20 packs -> 8 lanes x 3, 4 rows per warp; bf16 10 packs -> 4 x 3, 8 rows per
-  // warp), a warp per row up to 1280 values in registers (LVIS C = 1203: read once), longer
-  // rows the three-sweep kernel.
+  // (C = 80: fp32 20 packs -> 8 lanes x 3, 4 rows per warp; bf16 10 packs -> 2 lanes x 5, 16
+  // rows per warp: every lane holds 5 packs, where 4 x 3 left the third pack of half the lanes
+  // empty and its instructions ran on 16 lanes), a warp per row up to 1280 values in registers
+  // (LVIS C = 1203: read once), longer rows the three-sweep kernel.
   constexpr int kLongItems = 1280 / (32 * VEC);  // 40 single values, 10 fp32 packs, 5 16-bit packs
   const int64_t packs = (C + VEC - 1) / VEC;
   if (packs <= 4) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 4, 1>, kWarps * 8};
+  if (packs > 8 && packs <= 10) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 2, 5>, kWarps * 16};
   if (packs <= 12) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 4, 3>, kWarps * 8};
   if (packs <= 24) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 8, 3>, kWarps * 4};
   if (packs <= 48) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 16, 3>, kWarps * 2};
@@ -757,7 +780,8 @@ inline SoftmaxLaunch<scalar_t, grad_t> softmax_launch_for(const SoftmaxArgs<scal
   }
   if (a.S > 1) {
     return extras ? Launch{softmax_spatial_kernel<scalar_t, grad_t, 0, true>, kThreads}
-           : a.C <= kSpatialRegs ? Launch{softmax_spatial_kernel<scalar_t, grad_t, kSpatialRegs, false>, kThreads}
+           : a.C <= kSpatialRegs && a.C * a.S <= static_cast<int64_t>(UINT32_MAX)  // 32-bit class offsets
+               ? Launch{softmax_spatial_kernel<scalar_t, grad_t, kSpatialRegs, false>, kThreads}
                                  : Launch{softmax_spatial_kernel<scalar_t, grad_t, 0, false>, kThreads};
   }
   // Packs of kVec values: 16 bytes of logits, kVec * sizeof(grad_t) bytes of gradient (16 for
