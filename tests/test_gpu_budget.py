@@ -132,7 +132,11 @@ def test_launcher_instance_choice():
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp32", 80, "fp32", 0.1)
     assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["float", "float", "4", "8", "3"])
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "bf16", 80, "bf16", 0.1)
-    assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["__nv_bfloat16", "__nv_bfloat16", "8", "4", "3"])
+    assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["__nv_bfloat16", "__nv_bfloat16", "8", "2", "5"])
+    # pick_rows_kernel: 9-10 packs take 2 lanes x 5, 5-8 and 11-12 packs 4 lanes x 3
+    for c, g, items in ((32, "4", "3"), (36, "2", "5"), (40, "2", "5"), (44, "4", "3"), (48, "4", "3")):
+        case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp32", c, "fp32", 0.1)
+        assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["float", "float", "4", g, items]), c
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp32", 1203, "fp32", 0.1)  # 1203 % 4: scalar packs
     assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["float", "float", "1", "32", "40"])
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp16", 1203, "fp32", 0.1)
