@@ -797,9 +797,9 @@ def cuda_instance(case: Case) -> tuple[str, list[str]]:
         v = vec if packed else 1
         packs = -(-case.C // v)
         long_items = 1280 // (32 * v)  # pick_rows_kernel (csrc/cuda/kernels/softmax_kernels.cuh)
-        for lo, lim, g, items in ((0, 4, 4, 1), (9, 10, 2, 5), (0, 12, 4, 3), (0, 24, 8, 3), (0, 48, 16, 3),
-                                  (0, 128, 32, 4), (0, 32 * long_items, 32, long_items)):
-            if lo <= packs <= lim:
+        for lim, g, items in ((4, 4, 1), (8, 4, 3), (10, 2, 5), (12, 4, 3), (24, 8, 3), (48, 16, 3), (128, 32, 4),
+                              (32 * long_items, 32, long_items)):
+            if packs <= lim:
                 return "softmax_rows_kernel", [x, gt, str(v), str(g), str(items)]
         return "softmax_rows_large_kernel", [x, gt, str(v), "false"]
     if case.kernel == "softmax spatial":

@@ -59,8 +59,7 @@ class Case:
 # rows: the grid (SMs x resident blocks) sweeps the problem several times over (the simulator's
 # README). C = 80 on slice-dram: 16384 rows, 10.7 passes of the fp32 focal grid (48 blocks x 32
 # rows), 2.7 of the bf16 one (48 x 128 rows), 7-16 of the sigmoid grids (a 16-byte pack per
-# thread); on the whole chip 65536 rows (fp32 focal: 396 x 32 rows, 5.2
-# passes). At 4096 rows (before 2026-12-07 08:00) the focal grids made 1-2.7 passes: the start
+# thread); on the whole chip 65536 rows (fp32 focal: 396 x 32 rows, 5.2 passes). At 4096 rows (before 2026-12-07 08:00) the focal grids made 1-2.7 passes: the start
 # (every warp waiting for its first loads) and the uneven last pass were a third of the time.
 # instance: the demangled sm_90 kernel the launcher picks for these arguments ({T}: the C++ type
 # of the dtype); softmax: pick_rows_kernel / softmax_launch_for (C = 80: 16-byte packs, 20 (fp32)
@@ -288,7 +287,7 @@ def main() -> int:
             results.append(rec)
             print(f"  {case.name:10s} {dtype:5s} C={case.C:<5d} rows={rows:<7d} grid={rec['grid']:<5d} "
                   f"cycles={cycles:<8d} copy={copy_cycles:<8d} {rec['pct_copy']:5.1f}% of copy  "
-                  f"[{rec['result_check']}] ({secs or 0:.0f} s)", flush=True)
+                  f"[{rec['result_check']}] ({'?' if secs is None else f'{secs:.0f}'} s)", flush=True)
 
     print()
     print(f"Simulated (GPGPU-Sim, config {config}, {sms} SMs, uncalibrated), git {commit}:")

@@ -577,7 +577,8 @@ __global__ void __launch_bounds__(kThreads, 2) softmax_spatial_kernel(const Soft
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   // The row's offset base = n C S + s (row = n S + s) and its s, advanced by the grid stride
-  // (two 64-bit divisions per thread, none per row: a division per row was ~1/5 of the loop).
+  // (first / S and stride / S with their remainders once per thread, no division per row: a
+  // division per row was ~1/5 of the loop).
   const int64_t CS = C * S;
   int64_t s = first % S;
   int64_t base = first / S * CS + s;
@@ -782,7 +783,7 @@ inline SoftmaxLaunch<scalar_t, grad_t> softmax_launch_for(const SoftmaxArgs<scal
     return extras ? Launch{softmax_spatial_kernel<scalar_t, grad_t, 0, true>, kThreads}
            : a.C <= kSpatialRegs && a.C * a.S <= static_cast<int64_t>(UINT32_MAX)  // 32-bit class offsets
                ? Launch{softmax_spatial_kernel<scalar_t, grad_t, kSpatialRegs, false>, kThreads}
-                                 : Launch{softmax_spatial_kernel<scalar_t, grad_t, 0, false>, kThreads};
+               : Launch{softmax_spatial_kernel<scalar_t, grad_t, 0, false>, kThreads};
   }
   // Packs of kVec values: 16 bytes of logits, kVec * sizeof(grad_t) bytes of gradient (16 for
   // a gradient in the logits dtype, 32 = two stores for a float32 gradient of fp16/bf16).
