@@ -797,7 +797,9 @@ def cuda_instance(case: Case) -> tuple[str, list[str]]:
         v = vec if packed else 1
         packs = -(-case.C // v)
         long_items = 1280 // (32 * v)  # pick_rows_kernel (csrc/cuda/kernels/softmax_kernels.cuh)
-        for lim, g, items in ((4, 4, 1), (8, 4, 3), (10, 2, 5), (12, 4, 3), (24, 8, 3), (48, 16, 3), (128, 32, 4),
+        if v == 8 and 8 < packs <= 10:  # 16-bit C = 72, 80: packs of 4, 4 lanes x 5
+            return "softmax_rows_kernel", [x, gt, "4", "4", "5"]
+        for lim, g, items in ((4, 4, 1), (12, 4, 3), (24, 8, 3), (48, 16, 3), (128, 32, 4),
                               (32 * long_items, 32, long_items)):
             if packs <= lim:
                 return "softmax_rows_kernel", [x, gt, str(v), str(g), str(items)]

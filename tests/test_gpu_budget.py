@@ -132,9 +132,14 @@ def test_launcher_instance_choice():
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp32", 80, "fp32", 0.1)
     assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["float", "float", "4", "8", "3"])
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "bf16", 80, "bf16", 0.1)
-    assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["__nv_bfloat16", "__nv_bfloat16", "8", "2", "5"])
-    # pick_rows_kernel: 9-10 packs take 2 lanes x 5, 5-8 and 11-12 packs 4 lanes x 3
-    for c, g, items in ((32, "4", "3"), (36, "2", "5"), (40, "2", "5"), (44, "4", "3"), (48, "4", "3")):
+    assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["__nv_bfloat16", "__nv_bfloat16", "4", "4", "5"])
+    # pick_rows_kernel: 16-bit rows of 9-10 packs of 8 (C = 72, 80) take packs of 4, 4 lanes x 5;
+    # 11-12 packs of 8 (C = 88, 96) 4 lanes x 3 packs of 8; fp32 5-12 packs of 4 lanes x 3
+    for c, vec, g, items in ((64, "8", "4", "3"), (72, "4", "4", "5"), (80, "4", "4", "5"), (88, "8", "4", "3"),
+                             (96, "8", "4", "3"), (104, "8", "8", "3")):
+        case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp16", c, "fp32", 0.1)
+        assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["__half", "float", vec, g, items]), c
+    for c, g, items in ((32, "4", "3"), (36, "4", "3"), (40, "4", "3"), (44, "4", "3"), (48, "4", "3")):
         case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp32", c, "fp32", 0.1)
         assert gb.cuda_instance(case) == ("softmax_rows_kernel", ["float", "float", "4", g, items]), c
     case = gb.Case("cuda", "softmax rows", "softmax_focal", "fp32", 1203, "fp32", 0.1)  # 1203 % 4: scalar packs

@@ -68,7 +68,7 @@ class Case:
 # when the launcher's choice changes (run.py fails when no sm_90 instance matches).
 CASES = [
     Case("focal80", "softmax_driver", r"softmax_rows_kernel",
-         {"fp32": "softmax_rows_kernel<{T}, {T}, 4, 8, 3>(", "bf16": "softmax_rows_kernel<{T}, {T}, 8, 2, 5>("}, 80,
+         {"fp32": "softmax_rows_kernel<{T}, {T}, 4, 8, 3>(", "bf16": "softmax_rows_kernel<{T}, {T}, 4, 4, 5>("}, 80,
          {"default": 16384, "h100-dram": 65536}),
     Case("focal1203", "softmax_driver", r"softmax_rows_kernel",
          {"fp32": "softmax_rows_kernel<{T}, {T}, 1, 32, 40>(", "bf16": "softmax_rows_kernel<{T}, {T}, 1, 32, 40>("},

@@ -306,23 +306,34 @@ __device__ __forceinline__ float write_row_outputs(const SoftmaxArgs<scalar_t, g
 // Memory traffic per element: sizeof(scalar_t) read + sizeof(grad_t) written (VEC-value packs:
 // 16 bytes of bf16 gradient for bf16 'mean'/'sum', 4 * VEC bytes of float32 otherwise); per
 // row: 8 bytes of target (+ sizeof(scalar_t) for 'none' losses, 4 for Stats log p_t). Ignored rows
-// skip the logits read (not a group's first row with kPrefetch, below) and write a zero gradient.
-// Resident blocks: G = 2 (2 lanes x 5 packs, 16 rows per warp) asks ptxas for 3 blocks per SM
-// (sm_90 bf16 C = 80: 80 registers, no spills; 128 and 2 blocks without it); the others state
-// none (0: no .minnctapersm; even 1 changes ptxas' choice, fp32 C = 80 80 -> 88 registers).
+// skip the logits read from memory (not a group's first row with kPrefetch; with kHoist their
+// loads read the tensor's first bytes, cached, below) and write a zero gradient.
+// No minimum of resident blocks is asked of ptxas (a minimum, even 1, changes its choices: fp32
+// C = 80 80 -> 88 registers); sm_90: fp32 C = 80 80 registers (3 blocks per SM), bf16/fp16
+// C = 80 64 (4 blocks).
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t, typename grad_t, int VEC, int G, int ITEMS>
-__global__ void __launch_bounds__(kThreads, G == 2 ? 3 : 0) softmax_rows_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
+__global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArgs<scalar_t, grad_t> a) {
   static_assert(G * ITEMS * VEC <= 2048, "register rows are short (32-bit class indices)");
   constexpr int kRowsPerWarp = 32 / G;
+  // The lane's max and sum go into kParts independent partials (value j of the lane into
+  // partial j % kParts), combined by a tree: dependency chains of about ITEMS * VEC / kParts +
+  // log2 kParts operations instead of ITEMS * VEC (a warp waits on each link of a chain). 4, not
+  // 8: 8 live partials made the bf16 C = 80 layout spill under the 3-block bound it then had.
+  constexpr int kParts = ITEMS * VEC >= 4 ? 4 : ITEMS * VEC >= 2 ? 2 : 1;
   // Software pipeline for short rows (a lane's part of a row <= 64 bytes: C = 80 and the other
   // classification widths): the packs and x_t of the group's NEXT row are loaded before the
   // current row is reduced, its target an iteration before that, so every warp has a row's loads
   // in flight while it computes (without it: target, packs, x_t and the per-row math one after
   // the other, the memory idle meanwhile unless other warps fill it). Costs the raw packs of one
-  // row in registers (<= 16). Long rows (ITEMS * VEC * sizeof > 64: C up to 1280 in registers)
-  // keep the plain loop.
+  // row in registers (<= 16). fp32 only: the 16-bit layouts (C = 80: 4 lanes x 5 packs of 4)
+  // need 109 registers with it on sm_90 (2 blocks per SM; simulated 59% of copy against 64% with
+  // kHoist at 4 blocks) and spill under a 3-block bound.
+  // kHoist (the other rows of <= 24 values per lane): the row's loads are all issued before the
+  // first value is used, below. Long rows (C up to 1280 in registers) keep a load per pack before
+  // its use (hoisting 40 loads spilled).
   constexpr bool kPrefetch = sizeof(scalar_t) == 4 && ITEMS * VEC <= 12;
+  constexpr bool kHoist = !kPrefetch && ITEMS * VEC <= 24;
   const int lane = threadIdx.x % 32;
   const int group = lane / G;
   const int member = lane % G;
@@ -371,20 +382,46 @@ __global__ void __launch_bounds__(kThreads, G == 2 ? 3 : 0) softmax_rows_kernel(
     const int t = rt.active ? static_cast<int>(rt.t) : -1;  // in [0, C) when active
     const int64_t row_offset = (rt.in_range ? row : int64_t(0)) * a.C;
     const scalar_t* x = a.logits + row_offset;
+    // kHoist: every pack of the row is loaded before the first one is used (a load and its use
+    // in one branch, as below without kHoist, make the warp wait for memory once per pack:
+    // ITEMS round trips per row, on sm_90 too). The loads are not predicated (a predicated load
+    // keeps the register's old value where it is off, so ptxas keeps the packs alive from row to
+    // row: 184-236 bytes of spills): an inactive row and the columns past C read the tensor's
+    // first bytes instead (cached; never used).
+    if constexpr (kHoist) {
+      const scalar_t* src = rt.active ? x : a.logits;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int c0 = (member + i * G) * VEC;
+        next[i] = load_pack<VEC>(src + (rt.active && c0 < C ? c0 : 0));
+      }
+    }
     float v[ITEMS][VEC];
-    float row_max = -INFINITY;
+    // The lane's max and sum in kParts independent partials (value j of the lane into partial
+    // j % kParts), combined by a tree: dependency chains of about ITEMS * VEC / kParts + log2
+    // kParts operations instead of ITEMS * VEC (a warp waits on each link of a chain).
+    float part[kParts];
+#pragma unroll
+    for (int k = 0; k < kParts; ++k) part[k] = -INFINITY;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int c0 = (member + i * G) * VEC;
       if (rt.active && c0 < C) {
-        if constexpr (!kPrefetch) next[i] = load_pack<VEC>(x + c0);
+        if constexpr (!kPrefetch && !kHoist) next[i] = load_pack<VEC>(x + c0);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           v[i][e] = to_float(next[i].v[e]);
-          row_max = v[i][e] > row_max ? v[i][e] : row_max;
+          float& m = part[(i * VEC + e) % kParts];
+          m = v[i][e] > m ? v[i][e] : m;
         }
       }
     }
+#pragma unroll
+    for (int w = kParts / 2; w > 0; w /= 2) {
+#pragma unroll
+      for (int k = 0; k < w; ++k) part[k] = part[k + w] > part[k] ? part[k + w] : part[k];
+    }
+    float row_max = part[0];
     float current_x_t = 0.0f;
     if constexpr (kPrefetch) {  // issue the next row's loads and the target after it
       current_x_t = next_x_t;
@@ -395,19 +432,28 @@ __global__ void __launch_bounds__(kThreads, G == 2 ? 3 : 0) softmax_rows_kernel(
       ahead_t = row_n + step < rows ? a.target[row_n + step] : int64_t(0);
     }
     row_max = group_max<G>(row_max);
-    float sum_others = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kParts; ++k) part[k] = 0.0f;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int c0 = (member + i * G) * VEC;
       if (rt.active && c0 < C) {
+        // The pack's exponentials, then their sums (in this order in the PTX too: an addition
+        // waiting on the exponential just issued stalls the warp for the MUFU latency; ptxas
+        // schedules the same way for sm_90, a PTX-level simulator runs the PTX order).
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          v[i][e] = fast_exp(v[i][e] - row_max);
-          sum_others += c0 + e == t ? 0.0f : v[i][e];
-        }
+        for (int e = 0; e < VEC; ++e) v[i][e] = fast_exp(v[i][e] - row_max);
+        const int te = t - c0;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) part[(i * VEC + e) % kParts] += e == te ? 0.0f : v[i][e];
       }
     }
-    sum_others = group_sum<G>(sum_others);
+#pragma unroll
+    for (int w = kParts / 2; w > 0; w /= 2) {
+#pragma unroll
+      for (int k = 0; k < w; ++k) part[k] += part[k + w];
+    }
+    const float sum_others = group_sum<G>(part[0]);
     RowResult res{0.0f, 0.0f, 0.0f};
     RowValues rv{0.0f, 0.0f, 0.0f};
     float inv_s = 0.0f;
@@ -421,16 +467,25 @@ __global__ void __launch_bounds__(kThreads, G == 2 ? 3 : 0) softmax_rows_kernel(
     }
     if (a.grad != nullptr && rt.in_range) {
       grad_t* g = a.grad + row_offset;
-      const float p_scale = -res.k * inv_s;
+      // -k / s as one product (__fmul_rn: the compiler moved the negation of -k * (1 / s) into
+      // every gradient value, an instruction per value).
+      const float p_scale = __fmul_rn(-res.k, inv_s);
       const float target_grad = res.k * rv.one_minus_pt;
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         const int c0 = (member + i * G) * VEC;
         if (c0 < C) {
+          // One branch per pack on the row's activity (per value, the compiler branched per value).
           Pack<grad_t, VEC> out;
+          if (rt.active) {
+            const int te = t - c0;  // the target's place in the pack (any other value: none)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            out.v[e] = from_float<grad_t>(!rt.active ? 0.0f : (c0 + e == t ? target_grad : p_scale * v[i][e]));
+            for (int e = 0; e < VEC; ++e) {
+              const float pv = p_scale * v[i][e];
+              out.v[e] = from_float<grad_t>(e == te ? target_grad : pv);
+            }
+          } else {
+            out = Pack<grad_t, VEC>{};  // zeros
           }
           store_pack<VEC>(g + c0, out);
         }
@@ -743,14 +798,18 @@ struct SoftmaxLaunch {
 template <typename scalar_t, typename grad_t, int VEC>
 inline SoftmaxLaunch<scalar_t, grad_t> pick_rows_kernel(int64_t C) {
   // Lanes per row G and packs per lane ITEMS: enough rows per warp that most lanes hold a pack
-  // (C = 80: fp32 20 packs -> 8 lanes x 3, 4 rows per warp; bf16 10 packs -> 2 lanes x 5, 16
-  // rows per warp: every lane holds 5 packs, where 4 x 3 left the third pack of half the lanes
-  // empty and its instructions ran on 16 lanes), a warp per row up to 1280 values in registers
-  // (LVIS C = 1203: read once), longer rows the three-sweep kernel.
+  // (C = 80: fp32 20 packs -> 8 lanes x 3, 4 rows per warp), a warp per row up to 1280 values in
+  // registers (LVIS C = 1203: read once), longer rows the three-sweep kernel.
+  // 16-bit rows of 9-10 packs of 8 (C = 72, 80) take packs of 4 values (8-byte loads; the row
+  // is 8-byte aligned as it is 16-byte aligned), 4 lanes x 5, 8 rows per warp: every lane holds 5
+  // packs (4 x 3 packs of 8 left the third pack of half the lanes empty, its instructions on 16
+  // lanes), 20 values per lane, so all five loads are issued before the first use (kHoist) in 64
+  // registers (4 blocks per SM). The 2 x 5 packs of 8 used before 2026-12-07 (40 values per lane)
+  // fit 80 registers only with a load per pack before its use: 5 round trips to memory per row.
   constexpr int kLongItems = 1280 / (32 * VEC);  // 40 single values, 10 fp32 packs, 5 16-bit packs
   const int64_t packs = (C + VEC - 1) / VEC;
   if (packs <= 4) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 4, 1>, kWarps * 8};
-  if (packs > 8 && packs <= 10) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 2, 5>, kWarps * 16};
+  if (VEC == 8 && packs > 8 && packs <= 10) return {softmax_rows_kernel<scalar_t, grad_t, 4, 4, 5>, kWarps * 8};
   if (packs <= 12) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 4, 3>, kWarps * 8};
   if (packs <= 24) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 8, 3>, kWarps * 4};
   if (packs <= 48) return {softmax_rows_kernel<scalar_t, grad_t, VEC, 16, 3>, kWarps * 2};
