@@ -58,12 +58,12 @@ class Case:
 
 # rows: the grid (SMs x resident blocks) sweeps the problem several times over (the simulator's
 # README). C = 80 on slice-dram: 16384 rows, 10.7 passes of the fp32 focal grid (48 blocks x 32
-# rows), 2.7 of the bf16 one (48 x 128 rows), 7-16 of the sigmoid grids (a 16-byte pack per
+# rows), 4 of the bf16 one (64 x 64 rows; 2.7 with the 48 x 128 of before b72fbcb), 7-16 of the sigmoid grids (a 16-byte pack per
 # thread); on the whole chip 65536 rows (fp32 focal: 396 x 32 rows, 5.2 passes). At 4096 rows (before 2026-12-07 08:00) the focal grids made 1-2.7 passes: the start
 # (every warp waiting for its first loads) and the uneven last pass were a third of the time.
 # instance: the demangled sm_90 kernel the launcher picks for these arguments ({T}: the C++ type
-# of the dtype); softmax: pick_rows_kernel / softmax_launch_for (C = 80: 16-byte packs, 20 (fp32)
-# or 10 (bf16) per row, 8 lanes x 3 packs (fp32) or 2 x 5 (bf16); C = 1203: not a multiple of the pack, single
+# of the dtype); softmax: pick_rows_kernel / softmax_launch_for (C = 80: fp32 20 16-byte packs per
+# row, 8 lanes x 3 packs; bf16 20 8-byte packs, 4 lanes x 5; C = 1203: not a multiple of the pack, single
 # values, a warp per row in registers; channel-second C = 19 <= 32: in registers). Update these
 # when the launcher's choice changes (run.py fails when no sm_90 instance matches).
 CASES = [
