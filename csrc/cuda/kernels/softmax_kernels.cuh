@@ -330,8 +330,9 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
   // need 109 registers with it on sm_90 (2 blocks per SM; simulated 59% of copy against 64% with
   // kHoist at 4 blocks) and spill under a 3-block bound.
   // kHoist (the other rows of <= 24 values per lane): the row's loads are all issued before the
-  // first value is used, below. Long rows (C up to 1280 in registers) keep a load per pack before
-  // its use (hoisting 40 loads spilled).
+  // first value is used, below. Long rows (C up to 1280 in registers, 40 values per lane) keep a
+  // load per pack before its use: hoisted, bf16 C = 1203 took 145 registers (1 block per SM),
+  // not measured on a GPU (csrc/cuda/NOTES.md).
   constexpr bool kPrefetch = sizeof(scalar_t) == 4 && ITEMS * VEC <= 12;
   constexpr bool kHoist = !kPrefetch && ITEMS * VEC <= 24;
   const int lane = threadIdx.x % 32;
@@ -397,10 +398,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
       }
     }
     float v[ITEMS][VEC];
-    // The lane's max and sum in kParts independent partials (value j of the lane into partial
-    // j % kParts), combined by a tree: dependency chains of about ITEMS * VEC / kParts + log2
-    // kParts operations instead of ITEMS * VEC (a warp waits on each link of a chain).
-    float part[kParts];
+    float part[kParts];  // the lane's max, then its sum (kParts above)
 #pragma unroll
     for (int k = 0; k < kParts; ++k) part[k] = -INFINITY;
 #pragma unroll
