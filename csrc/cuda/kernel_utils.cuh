@@ -57,6 +57,28 @@ __device__ __forceinline__ float group_sum(float v) {
   return v;
 }
 
+// The same two reductions over K partials of one lane (K a power of two), by a tree: dependency
+// chains of log2 K operations; the result is also left in p[0].
+template <int K>
+__device__ __forceinline__ float parts_max(float (&p)[K]) {
+#pragma unroll
+  for (int w = K / 2; w > 0; w /= 2) {
+#pragma unroll
+    for (int k = 0; k < w; ++k) p[k] = p[k + w] > p[k] ? p[k + w] : p[k];
+  }
+  return p[0];
+}
+
+template <int K>
+__device__ __forceinline__ float parts_sum(float (&p)[K]) {
+#pragma unroll
+  for (int w = K / 2; w > 0; w /= 2) {
+#pragma unroll
+    for (int k = 0; k < w; ++k) p[k] += p[k + w];
+  }
+  return p[0];
+}
+
 // Sum of one value per thread of the block (blockDim.x == kThreads), valid in thread 0. Every
 // thread of the block must call it. Fixed order: shuffle tree per warp, then warps in order.
 template <typename T>

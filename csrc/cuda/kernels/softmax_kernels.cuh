@@ -317,9 +317,10 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
   static_assert(G * ITEMS * VEC <= 2048, "register rows are short (32-bit class indices)");
   constexpr int kRowsPerWarp = 32 / G;
   // The lane's max and sum go into kParts independent partials (value j of the lane into
-  // partial j % kParts), combined by a tree: dependency chains of about ITEMS * VEC / kParts +
-  // log2 kParts operations instead of ITEMS * VEC (a warp waits on each link of a chain). 4, not
-  // 8: 8 live partials made the bf16 C = 80 layout spill under the 3-block bound it then had.
+  // partial j % kParts), combined by parts_max / parts_sum (kernel_utils.cuh): dependency chains
+  // of about ITEMS * VEC / kParts + log2 kParts operations instead of ITEMS * VEC (a warp waits
+  // on each link of a chain). 4, not 8: 8 live partials made the bf16 C = 80 layout spill under
+  // the 3-block bound it then had.
   constexpr int kParts = ITEMS * VEC >= 4 ? 4 : ITEMS * VEC >= 2 ? 2 : 1;
   // Software pipeline for short rows (a lane's part of a row <= 64 bytes: C = 80 and the other
   // classification widths): the packs and x_t of the group's NEXT row are loaded before the
@@ -414,12 +415,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
         }
       }
     }
-#pragma unroll
-    for (int w = kParts / 2; w > 0; w /= 2) {
-#pragma unroll
-      for (int k = 0; k < w; ++k) part[k] = part[k + w] > part[k] ? part[k + w] : part[k];
-    }
-    float row_max = part[0];
+    float row_max = parts_max(part);
     float current_x_t = 0.0f;
     if constexpr (kPrefetch) {  // issue the next row's loads and the target after it
       current_x_t = next_x_t;
@@ -446,12 +442,7 @@ __global__ void __launch_bounds__(kThreads) softmax_rows_kernel(const SoftmaxArg
         for (int e = 0; e < VEC; ++e) part[(i * VEC + e) % kParts] += e == te ? 0.0f : v[i][e];
       }
     }
-#pragma unroll
-    for (int w = kParts / 2; w > 0; w /= 2) {
-#pragma unroll
-      for (int k = 0; k < w; ++k) part[k] += part[k + w];
-    }
-    const float sum_others = group_sum<G>(part[0]);
+    const float sum_others = group_sum<G>(parts_sum(part));
     RowResult res{0.0f, 0.0f, 0.0f};
     RowValues rv{0.0f, 0.0f, 0.0f};
     float inv_s = 0.0f;
